@@ -192,7 +192,8 @@ def _main_region(page: str) -> str:
     if start < 0:
         return page
     end = page.find('class="sphinxsidebar"', start)
-    return page[page.rfind("<", 0, start):end if end > 0 else len(page)]
+    end = page.rfind("<", start, end) if end > 0 else len(page)
+    return page[page.rfind("<", 0, start):end]
 
 
 def html_to_text(page: str, split_tag: str | None = None) -> list[str]:

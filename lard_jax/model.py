@@ -242,7 +242,9 @@ class LlamaDecoderLayer(nn.Module):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
         x = x + LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask)
-        return x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        self.sow("intermediates", "hidden", x)  # LongReD's hidden-state distillation reads these
+        return x
 
 
 def _remat_layer(cfg: LlamaConfig):
@@ -328,6 +330,13 @@ def collect_qkv(intermediates) -> list[dict]:
     model = intermediates["model"]
     layers = sorted((k for k in model if k.startswith("layers_")), key=lambda s: int(s.split("_")[1]))
     return [{name: model[k]["self_attn"][name][0] for name in ("q", "k", "v")} for k in layers]
+
+
+def collect_hidden(intermediates) -> list:
+    """Per layer output hidden states [B, T, E] from the `intermediates` collection."""
+    model = intermediates["model"]
+    layers = sorted((k for k in model if k.startswith("layers_")), key=lambda s: int(s.split("_")[1]))
+    return [model[k]["hidden"][0] for k in layers]
 
 
 def relation_inputs(model: LlamaForCausalLM, params, input_ids, **kwargs):

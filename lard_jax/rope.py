@@ -217,8 +217,14 @@ def normalize_rope_scaling(rope_scaling: dict | None) -> dict | None:
 
 
 def _exponents(dim: int) -> np.ndarray:
-    """2i / dim for i < dim/2: the RoPE exponent of each channel pair (RoFormer eq. 15)."""
-    return np.arange(0, dim, 2, dtype=np.float64) / dim
+    """2i / dim for i < dim/2: the RoPE exponent of each channel pair (RoFormer eq. 15).
+
+    The division is done in float32 on purpose: transformers builds this grid as float32 (`arange(...).float() / dim`),
+    and for head dims that are not powers of two (e.g. 96) the rounded exponent, amplified by ln(theta) ~ 10-15 in
+    theta ** x, moves inv_freq by ~1e-6 relative. Using the same grid keeps us at the ~1e-7 level everywhere; all
+    later arithmetic is float64.
+    """
+    return (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
 
 
 def _default_inv_freq(theta: float, dim: int) -> np.ndarray:

@@ -67,7 +67,9 @@ def _key_loop(body, i, bq, bk, nk, causal, has_ids, init):
   if not causal:
     return lax.fori_loop(0, nk, functools.partial(body, masked=has_ids), init)
   hi = lax.div((i + 1) * bq + bk - 1, bk)
-  n_full = 0 if has_ids else lax.div(i * bq, bk)
+  if has_ids:
+    return lax.fori_loop(0, hi, functools.partial(body, masked=True), init)
+  n_full = lax.div(i * bq, bk)  # key tiles entirely left of the diagonal
   carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init)
   return lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
 
@@ -153,15 +155,16 @@ def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids):
   acc = jnp.zeros(sr.shape, jnp.float32)
   if not causal:
     acc = lax.fori_loop(0, nq, functools.partial(body, masked=has_ids), acc)
-  else:
-    lo = lax.div(j * bk, bq)
-    # Query blocks whose first row is past this key block's last column.
-    n_diag = lax.div((j + 1) * bk + bq - 1, bq)
-    mid = lo if has_ids else n_diag
-    acc = lax.fori_loop(lo, n_diag if not has_ids else nq,
+  elif has_ids:
+    acc = lax.fori_loop(lax.div(j * bk, bq), nq,
                         functools.partial(body, masked=True), acc)
-    if not has_ids:
-      acc = lax.fori_loop(mid, nq, functools.partial(body, masked=False), acc)
+  else:
+    # Query blocks from the diagonal: masked until the first block whose first
+    # row is past this key block's last column, unmasked after it.
+    n_diag = lax.div((j + 1) * bk + bq - 1, bq)
+    acc = lax.fori_loop(lax.div(j * bk, bq), n_diag,
+                        functools.partial(body, masked=True), acc)
+    acc = lax.fori_loop(n_diag, nq, functools.partial(body, masked=False), acc)
   dr_ref[...] = acc.astype(dr_ref.dtype)
 
 

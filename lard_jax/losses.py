@@ -1,0 +1,93 @@
+"""Training objectives: the LinearARD relation loss and the baselines' losses.
+
+LinearARD (paper sec. 3): for each aligned layer l and relation r in {Q, K, V},
+
+    L_r^l = sum_{b,h,i valid} KL( softmax_j(r_t r_t^T / sqrt(d))_i || softmax_j(r_s r_s^T / sqrt(d))_i )
+            / (valid tokens x heads)
+
+with q, k taken after RoPE (teacher: native RoPE, student: scaled), causal. The attention loss is
+the mean over layers of sum_r L_r^l. The per-row KL comes from `pallas_kernels.self_relation_kl`,
+which never builds the T x T relation maps.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+
+RELATIONS = ("q", "k", "v")
+
+
+def _valid(mask, shape):
+    return jnp.ones(shape, bool) if mask is None else mask.astype(bool)
+
+
+def relation_loss(student_layers: Sequence[dict], teacher_layers: Sequence[dict], *, mask=None, segment_ids=None,
+                  relations: Sequence[str] = RELATIONS, layers: Sequence[int] | None = None,
+                  impl: str = "auto", block_sizes=None):
+    """(loss, {"q": ..., "k": ..., "v": ...}) averaged as the paper does; parts are layer means."""
+    if len(student_layers) != len(teacher_layers):
+        raise ValueError(f"student has {len(student_layers)} layers, teacher {len(teacher_layers)}")
+    bad = [r for r in relations if r not in RELATIONS]
+    if bad:
+        raise ValueError(f"unknown relation(s) {bad}; expected a subset of {RELATIONS}")
+    layers = list(range(len(student_layers))) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("no layers selected for the relation loss")
+    b, t = student_layers[0]["q"].shape[:2]
+    valid = _valid(mask, (b, t))
+    n_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    parts = {}
+    for r in relations:
+        per_layer = []
+        for l in layers:
+            s, te = student_layers[l][r], jax.lax.stop_gradient(teacher_layers[l][r])
+            kl = pallas_kernels.self_relation_kl(s, te, mask=mask, segment_ids=segment_ids, causal=True,
+                                                 impl=impl, block_sizes=block_sizes)
+            per_layer.append(kl.sum() / (n_valid * kl.shape[1]))
+        parts[r] = jnp.mean(jnp.stack(per_layer))
+    return sum(parts.values()), parts
+
+
+def next_token_targets(input_ids, mask=None, segment_ids=None):
+    """(targets, weights): predict token i+1 from position i, within one segment, real tokens only."""
+    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
+    weights = jnp.ones(input_ids.shape, bool).at[:, -1].set(False)
+    if mask is not None:
+        m = mask.astype(bool)
+        weights &= m & jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
+    if segment_ids is not None:
+        weights &= jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
+                                    jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
+    return targets, weights
+
+
+def lm_loss(logits, input_ids, mask=None, segment_ids=None):
+    """Mean next-token cross entropy over valid positions (float32)."""
+    targets, weights = next_token_targets(input_ids, mask, segment_ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return (nll * weights).sum() / jnp.maximum(weights.sum(), 1)
+
+
+def logit_kd_loss(student_logits, teacher_logits, mask=None, temperature: float = 1.0):
+    """T^2 * KL(teacher || student) of the temperature-softened next-token distributions."""
+    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / temperature, -1)
+    s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
+    kl = (jnp.exp(t_logp) * (t_logp - s_logp)).sum(-1)
+    valid = _valid(mask, kl.shape).astype(jnp.float32)
+    return temperature ** 2 * (kl * valid).sum() / jnp.maximum(valid.sum(), 1)
+
+
+def hidden_cosine_loss(student_hidden: Sequence, teacher_hidden: Sequence, mask=None):
+    """LongReD's hidden-state distillation: mean over layers and valid tokens of 1 - cos(h_s, h_t)."""
+    losses = []
+    for hs, ht in zip(student_hidden, teacher_hidden):
+        hs32, ht32 = hs.astype(jnp.float32), jax.lax.stop_gradient(ht).astype(jnp.float32)
+        cos = (hs32 * ht32).sum(-1) * jax.lax.rsqrt((hs32 ** 2).sum(-1) * (ht32 ** 2).sum(-1) + 1e-12)
+        valid = _valid(mask, cos.shape).astype(jnp.float32)
+        losses.append(((1.0 - cos) * valid).sum() / jnp.maximum(valid.sum(), 1))
+    return jnp.mean(jnp.stack(losses))

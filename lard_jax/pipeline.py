@@ -1,0 +1,316 @@
+"""The restoration run: config -> teacher/student -> data -> masked training (-> CPT) -> hf_student/.
+
+`run_restoration(config)` is what `python -m experiments.restore --config=...` calls. Everything
+the config can get wrong is checked by `validate_config` / `check_against_model` before any
+device work.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from lard_jax import hf, rope as rope_lib, sharding as sharding_lib, trainer
+from lard_jax.model import LlamaForCausalLM, dtype_of
+from lard_jax.trainer import LoraSpec, LossSpec, TrainState
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key and why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+def validate_config(config) -> None:
+    if not config.workdir:
+        raise ConfigError("config.workdir is not set: pass --config.workdir=/path/for/outputs")
+    if not config.model.checkpoint:
+        raise ConfigError("config.model.checkpoint is not set: pass --config.model.checkpoint=/path/to/hf_checkpoint")
+    if not os.path.isdir(config.model.checkpoint):
+        raise ConfigError(f"config.model.checkpoint: directory not found: {config.model.checkpoint}")
+    if not config.data.source:
+        raise ConfigError("config.data.source is not set: pass --config.data.source=/path/to/text_or_jsonl")
+    if not os.path.exists(config.data.source):
+        raise ConfigError(f"config.data.source: not found: {config.data.source}")
+    for key in ("dtype", "param_dtype", "trainable_dtype"):
+        try:
+            dtype_of(config.model[key])
+        except ValueError as e:
+            raise ConfigError(f"config.model.{key}: {e}") from None
+    if config.train.trainable not in trainer.PROJECTION_SETS:
+        raise ConfigError(f"config.train.trainable={config.train.trainable!r}; expected one of "
+                          f"{sorted(trainer.PROJECTION_SETS)}")
+    if config.loss.method not in trainer.METHODS:
+        raise ConfigError(f"config.loss.method={config.loss.method!r}; expected one of {trainer.METHODS}")
+    bad = [r for r in config.loss.relations if r not in ("q", "k", "v")]
+    if bad or not config.loss.relations:
+        raise ConfigError(f"config.loss.relations={tuple(config.loss.relations)}; expected a non-empty subset of q, k, v")
+    for key in ("steps", "batch_size", "grad_accum"):
+        if int(config.train[key]) < 1:
+            raise ConfigError(f"config.train.{key} must be >= 1, got {config.train[key]}")
+    if config.data.seq_len < 2:
+        raise ConfigError(f"config.data.seq_len must be >= 2, got {config.data.seq_len}")
+    try:
+        rope_lib.normalize_rope_scaling(_rope_dict(config))
+    except ValueError as e:
+        raise ConfigError(f"config.student.rope_scaling: {e}") from None
+    mesh_devices = 1
+    for axis in ("data", "fsdp", "tensor"):
+        size = int(config.mesh[axis])
+        if size == 0 or size < -1:
+            raise ConfigError(f"config.mesh.{axis} must be >= 1 or -1, got {size}")
+        mesh_devices *= abs(size)
+    n = jax.device_count()
+    if -1 not in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) and mesh_devices != n:
+        raise ConfigError(f"config.mesh {dict(config.mesh)} needs {mesh_devices} devices, {n} available")
+    if n % mesh_devices:
+        raise ConfigError(f"config.mesh {dict(config.mesh)} does not divide the {n} available devices")
+
+
+def _rope_dict(config) -> dict | None:
+    rs = config.student.rope_scaling
+    if rs is None:
+        return None
+    d = rs.to_dict() if hasattr(rs, "to_dict") else dict(rs)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def check_against_model(config, teacher_cfg, mesh) -> None:
+    student_rope = rope_lib.normalize_rope_scaling(_rope_dict(config))
+    if student_rope == teacher_cfg.rope_scaling_dict:
+        raise ConfigError(f"config.student.rope_scaling equals the teacher's ({rope_lib.describe_rope(student_rope)}): "
+                          "there is nothing to restore")
+    dp = sharding_lib.data_parallel_size(mesh)
+    for name, batch in (("train.batch_size", config.train.batch_size), ("stage2.batch_size", config.stage2.batch_size)):
+        if batch % dp:
+            raise ConfigError(f"config.{name}={batch} is not divisible by the mesh's data x fsdp = {dp}")
+    if jax.process_count() > 1 and config.train.batch_size % jax.process_count():
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size} is not divisible by "
+                          f"{jax.process_count()} hosts")
+    for layer in config.loss.layers:
+        if not 0 <= int(layer) < teacher_cfg.num_hidden_layers:
+            raise ConfigError(f"config.loss.layers: layer {layer} does not exist in a "
+                              f"{teacher_cfg.num_hidden_layers}-layer model")
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+def build_models(config, mesh):
+    """(teacher, student, frozen_params). The student is the teacher's config with scaled RoPE."""
+    overrides = dict(remat=config.model.remat, attention_impl=config.model.attention_impl)
+    teacher, frozen = hf.load_pretrained(config.model.checkpoint, dtype=dtype_of(config.model.dtype),
+                                         param_dtype=dtype_of(config.model.param_dtype), mesh=mesh, **overrides)
+    check_against_model(config, teacher.config, mesh)
+    student_rope = _rope_dict(config)
+    max_pos = config.student.max_position_embeddings or int(
+        teacher.config.max_position_embeddings * float((student_rope or {}).get("factor", 1.0)))
+    student = LlamaForCausalLM(teacher.config.replace(rope_scaling=student_rope, max_position_embeddings=max_pos))
+    return teacher, student, frozen
+
+
+def loss_spec(config) -> LossSpec:
+    lc = config.loss
+    factor = float((_rope_dict(config) or {}).get("factor", 8.0))
+    return LossSpec(method=lc.method, relations=tuple(lc.relations), layers=tuple(lc.layers) or None,
+                    lambda_attn=lc.lambda_attn, lambda_logit=lc.lambda_logit, temperature=lc.temperature,
+                    kernel_impl=lc.kernel_impl, hidden_layers=tuple(lc.hidden_layers) or None,
+                    lambda_hidden=lc.lambda_hidden, lambda_short_to_long=lc.lambda_short_to_long,
+                    long_factor=factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+def build_loader(config, tokenizer, *, seq_len, batch_size, grad_accum, mode=None):
+    from lard_jax import data as data_lib
+    cache_dir = config.data.cache_dir or os.path.join(config.workdir, "token_cache")
+    cache = data_lib.prepare_token_cache(config.data.source, tokenizer, cache_dir, text_field=config.data.text_field)
+    per_host = batch_size * grad_accum // jax.process_count()
+    return data_lib.BlockLoader(cache, seq_len=seq_len, batch_size=per_host, mode=mode or config.data.mode,
+                                seed=config.seed, host_index=jax.process_index(), host_count=jax.process_count(),
+                                add_bos=config.data.add_bos and cache.bos_id is not None)
+
+
+def device_batch(host_batch: dict, grad_accum: int, mesh) -> dict:
+    """Host arrays [accum * micro, T] -> global arrays [accum, micro, T] sharded over data x fsdp."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+    out = {}
+    for key, value in host_batch.items():
+        value = np.asarray(value)
+        value = value.reshape((grad_accum, value.shape[0] // grad_accum) + value.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# logging
+class MetricsLog:
+    """JSONL + TensorBoard event files in the workdir (process 0 only)."""
+
+    def __init__(self, workdir: str, name: str):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, f"metrics_{name}.jsonl")
+        self.writer = None
+        if self.enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                self.writer = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+            except ImportError:  # TensorBoard is optional; the JSONL log is always written
+                self.writer = None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# one training stage
+def _state_shardings(state, mesh):
+    return jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+
+def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec: LossSpec, lora: LoraSpec,
+                loader, steps: int, grad_accum: int, opt_kw: dict, mesh, seq_len: int):
+    """Runs (or resumes) one stage; returns the trained `trainable` tree."""
+    optimizer, schedule = trainer.make_optimizer(total_steps=steps, **opt_kw)
+    rng = jax.random.PRNGKey(config.seed)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                       opt_state=jax.jit(optimizer.init)(trainable), rng=rng)
+    state = jax.device_put(state, jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+        else sharding_lib.replicated(mesh), state))
+    ckpt_dir = os.path.abspath(os.path.join(config.workdir, "checkpoints", name))
+    manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, config.train.checkpoint_every), max_to_keep=max(1, config.train.keep_checkpoints),
+        enable_async_checkpointing=True))
+    start = 0
+    if manager.latest_step() is not None:
+        start = manager.latest_step()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _as_dict(state))
+        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        state = TrainState(**restored)
+        print(f"[{name}] resumed from step {start} ({ckpt_dir})")
+    shardings = _state_shardings(state, mesh)
+    step_fn = jax.jit(trainer.make_train_step(teacher, student, spec, lora, optimizer, schedule),
+                      donate_argnums=(0,), out_shardings=(shardings, None))
+    log = MetricsLog(config.workdir, name)
+    tokens_per_step = loader.batch_size * jax.process_count() * seq_len
+    flops = trainer.model_flops_per_token(student.config, seq_len, teacher_forward=spec.method != "cpt")
+    peak = trainer.peak_flops_per_device()
+    bar = tqdm(total=steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
+    t_last, last_logged = time.perf_counter(), start
+    for step in range(start, steps):
+        batch = device_batch(loader.batch_at(step), grad_accum, mesh)
+        state, metrics = step_fn(state, frozen, batch)
+        done = step + 1
+        if done % config.train.log_every == 0 or done == steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            now = time.perf_counter()
+            tps = tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)
+            t_last, last_logged = now, done
+            metrics["tokens_per_s"] = tps
+            metrics["mfu"] = tps * flops / (peak * jax.device_count()) if peak else None
+            log.write(done, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4g}", gnorm=f"{metrics['grad_norm']:.3g}", tok_s=f"{tps:.0f}")
+        bar.update(1)
+        manager.save(done, args=ocp.args.StandardSave(_as_dict(state)), force=done == steps)
+        if config.train.crash_after_step and done == config.train.crash_after_step:
+            manager.wait_until_finished()
+            os._exit(17)  # simulated crash: no clean shutdown
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    return state.trainable
+
+
+def _as_dict(state: TrainState) -> dict:
+    return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng}
+
+
+# ----------------------------------------------------------------------------------------------
+def run_restoration(config) -> dict:
+    """The whole run; returns a summary dict (also written to <workdir>/summary.json)."""
+    if config.distributed:
+        jax.distributed.initialize()
+    validate_config(config)
+    os.makedirs(config.workdir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    teacher, student, frozen = build_models(config, mesh)
+    from lard_jax.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(config.data.tokenizer or config.model.checkpoint)
+    if tokenizer.vocab_size > teacher.config.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {teacher.config.vocab_size}")
+    print(f"teacher: {rope_lib.describe_rope(teacher.config.rope_scaling_dict)} RoPE, "
+          f"{hf.num_params(frozen) / 1e6:.1f}M params; student: "
+          f"{rope_lib.describe_rope(student.config.rope_scaling_dict)}; mesh {dict(mesh.shape)}")
+    with open(os.path.join(config.workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+    projections = trainer.PROJECTION_SETS[config.train.trainable]
+    mask = trainer.trainable_mask(frozen, projections)
+    lora = LoraSpec(rank=config.train.lora_rank, alpha=config.train.lora_alpha)
+    trainable = _init_trainable(frozen, mask, lora, config, mesh)
+    spec = loss_spec(config)
+    opt_kw = dict(lr=config.train.lr, warmup_steps=config.train.warmup_steps, min_lr_ratio=config.train.min_lr_ratio,
+                  clip=config.train.clip, weight_decay=config.train.weight_decay, b1=config.train.b1,
+                  b2=config.train.b2)
+    loader = build_loader(config, tokenizer, seq_len=config.data.seq_len, batch_size=config.train.batch_size,
+                          grad_accum=config.train.grad_accum)
+    t0 = time.perf_counter()
+    with mesh:
+        trainable = train_stage("stage1", config, teacher=teacher, student=student, frozen=frozen,
+                                trainable=trainable, spec=spec, lora=lora, loader=loader, steps=config.train.steps,
+                                grad_accum=config.train.grad_accum, opt_kw=opt_kw, mesh=mesh,
+                                seq_len=config.data.seq_len)
+        tokens = config.train.steps * config.train.batch_size * config.train.grad_accum * config.data.seq_len
+        if config.stage2.steps:
+            s2_len = config.stage2.seq_len or student.config.max_position_embeddings
+            loader2 = build_loader(config, tokenizer, seq_len=s2_len, batch_size=config.stage2.batch_size,
+                                   grad_accum=config.stage2.grad_accum)
+            opt2 = dict(opt_kw, lr=config.stage2.lr, warmup_steps=config.stage2.warmup_steps,
+                        min_lr_ratio=config.stage2.min_lr_ratio)
+            trainable = train_stage("stage2_cpt", config, teacher=teacher, student=student, frozen=frozen,
+                                    trainable=trainable, spec=LossSpec(method="cpt"), lora=lora, loader=loader2,
+                                    steps=config.stage2.steps, grad_accum=config.stage2.grad_accum, opt_kw=opt2,
+                                    mesh=mesh, seq_len=s2_len)
+            tokens += config.stage2.steps * config.stage2.batch_size * config.stage2.grad_accum * s2_len
+        student_params = jax.jit(lambda f, t: trainer.merge_student(f, t, lora))(frozen, trainable)
+    student_params = jax.tree_util.tree_map(lambda x: x.astype(dtype_of(config.model.param_dtype)), student_params)
+    out = os.path.join(config.workdir, "hf_student")
+    hf.save_pretrained(out, student, student_params)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    summary = {"hf_student": out, "train_tokens": int(tokens), "train_seconds": time.perf_counter() - t0,
+               "method": config.loss.method, "student_rope": rope_lib.describe_rope(student.config.rope_scaling_dict)}
+    if jax.process_index() == 0:
+        with open(os.path.join(config.workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"restored student written to {out}")
+    return summary
+
+
+def _init_trainable(frozen, mask, lora, config, mesh):
+    trainable_dtype = dtype_of(config.model.trainable_dtype)
+    selected_shardings = trainer.select(sharding_lib.param_shardings(frozen, mesh), mask)
+    fn = lambda f: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: x.astype(trainable_dtype), trainer.init_trainable(f, mask, lora, jax.random.PRNGKey(config.seed)))
+    out_shardings = selected_shardings if not lora.enabled else None
+    trainable = jax.jit(fn, out_shardings=out_shardings)(frozen)
+    if lora.enabled:
+        trainable = jax.device_put(trainable, sharding_lib.replicated(mesh))
+    return trainable
