@@ -77,6 +77,7 @@ def get_config():
     c.mesh.data = -1  # -1 = all remaining devices
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.num_devices = 0  # 0 = all devices; n = only the first n (debugging, equivalence tests)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.enabled = False  # evaluate teacher / scaled / restored and write the report

@@ -35,6 +35,9 @@ from lard_jax.model import LlamaConfig, LlamaForCausalLM
 from lard_jax.tokenizer import ByteTokenizer
 
 BUILTIN_SOURCES = ("pydoc", "stdlib")  # the held-out documents the demo can rebuild anywhere
+# Raw uint32 keys where this jax still has them (flax and the jit signature then match across
+# jax 0.10 and 0.11); typed keys otherwise.
+_prng_key = getattr(jax.random, "PRNGKey", None) or jax.random.key
 
 # ----------------------------------------------------------------------------- passkey retrieval
 # The demo measures passkey retrieval at 4x the native length (Mohtashami & Jaggi 2023's test, as
@@ -322,7 +325,7 @@ def main(argv=None):
         max_position_embeddings=args.seq_len, rope_theta=args.rope_theta, tie_word_embeddings=False,
         dtype=compute_dtype, param_dtype="float32")
     model = LlamaForCausalLM(config)
-    params = model.init(jax.random.PRNGKey(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))["params"]
+    params = model.init(_prng_key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))["params"]
     num_params = hf.num_params(params)
     print(f"model: {num_params:,} parameters ({num_params * 4 / 2**20:.1f} MiB in float32)", flush=True)
 
@@ -341,7 +344,7 @@ def main(argv=None):
 
     stream_dev, pool_dev = jnp.asarray(train_stream), jnp.asarray(pool)
     step = jnp.zeros((), jnp.int32)
-    key = jax.random.PRNGKey(args.seed + 2)
+    key = _prng_key(args.seed + 2)
     total_steps = args.steps or 10 ** 9  # provisional until the first chunks are timed
     log, calls, train_seconds = [], 0, 0.0
     t_compile = time.time()

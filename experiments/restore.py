@@ -1,5 +1,5 @@
 """LinearARD restoration: `python -m experiments.restore --config=configs/<name>.py [--config.x.y=...]`."""
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from lard_jax.pipeline import ConfigError, run_restoration
@@ -17,5 +17,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    config_flags.mark_flags_as_required(["config"])
+    flags.mark_flags_as_required(["config"])
     app.run(main)

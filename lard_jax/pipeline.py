@@ -69,7 +69,9 @@ def validate_config(config) -> None:
         if size == 0 or size < -1:
             raise ConfigError(f"config.mesh.{axis} must be >= 1 or -1, got {size}")
         mesh_devices *= abs(size)
-    n = jax.device_count()
+    n = config.mesh.num_devices or jax.device_count()
+    if n > jax.device_count():
+        raise ConfigError(f"config.mesh.num_devices={n} but only {jax.device_count()} devices exist")
     if -1 not in (config.mesh.data, config.mesh.fsdp, config.mesh.tensor) and mesh_devices != n:
         raise ConfigError(f"config.mesh {dict(config.mesh)} needs {mesh_devices} devices, {n} available")
     if n % mesh_devices:
@@ -90,7 +92,10 @@ def check_against_model(config, teacher_cfg, mesh) -> None:
         raise ConfigError(f"config.student.rope_scaling equals the teacher's ({rope_lib.describe_rope(student_rope)}): "
                           "there is nothing to restore")
     dp = sharding_lib.data_parallel_size(mesh)
-    for name, batch in (("train.batch_size", config.train.batch_size), ("stage2.batch_size", config.stage2.batch_size)):
+    batches = [("train.batch_size", config.train.batch_size)]
+    if config.stage2.steps:
+        batches.append(("stage2.batch_size", config.stage2.batch_size))
+    for name, batch in batches:
         if batch % dp:
             raise ConfigError(f"config.{name}={batch} is not divisible by the mesh's data x fsdp = {dp}")
     if jax.process_count() > 1 and config.train.batch_size % jax.process_count():
@@ -249,7 +254,8 @@ def run_restoration(config) -> dict:
         jax.distributed.initialize()
     validate_config(config)
     os.makedirs(config.workdir, exist_ok=True)
-    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                  devices=jax.devices()[:config.mesh.num_devices or None])
     teacher, student, frozen = build_models(config, mesh)
     from lard_jax.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(config.data.tokenizer or config.model.checkpoint)

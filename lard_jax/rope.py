@@ -290,9 +290,12 @@ def _yarn(params, *, dim, theta, max_pos, seq_len):
         high += 0.001  # transformers' guard against a zero-width ramp
 
     # gamma(r) of YaRN eq. 18: 0 for fast channels (index < low: extrapolate), 1 for slow ones (interpolate).
-    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    # Like `_exponents`, the ramp is built in float32 as transformers builds it: it enters the blend through
+    # 1 - ramp, whose float32 rounding otherwise shows up as ~1e-6 relative differences when factor is large.
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+    extrapolation = (np.float32(1.0) - ramp).astype(np.float64)
     inv_freq = _default_inv_freq(theta, dim)
-    inv_freq = (inv_freq / factor) * ramp + inv_freq * (1.0 - ramp)
+    inv_freq = (inv_freq / factor) * (1.0 - extrapolation) + inv_freq * extrapolation
     return inv_freq, attention
 
 
