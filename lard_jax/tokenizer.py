@@ -128,7 +128,8 @@ class HFTokenizer:
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = list(self.hf_tokenizer.encode(text, add_special_tokens=False))
+        # verbose=False: whole books exceed model_max_length, which is fine for a token cache.
+        ids = list(self.hf_tokenizer.encode(text, add_special_tokens=False, verbose=False))
         if add_bos:
             if self.bos_id is None:
                 raise ValueError("add_bos=True but this tokenizer has no bos token")

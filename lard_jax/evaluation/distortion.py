@@ -61,8 +61,16 @@ def dense_self_relation_kl(student, teacher, *, mask=None, causal: bool = True) 
 
 try:
     from pallas_kernels import self_relation_kl as _self_relation_kl
-except ImportError:  # pallas_kernels is being written in parallel; until it lands, use the dense reference
+except ImportError:
+    # pallas_kernels was written in parallel with this module; this dense fallback only keeps the
+    # probe usable without it and can go once that package is always present.
     _self_relation_kl = dense_self_relation_kl
+
+
+@jax.jit
+def _row_kl(student, teacher, mask):
+    # One compile per shape; eager dispatch of the kernel's tile loops costs seconds per call.
+    return _self_relation_kl(student, teacher, mask=mask, causal=True)
 
 
 def relation_distortion(
@@ -91,7 +99,9 @@ def relation_distortion(
         per_relation = {r: [] for r in RELATIONS}
         for teacher, student in zip(teacher_layers, student_layers):
             for r in RELATIONS:
-                kl = _self_relation_kl(student[r], teacher[r], mask=jnp.asarray(rows_mask), causal=True)
+                # float32 for both: the kernel wants matching float dtypes, and a probe wants accuracy.
+                student_x, teacher_x = (jnp.asarray(x, jnp.float32) for x in (student[r], teacher[r]))
+                kl = _row_kl(student_x, teacher_x, jnp.asarray(rows_mask))
                 kl = np.where(rows_mask[:, None, :], np.asarray(kl, np.float64), 0.0)
                 per_relation[r].append(kl.sum(axis=(0, 2)))  # [heads]
         batch_sums = {r: np.stack(v) for r, v in per_relation.items()}

@@ -177,16 +177,29 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
             figure.colorbar(image, ax=axis, label="score")
             save(figure, f"heatmap_{_safe_name(task)}_{_safe_name(model)}.png")
 
-    for model, relations in (report.get("distortion") or {}).items():
+    from matplotlib.ticker import MaxNLocator
+
+    maps = {
+        model: {r: np.array([[_nan_if_none(v) for v in row] for row in m], float) for r, m in relations.items()}
+        for model, relations in (report.get("distortion") or {}).items()
+    }
+    # One colour scale per relation across models, so scaled and restored maps compare by eye.
+    vmax: dict[str, float] = {}
+    for relations in maps.values():
+        for relation, values in relations.items():
+            if values.size and not np.all(np.isnan(values)):
+                vmax[relation] = max(vmax.get(relation, 0.0), float(np.nanmax(values)))
+    for model, relations in maps.items():
         figure, axes = plt.subplots(1, len(relations), figsize=(4.5 * len(relations), 4), squeeze=False)
-        for axis, (relation, matrix) in zip(axes[0], relations.items()):
-            values = np.array([[_nan_if_none(v) for v in row] for row in matrix], float)
-            image = axis.imshow(values, cmap="viridis", aspect="auto", origin="lower")
+        for axis, (relation, values) in zip(axes[0], relations.items()):
+            image = axis.imshow(values, cmap="viridis", aspect="auto", origin="lower", vmin=0.0, vmax=vmax.get(relation))
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.yaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_xlabel("head")
             axis.set_ylabel("layer")
             axis.set_title(f"{relation.upper()}/{relation.upper()} relation KL")
             figure.colorbar(image, ax=axis)
-        figure.suptitle(f"relation distortion vs teacher: {model}")
+        figure.suptitle(f"relation distortion vs teacher: {model}", y=1.03)
         save(figure, f"distortion_{_safe_name(model)}.png")
     return written
 
@@ -249,7 +262,7 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         rows.append((f"{task} (mean)", [r.get("mean") for r in per_model], True))
         lengths = _sorted_numeric({l for r in per_model for l in r.get("by_length", {})})
         rows.extend((f"{task} @ {l}", [r.get("by_length", {}).get(l) for r in per_model], True) for l in lengths)
-    heatmaps = sorted(name for name in plots if name.startswith("heatmap_"))
+    heatmaps = [name for name in plots if name.startswith("heatmap_")]  # in model order
     section("Synthetic long-context tasks (%)", "task", rows, heatmaps)
 
     distortion = report.get("distortion") or {}
@@ -268,7 +281,7 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
                 cells += [f"{np.nanmean(values):.4g}", f"{int(np.nanargmax(per_layer))} ({np.nanmax(per_layer):.4g})"]
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines.append("")
-        for name in sorted(n for n in plots if n.startswith("distortion_")):
+        for name in (n for n in plots if n.startswith("distortion_")):
             lines.extend([f"![{name}]({name})", ""])
 
     known = {"short_ppl", "ppl_vs_length", "passkey", "tasks", "synthetic"}

@@ -1,0 +1,182 @@
+"""End-to-end LinearARD step on real 7B/8B shapes with random weights (no download).
+
+    python -m experiments.bench_restore_step --models llama2_7b,llama3_8b --seq_len 4096 --out results.json
+
+Measures, per model shape: the full jitted step (teacher forward; student forward+backward;
+Q/Q, K/K, V/V relation KL over all layers; AdamW update of q/k/v) as tokens/s, median step time
+and peak device memory; and a split of the step into SEPARATELY JITTED parts (teacher forward,
+student forward+backward of a loss that only sums the student's q/k/v, the relation loss with its
+own backward, the optimizer update). The parts are timed alone, so their sum differs from the
+fused step by whatever XLA overlaps or fuses across them. MFU counts model FLOPs of teacher
+forward + student forward+backward (trainer.model_flops_per_token) against the chip's peak bf16 rate.
+With several devices, `--mesh data` shards the batch (per-device batch fixed) and reports scaling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lard_jax import losses, sharding as sharding_lib, trainer
+from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv
+
+SHAPES = {
+    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0),
+    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+}
+
+
+def _time(fn, *args, reps=5, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _peak_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def bench_one(name, *, seq_len, batch_per_device, remat, kernel_impl, attention_impl, mesh_data, reps, split):
+    devices = jax.devices()[:mesh_data]
+    mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
+    shape = dict(SHAPES[name])
+    cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
+    teacher = LlamaForCausalLM(cfg)
+    student = LlamaForCausalLM(cfg.replace(rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                           max_position_embeddings=cfg.max_position_embeddings * 8))
+    abstract = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shardings = sharding_lib.param_shardings(abstract, mesh)
+
+    @jax.jit
+    def random_params(key):  # random normal weights, generated on device (no host copy of 7B)
+        leaves, treedef = jax.tree_util.tree_flatten(abstract)
+        keys = jax.random.split(key, len(leaves))
+        return jax.tree_util.tree_unflatten(treedef, [
+            (0.02 * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype) if l.ndim > 1
+            else jnp.ones(l.shape, l.dtype) for k, l in zip(keys, leaves)])
+
+    frozen = jax.jit(random_params, out_shardings=shardings)(jax.random.PRNGKey(1))
+    mask = trainer.trainable_mask(frozen)
+    lora = trainer.LoraSpec()
+    trainable = jax.jit(lambda f: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32),
+                                                         trainer.init_trainable(f, mask, lora, None)),
+                        out_shardings=trainer.select(shardings, mask))(frozen)
+    optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
+    state = trainer.TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(optimizer.init)(trainable),
+                               jax.random.PRNGKey(0))
+    spec = trainer.LossSpec(kernel_impl=kernel_impl)
+    batch_size = batch_per_device * mesh_data
+    bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+    ids = jax.device_put(jax.random.randint(jax.random.PRNGKey(2), (1, batch_size, seq_len), 0, shape["vocab_size"]), bsh)
+    batch = {"input_ids": ids}
+    step = jax.jit(trainer.make_train_step(teacher, student, spec, lora, optimizer, schedule), donate_argnums=(0,))
+    result = {"model": name, "seq_len": seq_len, "batch": batch_size, "devices": mesh_data, "remat": remat,
+              "kernel_impl": kernel_impl, "attention_impl": attention_impl,
+              "params_b": sum(x.size for x in jax.tree_util.tree_leaves(frozen)) / 1e9}
+    with mesh:
+        t0 = time.perf_counter()
+        for _ in range(2):  # the second call sees committed outputs of the first: may retrace once
+            state, m = step(state, frozen, batch)
+            jax.block_until_ready(m)
+        result["compile_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            state, m = step(state, frozen, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+        result["step_s"] = statistics.median(times)
+        result["loss"] = float(m["loss"])
+        result["peak_gib"] = (_peak_bytes() or 0) / 2 ** 30
+        tokens = batch_size * seq_len
+        result["tokens_per_s"] = tokens / result["step_s"]
+        flops = trainer.model_flops_per_token(cfg, seq_len) * tokens
+        peak = trainer.peak_flops_per_device()
+        result["mfu"] = flops / result["step_s"] / (peak * mesh_data) if peak else None
+        if split:
+            result["split_s"] = _split(teacher, student, frozen, state.trainable, ids[0], spec, optimizer, reps)
+    return result
+
+
+def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps):
+    def qkv(model, params):
+        _, st = model.apply({"params": params}, ids, mutable=["intermediates"])
+        return collect_qkv(st["intermediates"])
+
+    merge = lambda t: trainer.merge_student(frozen, t, trainer.LoraSpec())  # noqa: E731
+    teacher_fwd = jax.jit(lambda f: qkv(teacher, f))
+    t_layers = teacher_fwd(frozen)
+
+    def student_proxy(t):  # forward+backward of the student alone: a loss that only sums its q/k/v
+        return sum(jnp.sum(l[r].astype(jnp.float32)) for l in qkv(student, merge(t)) for r in "qkv")
+    student_fb = jax.jit(jax.grad(student_proxy))
+    s_layers = jax.jit(lambda t: qkv(student, merge(t)))(trainable)
+
+    def rel(s):
+        return losses.relation_loss(s, t_layers, relations=spec.relations, impl=spec.kernel_impl)[0]
+    relation = jax.jit(jax.value_and_grad(rel))
+    grads = jax.tree_util.tree_map(jnp.ones_like, trainable)
+    opt_state = optimizer.init(trainable)
+    opt = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
+    return {"teacher_forward": _time(teacher_fwd, frozen, reps=reps),
+            "student_forward_backward": _time(student_fb, trainable, reps=reps),
+            "relation_loss_fwd_bwd": _time(relation, s_layers, reps=reps),
+            "optimizer": _time(opt, grads, opt_state, trainable, reps=reps)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="llama2_7b,llama3_8b")
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--batch_per_device", type=int, default=1)
+    p.add_argument("--remat", default="full")
+    p.add_argument("--kernel_impl", default="auto")
+    p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
+    p.add_argument("--mesh_data", default="1", help="comma list of data-parallel sizes to run, e.g. 1,2")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no_split", action="store_true")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    results = []
+    for name in args.models.split(","):
+        for dp in [int(x) for x in args.mesh_data.split(",")]:
+            try:
+                r = bench_one(name, seq_len=args.seq_len, batch_per_device=args.batch_per_device, remat=args.remat,
+                              kernel_impl=args.kernel_impl, attention_impl=args.attention_impl, mesh_data=dp,
+                              reps=args.reps, split=not args.no_split and dp == 1)
+            except Exception as e:  # report OOM and carry on with the other shapes
+                r = {"model": name, "devices": dp, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            results.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'model':10} {'dev':>3} {'tok/s':>9} {'step ms':>8} {'MFU':>6} {'peak GiB':>8}  split (ms)")
+    for r in results:
+        if "error" in r:
+            print(f"{r['model']:10} {r['devices']:>3}  ERROR {r['error'][:80]}")
+            continue
+        split = " ".join(f"{k}={v * 1e3:.0f}" for k, v in r.get("split_s", {}).items())
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
+        print(f"{r['model']:10} {r['devices']:>3} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} {mfu:>6} "
+              f"{r['peak_gib']:8.1f}  {split}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
