@@ -86,5 +86,10 @@ def get_config():
     c.eval.passkey_lengths = ()  # () = 4x native
     c.eval.passkey_samples = 20
     c.eval.ppl_lengths = ()
+    c.eval.niah_lengths = ()
+    c.eval.depths = (0.1, 0.5, 0.9)
+    c.eval.cloze_samples = 0
+    c.eval.harness_tasks = ""  # "lambada=/data/lambada.jsonl,piqa=/data/piqa.jsonl"
+    c.eval.native_len = 0  # 0 = data.seq_len
     c.eval.distortion = True
     return c

@@ -303,7 +303,7 @@ def print_table():
     print(" | ".join([str(row["T"])] + [fmt(row.get(c)) for c in cols]
                      + [f"{pub} ms" if pub else "-", sp]))
   for c in RESULTS["checks"]:
-    print("check", c["case"], {k: {kk: (round(vv, 6) if isinstance(vv, float) else vv)
+    print("check", c["case"], {k: {kk: (f"{vv:.1e}" if isinstance(vv, float) else vv)
                                   for kk, vv in v.items()}
                                for k, v in c.items() if k != "case"})
 

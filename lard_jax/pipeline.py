@@ -30,6 +30,28 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # validation
+BUILTIN_PREFIX = "builtin:"  # builtin:train / builtin:heldout: Python's own bundled documentation
+
+
+def resolve_source(source: str, workdir: str) -> str:
+    """Materialise a builtin text split (pydoc topics + stdlib docstrings, present on every Python
+    install) as JSONL under the workdir; other sources pass through."""
+    if not source.startswith(BUILTIN_PREFIX):
+        return source
+    split = source[len(BUILTIN_PREFIX):]
+    if split not in ("train", "heldout"):
+        raise ConfigError(f"unknown builtin text {source!r}; expected builtin:train or builtin:heldout")
+    path = os.path.join(workdir, "builtin_text", f"{split}.jsonl")
+    if not os.path.exists(path):
+        from experiments.build_corpus import builtin_documents
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            for doc in builtin_documents(split):
+                f.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
+        os.replace(path + ".tmp", path)
+    return path
+
+
 def validate_config(config) -> None:
     if not config.workdir:
         raise ConfigError("config.workdir is not set: pass --config.workdir=/path/for/outputs")
@@ -39,7 +61,7 @@ def validate_config(config) -> None:
         raise ConfigError(f"config.model.checkpoint: directory not found: {config.model.checkpoint}")
     if not config.data.source:
         raise ConfigError("config.data.source is not set: pass --config.data.source=/path/to/text_or_jsonl")
-    if not os.path.exists(config.data.source):
+    if not config.data.source.startswith(BUILTIN_PREFIX) and not os.path.exists(config.data.source):
         raise ConfigError(f"config.data.source: not found: {config.data.source}")
     for key in ("dtype", "param_dtype", "trainable_dtype"):
         try:
@@ -254,6 +276,11 @@ def run_restoration(config) -> dict:
         jax.distributed.initialize()
     validate_config(config)
     os.makedirs(config.workdir, exist_ok=True)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.source = resolve_source(config.data.source, config.workdir)
+        if config.eval.source:
+            config.eval.source = resolve_source(config.eval.source, config.workdir)
     mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
                                   devices=jax.devices()[:config.mesh.num_devices or None])
     teacher, student, frozen = build_models(config, mesh)
@@ -303,11 +330,35 @@ def run_restoration(config) -> dict:
         tokenizer.save_pretrained(out)
     summary = {"hf_student": out, "train_tokens": int(tokens), "train_seconds": time.perf_counter() - t0,
                "method": config.loss.method, "student_rope": rope_lib.describe_rope(student.config.rope_scaling_dict)}
+    print(f"restored student written to {out}")
+    if config.eval.enabled:
+        summary.update(evaluate_run(config, tokenizer, teacher, student, frozen, student_params))
     if jax.process_index() == 0:
         with open(os.path.join(config.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    print(f"restored student written to {out}")
     return summary
+
+
+def evaluate_run(config, tokenizer, teacher, student, frozen, student_params) -> dict:
+    """Teacher, scaled (untrained) and restored student side by side -> <workdir>/report.*"""
+    from lard_jax import eval_runner
+    if not config.eval.source:
+        raise ConfigError("config.eval.enabled needs config.eval.source (held-out documents)")
+    docs = eval_runner.heldout_token_docs(config.eval.source, tokenizer, config.data.text_field)
+    spec = eval_runner.eval_spec_from_config(config.eval, config.data.seq_len)
+    models = {"teacher": (teacher, frozen), "scaled": (student, frozen), "restored": (student, student_params)}
+    results = eval_runner.evaluate_suite(
+        models, tokenizer, docs, spec, config.workdir, distortion=config.eval.distortion,
+        title=f"LinearARD restoration: {rope_lib.describe_rope(student.config.rope_scaling_dict)}",
+        meta={"method": config.loss.method, "checkpoint": config.model.checkpoint})
+    eval_runner.print_table(results)
+    ppl = {k: results[k].get("short_ppl") for k in models}
+    out = {"short_ppl": ppl}
+    if None not in ppl.values() and ppl["scaled"] != ppl["teacher"]:
+        out["recovery"] = (ppl["scaled"] - ppl["restored"]) / (ppl["scaled"] - ppl["teacher"])
+        print(f"short-text perplexity recovery: {out['recovery']:.3f} "
+              "((ppl_scaled - ppl_restored) / (ppl_scaled - ppl_teacher))")
+    return out
 
 
 def _init_trainable(frozen, mask, lora, config, mesh):

@@ -1,0 +1,222 @@
+"""Evaluate models side by side: jitted closures over a model, then lard_jax.evaluation's scorers.
+
+`evaluate_model` measures one model: perplexity at the native length (`short_ppl`) and against
+length, a held-out cloze accuracy (short multiple-choice-style), passkey / NIAH retrieval at
+chosen lengths, and any lm-evaluation-harness JSONL tasks the user brings. `relation_distortion_vs`
+gives the per-layer/head Q/K/V relation KL of a student against the teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lard_jax.evaluation import distortion as distortion_lib
+from lard_jax.evaluation import multiple_choice, perplexity, synthetic
+from lard_jax.model import LlamaForCausalLM, relation_inputs
+
+# RoPE types whose frequencies depend on the (static) sequence length: padding a batch would
+# change the model, so their inputs are never padded to a bucket.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _bucket(model: LlamaForCausalLM, length: int, multiple: int = 64) -> int:
+    rope = model.config.rope_scaling_dict or {}
+    if rope.get("rope_type") in _LENGTH_DEPENDENT_ROPE:
+        return length
+    return -(-length // multiple) * multiple
+
+
+def logits_fn_for(model: LlamaForCausalLM, params) -> Callable[[np.ndarray], np.ndarray]:
+    """input_ids [B, T] -> float32 logits [B, T, V] (right-padded to a bucket, causal so harmless)."""
+    apply = jax.jit(lambda p, ids: model.apply({"params": p}, ids))
+
+    def fn(input_ids):
+        input_ids = np.asarray(input_ids, np.int32)
+        t = input_ids.shape[1]
+        width = _bucket(model, t)
+        padded = np.zeros((input_ids.shape[0], width), np.int32)
+        padded[:, :t] = input_ids
+        return np.asarray(apply(params, padded))[:, :t]
+    return fn
+
+
+def generate_fn_for(model: LlamaForCausalLM, params) -> Callable[[list[int], int], list[int]]:
+    """Greedy decoding by full recomputation (no KV cache): simple, exact, fast enough for the
+    few new tokens that retrieval tasks need. One compile per length bucket."""
+    @jax.jit
+    def next_token(p, ids, pos):
+        logits = model.apply({"params": p}, ids)
+        return jnp.argmax(logits[0, pos - 1])
+
+    def fn(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        total = len(prompt_ids) + max_new_tokens
+        buf = np.zeros((1, _bucket(model, total)), np.int32)
+        buf[0, :len(prompt_ids)] = prompt_ids
+        out = []
+        for i in range(max_new_tokens):
+            pos = len(prompt_ids) + i
+            tok = int(next_token(params, buf, pos))
+            out.append(tok)
+            buf[0, pos] = tok
+        return out
+    return fn
+
+
+def qkv_fn_for(model: LlamaForCausalLM, params):
+    fn = jax.jit(lambda p, ids: relation_inputs(model, p, ids)[1])
+    return lambda ids: fn(params, jnp.asarray(ids, jnp.int32))
+
+
+def cloze_examples(token_docs: Sequence[Sequence[int]], tokenizer, *, context_len: int, cont_len: int,
+                   n: int, choices: int = 4, seed: int = 0) -> list[multiple_choice.Example]:
+    """Held-out multiple choice: a context from a document, its true continuation and
+    `choices - 1` continuations taken from other documents (chance = 1 / choices)."""
+    rng = np.random.default_rng(seed)
+    docs = [np.asarray(d) for d in token_docs if len(d) >= context_len + cont_len]
+    if len(docs) < choices:
+        raise ValueError(f"cloze: need {choices} held-out documents of >= {context_len + cont_len} tokens, "
+                         f"found {len(docs)}")
+    examples = []
+    for _ in range(n):
+        picks = rng.choice(len(docs), choices, replace=False)
+        spans = []
+        for j, d in enumerate(picks):
+            start = int(rng.integers(0, len(docs[d]) - context_len - cont_len + 1))
+            spans.append((docs[d][start:start + context_len], docs[d][start + context_len:start + context_len + cont_len]))
+        context = tokenizer.decode(spans[0][0].tolist())
+        conts = [tokenizer.decode(c.tolist()) for _, c in spans]
+        order = rng.permutation(choices)
+        requests = [(context, conts[k]) for k in order]
+        examples.append(multiple_choice.Example(requests=requests, gold=int(np.where(order == 0)[0][0]),
+                                                norm_lengths=[max(len(conts[k]), 1) for k in order]))
+    return examples
+
+
+@dataclasses.dataclass
+class EvalSpec:
+    native_len: int
+    ppl_lengths: Sequence[int] = ()
+    max_windows: int = 32
+    passkey_lengths: Sequence[int] = ()
+    passkey_samples: int = 20
+    depths: Sequence[float] = (0.1, 0.5, 0.9)
+    niah_lengths: Sequence[int] = ()
+    cloze_samples: int = 0
+    harness_tasks: dict = dataclasses.field(default_factory=dict)  # task name -> JSONL path
+    seed: int = 0
+    batch_size: int = 8
+
+
+def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec, *, filler=None,
+                   progress: bool = True) -> dict[str, Any]:
+    logits_fn = logits_fn_for(model, params)
+    out: dict[str, Any] = {}
+    short = perplexity.perplexity_vs_length(logits_fn, heldout_token_docs, [spec.native_len],
+                                            max_windows=spec.max_windows, batch_size=spec.batch_size,
+                                            progress=progress)
+    out["short_ppl"] = short.get(spec.native_len)
+    if spec.ppl_lengths:
+        out["ppl_vs_length"] = perplexity.perplexity_vs_length(
+            logits_fn, heldout_token_docs, list(spec.ppl_lengths), max_windows=spec.max_windows,
+            batch_size=max(1, spec.batch_size // 4), progress=progress)
+    if spec.cloze_samples:
+        examples = cloze_examples(heldout_token_docs, tokenizer, context_len=spec.native_len // 2,
+                                  cont_len=max(8, spec.native_len // 8), n=spec.cloze_samples, seed=spec.seed)
+        out["cloze_acc"] = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer,
+                                                          batch_size=spec.batch_size, progress=progress)["acc"]
+    for task, path in spec.harness_tasks.items():
+        out.setdefault("tasks", {})[task] = multiple_choice.score_task(task, path, logits_fn, tokenizer,
+                                                                      batch_size=spec.batch_size, progress=progress)
+    generate = generate_fn_for(model, params)
+    if spec.passkey_lengths:
+        res = synthetic.evaluate_synthetic(generate, tokenizer, "passkey", list(spec.passkey_lengths),
+                                           list(spec.depths), max(1, spec.passkey_samples // len(spec.depths)),
+                                           spec.seed, filler=filler, progress=progress)
+        out["passkey"] = res["by_length"]
+        out.setdefault("synthetic", {})["passkey"] = res
+    if spec.niah_lengths:
+        res = synthetic.evaluate_synthetic(generate, tokenizer, "niah_single", list(spec.niah_lengths),
+                                           list(spec.depths), max(1, spec.passkey_samples // len(spec.depths)),
+                                           spec.seed, filler=filler, progress=progress)
+        out["niah"] = res["by_length"]
+        out.setdefault("synthetic", {})["niah_single"] = res
+    return out
+
+
+def relation_distortion_vs(teacher, teacher_params, student, student_params, heldout_token_docs, *, seq_len: int,
+                           rows: int = 4, progress: bool = True) -> dict[str, np.ndarray]:
+    windows = [np.asarray(d[:seq_len]) for d in heldout_token_docs if len(d) >= seq_len][:rows]
+    if not windows:
+        raise ValueError(f"relation distortion: no held-out document has {seq_len} tokens")
+    return distortion_lib.relation_distortion(qkv_fn_for(teacher, teacher_params), qkv_fn_for(student, student_params),
+                                              np.stack(windows), batch_size=2, progress=progress)
+
+
+def parse_pairs(text: str, what: str) -> dict[str, str]:
+    """"a=/x,b=/y" -> {"a": "/x", "b": "/y"}, with an error naming `what` on a malformed item."""
+    out = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"{what}: expected name=path items separated by commas, got {item!r}")
+        name, path = item.split("=", 1)
+        out[name.strip()] = path.strip()
+    return out
+
+
+def eval_spec_from_config(eval_cfg, native_len: int) -> EvalSpec:
+    native = eval_cfg.native_len or native_len
+    return EvalSpec(native_len=native, ppl_lengths=tuple(eval_cfg.ppl_lengths), max_windows=eval_cfg.max_windows,
+                    passkey_lengths=tuple(eval_cfg.passkey_lengths) or (4 * native,),
+                    passkey_samples=eval_cfg.passkey_samples, depths=tuple(eval_cfg.depths),
+                    niah_lengths=tuple(eval_cfg.niah_lengths), cloze_samples=eval_cfg.cloze_samples,
+                    harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"))
+
+
+def heldout_token_docs(source: str, tokenizer, text_field: str = "text") -> list[list[int]]:
+    from lard_jax import data as data_lib
+    docs = [tokenizer.encode(t, add_bos=getattr(tokenizer, "bos_id", None) is not None)
+            for t in data_lib.read_documents(source, text_field=text_field)]
+    if not docs:
+        raise ValueError(f"eval.source {source}: no documents")
+    return docs
+
+
+def evaluate_suite(models: dict[str, tuple], tokenizer, token_docs, spec: EvalSpec, run_dir: str, *,
+                   teacher_name: str = "teacher", distortion: bool = True, title: str = "LinearARD evaluation",
+                   meta: dict | None = None, results: dict | None = None) -> dict:
+    """Evaluate every (model, params) in `models`, add distortion vs the teacher, write the report."""
+    from lard_jax.evaluation import report as report_lib
+    results = dict(results or {})
+    dist = {}
+    for name, (model, params) in models.items():
+        print(f"evaluating {name} ...")
+        results[name] = evaluate_model(model, params, tokenizer, token_docs, spec)
+    if distortion and teacher_name in models:
+        teacher, t_params = models[teacher_name]
+        for name, (model, params) in models.items():
+            if name != teacher_name:
+                dist[name] = relation_distortion_vs(teacher, t_params, model, params, token_docs,
+                                                    seq_len=spec.native_len)
+    report_lib.write_report(run_dir, results, distortion=dist or None, title=title, meta=meta)
+    return results
+
+
+def print_table(results: dict[str, dict]) -> None:
+    keys = ["short_ppl", "cloze_acc"]
+    cols = list(results)
+    lines = [f"{'metric':24}" + "".join(f"{c:>14}" for c in cols)]
+    rows = [(k, lambda r, k=k: r.get(k)) for k in keys]
+    lengths = sorted({int(l) for r in results.values() for l in (r.get("passkey") or {})})
+    rows += [(f"passkey@{l}", lambda r, l=l: (r.get("passkey") or {}).get(l, (r.get("passkey") or {}).get(str(l))))
+             for l in lengths]
+    for name, get in rows:
+        vals = [get(results[c]) for c in cols]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"{name:24}" + "".join(f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{'-':>14}"
+                                            for v in vals))
+    print("\n".join(lines))
