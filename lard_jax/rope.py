@@ -19,7 +19,9 @@ sometimes multiply cos/sin by an "attention scaling") so that a model can run pa
 
 Frequencies are computed once on the host in float64 numpy (they depend only on the config and, for ``dynamic`` and
 ``longrope``, on the static sequence length) and cast to float32; the per-token cos/sin and the rotation are JAX.
-The numerical contract is transformers' ``ROPE_INIT_FUNCTIONS`` and ``LlamaRotaryEmbedding`` (transformers 5).
+The numerical contract is transformers' ``ROPE_INIT_FUNCTIONS`` and ``LlamaRotaryEmbedding`` (transformers 5); the
+two float32 index grids transformers starts from (the exponents 2i/D and YaRN's ramp) are rebuilt in float32 because
+their rounding is amplified downstream -- everything else is float64.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ def _as_positive_int(what: str, value: Any) -> int:
 
 def _as_factor_list(rope_type: str, key: str, value: Any) -> list[float]:
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)) or len(value) == 0:
-        raise RopeConfigError(f"rope_type '{rope_type}': field '{key}' must be a non-empty list of numbers, got {value!r}")
+        raise RopeConfigError(
+            f"rope_type '{rope_type}': field '{key}' must be a non-empty list of numbers, got {value!r}"
+        )
     out = [_as_float(rope_type, key, v) for v in value]
     if min(out) <= 0:
         raise RopeConfigError(f"rope_type '{rope_type}': every entry of '{key}' must be > 0")
@@ -190,7 +194,7 @@ def normalize_rope_scaling(rope_scaling: dict | None) -> dict | None:
             if key in required:
                 continue  # reported as missing below
             if key == "truncate":
-                # transformers reads `rope_parameters.get("truncate", True)`: an explicit None is falsy -> no truncation.
+                # transformers reads `rope_parameters.get("truncate", True)`: explicit None is falsy = no truncation.
                 out[key] = False
             continue
         if key in _FLOAT_FIELDS:

@@ -123,7 +123,8 @@ def _random_case(rope_type, rng, variant, *, small=False):
     theta = float(rng.choice([10_000.0, 500_000.0, rng.uniform(1_000.0, 1_000_000.0)]))
     if small:
         threshold = int(rng.integers(T_SHORT + 1, T_LONG))
-        max_pos = threshold if rope_type in ("default", "linear", "dynamic") else int(rng.integers(threshold, 4 * threshold))
+        scaled_by_original = rope_type in ("yarn", "longrope", "llama3")
+        max_pos = int(rng.integers(threshold, 4 * threshold)) if scaled_by_original else threshold
     else:
         threshold = int(rng.integers(256, 8192))
         max_pos = int(threshold * rng.uniform(1.0, 16.0))
