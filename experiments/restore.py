@@ -1,5 +1,5 @@
 """LinearARD restoration: `python -m experiments.restore --config=configs/<name>.py [--config.x.y=...]`."""
-from absl import app, flags
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from lard_jax.pipeline import ConfigError, run_restoration
@@ -8,6 +8,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config
 
 
 def main(argv):
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:
