@@ -171,6 +171,8 @@ def tune(T):
     log(f"tune fwd {(bq, bk, w, s)}: {ms:.3f} ms {2*T*T*D*H/ms/1e9:.0f} TF/s")
     if ms < best_ms:
       best_fwd, best_ms = (bq, bk, w, s), ms
+  if best_fwd is None:
+    return None
   bq, bk, w, s = best_fwd
   base = BlockSizes(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
   best_bwd, best_ms = None, float("inf")
