@@ -127,11 +127,13 @@ def correctness():
     out = {}
     for impl in ("pallas_gpu", "xla", "reference"):
       f32 = (lambda a: a.astype(jnp.float32)) if impl == "reference" else (lambda a: a)
-      def loss(a, b, impl=impl, f32=f32):
-        kl = relation_kl(f32(a), f32(b), f32(tl), f32(tr), impl=impl,
+      # Every array is an argument: closed-over constants get constant-folded.
+      def loss(a, b, c, d, w, kw, impl=impl, f32=f32):
+        kl = relation_kl(f32(a), f32(b), f32(c), f32(d), impl=impl,
                          interpret=INTERPRET and impl == "pallas_gpu", **kw)
         return jnp.sum(w * kl), kl
-      (_, kl), g = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(sl, sr)
+      (_, kl), g = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
+          sl, sr, tl, tr, w, kw)
       out[impl] = (kl, g)
     row = {"case": name}
     for impl in ("pallas_gpu", "xla"):

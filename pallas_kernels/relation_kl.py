@@ -145,12 +145,27 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def _pick_blocks(block_sizes, impl, T):
+def _default_blocks(impl, row_bytes):
+  if impl == "xla":
+    return XLA_BLOCKS
+  # Defaults are tuned for bf16/f16 with D <= 128 (256-byte rows). Wider rows
+  # (f32, D = 256) would overflow the 227 KB of shared memory a Hopper block
+  # gets, so tiles shrink in proportion and pipelining drops to two stages.
+  shrink = max(1, row_bytes // 256)
+  if shrink == 1:
+    return BlockSizes()
+  base = BlockSizes()
+  return dataclasses.replace(
+      base, num_stages_fwd=2, num_stages_bwd=2,
+      **{f.name: max(16, getattr(base, f.name) // shrink)
+         for f in dataclasses.fields(base) if f.name.startswith("block_")})
+
+
+def _pick_blocks(block_sizes, impl, T, row_bytes):
   if block_sizes is None:
-    base = XLA_BLOCKS if impl == "xla" else BlockSizes()
+    base = _default_blocks(impl, row_bytes)
   elif isinstance(block_sizes, dict):
-    base = dataclasses.replace(XLA_BLOCKS if impl == "xla" else BlockSizes(),
-                               **block_sizes)
+    base = dataclasses.replace(_default_blocks(impl, row_bytes), **block_sizes)
   else:
     base = block_sizes
   # Short sequences: no tile larger than T rounded up to a power of two.
@@ -189,13 +204,13 @@ def relation_kl(s_left, s_right, t_left, t_right, *, mask=None, segment_ids=None
     return relation_kl_reference(s_left, s_right, t_left, t_right, mask=mask,
                                  segment_ids=segment_ids, causal=causal,
                                  scale=scale)
-  blocks = _pick_blocks(block_sizes, impl, T)
+  Dp = max(16, pl_next_pow2(D))  # Triton tiles are powers of two; zeros add nothing
+  blocks = _pick_blocks(block_sizes, impl, T, Dp * jnp.dtype(s_left.dtype).itemsize)
   cfg = Config(impl=impl, causal=bool(causal), scale=scale, blocks=blocks,
                interpret=bool(interpret))
   _impl_module(impl)  # fail early on an unavailable impl
 
   Tp = _round_up(T, max(blocks.all_blocks()))
-  Dp = max(16, pl_next_pow2(D))  # Triton tiles are powers of two; zeros add nothing
   pad = ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))
   sl, sr, tl, tr = (jnp.pad(x, pad) if pad != ((0, 0),) * 4 else x
                     for x in (s_left, s_right, t_left, t_right))
