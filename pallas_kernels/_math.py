@@ -1,15 +1,18 @@
 """Tile math shared by the "xla" and "pallas_gpu" implementations.
 
-Logits are kept in base 2 (u = scale * log2(e) * <l, r>) so the kernels use exp2.
-Shapes: logit tiles [..., rows, keys], row statistics [..., rows]; the same code
-runs inside a Pallas kernel (2-D tiles) and under XLA (batched tiles).
+Tiles hold raw products r = <l, r_> (float32); the scaled base-2 logit is
+u = c * r with c = scale * log2(e) > 0, so every exponential is exp2(c*r - c*m),
+one fused multiply-add, and the running maxima stay in raw units. Shapes: tiles
+[..., rows, keys], row statistics [..., rows]; the same code runs inside a
+Pallas kernel (2-D tiles) and under XLA (batched tiles). `exp2` is a parameter
+so the GPU kernels can pass a flush-to-zero hardware exp2.
 
 Forward, one pass over key tiles, per row (teacher t, student s):
-  m_x  running max, l_x = sum_j 2**(u_x - m_x),
-  acc  = sum_j 2**(u_t - m_t) * (u_t - u_s), rescaled as m_t moves,
-  KL   = ln2 * (acc / l_t - lse_t + lse_s),  lse_x = m_x + log2(l_x).
+  m_x  running max of r_x, l_x = sum_j 2**(c (r_x - m_x)),
+  acc  = sum_j 2**(c (r_t - m_t)) * (r_t - r_s), rescaled as m_t moves,
+  KL   = ln2 * (c acc / l_t - lse_t + lse_s),  lse_x = c m_x + log2(l_x).
 Backward: dKL_i / dlogit_s(i, j) = p_s(i, j) - p_t(i, j) (sum_j p_t = 1 on a
-valid row), so dS = g_i * (p_s - p_t) * scale with p_x = 2**(u_x - lse_x).
+valid row), so dS = g_i * (p_s - p_t) * scale with p_x = 2**(c r_x - lse_x).
 """
 import math
 
@@ -17,8 +20,8 @@ import jax.numpy as jnp
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# Initial running max: finite, so 2**(m_old - m_new) is 1, not NaN, while a row
-# has seen only masked keys (-inf); far below any real logit.
+# Initial running max (raw units): finite, so 2**(c (m_old - m_new)) is 1, not
+# NaN, while a row has seen only masked keys (-inf); far below any real product.
 M_INIT = -1e30
 
 
@@ -27,34 +30,34 @@ def init_stats(shape):
   return (z + M_INIT, z, z + M_INIT, z, z)  # m_s, l_s, m_t, l_t, acc
 
 
-def online_update(stats, u_s, u_t, diff):
-  """Fold one key tile. u_* are masked (-inf); diff = u_t - u_s is unmasked."""
+def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2):
+  """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked."""
   m_s, l_s, m_t, l_t, acc = stats
-  m_s_new = jnp.maximum(m_s, jnp.max(u_s, axis=-1))
-  m_t_new = jnp.maximum(m_t, jnp.max(u_t, axis=-1))
-  p_s = jnp.exp2(u_s - m_s_new[..., None])
-  p_t = jnp.exp2(u_t - m_t_new[..., None])
-  alpha_t = jnp.exp2(m_t - m_t_new)
-  l_s = l_s * jnp.exp2(m_s - m_s_new) + jnp.sum(p_s, axis=-1)
+  m_s_new = jnp.maximum(m_s, jnp.max(r_s, axis=-1))
+  m_t_new = jnp.maximum(m_t, jnp.max(r_t, axis=-1))
+  p_s = exp2(r_s * c - (m_s_new * c)[..., None])
+  p_t = exp2(r_t * c - (m_t_new * c)[..., None])
+  alpha_t = exp2((m_t - m_t_new) * c)
+  l_s = l_s * exp2((m_s - m_s_new) * c) + jnp.sum(p_s, axis=-1)
   l_t = l_t * alpha_t + jnp.sum(p_t, axis=-1)
   acc = acc * alpha_t + jnp.sum(p_t * diff, axis=-1)
   return m_s_new, l_s, m_t_new, l_t, acc
 
 
-def finalize(stats):
+def finalize(stats, c):
   """-> (kl [nats], lse_s, lse_t [base 2]); rows with no valid key give kl = 0."""
   m_s, l_s, m_t, l_t, acc = stats
   has_key = l_t > 0
   l_s = jnp.where(has_key, l_s, 1.0)
   l_t = jnp.where(has_key, l_t, 1.0)
-  lse_s = m_s + jnp.log2(l_s)
-  lse_t = m_t + jnp.log2(l_t)
-  kl = LN2 * (acc / l_t + (m_s - m_t) + (jnp.log2(l_s) - jnp.log2(l_t)))
+  lse_s = m_s * c + jnp.log2(l_s)
+  lse_t = m_t * c + jnp.log2(l_t)
+  kl = LN2 * (c * (acc / l_t + (m_s - m_t)) + (jnp.log2(l_s) - jnp.log2(l_t)))
   return jnp.where(has_key, kl, 0.0), lse_s, lse_t
 
 
-def grad_logits(u_s, u_t, lse_s, lse_t, g_scaled):
-  """dKL/d<l, r> for one tile; g_scaled = g * scale per row; masked u = -inf."""
-  p_s = jnp.exp2(u_s - lse_s[..., None])
-  p_t = jnp.exp2(u_t - lse_t[..., None])
+def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2):
+  """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf."""
+  p_s = exp2(r_s * c - lse_s[..., None])
+  p_t = exp2(r_t * c - lse_t[..., None])
   return (p_s - p_t) * g_scaled[..., None]

@@ -35,8 +35,24 @@ try:  # jax >= 0.4.36 names it CompilerParams; older: TritonCompilerParams.
   from jax.experimental.pallas import triton as _plgpu
   _CompilerParams = getattr(_plgpu, "CompilerParams", None) or getattr(
       _plgpu, "TritonCompilerParams")
+  _inline_asm = getattr(_plgpu, "elementwise_inline_asm", None)
 except ImportError:  # pragma: no cover - very old jax
-  _CompilerParams = None
+  _CompilerParams = _inline_asm = None
+
+
+def _exp2_ftz(x):
+  """2**x as one MUFU.EX2 (flush-to-zero). jnp.exp2 lowers to libdevice's
+  __nv_exp2f, which adds range fix-ups for denormal results around it; here
+  results below 2**-126 are probabilities we may flush to 0."""
+  return _inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r",
+                     pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+
+
+def _exp2_for(cfg):
+  # The interpreter cannot run PTX; it (and jax without inline asm) uses exp2.
+  if cfg.blocks.fast_exp2 and not cfg.interpret and _inline_asm is not None:
+    return _exp2_ftz
+  return jnp.exp2
 
 
 def _compiler_params(num_warps, num_stages):
@@ -81,7 +97,7 @@ def _unpack(refs, n_in, has_ids):
   return ins, outs
 
 
-def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids):
+def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids, exp2):
   (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref), (kl_ref, lss_ref, lst_ref) = (
       _unpack(refs, 6 if has_ids else 4, has_ids))
   i = nq - 1 - pl.program_id(0)
@@ -91,22 +107,22 @@ def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids):
 
   def body(j, stats, masked):
     k0 = pl.multiple_of(j * bk, bk)
-    u_s = _dot(sl, sr_ref[pl.ds(k0, bk), :]) * c
-    u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :]) * c
+    u_s = _dot(sl, sr_ref[pl.ds(k0, bk), :])
+    u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :])
     diff = u_t - u_s
     if masked:
       k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
       u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
-    return _math.online_update(stats, u_s, u_t, diff)
+    return _math.online_update(stats, u_s, u_t, diff, c, exp2)
 
   stats = _key_loop(body, i, bq, bk, nk, causal, has_ids, _math.init_stats((bq,)))
-  kl, lse_s, lse_t = _math.finalize(stats)
+  kl, lse_s, lse_t = _math.finalize(stats, c)
   kl_ref[...] = kl
   lss_ref[...] = lse_s
   lst_ref[...] = lse_t
 
 
-def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids):
+def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
   (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (
       dl_ref,) = _unpack(refs, 9 if has_ids else 7, has_ids)
   i = nq - 1 - pl.program_id(0)
@@ -118,12 +134,12 @@ def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids):
   def body(j, acc, masked):
     k0 = pl.multiple_of(j * bk, bk)
     sr = sr_ref[pl.ds(k0, bk), :]
-    u_s = _dot(sl, sr) * c
-    u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :]) * c
+    u_s = _dot(sl, sr)
+    u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :])
     if masked:
       k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
       u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
-    ds = _math.grad_logits(u_s, u_t, lse_s, lse_t, g)
+    ds = _math.grad_logits(u_s, u_t, lse_s, lse_t, g, c, exp2)
     return acc + _dot(ds.astype(sr.dtype), sr, contract=(1, 0))
 
   acc = jnp.zeros(sl.shape, jnp.float32)
@@ -131,7 +147,7 @@ def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids):
   dl_ref[...] = acc.astype(dl_ref.dtype)
 
 
-def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids):
+def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
   (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (
       dr_ref,) = _unpack(refs, 9 if has_ids else 7, has_ids)
   j = pl.program_id(0)
@@ -143,13 +159,13 @@ def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids):
     q0 = pl.multiple_of(i * bq, bq)
     rows_ds = pl.ds(q0, bq)
     sl = sl_ref[rows_ds, :]
-    u_s = _dot(sl, sr) * c
-    u_t = _dot(tl_ref[rows_ds, :], tr) * c
+    u_s = _dot(sl, sr)
+    u_t = _dot(tl_ref[rows_ds, :], tr)
     if masked:
       q_ids = qid_ref[rows_ds] if has_ids else None
       u_s, u_t = _masked(u_s, u_t, q0 + jnp.arange(bq), cols, q_ids, k_ids, causal)
     ds = _math.grad_logits(u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds],
-                           g_ref[rows_ds] * scale)
+                           g_ref[rows_ds] * scale, c, exp2)
     return acc + _dot(ds.astype(sl.dtype), sl, contract=(0, 0))
 
   acc = jnp.zeros(sr.shape, jnp.float32)
@@ -198,7 +214,7 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
   has_ids = q_ids is not None
   kernel = functools.partial(_fwd_kernel, c=cfg.scale * _math.LOG2E,
                              causal=cfg.causal, bq=bq, bk=bk, nq=nq, nk=nk,
-                             has_ids=has_ids)
+                             has_ids=has_ids, exp2=_exp2_for(cfg))
   row_spec = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
   row = jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)
   args = (sl, sr, tl, tr) + ((q_ids, k_ids) if has_ids else ())
@@ -222,7 +238,7 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
   has_ids = q_ids is not None
   ids = (q_ids, k_ids) if has_ids else ()
   common = dict(c=cfg.scale * _math.LOG2E, scale=cfg.scale, causal=cfg.causal,
-                has_ids=has_ids)
+                has_ids=has_ids, exp2=_exp2_for(cfg))
   params = _compiler_params(bl.num_warps_bwd, bl.num_stages_bwd)
 
   bq, bk = bl.block_q_dq, bl.block_k_dq

@@ -259,6 +259,7 @@ def _bad_calls():
       ("segment_ids", dict(ok, segment_ids=jnp.ones((2, 8), jnp.float32))),
       ("segment_ids", dict(ok, segment_ids=jnp.ones((8,), jnp.int32))),
       ("impl", dict(ok, impl="cuda")),
+      ("scale", dict(ok, scale=-1.0)),
   ]
 
 
