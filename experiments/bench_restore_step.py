@@ -164,6 +164,10 @@ def main():
                 r = {"model": name, "devices": dp, "error": f"{type(e).__name__}: {str(e)[:400]}"}
             results.append(r)
             print(json.dumps(r), flush=True)
+            if args.out:  # after every shape, so a later timeout keeps what finished
+                with open(args.out, "w") as f:
+                    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results},
+                              f, indent=2)
     print(f"\n{'model':10} {'dev':>3} {'tok/s':>9} {'step ms':>8} {'MFU':>6} {'peak GiB':>8}  split (ms)")
     for r in results:
         if "error" in r:
@@ -173,9 +177,6 @@ def main():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{r['model']:10} {r['devices']:>3} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} {mfu:>6} "
               f"{r['peak_gib']:8.1f}  {split}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

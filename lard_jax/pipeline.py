@@ -45,10 +45,11 @@ def resolve_source(source: str, workdir: str) -> str:
     if not os.path.exists(path):
         from experiments.build_corpus import builtin_documents
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.tmp{os.getpid()}"  # every host writes the same content; the rename is atomic
+        with open(tmp, "w") as f:
             for doc in builtin_documents(split):
                 f.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return path
 
 
@@ -158,7 +159,8 @@ def loss_spec(config) -> LossSpec:
 # data
 def build_loader(config, tokenizer, *, seq_len, batch_size, grad_accum, mode=None):
     from lard_jax import data as data_lib
-    cache_dir = config.data.cache_dir or os.path.join(config.workdir, "token_cache")
+    # One cache per process: hosts of a pod slice may share the workdir but must not race on one folder.
+    cache_dir = config.data.cache_dir or os.path.join(config.workdir, "token_cache", f"process_{jax.process_index()}")
     cache = data_lib.prepare_token_cache(config.data.source, tokenizer, cache_dir, text_field=config.data.text_field)
     per_host = batch_size * grad_accum // jax.process_count()
     return data_lib.BlockLoader(cache, seq_len=seq_len, batch_size=per_host, mode=mode or config.data.mode,
@@ -291,8 +293,9 @@ def run_restoration(config) -> dict:
     print(f"teacher: {rope_lib.describe_rope(teacher.config.rope_scaling_dict)} RoPE, "
           f"{hf.num_params(frozen) / 1e6:.1f}M params; student: "
           f"{rope_lib.describe_rope(student.config.rope_scaling_dict)}; mesh {dict(mesh.shape)}")
-    with open(os.path.join(config.workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:
+        with open(os.path.join(config.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     projections = trainer.PROJECTION_SETS[config.train.trainable]
     mask = trainer.trainable_mask(frozen, projections)
@@ -326,7 +329,7 @@ def run_restoration(config) -> dict:
     student_params = jax.tree_util.tree_map(lambda x: x.astype(dtype_of(config.model.param_dtype)), student_params)
     out = os.path.join(config.workdir, "hf_student")
     hf.save_pretrained(out, student, student_params)
-    if hasattr(tokenizer, "save_pretrained"):
+    if hasattr(tokenizer, "save_pretrained") and jax.process_index() == 0:
         tokenizer.save_pretrained(out)
     summary = {"hf_student": out, "train_tokens": int(tokens), "train_seconds": time.perf_counter() - t0,
                "method": config.loss.method, "student_rope": rope_lib.describe_rope(student.config.rope_scaling_dict)}
