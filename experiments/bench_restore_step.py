@@ -109,34 +109,37 @@ def bench_one(name, *, seq_len, batch_per_device, remat, kernel_impl, attention_
         flops = trainer.model_flops_per_token(cfg, seq_len) * tokens
         peak = trainer.peak_flops_per_device()
         result["mfu"] = flops / result["step_s"] / (peak * mesh_data) if peak else None
+        print(json.dumps(result), flush=True)  # the step's numbers, before the (slow to compile) split
         if split:
             result["split_s"] = _split(teacher, student, frozen, state.trainable, ids[0], spec, optimizer, reps)
     return result
 
 
 def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps):
-    def qkv(model, params):
+    # Every big array is an argument, never a closure constant (XLA would embed gigabytes).
+    def qkv(model, params, ids):
         _, st = model.apply({"params": params}, ids, mutable=["intermediates"])
         return collect_qkv(st["intermediates"])
 
-    merge = lambda t: trainer.merge_student(frozen, t, trainer.LoraSpec())  # noqa: E731
-    teacher_fwd = jax.jit(lambda f: qkv(teacher, f))
-    t_layers = teacher_fwd(frozen)
+    lora = trainer.LoraSpec()
+    teacher_fwd = jax.jit(lambda f, x: qkv(teacher, f, x))
+    t_layers = teacher_fwd(frozen, ids)
 
-    def student_proxy(t):  # forward+backward of the student alone: a loss that only sums its q/k/v
-        return sum(jnp.sum(l[r].astype(jnp.float32)) for l in qkv(student, merge(t)) for r in "qkv")
+    def student_proxy(t, f, x):  # forward+backward of the student alone: a loss that only sums its q/k/v
+        layers = qkv(student, trainer.merge_student(f, t, lora), x)
+        return sum(jnp.sum(l[r].astype(jnp.float32)) for l in layers for r in "qkv")
     student_fb = jax.jit(jax.grad(student_proxy))
-    s_layers = jax.jit(lambda t: qkv(student, merge(t)))(trainable)
+    s_layers = jax.jit(lambda t, f, x: qkv(student, trainer.merge_student(f, t, lora), x))(trainable, frozen, ids)
 
-    def rel(s):
-        return losses.relation_loss(s, t_layers, relations=spec.relations, impl=spec.kernel_impl)[0]
+    def rel(s, t):
+        return losses.relation_loss(s, t, relations=spec.relations, impl=spec.kernel_impl)[0]
     relation = jax.jit(jax.value_and_grad(rel))
     grads = jax.tree_util.tree_map(jnp.ones_like, trainable)
     opt_state = optimizer.init(trainable)
     opt = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
-    return {"teacher_forward": _time(teacher_fwd, frozen, reps=reps),
-            "student_forward_backward": _time(student_fb, trainable, reps=reps),
-            "relation_loss_fwd_bwd": _time(relation, s_layers, reps=reps),
+    return {"teacher_forward": _time(teacher_fwd, frozen, ids, reps=reps),
+            "student_forward_backward": _time(student_fb, trainable, frozen, ids, reps=reps),
+            "relation_loss_fwd_bwd": _time(relation, s_layers, t_layers, reps=reps),
             "optimizer": _time(opt, grads, opt_state, trainable, reps=reps)}
 
 

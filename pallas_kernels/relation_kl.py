@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-IMPLS = ("auto", "pallas_gpu", "xla", "reference")
+IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "reference")
 # Masked keys carry this id; a valid row never has it unless the caller uses
 # INT32_MIN as a segment id (documented limitation).
 _KEY_PAD_ID = int(np.iinfo(np.int32).min)
@@ -71,6 +71,10 @@ class BlockSizes:
 # matmuls big and the loop short; memory stays O(block_q * block_k) per head.
 XLA_BLOCKS = BlockSizes(block_q=512, block_k=512, block_q_dq=512, block_k_dq=512,
                         block_q_dk=512, block_k_dk=512)
+# TPU: one [block_q, block_k] tile per grid step; 128 fills the MXU and the
+# lanes. Not tuned (no TPU was available); the Triton-only fields are unused.
+TPU_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128,
+                        block_q_dk=128, block_k_dk=128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +94,9 @@ def _impl_module(impl: str):
   if impl == "xla":
     from pallas_kernels import xla
     return xla
-  # Hook: "pallas_tpu" -> `from pallas_kernels import relation_kl_tpu`.
+  if impl == "pallas_tpu":
+    from pallas_kernels import relation_kl_tpu
+    return relation_kl_tpu
   raise ValueError(f"impl: no kernel module for {impl!r}")
 
 
@@ -100,7 +106,8 @@ def _resolve_impl(impl: str) -> str:
   backend = jax.default_backend()
   if backend == "gpu":
     return "pallas_gpu"
-  # Hook: return "pallas_tpu" here once relation_kl_tpu.py exists.
+  if backend == "tpu":
+    return "pallas_tpu"
   return "xla"
 
 
@@ -155,6 +162,8 @@ def _round_up(x, m):
 def _default_blocks(impl, row_bytes):
   if impl == "xla":
     return XLA_BLOCKS
+  if impl == "pallas_tpu":
+    return TPU_BLOCKS
   # Defaults are tuned for bf16/f16 with D <= 128 (256-byte rows). Wider rows
   # (f32, D = 256) would overflow the 227 KB of shared memory a Hopper block
   # gets, so tiles shrink in proportion and pipelining drops to two stages.
@@ -183,6 +192,14 @@ def _pick_blocks(block_sizes, impl, T, row_bytes):
   for b in blocks.all_blocks():
     if b <= 0 or b & (b - 1):
       raise ValueError(f"block_sizes: blocks must be powers of two, got {blocks}")
+  if impl == "pallas_tpu":
+    # (8, 128) tiling: key blocks are the lane axis of the logit tiles, so a
+    # multiple of 128 unless one block spans the whole padded sequence.
+    Tp = _round_up(T, max(blocks.all_blocks()))
+    keys = (blocks.block_k, blocks.block_k_dq, blocks.block_k_dk)
+    if min(blocks.all_blocks()) < 8 or any(k % 128 and k != Tp for k in keys):
+      raise ValueError("block_sizes: pallas_tpu needs blocks >= 8 and key blocks "
+                       f"that are multiples of 128 (or span T), got {blocks}")
   return blocks
 
 

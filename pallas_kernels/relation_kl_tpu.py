@@ -104,12 +104,14 @@ def _visit(tile, i, j, bq, bk, causal, has_ids):
   pl.when(needed & jnp.logical_not(below))(lambda: tile(masked=True))
 
 
+# lax.div, not //: floor division of signed ints lowers through sign(), which
+# Mosaic can only lower once it knows the chip; the operands are >= 0 anyway.
 def _last_k_block(i, bq, bk):
-  return ((i + 1) * bq - 1) // bk
+  return lax.div((i + 1) * bq - 1, bk)
 
 
 def _first_q_block(j, bq, bk):
-  return (j * bk) // bq
+  return lax.div(j * bk, bq)
 
 
 # ------------------------------------------------------------------ kernels ---
@@ -235,7 +237,8 @@ def _row_specs(bq, bk, Dq, G, causal, has_ids):
   kb = (lambda i, j: jnp.minimum(j, _last_k_block(i, bq, bk))) if causal else (
       lambda i, j: j)
   left = pl.BlockSpec((None, bq, Dq), lambda b, h, i, j: (b, i, h))
-  right = pl.BlockSpec((None, bk, Dq), lambda b, h, i, j: (b, kb(i, j), h // G))
+  right = pl.BlockSpec((None, bk, Dq),
+                       lambda b, h, i, j: (b, kb(i, j), lax.div(h, G)))
   specs = [left, right, left, right]
   if has_ids:
     specs += [pl.BlockSpec((None, bq, 1), lambda b, h, i, j: (b, i, 0)),
@@ -243,7 +246,39 @@ def _row_specs(bq, bk, Dq, G, causal, has_ids):
   return specs
 
 
+def _fold_vmap(fn):
+  """fn with a vmap rule that folds the mapped axis into the batch axis (axis 0
+  of every argument and result): one pallas_call with a larger B instead of a
+  batched pallas_call. Same work either way; needed because the TPU
+  interpreter of jax 0.10.2 fails on a batched pallas_call whose grid has
+  dimension_semantics (it does not count the added grid axis)."""
+  @jax.custom_batching.custom_vmap
+  def folded(*args):
+    return fn(*args)
+
+  @folded.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    def fold(x, batched):
+      x = x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+      return x.reshape((-1,) + x.shape[2:])
+    outs = folded(*jax.tree.map(fold, args, tuple(in_batched)))
+    outs = jax.tree.map(lambda y: y.reshape((axis_size, -1) + y.shape[1:]), outs)
+    return outs, jax.tree.map(lambda _: True, outs)
+
+  return folded
+
+
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
+  return _fold_vmap(functools.partial(_forward, cfg=cfg))(sl, sr, tl, tr, q_ids,
+                                                          k_ids)
+
+
+def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
+  return _fold_vmap(functools.partial(_backward, cfg=cfg))(
+      sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g)
+
+
+def _forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
   B, Tp, H, Dp = sl.shape
   G = H // sr.shape[2]
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
@@ -269,7 +304,7 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
   return tuple(o.reshape(B, H, Tp) for o in outs)
 
 
-def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
+def _backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
   B, Tp, H, Dp = sl.shape
   Hr = sr.shape[2]
   G = H // Hr
