@@ -132,18 +132,15 @@ def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec,
         out.setdefault("tasks", {})[task] = multiple_choice.score_task(task, path, logits_fn, tokenizer,
                                                                       batch_size=spec.batch_size, progress=progress)
     generate = generate_fn_for(model, params)
-    if spec.passkey_lengths:
-        res = synthetic.evaluate_synthetic(generate, tokenizer, "passkey", list(spec.passkey_lengths),
-                                           list(spec.depths), max(1, spec.passkey_samples // len(spec.depths)),
+    n_per_depth = max(1, spec.passkey_samples // len(spec.depths))
+    for key, task, lengths in (("passkey", "passkey", spec.passkey_lengths),
+                               ("niah", "niah_single", spec.niah_lengths)):
+        if not lengths:
+            continue
+        res = synthetic.evaluate_synthetic(generate, tokenizer, task, list(lengths), list(spec.depths), n_per_depth,
                                            spec.seed, filler=filler, progress=progress)
-        out["passkey"] = res["by_length"]
-        out.setdefault("synthetic", {})["passkey"] = res
-    if spec.niah_lengths:
-        res = synthetic.evaluate_synthetic(generate, tokenizer, "niah_single", list(spec.niah_lengths),
-                                           list(spec.depths), max(1, spec.passkey_samples // len(spec.depths)),
-                                           spec.seed, filler=filler, progress=progress)
-        out["niah"] = res["by_length"]
-        out.setdefault("synthetic", {})["niah_single"] = res
+        out[key] = res["by_length"]
+        out.setdefault("synthetic", {})[task] = res
     return out
 
 
