@@ -111,6 +111,18 @@ class EvalSpec:
     batch_size: int = 8
 
 
+def check_spec(spec: EvalSpec, tokenizer) -> None:
+    """Build one example of every synthetic task and length now, so a length too short for its
+    prompt fails before training rather than after."""
+    rng = np.random.default_rng(0)
+    for task, lengths in (("passkey", spec.passkey_lengths), ("niah_single", spec.niah_lengths)):
+        for length in lengths:
+            try:
+                synthetic.TASKS[task](rng, tokenizer, int(length), 0.5, None)
+            except ValueError as e:
+                raise ValueError(f"eval: {task} at length {length}: {e}") from None
+
+
 def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec, *, filler=None,
                    progress: bool = True) -> dict[str, Any]:
     logits_fn = logits_fn_for(model, params)

@@ -297,6 +297,14 @@ def run_restoration(config) -> dict:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
+    if config.eval.enabled:  # fail on a bad evaluation setting before training, not after
+        from lard_jax import eval_runner
+        if not config.eval.source:
+            raise ConfigError("config.eval.enabled needs config.eval.source (held-out documents)")
+        try:
+            eval_runner.check_spec(eval_runner.eval_spec_from_config(config.eval, config.data.seq_len), tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"config.eval: {e}") from None
     projections = trainer.PROJECTION_SETS[config.train.trainable]
     mask = trainer.trainable_mask(frozen, projections)
     lora = LoraSpec(rank=config.train.lora_rank, alpha=config.train.lora_alpha)

@@ -198,5 +198,10 @@ def test_config_errors(assets, tmp_path):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 3, 1, 1
     with pytest.raises(pipeline.ConfigError, match="mesh"):
         pipeline.run_restoration(c)
+    c = _config(assets, tmp_path / "x")
+    c.eval.enabled, c.eval.source, c.eval.passkey_lengths = True, str(assets / "data"), (100,)
+    with pytest.raises(pipeline.ConfigError, match="passkey at length 100"):
+        pipeline.run_restoration(c)
+    assert not os.path.exists(tmp_path / "x" / "checkpoints")  # failed before any training
     bad = _cli(assets, tmp_path / "cli", "--config.train.stepz=3")
     assert bad.returncode != 0 and "stepz" in bad.stderr
