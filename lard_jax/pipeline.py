@@ -293,6 +293,7 @@ def run_restoration(config) -> dict:
     print(f"teacher: {rope_lib.describe_rope(teacher.config.rope_scaling_dict)} RoPE, "
           f"{hf.num_params(frozen) / 1e6:.1f}M params; student: "
           f"{rope_lib.describe_rope(student.config.rope_scaling_dict)}; mesh {dict(mesh.shape)}")
+    check_resumable(config)
     if jax.process_index() == 0:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -370,6 +371,39 @@ def evaluate_run(config, tokenizer, teacher, student, frozen, student_params) ->
         print(f"short-text perplexity recovery: {out['recovery']:.3f} "
               "((ppl_scaled - ppl_restored) / (ppl_scaled - ppl_teacher))")
     return out
+
+
+# Keys that may change between a run and its resumption (run length, logging, test hooks).
+_RESUME_FREE_KEYS = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.crash_after_step", "stage2.steps", "eval", "distributed", "workdir"}
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resumable(config) -> None:
+    """A workdir with checkpoints resumes only the run that wrote them: refuse a different model,
+    data or recipe instead of failing inside orbax (or silently mixing two runs)."""
+    previous = os.path.join(config.workdir, "config.json")
+    if not (os.path.exists(previous) and os.path.isdir(os.path.join(config.workdir, "checkpoints"))):
+        return
+    with open(previous) as f:
+        old = _flat(json.load(f))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in _RESUME_FREE_KEYS)  # noqa: E731
+    changed = sorted(k for k in set(old) | set(new) if not free(k) and old.get(k) != new.get(k))
+    if changed:
+        raise ConfigError(f"{config.workdir} holds checkpoints of a run with a different config "
+                          f"({', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} differ); "
+                          "use a new config.workdir or restore the old values")
 
 
 def _init_trainable(frozen, mask, lora, config, mesh):

@@ -168,6 +168,8 @@ def test_kill_and_resume_matches_uninterrupted(assets, tmp_path):
     resumed = _cli(assets, tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout
+    other = _cli(assets, tmp_path / "resumed", "--config.train.lr=0.01")  # same workdir, other recipe
+    assert other.returncode != 0 and "different config (train.lr differ)" in other.stderr
     a = _tensors(str(tmp_path / "straight" / "hf_student"))
     b = _tensors(str(tmp_path / "resumed" / "hf_student"))
     for k in a:
