@@ -118,11 +118,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(rng, impl, case):
-  B, T, H, Hr, D, opts = CASES[case]
-  sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
+def case_kwargs(rng, B, T, opts):
+  """relation_kl keyword arguments of a CASES entry: causal/scale, padding mask, segments."""
   kw = {"causal": opts.get("causal", True), "scale": opts.get("scale")}
   if opts.get("mask"):
     lengths = rng.integers(1, T, size=B)
@@ -132,6 +129,15 @@ def test_matches_float64_reference(rng, impl, case):
     kw["mask"] = jnp.asarray(np.arange(T)[None] < lengths[:, None])
   if opts.get("segments"):
     kw["segment_ids"] = packed_segments(rng, B, T)
+  return kw
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_reference(rng, impl, case):
+  B, T, H, Hr, D, opts = CASES[case]
+  sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
+  kw = case_kwargs(rng, B, T, opts)
   kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w, **kw)
   ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
   assert kl.shape == (B, H, T) and kl.dtype == jnp.float32

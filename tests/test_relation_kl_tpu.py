@@ -15,7 +15,7 @@ import pytest
 from pallas_kernels import BlockSizes, relation_kl, self_relation_kl
 from pallas_kernels import relation_kl_tpu
 from pallas_kernels.relation_kl import _resolve_impl
-from tests.test_relation_kl import (make_inputs, packed_segments, reference64,
+from tests.test_relation_kl import (case_kwargs, make_inputs, packed_segments, reference64,
                                     rel_err, rng)  # noqa: F401 (rng: fixture)
 
 # Query blocks 32/64/128 against 128-key blocks: the causal clamps and skips
@@ -53,15 +53,7 @@ CASES = {
 def test_matches_float64_reference(rng, case):
   B, T, H, Hr, D, opts = CASES[case]
   sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
-  kw = {"causal": opts.get("causal", True), "scale": opts.get("scale")}
-  if opts.get("mask"):
-    lengths = rng.integers(1, T, size=B)
-    lengths[0] = T
-    if B > 2:
-      lengths[-1] = 0  # a fully padded sequence
-    kw["mask"] = jnp.asarray(np.arange(T)[None] < lengths[:, None])
-  if opts.get("segments"):
-    kw["segment_ids"] = packed_segments(rng, B, T)
+  kw = case_kwargs(rng, B, T, opts)
   kl, (d_sl, d_sr) = kl_and_grads(sl, sr, tl, tr, w,
                                   blocks=opts.get("blocks", MIXED), **kw)
   ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
