@@ -375,7 +375,8 @@ def evaluate_run(config, tokenizer, teacher, student, frozen, student_params) ->
 
 # Keys that may change between a run and its resumption (run length, logging, test hooks).
 _RESUME_FREE_KEYS = {"train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.crash_after_step", "stage2.steps", "eval", "distributed", "workdir"}
+                     "train.crash_after_step", "stage2.steps", "eval", "distributed", "workdir",
+                     "mesh", "data.cache_dir"}  # a run may resume on another mesh: orbax reshards
 
 
 def _flat(d, prefix=""):
