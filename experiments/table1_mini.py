@@ -62,6 +62,7 @@ def main():
         with c.unlocked():
             c.workdir = os.path.join(args.workdir, name)
             c.data.source = args.data
+            c.data.cache_dir = os.path.join(args.workdir, "token_cache")  # tokenised once for every run
             c.data.seq_len = r["seq_len"]
             c.loss.method = r["method"]
             c.train.steps = r["steps"]

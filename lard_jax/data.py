@@ -124,8 +124,8 @@ def _read_txt(path: str, text_field: str) -> Iterator[str]:
     yield text
 
 
-def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
-    records = 0
+def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; errors name the file and line."""
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -136,15 +136,21 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
                 raise ValueError(f"{path}:{line_number}: invalid JSON ({error.msg})") from error
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            if text_field not in record:
-                raise ValueError(
-                    f"{path}:{line_number}: missing field {text_field!r} (fields: {', '.join(sorted(record))})"
-                )
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, not a string")
-            records += 1
-            yield text
+            yield line_number, record
+
+
+def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
+    records = 0
+    for line_number, record in jsonl_records(path):
+        if text_field not in record:
+            raise ValueError(
+                f"{path}:{line_number}: missing field {text_field!r} (fields: {', '.join(sorted(record))})"
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, not a string")
+        records += 1
+        yield text
     if records == 0:
         raise ValueError(f"{path}: empty file (no JSON records)")
 

@@ -209,10 +209,6 @@ class MetricsLog:
 
 # ----------------------------------------------------------------------------------------------
 # one training stage
-def _state_shardings(state, mesh):
-    return jax.tree_util.tree_map(lambda x: x.sharding, state)
-
-
 def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec: LossSpec, lora: LoraSpec,
                 loader, steps: int, grad_accum: int, opt_kw: dict, mesh, seq_len: int):
     """Runs (or resumes) one stage; returns the trained `trainable` tree."""
@@ -220,6 +216,8 @@ def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec:
     rng = jax.random.PRNGKey(config.seed)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                        opt_state=jax.jit(optimizer.init)(trainable), rng=rng)
+    # Sharded leaves (trainable, Adam moments) keep their sharding; scalars and leaves that landed on
+    # one device (step, rng, Adam count) are replicated over the mesh, so the step's shardings are fixed.
     state = jax.device_put(state, jax.tree_util.tree_map(
         lambda x: x.sharding if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
         else sharding_lib.replicated(mesh), state))
@@ -234,7 +232,7 @@ def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec:
         restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         state = TrainState(**restored)
         print(f"[{name}] resumed from step {start} ({ckpt_dir})")
-    shardings = _state_shardings(state, mesh)
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
     step_fn = jax.jit(trainer.make_train_step(teacher, student, spec, lora, optimizer, schedule),
                       donate_argnums=(0,), out_shardings=(shardings, None))
     log = MetricsLog(config.workdir, name)
@@ -354,8 +352,6 @@ def run_restoration(config) -> dict:
 def evaluate_run(config, tokenizer, teacher, student, frozen, student_params) -> dict:
     """Teacher, scaled (untrained) and restored student side by side -> <workdir>/report.*"""
     from lard_jax import eval_runner
-    if not config.eval.source:
-        raise ConfigError("config.eval.enabled needs config.eval.source (held-out documents)")
     docs = eval_runner.heldout_token_docs(config.eval.source, tokenizer, config.data.text_field)
     spec = eval_runner.eval_spec_from_config(config.eval, config.data.seq_len)
     models = {"teacher": (teacher, frozen), "scaled": (student, frozen), "restored": (student, student_params)}
@@ -409,7 +405,7 @@ def check_resumable(config) -> None:
 
 def _init_trainable(frozen, mask, lora, config, mesh):
     trainable_dtype = dtype_of(config.model.trainable_dtype)
-    selected_shardings = trainer.select(sharding_lib.param_shardings(frozen, mesh), mask)
+    selected_shardings = trainer.select(jax.tree_util.tree_map(lambda x: x.sharding, frozen), mask)
     fn = lambda f: jax.tree_util.tree_map(  # noqa: E731
         lambda x: x.astype(trainable_dtype), trainer.init_trainable(f, mask, lora, jax.random.PRNGKey(config.seed)))
     out_shardings = selected_shardings if not lora.enabled else None

@@ -1,27 +1,21 @@
 """The evaluation entry point on a tiny random model: every column and file of the report."""
 import json
 
-import jax
 import numpy as np
 import pytest
 
 from configs import eval as eval_config
 from experiments import evaluate
-from lard_jax import eval_runner, hf
-from lard_jax.model import LlamaConfig, init_params
+from lard_jax import eval_runner
 from lard_jax.pipeline import ConfigError
 from lard_jax.tokenizer import ByteTokenizer
+from tests.tiny import save_tiny_teacher
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model, params = init_params(cfg, jax.random.PRNGKey(21))
-    params = jax.tree_util.tree_map(lambda x: x * 8.0 if x.ndim == 2 else x, params)  # RoPE must matter
-    hf.save_pretrained(str(d), model, params)
-    ByteTokenizer().save_pretrained(str(d))
+    save_tiny_teacher(d, seed=21, max_position_embeddings=64)
     rng = np.random.default_rng(22)
     words = "north south east west wind rain snow sun moon star".split()
     with open(d / "heldout.jsonl", "w") as f:

@@ -132,6 +132,20 @@ def case_kwargs(rng, B, T, opts):
   return kw
 
 
+def assert_matches_reference(kl, grads, ref, ref_grads, kw):
+  """f32 tolerances of the contract; padded rows exactly zero, padded keys no gradient."""
+  (d_sl, d_sr), (r_sl, r_sr) = grads, ref_grads
+  assert kl.dtype == jnp.float32
+  assert rel_err(kl, ref) <= 1e-5
+  assert rel_err(d_sl, r_sl) <= 1e-4
+  assert rel_err(d_sr, r_sr) <= 1e-4
+  if "mask" in kw:
+    pad = ~np.asarray(kw["mask"])
+    assert np.all(np.asarray(kl)[np.broadcast_to(pad[:, None], kl.shape)] == 0)
+    assert np.all(np.asarray(d_sr)[pad] == 0)
+    assert np.all(np.asarray(d_sl)[pad] == 0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(rng, impl, case):
@@ -140,15 +154,8 @@ def test_matches_float64_reference(rng, impl, case):
   kw = case_kwargs(rng, B, T, opts)
   kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w, **kw)
   ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
-  assert kl.shape == (B, H, T) and kl.dtype == jnp.float32
-  assert rel_err(kl, ref) <= 1e-5
-  assert rel_err(d_sl, r_sl) <= 1e-4
-  assert rel_err(d_sr, r_sr) <= 1e-4
-  if "mask" in kw:  # padded rows are exactly zero, padded keys get no gradient
-    pad = ~np.asarray(kw["mask"])
-    assert np.all(np.asarray(kl)[np.broadcast_to(pad[:, None], kl.shape)] == 0)
-    assert np.all(np.asarray(d_sr)[pad] == 0)
-    assert np.all(np.asarray(d_sl)[pad] == 0)
+  assert kl.shape == (B, H, T)
+  assert_matches_reference(kl, (d_sl, d_sr), ref, (r_sl, r_sr), kw)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -10,8 +10,8 @@ import pytest
 
 from configs import base
 from lard_jax import hf, losses, pipeline, safetensors_io, trainer
-from lard_jax.model import LlamaConfig, LlamaForCausalLM, init_params, relation_inputs
-from lard_jax.tokenizer import ByteTokenizer
+from lard_jax.model import LlamaForCausalLM, relation_inputs
+from tests.tiny import save_tiny_teacher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,13 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def assets(tmp_path_factory):
     """A tiny random teacher checkpoint and a folder of text documents."""
     d = tmp_path_factory.mktemp("assets")
-    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
-    model, params = init_params(cfg, jax.random.PRNGKey(11))
-    # larger-than-init weights so the relation maps are far from uniform and scaling matters
-    params = jax.tree_util.tree_map(lambda x: x * 8.0 if x.ndim == 2 else x, params)
-    hf.save_pretrained(str(d / "teacher"), model, params)
-    ByteTokenizer().save_pretrained(str(d / "teacher"))
+    save_tiny_teacher(d / "teacher", seed=11, max_position_embeddings=16)
     rng = np.random.default_rng(12)
     words = "alpha beta gamma delta river stone light shadow under over".split()
     (d / "data").mkdir()

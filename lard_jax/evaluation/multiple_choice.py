@@ -25,7 +25,6 @@ log-likelihood of the continuation tokens given the context. Conventions copied 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -34,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from lard_jax.data import jsonl_records
 from lard_jax.evaluation.perplexity import LogitsFn, token_log_probs
 
 __all__ = ["Example", "TASK_READERS", "read_task", "loglikelihoods", "score_examples", "score_task"]
@@ -177,17 +177,7 @@ def read_task(task_name: str, path: str | os.PathLike, *, limit: int | None = No
 def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: invalid JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object")
-            yield line_number, record
+    return jsonl_records(path)
 
 
 # ----------------------------------------------------------------------------- scoring
