@@ -3,7 +3,9 @@
     python -m experiments.table1_mini --data .corpus/train.jsonl --heldout builtin:heldout --out docs/
 
 Rows: teacher; scaled student untrained (linear PI x4); CPT with LinearARD's token budget; CPT with
-60x that budget (the paper: 256M vs 4.25M tokens); LongReD with 60x; LinearARD; LinearARD + CPT.
+60x that budget (the paper: 256M vs 4.25M tokens); a simplified LongReD ("longred_simplified": short-text
+hidden-state cosine + short-to-long logit distillation; no long-text LM term, not the LongReD paper's
+recipe) with 60x; LinearARD; LinearARD + CPT.
 All students train the same parameters (q, k, v projections) in the same trainer. Columns:
 held-out perplexity at the native length, held-out cloze accuracy (4 choices), passkey and NIAH
 at 4x and 8x the native length, training tokens. Writes table1_mini.json and table1_mini.md.
@@ -29,7 +31,7 @@ def _runs(native: int, factor: float, budget_steps: int, batch: int):
     return {
         "cpt_1x": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1)),
         "cpt_60x": dict(method="cpt", seq_len=long_len, steps=cpt_steps(60)),
-        "longred_60x": dict(method="longred", seq_len=native, steps=60 * budget_steps),
+        "longred_simplified_60x": dict(method="longred_simplified", seq_len=native, steps=60 * budget_steps),
         "linearard": dict(method="linearard", seq_len=native, steps=budget_steps),
         "linearard_cpt": dict(method="linearard", seq_len=native, steps=budget_steps,
                               stage2_steps=cpt_steps(1), stage2_len=long_len),

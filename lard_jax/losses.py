@@ -6,12 +6,20 @@ LinearARD (paper sec. 3): for each aligned layer l and relation r in {Q, K, V},
             / (valid tokens x heads)
 
 with q, k taken after RoPE (teacher: native RoPE, student: scaled), causal. The attention loss is
-the mean over layers of sum_r L_r^l. The per-row KL comes from `pallas_kernels.self_relation_kl`,
-which never builds the T x T relation maps.
+the mean over layers of sum_r L_r^l.
+
+"heads" in the denominator (`normalize`):
+  "query_heads" (default, the authors' train.py): the number of QUERY heads for Q, K and V alike.
+      Under GQA K and V have only the KV heads, so their terms weigh H_kv / H_q as much per head
+      as Q's; this is what the published code optimises.
+  "per_relation_heads": each relation's own head count (H_q for Q, H_kv for K and V), so each
+      relation is a per-head mean. Identical to "query_heads" for MHA models (Llama-2-7B).
+
+The per-row KL comes from `pallas_kernels.self_relation_kl`, which never builds the T x T relation maps.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +27,7 @@ import jax.numpy as jnp
 import pallas_kernels
 
 RELATIONS = ("q", "k", "v")
+NORMALIZATIONS = ("query_heads", "per_relation_heads")
 
 
 def _valid(mask, shape):
@@ -27,13 +36,20 @@ def _valid(mask, shape):
 
 def relation_loss(student_layers: Sequence[dict], teacher_layers: Sequence[dict], *, mask=None, segment_ids=None,
                   relations: Sequence[str] = RELATIONS, layers: Sequence[int] | None = None,
-                  impl: str = "auto", block_sizes=None):
-    """(loss, {"q": ..., "k": ..., "v": ...}) averaged as the paper does; parts are layer means."""
+                  impl: str = "auto", block_sizes=None, normalize: str = "query_heads",
+                  num_query_heads: int | None = None):
+    """(loss, {"q": ..., "k": ..., "v": ...}); parts are layer means of each relation's summed row KL
+    over (valid tokens x heads), heads as `normalize` says (module docstring). `num_query_heads`
+    defaults to the head count of the layers' "q" tensors ([B, T, H, D])."""
     if len(student_layers) != len(teacher_layers):
         raise ValueError(f"student has {len(student_layers)} layers, teacher {len(teacher_layers)}")
     bad = [r for r in relations if r not in RELATIONS]
     if bad:
         raise ValueError(f"unknown relation(s) {bad}; expected a subset of {RELATIONS}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalize {normalize!r}; expected one of {NORMALIZATIONS}")
+    if num_query_heads is None:
+        num_query_heads = student_layers[0]["q"].shape[2]
     layers = list(range(len(student_layers))) if layers is None else list(layers)
     if not layers:
         raise ValueError("no layers selected for the relation loss")
@@ -47,7 +63,8 @@ def relation_loss(student_layers: Sequence[dict], teacher_layers: Sequence[dict]
             s, te = student_layers[l][r], jax.lax.stop_gradient(teacher_layers[l][r])
             kl = pallas_kernels.self_relation_kl(s, te, mask=mask, segment_ids=segment_ids, causal=True,
                                                  impl=impl, block_sizes=block_sizes)
-            per_layer.append(kl.sum() / (n_valid * kl.shape[1]))
+            heads = num_query_heads if normalize == "query_heads" else kl.shape[1]  # kl: [B, H_r, T]
+            per_layer.append(kl.sum() / (n_valid * heads))
         parts[r] = jnp.mean(jnp.stack(per_layer))
     return sum(parts.values()), parts
 
@@ -83,7 +100,7 @@ def logit_kd_loss(student_logits, teacher_logits, mask=None, temperature: float 
 
 
 def hidden_cosine_loss(student_hidden: Sequence, teacher_hidden: Sequence, mask=None):
-    """LongReD's hidden-state distillation: mean over layers and valid tokens of 1 - cos(h_s, h_t)."""
+    """longred_simplified's hidden-state distillation: mean over layers and valid tokens of 1 - cos(h_s, h_t)."""
     losses = []
     for hs, ht in zip(student_hidden, teacher_hidden):
         hs32, ht32 = hs.astype(jnp.float32), jax.lax.stop_gradient(ht).astype(jnp.float32)

@@ -1,113 +1,80 @@
 """The restoration step: frozen native teacher, scaled student, masked update of the attention projections.
 
-Parameters live in two trees:
+Parameters live in two trees (lard_jax.trainable, re-exported here):
   frozen_params    the checkpoint's weights, shared by teacher and student (one copy on device);
   trainable        only the student's trainable attention projections (or their LoRA factors).
-The student's full tree is `merge_student(frozen_params, trainable)` inside the jitted step, so the
-frozen weights are never duplicated and never enter the optimizer: they carry no optimizer state
+The student's tree is `student_params(frozen_params, trainable, lora)` inside the jitted step, so
+the frozen weights are never duplicated and never enter the optimizer: they carry no optimizer state
 and stay bitwise unchanged. `trainable_mask` is the optax-style boolean mask that selects them.
+
+Optimizer and schedule follow the authors' train.py (github.com/gracefulning/LinearARD, 23866f6):
+torch.optim.AdamW defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on every trainable
+tensor), global-norm clipping, lr = base * step / warmup for step < warmup (0 at step 0), then
+cosine from base to min_lr_ratio * base at the last step.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lard_jax import losses
 from lard_jax.model import LlamaForCausalLM, collect_hidden, collect_qkv
+from lard_jax.trainable import (  # noqa: F401  (re-exported: existing imports use trainer.X)
+    PROJECTION_SETS,
+    LoraSpec,
+    init_trainable,
+    merge_student,
+    select,
+    student_params,
+    trainable_mask,
+)
 
-PROJECTION_SETS = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj")}
-METHODS = ("linearard", "cpt", "logit_kd", "longred")
-
-
-# ----------------------------------------------------------------------------------------------
-# which parameters train
-def trainable_mask(params, projections: Sequence[str] = PROJECTION_SETS["qkv"]):
-    """Boolean tree: True for the kernels and biases of the given attention projections."""
-    def is_trainable(path, _):
-        names = [getattr(p, "key", str(p)) for p in path]
-        return len(names) >= 3 and names[-3] == "self_attn" and names[-2] in projections
-    return jax.tree_util.tree_map_with_path(is_trainable, params)
-
-
-def select(params, mask):
-    """The sub-tree of `params` where `mask` is True (a sparse nested dict)."""
-    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
-    flat_mask = flax.traverse_util.flatten_dict(flax.core.unfreeze(mask))
-    return flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if flat_mask[k]})
+METHODS = ("linearard", "cpt", "logit_kd", "longred_simplified")
+RENAMED_METHODS = {"longred": "longred_simplified"}
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraSpec:
-    rank: int = 0
-    alpha: float = 16.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-
-def init_trainable(frozen_params, mask, lora: LoraSpec, rng):
-    """Student's trainable tree: copies of the selected weights, or LoRA factors (B = 0, so the
-    student starts exactly at the scaled-but-unrestored model)."""
-    selected = select(frozen_params, mask)
-    if not lora.enabled:
-        return jax.tree_util.tree_map(jnp.copy, selected)
-    flat = flax.traverse_util.flatten_dict(selected)
-    out = {}
-    for i, (path, w) in enumerate(sorted(flat.items())):
-        if path[-1] != "kernel":
-            continue  # LoRA adapts the matrices; biases stay frozen
-        a = jax.random.normal(jax.random.fold_in(rng, i), (w.shape[0], lora.rank), jnp.float32) / np.sqrt(w.shape[0])
-        out[path[:-1] + ("lora_a",)] = a.astype(w.dtype)
-        out[path[:-1] + ("lora_b",)] = jnp.zeros((lora.rank, w.shape[1]), w.dtype)
-    return flax.traverse_util.unflatten_dict(out)
-
-
-def merge_student(frozen_params, trainable, lora: LoraSpec):
-    """The student's full parameter tree (frozen leaves are the same arrays as the teacher's)."""
-    flat = dict(flax.traverse_util.flatten_dict(flax.core.unfreeze(frozen_params)))
-    tflat = flax.traverse_util.flatten_dict(trainable)
-    if not lora.enabled:
-        flat.update(tflat)
-    else:
-        scale = lora.alpha / lora.rank
-        for path, a in tflat.items():
-            if path[-1] != "lora_a":
-                continue
-            base = path[:-1]
-            b = tflat[base + ("lora_b",)]
-            w = flat[base + ("kernel",)]
-            flat[base + ("kernel",)] = w + (scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))).astype(w.dtype)
-    return flax.traverse_util.unflatten_dict(flat)
+def check_method(method: str) -> None:
+    if method in RENAMED_METHODS:
+        raise ValueError(
+            f"method {method!r} was renamed to {RENAMED_METHODS[method]!r}: it is a simplified LongReD "
+            "(short-text hidden-state cosine + short-to-long logit distillation with skipped position ids; "
+            "no long-text LM term, CREAM positions or layer selection of the LongReD paper), not LongReD itself")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
 # ----------------------------------------------------------------------------------------------
 # optimizer
 def lr_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float):
-    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step (paper recipe)."""
-    warmup_steps = max(int(warmup_steps), 0)
-    decay = max(int(total_steps) - warmup_steps, 1)
-    return optax.join_schedules(
-        [optax.linear_schedule(lr / max(warmup_steps, 1), lr, max(warmup_steps, 1)),
-         optax.cosine_decay_schedule(lr, decay, alpha=min_lr_ratio)],
-        [max(warmup_steps, 1)])
+    """The authors' schedule (train.py): lr * step / warmup for step < warmup (0 at step 0), then
+    lr * (m + (1 - m) * 0.5 * (1 + cos(pi * min(1, (step - warmup) / max(1, total - warmup)))))."""
+    warmup = max(int(warmup_steps), 0)
+    span = max(1, int(total_steps) - warmup)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = lr * step / max(warmup, 1)
+        progress = jnp.clip((step - warmup) / span, 0.0, 1.0)
+        decayed = lr * (min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+        return jnp.where(step < warmup, warm, decayed)
+
+    return schedule
 
 
-def make_optimizer(*, lr, warmup_steps, total_steps, min_lr_ratio=0.9, clip=5.0, weight_decay=0.0,
-                   b1=0.9, b2=0.95, eps=1e-8):
-    """AdamW with global-norm clipping; weight decay masked to matrices (kernels, LoRA factors)."""
+def make_optimizer(*, lr, warmup_steps, total_steps, min_lr_ratio=0.9, clip=5.0, weight_decay=0.01,
+                   b1=0.9, b2=0.999, eps=1e-8):
+    """Global-norm clipping, then AdamW with torch.optim.AdamW's defaults. Weight decay is decoupled
+    (p -= lr * wd * p) and applies to every trainable tensor, as torch does for all the parameters it
+    is given (the authors pass all trainable ones: LoRA factors, or full q/k/v weights and biases)."""
     schedule = lr_schedule(lr, warmup_steps, total_steps, min_lr_ratio)
-    decay_mask = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, _: getattr(path[-1], "key", "") != "bias", tree)
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay),
     ), schedule
 
 
@@ -130,18 +97,20 @@ class LossSpec:
     lambda_logit: float = 0.0
     temperature: float = 1.0
     kernel_impl: str = "auto"
-    hidden_layers: tuple | None = None  # LongReD: which layers' hidden states (None = all)
+    normalize: str = "query_heads"  # losses.NORMALIZATIONS: "query_heads" (authors) | "per_relation_heads"
+    hidden_layers: tuple | None = None  # longred_simplified: which layers' hidden states (None = all)
     lambda_hidden: float = 1.0
     lambda_short_to_long: float = 1.0
-    long_factor: float = 8.0  # LongReD: span of the skipped position ids, in multiples of T
+    long_factor: float = 8.0  # longred_simplified: span of the skipped position ids, in multiples of T
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        check_method(self.method)
+        if self.normalize not in losses.NORMALIZATIONS:
+            raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {losses.NORMALIZATIONS}")
 
 
 def skipped_positions(rng, batch: int, seq_len: int, span: int):
-    """LongReD's short-to-long positions: a sorted random subset of [0, span) of size seq_len
+    """longred_simplified's short-to-long positions: a sorted random subset of [0, span) of size seq_len
     that always starts at 0 (the model sees long-range position gaps on short text)."""
     def one(key):
         rest = jax.random.choice(key, jnp.arange(1, span), (seq_len - 1,), replace=False)
@@ -150,40 +119,49 @@ def skipped_positions(rng, batch: int, seq_len: int, span: int):
 
 
 def make_loss_fn(teacher: LlamaForCausalLM, student: LlamaForCausalLM, spec: LossSpec, lora: LoraSpec):
+    """loss_fn(trainable, frozen, batch, rng) -> (loss, metrics). With LoRA dropout the student runs
+    the unmerged LoRA path and draws its dropout masks from `rng`."""
+    dropout = lora.enabled and not lora.merged
+    if dropout:
+        student = type(student)(student.config.replace(lora_dropout=lora.dropout))
+
     def apply(model, params, batch, **kw):
         out, state = model.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),
                                  attention_mask=batch.get("mask"), mutable=["intermediates"], **kw)
         return out, state["intermediates"]
 
     def loss_fn(trainable, frozen, batch, rng):
-        student_params = merge_student(frozen, trainable, lora)
+        s_params = student_params(frozen, trainable, lora)
+        drop = {"rngs": {"dropout": jax.random.fold_in(rng, 0x10)}} if dropout else {}
         mask, seg = batch.get("mask"), batch.get("segment_ids")
         metrics = {}
         if spec.method == "cpt":
-            s_logits, _ = apply(student, student_params, batch)
+            s_logits, _ = apply(student, s_params, batch, **drop)
             loss = losses.lm_loss(s_logits, batch["input_ids"], mask, seg)
             return loss, {"lm": loss}
         t_logits, t_inter = apply(teacher, jax.lax.stop_gradient(frozen), batch)
-        s_logits, s_inter = apply(student, student_params, batch)
+        s_logits, s_inter = apply(student, s_params, batch, **drop)
         loss = 0.0
         if spec.method == "linearard":
             attn, parts = losses.relation_loss(collect_qkv(s_inter), collect_qkv(t_inter), mask=mask,
                                                segment_ids=seg, relations=spec.relations, layers=spec.layers,
-                                               impl=spec.kernel_impl)
+                                               impl=spec.kernel_impl, normalize=spec.normalize,
+                                               num_query_heads=student.config.num_attention_heads)
             loss = spec.lambda_attn * attn
             metrics.update({f"relation_{r}": v for r, v in parts.items()}, relation=attn)
         if spec.method == "logit_kd" or (spec.method == "linearard" and spec.lambda_logit):
             kd = losses.logit_kd_loss(s_logits, t_logits, mask, spec.temperature)
             metrics["logit_kd"] = kd
             loss = loss + (spec.lambda_logit if spec.method == "linearard" else 1.0) * kd
-        if spec.method == "longred":
+        if spec.method == "longred_simplified":
             s_hidden, t_hidden = collect_hidden(s_inter), collect_hidden(t_inter)
             idx = range(len(s_hidden)) if spec.hidden_layers is None else spec.hidden_layers
             hid = losses.hidden_cosine_loss([s_hidden[i] for i in idx], [t_hidden[i] for i in idx], mask)
             b, t = batch["input_ids"].shape
             pos = skipped_positions(rng, b, t, int(spec.long_factor * t))
-            s_long, _ = apply(student, student_params, {k: v for k, v in batch.items() if k != "segment_ids"},
-                              positions=pos)
+            long_drop = {"rngs": {"dropout": jax.random.fold_in(rng, 0x11)}} if dropout else {}
+            s_long, _ = apply(student, s_params, {k: v for k, v in batch.items() if k != "segment_ids"},
+                              positions=pos, **long_drop)
             s2l = losses.logit_kd_loss(s_long, t_logits, mask, 1.0)
             metrics.update(hidden=hid, short_to_long=s2l)
             loss = spec.lambda_hidden * hid + spec.lambda_short_to_long * s2l
