@@ -159,23 +159,29 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
         axis.legend()
         save(figure, name)
 
+    def heatmap(grid: dict, title: str, name: str) -> None:
+        lengths, depths, values = _grid_values(grid)
+        figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.5 * len(depths)))
+        image = axis.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        axis.set_xticks(range(len(lengths)), [str(int(float(l))) for l in lengths])
+        axis.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+        for (row, col), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+        axis.set_xlabel("context length (tokens)")
+        axis.set_ylabel("needle depth")
+        axis.set_title(title)
+        figure.colorbar(image, ax=axis, label="score")
+        save(figure, name)
+
     for model, metrics in models.items():
         for task, result in (metrics.get("synthetic") or {}).items():
             grid = result.get("by_length_depth") or {}
-            if not grid:
-                continue
-            lengths = _sorted_numeric(grid)
-            depths = _sorted_numeric({d for per in grid.values() for d in per})
-            values = np.array([[_nan_if_none(grid[l].get(d)) for l in lengths] for d in depths], float)
-            figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.5 * len(depths)))
-            image = axis.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
-            axis.set_xticks(range(len(lengths)), [str(int(float(l))) for l in lengths])
-            axis.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
-            axis.set_xlabel("context length (tokens)")
-            axis.set_ylabel("needle depth")
-            axis.set_title(f"{task}: {model}")
-            figure.colorbar(image, ax=axis, label="score")
-            save(figure, f"heatmap_{_safe_name(task)}_{_safe_name(model)}.png")
+            if grid:
+                heatmap(grid, f"{task}: {model}", f"heatmap_{_safe_name(task)}_{_safe_name(model)}.png")
+        combined = _mean_depth_grid(metrics)
+        if combined:  # one depth x length map per model: the mean over its needle tasks
+            heatmap(combined, f"needle tasks (mean): {model}", f"heatmap_depth_length_{_safe_name(model)}.png")
 
     from matplotlib.ticker import MaxNLocator
 
@@ -202,6 +208,24 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
         figure.suptitle(f"relation distortion vs teacher: {model}", y=1.03)
         save(figure, f"distortion_{_safe_name(model)}.png")
     return written
+
+
+def _grid_values(grid: dict) -> tuple[list[str], list[str], np.ndarray]:
+    """{length: {depth: score}} -> (lengths, depths, values[depth, length]) with NaN for holes."""
+    lengths = _sorted_numeric(grid)
+    depths = _sorted_numeric({d for per in grid.values() for d in per})
+    return lengths, depths, np.array([[_nan_if_none(grid[l].get(d)) for l in lengths] for d in depths], float)
+
+
+def _mean_depth_grid(metrics: dict) -> dict:
+    """Mean over a model's depth-bearing synthetic tasks, cell by cell ({} when it has none)."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    for result in (metrics.get("synthetic") or {}).values():
+        for length, per in (result.get("by_length_depth") or {}).items():
+            for depth, value in per.items():
+                if value is not None:
+                    cells.setdefault(str(length), {}).setdefault(str(depth), []).append(float(value))
+    return {l: {d: float(np.mean(v)) for d, v in per.items()} for l, per in cells.items()}
 
 
 def _nan_if_none(value: Any) -> float:
@@ -264,6 +288,18 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         rows.extend((f"{task} @ {l}", [r.get("by_length", {}).get(l) for r in per_model], True) for l in lengths)
     heatmaps = [name for name in plots if name.startswith("heatmap_")]  # in model order
     section("Synthetic long-context tasks (%)", "task", rows, heatmaps)
+    for model, metrics in models_metrics.items():
+        combined = _mean_depth_grid(metrics)
+        if not combined:
+            continue
+        lengths, depths, values = _grid_values(combined)
+        lines.extend([f"### Needle depth x length, {model} (mean over needle tasks, %)", "",
+                      "| depth | " + " | ".join(str(int(float(l))) for l in lengths) + " |",
+                      "|---" * (len(lengths) + 1) + "|"])
+        for depth, row in zip(depths, values):
+            lines.append(f"| {float(depth):.0%} | " + " | ".join("n/a" if np.isnan(v) else f"{100 * v:.0f}" for v in row)
+                         + " |")
+        lines.append("")
 
     distortion = report.get("distortion") or {}
     if distortion:

@@ -14,7 +14,8 @@ Prompts follow the published generators so scores are comparable in spirit:
 Differences from RULER, on purpose: the haystack is the repeated noise text or sentences the
 caller passes as `filler` (RULER's essay haystack is Paul Graham essays we do not ship); for
 NIAH the first answer needle sits at `depth` and the other needles at random depths (RULER
-draws all depths at random); cwe uses pronounceable pseudo-words instead of the wonderwords list.
+draws all depths at random); niah_multikey_2 / _3 build the haystack from distractor needles
+of the same type (RULER's "needle" haystack), so there `filler` is unused; cwe uses pronounceable pseudo-words instead of the wonderwords list.
 
 `length` counts the prompt (with bos) plus the tokens the task is allowed to generate, as in
 RULER's `max_seq_length`. Each generator returns a dict with `prompt_ids`, `answers`,
@@ -36,6 +37,8 @@ __all__ = [
     "make_passkey",
     "make_niah_single",
     "make_niah_multikey",
+    "make_niah_multikey_2",
+    "make_niah_multikey_3",
     "make_niah_multivalue",
     "make_niah_multiquery",
     "make_variable_tracking",
@@ -43,7 +46,14 @@ __all__ = [
     "make_frequent_words",
     "score_prediction",
     "evaluate_synthetic",
+    "depth_length_grid",
+    "RULER_LENGTHS",
+    "STANDARD_DEPTHS",
 ]
+
+# RULER's evaluation lengths and the usual needle-in-a-haystack depth grid (0%, 10%, ..., 100%).
+RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
+STANDARD_DEPTHS = tuple(round(0.1 * i, 1) for i in range(11))
 
 NOISE_HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 
@@ -236,10 +246,12 @@ def _make_niah(
     num_queries: int = 1,
     key_type: str = "words",
     value_type: str = "numbers",
+    haystack: str = "filler",
     add_bos: bool = True,
 ) -> dict:
     num_keys = max(num_keys, num_queries)  # as RULER: every query needs its own key
     keys = _distinct(num_keys, lambda: _random_value(rng, key_type))
+    distractors = _DistractorNeedles(rng, keys, key_type, value_type) if haystack == "needles" else None
     values = [_distinct(num_values, lambda: _random_value(rng, value_type)) for _ in keys]
     queried = sorted(rng.choice(num_keys, size=num_queries, replace=False).tolist())
     needles, is_answer = [], []
@@ -260,8 +272,10 @@ def _make_niah(
     query = ", ".join(query_keys[:-1]) + ", and " + query_keys[-1] if len(query_keys) > 1 else query_keys[0]
 
     def render(n: int) -> str:
-        units = _filler_units(filler, n)
-        context = _joiner(filler).join(_insert_at(units, needles, fractions))
+        if distractors is not None:  # RULER haystack "needle": nothing but other needles of the same type
+            context = "\n".join(_insert_at(distractors.first(n), needles, fractions))
+        else:
+            context = _joiner(filler).join(_insert_at(_filler_units(filler, n), needles, fractions))
         return template.format(type_needle_v=type_needle_v, context=context, query=query)
 
     _, prompt_ids = _fit(render, tokenizer, length - _NIAH_NEW_TOKENS, add_bos, task)
@@ -277,6 +291,41 @@ def make_niah_single(rng, tokenizer, length, depth=0.5, filler=None, *, value_ty
 def make_niah_multikey(rng, tokenizer, length, depth=0.5, filler=None, *, num_keys=4, add_bos=True) -> dict:
     """RULER niah_multikey_1: four needles with different keys, one of them asked for."""
     return _make_niah("niah_multikey", rng, tokenizer, length, depth, filler, num_keys=num_keys, add_bos=add_bos)
+
+
+def make_niah_multikey_2(rng, tokenizer, length, depth=0.5, filler=None, *, add_bos=True) -> dict:
+    """RULER niah_multikey_2: the haystack is made only of distractor needles (word keys, number
+    values, the same sentence), the asked-for needle at `depth`. `filler` is unused."""
+    del filler
+    return _make_niah("niah_multikey_2", rng, tokenizer, length, depth, None, haystack="needles", add_bos=add_bos)
+
+
+def make_niah_multikey_3(rng, tokenizer, length, depth=0.5, filler=None, *, add_bos=True) -> dict:
+    """RULER niah_multikey_3: like multikey_2 with UUID keys and UUID values. `filler` is unused."""
+    del filler
+    return _make_niah("niah_multikey_3", rng, tokenizer, length, depth, None, key_type="uuids", value_type="uuids",
+                      haystack="needles", add_bos=add_bos)
+
+
+class _DistractorNeedles:
+    """An endless, deterministic list of needles whose keys differ from the real ones: the first
+    n are the same whatever n the prompt fitting tries."""
+
+    def __init__(self, rng, real_keys, key_type, value_type):
+        self._rng = np.random.default_rng(_example_seed(rng))
+        self._real = set(real_keys)
+        self._types = (key_type, value_type)
+        self._made: list[str] = []
+
+    def first(self, n: int) -> list[str]:
+        key_type, value_type = self._types
+        while len(self._made) < n:
+            key = _random_value(self._rng, key_type)
+            if key in self._real:
+                continue
+            value = _random_value(self._rng, value_type)
+            self._made.append(_NIAH_NEEDLE.format(type_needle_v=value_type, key=key, value=value))
+        return self._made[:n]
 
 
 def make_niah_multivalue(rng, tokenizer, length, depth=0.5, filler=None, *, num_values=4, add_bos=True) -> dict:
@@ -412,6 +461,8 @@ TASKS: dict[str, Callable[..., dict]] = {
     "passkey": make_passkey,
     "niah_single": make_niah_single,
     "niah_multikey": make_niah_multikey,
+    "niah_multikey_2": make_niah_multikey_2,
+    "niah_multikey_3": make_niah_multikey_3,
     "niah_multivalue": make_niah_multivalue,
     "niah_multiquery": make_niah_multiquery,
     "variable_tracking": make_variable_tracking,
@@ -478,3 +529,21 @@ def evaluate_synthetic(
         "by_length": by_length,
         "by_length_depth": by_length_depth,
     }
+
+
+def depth_length_grid(
+    generate_fn: Callable[[list[int], int], list[int]],
+    tokenizer: Any,
+    tasks: Sequence[str] = ("niah_single", "niah_multikey", "niah_multikey_2", "niah_multikey_3"),
+    lengths: Sequence[int] = RULER_LENGTHS,
+    depths: Sequence[float] = STANDARD_DEPTHS,
+    n: int = 1,
+    seed: int = 0,
+    *,
+    filler: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """The standard NIAH sweep: every task at every (length, depth), `n` examples per cell.
+    {task: evaluate_synthetic's result}; "by_length_depth" is what report.py draws as a heatmap."""
+    return {task: evaluate_synthetic(generate_fn, tokenizer, task, lengths, depths, n, seed, filler=filler,
+                                     progress=progress) for task in tasks}

@@ -1,0 +1,275 @@
+"""Causal self-attention for the Llama model, in several implementations of the same function.
+
+`attention(q, k, v, mask=..., impl=...)` with q [B, T, H, D] and k, v [B, S, KV, D] (GQA: head h
+reads kv head h // (H // KV)) returns [B, T, H, D] in q's dtype. `mask` is None (plain causal), a
+`MaskInfo(segment_ids, attention_mask)` (packed rows and/or key padding) or, for backward
+compatibility, a dense boolean [B, 1, T, S] matrix. With a MaskInfo every implementation keeps the
+diagonal, as `model.attention_mask_matrix` does, so padded query rows stay finite.
+
+Implementations (`LlamaConfig.attention_impl`):
+
+* ``xla``       -- dense: `jax.nn.dot_product_attention` with an explicit [T, T] mask (O(T^2) memory).
+* ``cudnn``     -- cuDNN flash attention through `jax.nn.dot_product_attention(implementation=
+  "cudnn")` (GPU, fp16/bf16). Segment ids / padding go in as a dense mask (cuDNN's own limit).
+* ``blockwise`` -- chunked online-softmax attention in plain XLA (`blockwise_attention`): a
+  `lax.map` over query blocks, a `lax.scan` over key blocks, key blocks above the diagonal skipped
+  by `lax.cond`. Memory is linear in T (no [T, T] buffer; see tests/test_attention.py), GQA reads
+  the shared K/V block once per group, any T (padded to the block). Its gradient recomputes each
+  query block's forward (`jax.checkpoint`), so the backward is linear in T too.
+* ``pallas_tpu`` -- `jax.experimental.pallas.ops.tpu.flash_attention` (Mosaic TPU kernel): causal
+  and segment ids; padding goes in as segment ids, GQA by repeating K/V heads (the kernel has no
+  GQA), T padded to a multiple of 128.
+* ``auto``      -- cuDNN on GPU when it supports the call (no mask info, fp16/bf16, head_dim <= 128
+  and a multiple of 8), Pallas flash attention on TPU, blockwise everywhere else.
+
+`decode_attention` is the KV-cache step (a few new queries against a cache plus themselves).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "xla", "cudnn", "blockwise", "pallas_tpu")
+_NEG = -1e30  # finite "minus infinity": masked scores, initial running max
+
+
+class MaskInfo(NamedTuple):
+    """What the dense mask is built from, without building it: per-token segment ids [B, T]
+    (attend within a segment only) and a key-validity mask [B, T] (1 = real token)."""
+
+    segment_ids: jax.Array | None = None
+    attention_mask: jax.Array | None = None
+
+
+def dense_mask(segment_ids, attention_mask, seq_len):
+    """Boolean [B|1, 1, T, T]: causal, same segment, real key; the diagonal always kept."""
+    idx = jnp.arange(seq_len)
+    allowed = (idx[None, :] <= idx[:, None])[None, None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, :].astype(bool)
+    return allowed | jnp.eye(seq_len, dtype=bool)[None, None]
+
+
+def resolve_impl(impl: str, *, dtype=None, head_dim: int | None = None, has_mask: bool = False) -> str:
+    """The concrete implementation `impl` stands for on the default backend."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "gpu" and not has_mask and dtype is not None and jnp.dtype(dtype) in (
+            jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim is not None and head_dim <= 128 \
+            and head_dim % 8 == 0:
+        return "cudnn"
+    if backend == "tpu":
+        return "pallas_tpu"
+    return "blockwise"
+
+
+def attention(q, k, v, *, mask=None, impl: str = "xla", scale: float | None = None,
+              block_q: int = 512, block_k: int = 512):
+    """Causal attention q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D]; see the module doc."""
+    b, t, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    info = mask if isinstance(mask, MaskInfo) else None
+    if info is not None and info.segment_ids is None and info.attention_mask is None:
+        info, mask = None, None
+    dense = mask if (mask is not None and info is None) else None  # legacy dense matrix
+    impl = resolve_impl(impl, dtype=q.dtype, head_dim=d, has_mask=mask is not None)
+    if dense is not None and impl not in ("xla", "cudnn"):
+        raise ValueError(f"attention_impl {impl!r} takes MaskInfo, not a dense [T, T] mask")
+
+    if impl in ("xla", "cudnn"):
+        implementation = "cudnn" if impl == "cudnn" else None
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+        if dense is None:
+            dense = dense_mask(info.segment_ids, info.attention_mask, t)
+        return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation=implementation)
+    if impl == "blockwise":
+        seg = None if info is None else info.segment_ids
+        pad = None if info is None else info.attention_mask
+        return blockwise_attention(q, k, v, causal=True, segment_ids=seg, kv_mask=pad, keep_diagonal=info is not None,
+                                   scale=scale, block_q=block_q, block_k=block_k)
+    if impl == "pallas_tpu":
+        return pallas_tpu_attention(q, k, v, mask=info, scale=scale, block=min(block_q, block_k))
+    raise AssertionError(impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# blockwise (linear memory, plain XLA)
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def blockwise_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None, kv_mask=None,
+                        keep_diagonal: bool = False, scale: float | None = None, block_q: int = 512,
+                        block_k: int = 512):
+    """Online-softmax attention over [block_q, block_k] tiles; memory O(T * (D + block)).
+
+    q [B, T, H, D], k/v [B, S, KV, D]; query i and key j sit at positions i and j (self-attention
+    when S == T). segment_ids [B, T] (and kv_segment_ids [B, S], default the same) restrict
+    attention to equal ids; kv_mask [B, S] drops keys; keep_diagonal re-allows key i for query i.
+    Scores and the softmax are float32; probabilities are cast to v's dtype for the PV product
+    (as jax.nn.dot_product_attention does), accumulated in float32.
+    """
+    b, t, h, d = q.shape
+    s_len, kvh = k.shape[1], k.shape[2]
+    if h % kvh:
+        raise ValueError(f"{h} query heads are not a multiple of {kvh} kv heads")
+    g = h // kvh
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if kv_segment_ids is None and segment_ids is not None:
+        if s_len != t:
+            raise ValueError("kv_segment_ids is needed when the key length differs from the query length")
+        kv_segment_ids = segment_ids
+    bq = min(block_q, _round_up(t, 8))
+    bk = min(block_k, _round_up(s_len, 8))
+    tp, sp = _round_up(t, bq), _round_up(s_len, bk)
+    nq, nk = tp // bq, sp // bk
+
+    qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+    kp = jnp.pad(k, ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
+    vp = jnp.pad(v, ((0, 0), (0, sp - s_len), (0, 0), (0, 0)))
+    # [nq, B, KV, G, bq, D] and [nk, B, KV, bk, D]: GQA groups share one K/V block, never repeated.
+    qb = qp.reshape(b, nq, bq, kvh, g, d).transpose(1, 0, 3, 4, 2, 5)
+    kb = kp.reshape(b, nk, bk, kvh, d).transpose(1, 0, 3, 2, 4)
+    vb = vp.reshape(b, nk, bk, kvh, d).transpose(1, 0, 3, 2, 4)
+    q_pos = jnp.arange(tp, dtype=jnp.int32).reshape(nq, bq)
+    k_pos = jnp.arange(sp, dtype=jnp.int32).reshape(nk, bk)
+    key_ok = jnp.arange(sp) < s_len
+    key_ok = jnp.broadcast_to(key_ok, (b, sp))
+    if kv_mask is not None:
+        key_ok = key_ok & jnp.pad(kv_mask.astype(bool), ((0, 0), (0, sp - s_len)))
+    key_ok = key_ok.reshape(b, nk, bk).transpose(1, 0, 2)  # [nk, B, bk]
+    use_seg = segment_ids is not None
+    if use_seg:
+        q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t))).reshape(b, nq, bq).transpose(1, 0, 2)
+        k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s_len)),
+                        constant_values=-1).reshape(b, nk, bk).transpose(1, 0, 2)
+    else:  # dummies keep one code path; XLA drops them
+        q_seg = jnp.zeros((nq, 1, bq), jnp.int32)
+        k_seg = jnp.zeros((nk, 1, bk), jnp.int32)
+
+    def one_query_block(q_blk, qpos, qseg):
+        # q_blk [B, KV, G, bq, D]; qpos [bq]; qseg [B|1, bq]
+        def tile(carry, xs):
+            m, l, acc = carry
+            k_blk, v_blk, kpos, kok, kseg = xs
+
+            def compute(carry):
+                m, l, acc = carry
+                s = jnp.einsum("bkgqd,bkcd->bkgqc", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+                allowed = kok[:, None, None, None, :]
+                if causal:
+                    allowed = allowed & (kpos[None, :] <= qpos[:, None])
+                if use_seg:
+                    allowed = allowed & (qseg[:, None, None, :, None] == kseg[:, None, None, None, :])
+                if keep_diagonal:
+                    allowed = allowed | (kpos[None, :] == qpos[:, None])
+                s = jnp.where(allowed, s, _NEG)
+                m_new = jnp.maximum(m, s.max(-1))
+                p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+                alpha = jnp.exp(m - m_new)
+                l_new = l * alpha + p.sum(-1)
+                pv = jnp.einsum("bkgqc,bkcd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+                return m_new, l_new, acc * alpha[..., None] + pv
+
+            if causal:  # skip tiles wholly above the diagonal (the diagonal itself is never in one)
+                carry = lax.cond(kpos[0] <= qpos[-1], compute, lambda c: c, carry)
+            else:
+                carry = compute(carry)
+            return carry, None
+
+        # Nested remat: the backward of the key scan then keeps only the (m, l, acc) carries per
+        # tile, not each tile's [bq, bk] scores, so its memory is O(T / bk * bq * D) per query block.
+        tile = jax.checkpoint(tile)
+        shape = q_blk.shape[:-1]
+        init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
+                jnp.zeros(q_blk.shape, jnp.float32))
+        (m, l, acc), _ = lax.scan(tile, init, (kb, vb, k_pos, key_ok, k_seg))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        return out.astype(q.dtype)
+
+    one_query_block = jax.checkpoint(one_query_block)
+    out = lax.map(lambda xs: one_query_block(*xs), (qb, q_pos, q_seg))  # [nq, B, KV, G, bq, D]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, h, d)
+    return out[:, :t]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pallas TPU flash attention
+
+def pallas_tpu_attention(q, k, v, *, mask: MaskInfo | None = None, scale: float | None = None, block: int = 512):
+    """jax's Pallas TPU flash attention (causal, segment ids) on our [B, T, H, D] layout.
+
+    Padding is folded into the segment ids (a padded token gets id -1 as query and key, so real
+    rows never see it and padded rows stay finite). The kernel has no GQA: K/V heads are repeated.
+    On CPU run it inside `jax.experimental.pallas.tpu.force_tpu_interpret_mode()`.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_fa
+
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    tp = _round_up(t, 128)
+    blk = min(_round_up(block, 128), tp)
+    while tp % blk:
+        blk -= 128
+    seg = None
+    if mask is not None and (mask.segment_ids is not None or mask.attention_mask is not None):
+        ids = (jnp.zeros((b, t), jnp.int32) if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32))
+        if mask.attention_mask is not None:
+            ids = jnp.where(mask.attention_mask.astype(bool), ids, -1)
+        ids = jnp.pad(ids, ((0, 0), (0, tp - t)), constant_values=-2)
+        seg = tpu_fa.SegmentIds(q=ids, kv=ids)
+
+    def heads_first(x):
+        return jnp.pad(x, ((0, 0), (0, tp - t), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    kr = jnp.repeat(k, h // kvh, axis=2) if kvh != h else k
+    vr = jnp.repeat(v, h // kvh, axis=2) if kvh != h else v
+    sizes = tpu_fa.BlockSizes(block_q=blk, block_k_major=blk, block_k=blk, block_b=1,
+                              block_q_major_dkv=blk, block_k_major_dkv=blk, block_k_dkv=blk, block_q_dkv=blk,
+                              block_k_major_dq=blk, block_k_dq=blk, block_q_dq=blk)
+    out = tpu_fa.flash_attention(heads_first(q), heads_first(kr), heads_first(vr), segment_ids=seg, causal=True,
+                                 sm_scale=scale, block_sizes=sizes)
+    return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+# ----------------------------------------------------------------------------------------------
+# KV-cache decoding
+
+def decode_attention(q, k_new, v_new, k_cache, v_cache, cache_len, *, scale: float | None = None):
+    """New queries against a KV cache plus themselves.
+
+    q [B, t, H, D]; k_new/v_new [B, t, KV, D] (the new tokens' keys/values, post-RoPE);
+    k_cache/v_cache [B, KV, C, D] (layout of one layer of the cache); cache_len [B] int: row b's
+    cache holds valid keys at indices < cache_len[b] (later entries are ignored). New token s
+    attends to the valid cache and to new tokens <= s. Memory O(B * H * t * C).
+    """
+    b, t, h, d = q.shape
+    kvh, c = k_cache.shape[1], k_cache.shape[2]
+    g = h // kvh
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qg = q.reshape(b, t, kvh, g, d)
+    s_cache = jnp.einsum("btkgd,bkcd->bkgtc", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    s_new = jnp.einsum("btkgd,bskd->bkgts", qg, k_new, preferred_element_type=jnp.float32)
+    cache_ok = jnp.arange(c)[None, :] < jnp.asarray(cache_len)[:, None]  # [B, C]
+    new_ok = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [t, t]
+    s_cache = jnp.where(cache_ok[:, None, None, None, :], s_cache * scale, _NEG)
+    s_new = jnp.where(new_ok[None, None, None], s_new * scale, _NEG)
+    scores = jnp.concatenate([s_cache, s_new], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_new.dtype)
+    p_cache, p_new = probs[..., :c], probs[..., c:]
+    out = (jnp.einsum("bkgtc,bkcd->btkgd", p_cache, v_cache.astype(v_new.dtype), preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgts,bskd->btkgd", p_new, v_new, preferred_element_type=jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
