@@ -7,7 +7,10 @@
 
 `scaled_rope` (JSON, optional) adds a "scaled" column: the teacher's weights with that RoPE,
 untrained. Set --config.eval.harness_tasks="lambada=/data/lambada.jsonl,piqa=/data/piqa.jsonl"
-for lm-evaluation-harness-format tasks you bring.
+for lm-evaluation-harness-format tasks you bring; they (and the cloze column) are tokenised as
+lm-eval's hf backend does: --config.eval.add_bos=tokenizer|always|never (default: the tokenizer's
+own special tokens) and --config.eval.max_length (left truncation; 0 = each model's
+max_position_embeddings). For the harness itself, see lard_jax/evaluation/lm_eval_backend.py.
 """
 from configs import base
 

@@ -1,22 +1,27 @@
-"""LinearARD restoration: `python -m experiments.restore --config=configs/<name>.py [--config.x.y=...]`."""
-from absl import app, flags, logging as absl_logging
-from ml_collections import config_flags
+"""LinearARD restoration: `python -m experiments.restore --config=configs/<name>.py [--config.x.y=...]`.
 
-from lard_jax.pipeline import ConfigError, run_restoration
+`--help` lists every config key with its default and one line of help; a user mistake prints one
+line, `error: <what>: <why>; <how to fix>`, and exits 2 (`--debug` adds the traceback).
+"""
+import os
+import sys
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+from lard_jax import cli
+
+ABOUT = "Restore a RoPE-scaled LLaMA-family model by LinearARD self-distillation (see README.md)."
 
 
-def main(argv):
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        run_restoration(_CONFIG.value)
-    except (ConfigError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+def _run(config) -> None:
+    from lard_jax.pipeline import run_restoration  # after flag parsing: --help and flag errors stay instant
+    run_restoration(config)
+
+
+def main(argv=None) -> int:
+    return cli.run_main(sys.argv if argv is None else argv, _run, prog="experiments.restore",
+                        default_config=os.path.join(cli.ROOT, "configs", "base.py"), about=ABOUT,
+                        config_required_hint="pass --config=configs/demo.py, or a config of your own "
+                                             "(configs/base.py lists every key)")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config"])
-    app.run(main)
+    sys.exit(main())

@@ -16,7 +16,9 @@ Three stages, each a pure function of its inputs:
 
 Block modes:
 - "per_document": every document is split into blocks on its own (the LinearARD recipe: PG-19
-  books in 4096-token blocks); with add_bos each block starts with bos. The tail shorter than a
+  books in 4096-token blocks). With add_bos, bos="document" (the authors' data_loader.py) puts bos
+  once before the document, which is then cut into blocks (only a first block starts with bos);
+  bos="every_block" starts every block with bos. The tail shorter than a
   block is dropped (or padded with `pad_remainder=True`); documents shorter than one block are
   dropped with a warning (or padded with `pad_short=True`).
 - "packed": documents joined as [bos] doc [eos] [bos] doc [eos] ... and cut every seq_len
@@ -36,6 +38,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from lard_jax.errors import UserError
 
 __all__ = [
     "read_documents",
@@ -85,10 +89,33 @@ def _resolve_source(source: str) -> list[tuple[str, str]]:
         )
     if _is_saved_dataset(source):
         return [("saved_dataset", source)]
-    found = [(_file_kind(p), p) for p in sorted(_walk_files(source)) if p.endswith(_FILE_SUFFIXES)]
+    found, skipped = [], []
+    for path in sorted(_walk_files(source)):
+        if path.endswith(_FILE_SUFFIXES):
+            found.append((_file_kind(path), path))
+        elif not os.path.splitext(os.path.basename(path))[1]:  # no extension: text if it reads as UTF-8
+            (found.append(("txt", path)) if _sniff_text(path) else skipped.append(path))
+    note = f"; skipped {len(skipped)} binary or empty file(s) without an extension, e.g. {skipped[0]}" if skipped else ""
     if not found:
-        raise ValueError(f"{source}: folder holds no documents (looked for {', '.join(_FILE_SUFFIXES)})")
+        raise UserError(f"{source}: folder holds no documents (looked for {', '.join(_FILE_SUFFIXES)} files and "
+                        f"UTF-8 text files without an extension{note}); point the source at text documents")
+    if skipped:
+        warnings.warn(f"{source}{note[1:]}", stacklevel=2)
     return found
+
+
+def _sniff_text(path: str, size: int = 1 << 16) -> bool:
+    """A file without an extension counts as a text document if its start is non-empty UTF-8 without NUL bytes."""
+    import codecs
+    with open(path, "rb") as f:
+        head = f.read(size)
+    if not head.strip() or b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at `size` is fine
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _walk_files(folder: str) -> Iterator[str]:
@@ -109,7 +136,10 @@ def _file_kind(path: str) -> str:
     for suffix in _FILE_SUFFIXES:
         if path.endswith(suffix):
             return suffix[1:]
-    raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(_FILE_SUFFIXES)})")
+    if not os.path.splitext(os.path.basename(path))[1] and _sniff_text(path):
+        return "txt"  # a text file without an extension
+    raise UserError(f"{path}: unsupported file type (expected one of {', '.join(_FILE_SUFFIXES)}, or UTF-8 text "
+                    "without an extension); convert it, or point the source at a supported file or folder")
 
 
 def _read_txt(path: str, text_field: str) -> Iterator[str]:
@@ -118,16 +148,22 @@ def _read_txt(path: str, text_field: str) -> Iterator[str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not valid UTF-8 ({error})") from error
+        raise UserError(f"{path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                        "re-encode the file as UTF-8 or remove it from the source") from None
     if not text.strip():
-        raise ValueError(f"{path}: empty file")
+        raise UserError(f"{path}: empty file; remove it from the source")
     yield text
 
 
 def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); re-encode "
+                                "the file as UTF-8") from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no record
             try:
@@ -396,12 +432,15 @@ class BlockLoader:
         host_index: int = 0,
         host_count: int = 1,
         add_bos: bool = True,
+        bos: str = "every_block",
         pad_short: bool = False,
         pad_remainder: bool = False,
         document_ids: Sequence[int] | None = None,
     ):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if bos not in ("document", "every_block"):
+            raise ValueError(f"bos must be 'document' or 'every_block', got {bos!r}")
         if seq_len < 2 or batch_size < 1:
             raise ValueError(f"need seq_len >= 2 and batch_size >= 1, got {seq_len} and {batch_size}")
         if not 0 <= host_index < host_count:
@@ -418,13 +457,14 @@ class BlockLoader:
         self.host_index = host_index
         self.host_count = host_count
         self.add_bos = add_bos
+        self.bos = bos  # per_document only; packed mode always frames documents as [bos] doc [eos]
         self.pad_remainder = pad_remainder
         ids = np.arange(cache.num_documents) if document_ids is None else np.asarray(document_ids, np.int64)
         lengths = cache.document_lengths()[ids]
         self.document_ids = ids[lengths > 0]  # empty documents carry nothing in either mode
         self.dropped_documents = 0
         if mode == "per_document":
-            self._starts, self._counts = self._per_document_blocks(pad_short)
+            self._starts, self._counts, self._has_bos = self._per_document_blocks(pad_short)
         else:
             self._build_packed_stream()
         self._check_enough_blocks(lengths)
@@ -433,24 +473,37 @@ class BlockLoader:
 
     # -- the block index
 
-    def _per_document_blocks(self, pad_short: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(start in cache.tokens, number of document tokens) for every block."""
-        body = self.seq_len - int(self.add_bos)
+    def _per_document_blocks(self, pad_short: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start in cache.tokens, number of document tokens, starts with bos) for every block.
+
+        Blocks cut the framed document: bos="every_block": each block is [bos] + seq_len - 1 tokens;
+        bos="document": [bos] + document cut every seq_len tokens."""
+        lead = int(self.add_bos)
+        every = self.bos == "every_block"
+        body = self.seq_len - lead if every else self.seq_len  # framed positions per block
         starts_doc = self.cache.doc_offsets[self.document_ids]
         lengths = self.cache.doc_offsets[self.document_ids + 1] - starts_doc
-        full = lengths // body
+        framed = lengths if every else lengths + lead
+        full = framed // body
         doc_of_block = np.repeat(np.arange(len(lengths)), full)
-        first_block = np.repeat(np.cumsum(full) - full, full)
-        starts = [starts_doc[doc_of_block] + (np.arange(len(doc_of_block)) - first_block) * body]
-        counts = [np.full(len(doc_of_block), body, np.int64)]
-        remainder = lengths - full * body
+        k = np.arange(len(doc_of_block)) - np.repeat(np.cumsum(full) - full, full)  # block index in its document
+        if every:
+            has_bos = [np.full(len(k), bool(lead))]
+            starts = [starts_doc[doc_of_block] + k * body]
+        else:
+            has_bos = [(k == 0) & bool(lead)]
+            starts = [starts_doc[doc_of_block] + np.maximum(k * body - lead, 0)]
+        counts = [body - has_bos[0].astype(np.int64) * int(not every)]  # bos of a first block takes a slot
+        remainder = framed - full * body
         tail = (remainder > 0) & (full > 0) & self.pad_remainder
         short = full == 0
-        starts += [starts_doc[tail] + full[tail] * body]
+        starts += [starts_doc[tail] + full[tail] * body - (0 if every else lead)]
         counts += [remainder[tail]]
+        has_bos += [np.full(int(tail.sum()), every and bool(lead))]
         if pad_short:
             starts += [starts_doc[short]]
             counts += [lengths[short]]
+            has_bos += [np.full(int(short.sum()), bool(lead))]
         else:
             self.dropped_documents = int(short.sum())
             if self.dropped_documents:
@@ -459,9 +512,9 @@ class BlockLoader:
                     f"shorter than a block of {self.seq_len} tokens (pad_short=True keeps them, padded)",
                     stacklevel=3,
                 )
-        starts, counts = np.concatenate(starts), np.concatenate(counts)
+        starts, counts, has_bos = np.concatenate(starts), np.concatenate(counts), np.concatenate(has_bos)
         order = np.argsort(starts, kind="stable")
-        return starts[order], counts[order]
+        return starts[order], counts[order], has_bos[order]
 
     def _build_packed_stream(self) -> None:
         """The virtual stream [bos] doc [eos] ...: where each document starts in it."""
@@ -506,8 +559,8 @@ class BlockLoader:
     def _document_block(self, index: int):
         ids = np.full(self.seq_len, self.cache.pad_id, np.int32)
         start, count = int(self._starts[index]), int(self._counts[index])
-        offset = int(self.add_bos)
-        if self.add_bos:
+        offset = int(self._has_bos[index])
+        if offset:
             ids[0] = self.cache.bos_id
         ids[offset : offset + count] = self.cache.tokens[start : start + count]
         mask = np.arange(self.seq_len) < offset + count

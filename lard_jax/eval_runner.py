@@ -41,28 +41,19 @@ def logits_fn_for(model: LlamaForCausalLM, params) -> Callable[[np.ndarray], np.
         padded = np.zeros((input_ids.shape[0], width), np.int32)
         padded[:, :t] = input_ids
         return np.asarray(apply(params, padded))[:, :t]
+    fn.max_length = model.config.max_position_embeddings  # harness-style scoring truncates to it
     return fn
 
 
 def generate_fn_for(model: LlamaForCausalLM, params) -> Callable[[list[int], int], list[int]]:
-    """Greedy decoding by full recomputation (no KV cache): simple, exact, fast enough for the
-    few new tokens that retrieval tasks need. One compile per length bucket."""
-    @jax.jit
-    def next_token(p, ids, pos):
-        logits = model.apply({"params": p}, ids)
-        return jnp.argmax(logits[0, pos - 1])
+    """Greedy decoding with a KV cache (lard_jax.generate.greedy_generate): one prefill, then one
+    cached step per new token; one compile per (prompt, cache) length bucket. Token for token the
+    same as transformers' generate(do_sample=False) (tests/test_generate.py)."""
+    from lard_jax.generate import greedy_generate, linear_memory_model
+    model = linear_memory_model(model)  # long prompts: no [T, T] attention matrix in the prefill
 
     def fn(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        total = len(prompt_ids) + max_new_tokens
-        buf = np.zeros((1, _bucket(model, total)), np.int32)
-        buf[0, :len(prompt_ids)] = prompt_ids
-        out = []
-        for i in range(max_new_tokens):
-            pos = len(prompt_ids) + i
-            tok = int(next_token(params, buf, pos))
-            out.append(tok)
-            buf[0, pos] = tok
-        return out
+        return greedy_generate(model, params, [prompt_ids], max_new_tokens)[0]
     return fn
 
 
@@ -109,6 +100,8 @@ class EvalSpec:
     harness_tasks: dict = dataclasses.field(default_factory=dict)  # task name -> JSONL path
     seed: int = 0
     batch_size: int = 8
+    add_bos: str = "tokenizer"  # harness-style scoring: "tokenizer" | "always" | "never"
+    max_length: int = 0  # harness-style left truncation; 0 = the model's max_position_embeddings
 
 
 def check_spec(spec: EvalSpec, tokenizer) -> None:
@@ -132,17 +125,21 @@ def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec,
                                             progress=progress)
     out["short_ppl"] = short.get(spec.native_len)
     if spec.ppl_lengths:
+        from lard_jax.generate import linear_memory_model
+        # one forward per window at every length, through attention that never forms [T, T]
         out["ppl_vs_length"] = perplexity.perplexity_vs_length(
-            logits_fn, heldout_token_docs, list(spec.ppl_lengths), max_windows=spec.max_windows,
+            logits_fn_for(linear_memory_model(model), params), heldout_token_docs, list(spec.ppl_lengths), max_windows=spec.max_windows,
             batch_size=max(1, spec.batch_size // 4), progress=progress)
     if spec.cloze_samples:
         examples = cloze_examples(heldout_token_docs, tokenizer, context_len=spec.native_len // 2,
                                   cont_len=max(8, spec.native_len // 8), n=spec.cloze_samples, seed=spec.seed)
         out["cloze_acc"] = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer,
-                                                          batch_size=spec.batch_size, progress=progress)["acc"]
+                                                          batch_size=spec.batch_size, progress=progress,
+                                                          add_bos=spec.add_bos, max_length=spec.max_length)["acc"]
     for task, path in spec.harness_tasks.items():
         out.setdefault("tasks", {})[task] = multiple_choice.score_task(task, path, logits_fn, tokenizer,
-                                                                      batch_size=spec.batch_size, progress=progress)
+                                                                      batch_size=spec.batch_size, progress=progress,
+                                                                      add_bos=spec.add_bos, max_length=spec.max_length)
     generate = generate_fn_for(model, params)
     n_per_depth = max(1, spec.passkey_samples // len(spec.depths))
     for key, task, lengths in (("passkey", "passkey", spec.passkey_lengths),
@@ -182,7 +179,9 @@ def eval_spec_from_config(eval_cfg, native_len: int) -> EvalSpec:
                     passkey_lengths=tuple(eval_cfg.passkey_lengths) or (4 * native,),
                     passkey_samples=eval_cfg.passkey_samples, depths=tuple(eval_cfg.depths),
                     niah_lengths=tuple(eval_cfg.niah_lengths), cloze_samples=eval_cfg.cloze_samples,
-                    harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"))
+                    harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"),
+                    add_bos=multiple_choice.bos_mode(eval_cfg.get("add_bos", "tokenizer")),
+                    max_length=int(eval_cfg.get("max_length", 0) or 0))
 
 
 def heldout_token_docs(source: str, tokenizer, text_field: str = "text") -> list[list[int]]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from lard_jax import rope as rope_lib
 from lard_jax import safetensors_io
+from lard_jax.errors import UserError
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of, param_logical_axes
 
 SUPPORTED_ARCHITECTURES = {
@@ -39,7 +40,7 @@ _SHARD_BYTES = 4 << 30
 _KEEP = object()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that cannot be read as a LLaMA-family model."""
 
 
@@ -68,7 +69,7 @@ def config_from_hf(hf: dict, *, rope_scaling=_KEEP, dtype=jnp.float32, param_dty
     known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
     if not known and model_type not in SUPPORTED_ARCHITECTURES.values():
         raise CheckpointError(
-            f"{source}: architecture {archs or model_type!r} is not Llama-like; supported: "
+            f"{source}: architecture {archs or model_type!r} is not Llama-like; use a checkpoint of one of "
             f"{sorted(SUPPORTED_ARCHITECTURES)}")
     model_type = known[0] if known else model_type
     missing = [k for k in _REQUIRED_KEYS if k not in hf]
@@ -156,12 +157,13 @@ def _checkpoint_files(path: str) -> dict[str, str]:
         with open(index) as f:
             weight_map = json.load(f).get("weight_map")
         if not weight_map:
-            raise CheckpointError(f"{index}: no weight_map")
+            raise CheckpointError(f"{index}: no weight_map; re-download or re-save the checkpoint")
         files = {}
         for name, fname in weight_map.items():
             full = os.path.join(path, fname)
             if not os.path.exists(full):
-                raise CheckpointError(f"{index} lists {fname}, which does not exist in {path}")
+                raise CheckpointError(f"{index}: lists shard {fname}, which does not exist in {path}; "
+                                      "download the missing shard(s) or re-save the checkpoint")
             files[name] = full
         return files
     if os.path.exists(single):
@@ -173,10 +175,29 @@ def _checkpoint_files(path: str) -> dict[str, str]:
     if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
         raise CheckpointError(f"{path}: only PyTorch pickle weights found; convert them to safetensors "
                               "(transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise CheckpointError(f"{path}: no weights (no model.safetensors, model.safetensors.index.json or other "
+                          "*.safetensors file); point config.model.checkpoint at a Hugging Face checkpoint "
+                          "directory with safetensors weights")
+
+
+def resolve_checkpoint(spec) -> str:
+    """A checkpoint spec -> the path to read: a Hugging Face directory, or a .gguf file for
+    `x.gguf`, a directory holding one .gguf and no safetensors, or `pkg:DISTNAME` (the .gguf
+    inside that installed package). See lard_jax.gguf."""
+    from lard_jax import gguf as gguf_lib
+    return gguf_lib.resolve_checkpoint(spec)
+
+
+def _gguf_path(spec) -> str | None:
+    from lard_jax import gguf as gguf_lib
+    path = gguf_lib.resolve_checkpoint(spec)
+    return path if gguf_lib.is_gguf_path(path) else None
 
 
 def read_hf_config(path: str) -> dict:
+    if (gguf_path := _gguf_path(path)) is not None:
+        from lard_jax import gguf as gguf_lib
+        return gguf_lib.hf_config(gguf_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     cfg_path = os.path.join(path, "config.json")
@@ -202,6 +223,11 @@ def load_pretrained(path: str, *, rope_scaling=_KEEP, dtype=jnp.float32, param_d
       device one at a time.
     model_overrides: other LlamaConfig fields (remat, attention_impl).
     """
+    if (gguf_path := _gguf_path(path)) is not None:  # a llama.cpp file: lard_jax.gguf dequantizes it
+        from lard_jax import gguf as gguf_lib
+        return gguf_lib.load_pretrained(gguf_path, rope_scaling=rope_scaling, dtype=dtype, param_dtype=param_dtype,
+                                        max_position_embeddings=max_position_embeddings, mesh=mesh, rules=rules,
+                                        **model_overrides)
     hf = read_hf_config(path)
     cfg = config_from_hf(hf, rope_scaling=rope_scaling, dtype=dtype, param_dtype=param_dtype,
                          max_position_embeddings=max_position_embeddings,

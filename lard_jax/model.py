@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lard_jax import attention as attn_lib
 from lard_jax import rope as rope_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -74,7 +75,8 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
-    attention_impl: str = "xla"  # "xla" or "cudnn" (jax.nn.dot_product_attention implementations)
+    attention_impl: str = "xla"  # lard_jax.attention.IMPLS: auto | xla (dense) | cudnn | blockwise | pallas_tpu
+    lora_dropout: float = 0.0  # training only: dropout on the input of unmerged LoRA factors (LoraDense)
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -92,8 +94,8 @@ class LlamaConfig:
                 f"num_key_value_heads {self.num_key_value_heads}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {REMAT_POLICIES}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected 'xla' or 'cudnn'")
+        if self.attention_impl not in attn_lib.IMPLS:
+            raise ValueError(f"unknown attention_impl {self.attention_impl!r}; expected one of {attn_lib.IMPLS}")
         dtype_of(self.dtype), dtype_of(self.param_dtype)
         scaling = self.rope_scaling
         if isinstance(scaling, tuple):
@@ -178,28 +180,56 @@ class RMSNorm(nn.Module):
         return (weight.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
 
 
+class LoraDense(nn.Dense):
+    """nn.Dense, plus PEFT's unmerged LoRA path when the params hold `lora_a` [in, r] and `lora_b`
+    [r, out] next to the kernel: y = x W + b + dropout(x) A B. The trainer passes B already
+    multiplied by alpha / r (lard_jax.trainable.student_params), so the scale stays a training
+    hyperparameter. Inverted dropout at rate `lora_dropout`, only when the apply has a "dropout"
+    rng (training); without one (evaluation) the path is deterministic. Like PEFT with float32
+    adapters, the LoRA path runs in the factors' dtype and is cast back to the output's."""
+    lora_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, inputs):
+        y = super().__call__(inputs)
+        if not self.has_variable("params", "lora_a"):
+            return y
+        a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+        x = inputs.astype(a.dtype)
+        if self.lora_dropout > 0 and self.has_rng("dropout"):
+            x = lora_dropout(x, self.make_rng("dropout"), self.lora_dropout)
+        return (y.astype(a.dtype) + (x @ a) @ b).astype(y.dtype)
+
+
+def lora_dropout(x, key, rate: float):
+    """Inverted dropout: keep each element with probability 1 - rate and divide by 1 - rate."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
 def _dense(features, use_bias, cfg: LlamaConfig, name):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+    return LoraDense(features, use_bias=use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
+                     kernel_init=nn.initializers.normal(0.02), lora_dropout=cfg.lora_dropout, name=name)
 
 
 def attention_mask_matrix(segment_ids, attention_mask, seq_len):
     """Boolean [B, 1, T, T] mask: causal, same segment, real key; the diagonal is always kept so
     padded query rows stay finite (their outputs are ignored by every loss)."""
-    idx = jnp.arange(seq_len)
-    allowed = (idx[None, :] <= idx[:, None])[None, None]
-    if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    if attention_mask is not None:
-        allowed = allowed & attention_mask[:, None, None, :].astype(bool)
-    return allowed | jnp.eye(seq_len, dtype=bool)[None, None]
+    return attn_lib.dense_mask(segment_ids, attention_mask, seq_len)
 
 
 class LlamaAttention(nn.Module):
+    """`mask`: None (causal), an attention.MaskInfo, or a dense [B, 1, T, T] bool matrix.
+
+    KV cache (lard_jax.generate): with `cache` = this layer's (k, v) cache [B, KV, C, D] the call
+    returns (out, (k, v)), the new tokens' post-RoPE keys/values [B, t, KV, D] for the caller to
+    store. `cache_index` None = prefill (the cache is empty: ordinary attention over x); else [B]
+    int, the number of valid cache entries per row, and x's tokens attend to those plus themselves.
+    """
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         cfg = self.config
         b, t, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -212,15 +242,12 @@ class LlamaAttention(nn.Module):
         self.sow("intermediates", "q", q)
         self.sow("intermediates", "k", k)
         self.sow("intermediates", "v", v)
-        if mask is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_attn_impl(cfg))
+        if cache is not None and cache_index is not None:
+            out = attn_lib.decode_attention(q, k, v, cache[0], cache[1], cache_index)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None)
-        return _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(out.reshape(b, t, h * d))
-
-
-def _attn_impl(cfg):
-    return "cudnn" if cfg.attention_impl == "cudnn" else None
+            out = attn_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl)
+        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(out.reshape(b, t, h * d))
+        return out if cache is None else (out, (k, v))
 
 
 class LlamaMLP(nn.Module):
@@ -238,13 +265,15 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
-        x = x + LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask)
+        attn = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, cache, cache_index)
+        attn, new_kv = attn if cache is not None else (attn, None)
+        x = x + attn
         x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
         self.sow("intermediates", "hidden", x)  # LongReD's hidden-state distillation reads these
-        return x
+        return x if cache is None else (x, new_kv)
 
 
 def _remat_layer(cfg: LlamaConfig):
@@ -268,10 +297,15 @@ def positions_from_segments(segment_ids):
 
 
 class LlamaModel(nn.Module):
+    """With `cache` ({"k", "v"}: [layers, B, KV, C, D]) returns (x, embed, new cache): the input
+    tokens' keys/values are written at [0, T) (prefill, `cache_index` None) or at cache_index[b] +
+    [0, T) per row (decode). `rope_inv_freq` [B, D/2] overrides the config's frequencies per row
+    (generation's dynamic-NTK / longrope schedule)."""
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
+                 cache_index=None, rope_inv_freq=None):
         cfg = self.config
         b, t = input_ids.shape
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),
@@ -284,15 +318,35 @@ class LlamaModel(nn.Module):
         # Static sequence length: dynamic-NTK and longrope pick their frequencies from it, as
         # transformers does from max(position_ids) + 1 on an unpadded batch.
         inv_freq, attn_scaling = cfg.rope_frequencies(seq_len=t)
+        if rope_inv_freq is not None:  # [B, D/2]: per-row frequencies (attention scaling does not vary)
+            inv_freq = jnp.asarray(rope_inv_freq, jnp.float32)[:, None, :]
         cos, sin = rope_lib.rope_cos_sin(positions, inv_freq, attn_scaling)
         mask = None
         if segment_ids is not None or attention_mask is not None:
-            mask = attention_mask_matrix(segment_ids, attention_mask, t)
+            # the dense [T, T] matrix is built inside attention only by the dense implementations
+            mask = attn_lib.MaskInfo(segment_ids, attention_mask)
         layer_cls = _remat_layer(cfg)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask)
+            if cache is None:
+                x = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask)
+                continue
+            x, (k, v) = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, (cache["k"][i], cache["v"][i]),
+                                                           cache_index)
+            cache = {"k": _cache_write(cache["k"], i, k, cache_index), "v": _cache_write(cache["v"], i, v, cache_index)}
         x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="norm")(x)
-        return x, embed
+        return (x, embed) if cache is None else (x, embed, cache)
+
+
+def _cache_write(buf, layer, new, cache_index):
+    """buf [L, B, KV, C, D] with layer `layer`'s rows written from new [B, t, KV, D]: at [0, t) when
+    cache_index is None, else at cache_index[b] + [0, t) for row b."""
+    new = new.astype(buf.dtype)
+    if cache_index is None:
+        return jax.lax.dynamic_update_slice(buf, new.transpose(0, 2, 1, 3)[None], (layer, 0, 0, 0, 0))
+    b, t = new.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    cols = jnp.asarray(cache_index)[:, None] + jnp.arange(t)[None, :]
+    return buf.at[layer, rows, :, cols].set(new)  # advanced indices first: [B, t, KV, D]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -301,16 +355,24 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
+                 cache_index=None, rope_inv_freq=None, logits_at=None):
+        """`cache`/`cache_index`/`rope_inv_freq`: see LlamaModel; with a cache returns (logits, cache).
+        `logits_at` [B, n] int: logits only at those positions ([B, n, V]; prefill needs one row)."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        x, embed = LlamaModel(cfg, name="model")(input_ids, positions, segment_ids, attention_mask)
+        out = LlamaModel(cfg, name="model")(input_ids, positions, segment_ids, attention_mask, cache=cache,
+                                            cache_index=cache_index, rope_inv_freq=rope_inv_freq)
+        x, embed = out[:2]
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
         if cfg.tie_word_embeddings:
             kernel = embed.embedding.T
         else:
             kernel = LMHead(cfg.vocab_size, dtype_of(cfg.param_dtype), name="lm_head")(x.shape[-1])
-        return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+        return logits if cache is None else (logits, out[2])
 
 
 class LMHead(nn.Module):

@@ -141,9 +141,14 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
-    """"byte" -> ByteTokenizer; a local directory -> its tokenizer (never downloads)."""
+    """"byte" -> ByteTokenizer; a local directory -> its tokenizer (never downloads); a GGUF
+    checkpoint spec (see lard_jax.hf.resolve_checkpoint) -> the tokenizer in its metadata."""
     if str(spec) == "byte":
         return ByteTokenizer()
+    from lard_jax import gguf as gguf_lib  # a .gguf, a folder with one, or pkg:DIST: the GGUF's own tokenizer
+
+    if gguf_lib.is_gguf_path(resolved := gguf_lib.resolve_checkpoint(spec)):
+        return gguf_lib.load_tokenizer(resolved)
     path = os.fspath(spec)
     if not os.path.isdir(path):
         raise FileNotFoundError(
