@@ -118,7 +118,7 @@ def test_lambada_oracle_accuracy_and_perplexity(tmp_path):
     rng = np.random.default_rng(35)
     texts = [_random_phrase(rng, int(rng.integers(4, 9))) + " " + w for w in ("endword", "fin", "último")]
     path = _write_jsonl(tmp_path / "lambada.jsonl", [{"text": t} for t in texts])
-    full = [TOK.encode(t) for t in texts]
+    full = [TOK.encode(t, add_bos=True) for t in texts]  # the byte tokenizer adds its bos by default
     boost = 10.0
 
     def oracle_logits_fn(input_ids):
@@ -167,6 +167,34 @@ def test_task_formats_follow_the_harness(tmp_path):
 
 def test_trailing_context_space_moves_to_continuation():
     assert multiple_choice._encode_pair(TOK, "abc  ", "def", add_bos=False) == (TOK.encode("abc"), TOK.encode("  def"))
+
+
+def test_harness_defaults_add_bos_and_truncate_at_the_model_length():
+    # lm-eval >= 0.4.9: the tokenizer's own bos (the byte tokenizer adds one); left truncation to
+    # the model's maximum length, which eval_runner.logits_fn_for attaches as logits_fn.max_length.
+    rng = np.random.default_rng(36)
+    table = (3 * rng.normal(size=(V, V))).astype(np.float32)
+    requests = [(_random_phrase(rng, int(rng.integers(2, 12))), " " + _random_phrase(rng, 2)) for _ in range(6)]
+    calls = []
+    fn = bigram_logits_fn(table, calls)
+    scores = multiple_choice.loglikelihoods(fn, TOK, requests, batch_size=6, pad_to_multiple=1, progress=False)
+    for (context, continuation), (ll, _) in zip(requests, scores):
+        assert ll == pytest.approx(bigram_loglik(table, TOK.encode(context, add_bos=True), TOK.encode(continuation)))
+    assert all(row[0] == TOK.bos_id for row in calls[0])
+    assert multiple_choice.encode(TOK, "abc") == TOK.encode("abc", add_bos=True)
+    assert multiple_choice.encode(TOK, "<s>abc") == TOK.encode("<s>abc")  # already starts with the bos text
+    assert multiple_choice.encode(TOK, "abc", "never") == TOK.encode("abc")
+    calls.clear()
+    fn.max_length = 16
+    truncated = multiple_choice.loglikelihoods(fn, TOK, requests, batch_size=6, pad_to_multiple=1, progress=False)
+    assert max(len(row) for row in calls[0]) <= 16
+    for (context, continuation), (ll, _) in zip(requests, truncated):
+        ids = TOK.encode(context, add_bos=True) + TOK.encode(continuation)
+        kept = ids[-17:]  # the model reads the last 16 inputs; the bigram model needs only the previous token
+        n = len(TOK.encode(continuation))
+        assert ll == pytest.approx(bigram_loglik(table, kept[:-n], kept[-n:]))
+    with pytest.raises(ValueError, match="add_bos"):
+        multiple_choice.loglikelihoods(fn, TOK, requests, add_bos="sometimes", progress=False)
 
 
 def test_wrong_task_format_names_file_and_line(tmp_path):

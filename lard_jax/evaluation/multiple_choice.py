@@ -1,13 +1,18 @@
 """Short-text benchmarks scored the way lm-evaluation-harness scores them, from local JSONL files.
 
 Each example becomes (context, continuation) requests; a request's score is the summed
-log-likelihood of the continuation tokens given the context. Conventions copied from the harness
-(lm_eval/models/huggingface.py and the task YAMLs), because reported numbers depend on them:
+log-likelihood of the continuation tokens given the context. The conventions are the harness's
+(lm-eval 0.4.13: lm_eval/models/huggingface.py and the task YAMLs), because reported numbers
+depend on them:
 
 - context and continuation are tokenised as in `_encode_pair`: trailing spaces of the context
   move to the continuation, the pair is encoded as one string, and the continuation tokens are
-  what follows the context's own encoding. No bos by default (the harness's `add_bos_token=False`
-  for causal models); an empty context is replaced by the bos (else eos) token.
+  what follows the context's own encoding. Special tokens as the tokenizer adds them by default
+  (lm-eval >= 0.4.9's `add_bos_token=None`: a bos for LLaMA-style and the byte tokenizer, none for
+  Qwen2-style), none when the text already starts with the bos text; `add_bos="always"|"never"`
+  overrides. An empty context is replaced by the bos (else eos) token.
+- (context + continuation) is left-truncated to the model's maximum length (`max_length`; by
+  default what `logits_fn.max_length` says), keeping the whole continuation, as the harness does.
 - `acc`: argmax of the summed log-likelihoods; `acc_norm`: argmax of log-likelihood divided by
   the character length of the choice text (without the leading space delimiter).
 - LAMBADA (lambada_openai): context = text up to the last space, continuation = " " + last word;
@@ -36,7 +41,10 @@ from tqdm.auto import tqdm
 from lard_jax.data import jsonl_records
 from lard_jax.evaluation.perplexity import LogitsFn, token_log_probs
 
-__all__ = ["Example", "TASK_READERS", "read_task", "loglikelihoods", "score_examples", "score_task"]
+__all__ = [
+    "Example", "TASK_READERS", "BOS_MODES", "read_task", "encode", "encode_requests", "rolling_requests",
+    "score_token_requests", "scorer_from_logits", "loglikelihoods", "score_examples", "score_task",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,23 +188,177 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
     return jsonl_records(path)
 
 
-# ----------------------------------------------------------------------------- scoring
+# ----------------------------------------------------------------------------- tokenisation
+
+BOS_MODES = ("tokenizer", "always", "never")
 
 
-def _encode_pair(tokenizer: Any, context: str, continuation: str, add_bos: bool) -> tuple[list[int], list[int]]:
-    """lm-evaluation-harness `_encode_pair` (plus its empty-context rule)."""
+def bos_mode(add_bos: str | bool | None) -> str:
+    """"tokenizer" | "always" | "never" from a mode name or the older bool (True/False)."""
+    if add_bos is None:
+        return "tokenizer"
+    if isinstance(add_bos, bool):
+        return "always" if add_bos else "never"
+    if add_bos not in BOS_MODES:
+        raise ValueError(f"add_bos must be one of {BOS_MODES} (or a bool), got {add_bos!r}")
+    return add_bos
+
+
+def _bos_text(tokenizer: Any) -> str | None:
+    """The bos token as text (what the harness compares a string's start with), if known."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    if hf is not None:
+        return getattr(hf, "bos_token", None)
+    names, bos = getattr(tokenizer, "special_tokens", None), getattr(tokenizer, "bos_id", None)
+    if names is not None and bos is not None and bos < len(names):
+        return names[bos]
+    return None
+
+
+def encode(tokenizer: Any, text: str, add_bos: str | bool | None = "tokenizer") -> list[int]:
+    """Token ids of `text` under a bos convention.
+
+    "tokenizer": special tokens exactly as the tokenizer adds them by default (for a Hugging Face
+    tokenizer `add_special_tokens=True`: a bos for LLaMA-style tokenizers, nothing for Qwen2/GPT-2
+    style ones; the byte tokenizer adds its bos, like its saved Hugging Face form), except when the
+    text already starts with the bos token's text; this is lm-evaluation-harness >= 0.4.9's default
+    (`add_bos_token=None`). "always": one bos in front (again not when the text starts with the
+    bos text, as the harness's `add_bos_token=True`). "never": no special tokens.
+    """
+    mode = bos_mode(add_bos)
+    bos_text = _bos_text(tokenizer)
+    specials = not (bos_text and text.startswith(bos_text))  # the harness's has_bos_prefix rule
+    if mode != "tokenizer":
+        return list(tokenizer.encode(text, add_bos=mode == "always" and specials))
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    if hf is not None:
+        return list(hf.encode(text, add_special_tokens=specials, verbose=False))
+    return list(tokenizer.encode(text, add_bos=specials and getattr(tokenizer, "bos_id", None) is not None))
+
+
+def prefix_token_id(tokenizer: Any) -> int:
+    """The token an empty context (and the first rolling window) conditions on: bos, else eos."""
+    bos = getattr(tokenizer, "bos_id", None)
+    prefix = bos if bos is not None else getattr(tokenizer, "eos_id", None)
+    if prefix is None:
+        raise ValueError("the tokenizer has neither a bos nor an eos token to condition an empty context on")
+    return int(prefix)
+
+
+def _encode_pair(tokenizer: Any, context: str, continuation: str,
+                 add_bos: str | bool | None = "tokenizer") -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness `loglikelihood` + `_encode_pair` for a causal model."""
     if context == "":
-        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-        return [prefix], tokenizer.encode(continuation)
+        continuation_ids = list(tokenizer.encode(continuation, add_bos=False))
+        prefix = prefix_token_id(tokenizer)
+        if continuation_ids and continuation_ids[0] == prefix:
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation, add_bos=add_bos)
-    context_ids = tokenizer.encode(context, add_bos=add_bos)
+    whole = encode(tokenizer, context + continuation, add_bos)
+    context_ids = encode(tokenizer, context, add_bos)
     continuation_ids = whole[len(context_ids) :]
     if not continuation_ids:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after context {context[-40:]!r}")
     return context_ids, continuation_ids
+
+
+def encode_requests(tokenizer: Any, requests: Sequence[tuple[str, str]],
+                    add_bos: str | bool | None = "tokenizer") -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) for each (context, continuation) string pair."""
+    return [_encode_pair(tokenizer, context, continuation, add_bos) for context, continuation in requests]
+
+
+def rolling_requests(token_ids: Sequence[int], prefix_id: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """The harness's `loglikelihood_rolling` windows (context length 1, disjoint) as token requests.
+
+    Every token of `token_ids` is predicted exactly once: the first chunk of `max_length` tokens
+    from `prefix_id` alone, each later chunk of up to `max_length` tokens after the
+    `max_length + 1 - len(chunk)` tokens before it, so each model call reads `max_length` tokens.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    stream = [int(prefix_id)] + [int(t) for t in token_ids]  # stream[i] is predicted from stream[:i]
+    out = []
+    for first in range(1, len(stream), max_length):
+        last = min(first + max_length, len(stream))
+        out.append((stream[max(0, last - 1 - max_length) : first], stream[first:last]))
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+
+# (input_ids int32 [B, W], spans [(row, first, last, target ids)]) -> [(sum log-prob, greedy)] per span
+BatchScorer = Callable[[np.ndarray, list[tuple[int, int, int, np.ndarray]]], list[tuple[float, bool]]]
+
+
+def scorer_from_logits(logits_fn: LogitsFn) -> BatchScorer:
+    """A BatchScorer over a `logits_fn`: log-probs in float64 on the host, scored positions only."""
+
+    def score(input_ids, spans):
+        logits = logits_fn(input_ids)
+        out = []
+        for row, first, last, targets in spans:
+            span_logits = np.asarray(logits[row, first:last])
+            log_probs = token_log_probs(span_logits, targets)
+            out.append((float(log_probs.sum()), bool(np.all(span_logits.argmax(-1) == targets))))
+        return out
+
+    return score
+
+
+def round_up_bucket(multiple: int) -> Callable[[int], int]:
+    return lambda width: -(-width // multiple) * multiple
+
+
+def score_token_requests(
+    scorer: BatchScorer,
+    token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    bucket: Callable[[int], int] = round_up_bucket(32),
+    pad_id: int = 0,
+    pad_batch: bool = False,
+    progress: bool = True,
+    desc: str = "loglikelihood",
+) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, whether greedy decoding reproduces it) per (context, continuation) ids.
+
+    As the harness: the model reads (context + continuation)[:-1], left-truncated to the last
+    `max_length` tokens (None: no truncation); requests are taken longest first so similar lengths
+    share a batch; rows are right-padded (harmless for a causal model) to `bucket(longest row)`, and
+    with `pad_batch` every batch has `batch_size` rows, so a jitted model compiles once per bucket.
+    """
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive or None, got {max_length}")
+    rows = []
+    for context, continuation in token_requests:
+        context, continuation = list(context), list(continuation)
+        if not context or not continuation:
+            raise ValueError("a loglikelihood request needs a non-empty context and continuation (in tokens)")
+        if max_length is not None and len(continuation) > max_length:
+            raise ValueError(f"continuation of {len(continuation)} tokens exceeds the maximum length {max_length}")
+        sequence = context + continuation
+        if max_length is not None:
+            sequence = sequence[-(max_length + 1) :]
+        rows.append((sequence[:-1], np.asarray(continuation, np.int64)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    for first in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        batch = order[first : first + batch_size]
+        width = bucket(len(rows[batch[0]][0]))
+        input_ids = np.full((batch_size if pad_batch else len(batch), width), pad_id, np.int32)
+        spans = []
+        for row, i in enumerate(batch):
+            tokens, continuation = rows[i]
+            input_ids[row, : len(tokens)] = tokens
+            spans.append((row, len(tokens) - len(continuation), len(tokens), continuation))
+        for i, result in zip(batch, scorer(input_ids, spans)):
+            results[i] = result
+    return results
 
 
 def loglikelihoods(
@@ -205,43 +367,27 @@ def loglikelihoods(
     requests: Sequence[tuple[str, str]],
     *,
     batch_size: int = 8,
-    add_bos: bool = False,
+    add_bos: str | bool | None = "tokenizer",
     max_length: int | None = None,
     pad_to_multiple: int = 32,
     progress: bool = True,
 ) -> list[tuple[float, bool]]:
     """(sum of continuation log-probs, whether greedy decoding reproduces it) for each request.
 
-    Rows are right-padded (harmless for a causal model) to a multiple of `pad_to_multiple` so a
-    jitted `logits_fn` compiles for few shapes; `max_length` truncates from the left as the harness does.
+    add_bos: "tokenizer" (default, as the harness: the tokenizer's own special tokens), "always"
+      or "never" (see `encode`); a bool means "always"/"never".
+    max_length: left-truncate each (context + continuation) to this many model inputs, as the
+      harness does at the model's maximum length. None or 0: `logits_fn.max_length` when the
+      function carries one (`lard_jax.eval_runner.logits_fn_for` sets the model's
+      max_position_embeddings), else no truncation.
+    Rows are right-padded to a multiple of `pad_to_multiple` so a jitted `logits_fn` compiles for few shapes.
     """
-    encoded = [_encode_pair(tokenizer, c, x, add_bos) for c, x in requests]
-    rows = []
-    for context_ids, continuation_ids in encoded:
-        tokens = (context_ids + continuation_ids)[:-1]
-        if max_length is not None:
-            tokens = tokens[-max_length:]
-        rows.append((tokens, continuation_ids))
-    # Longest first, like the harness: similar lengths share a batch, so less padding.
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    if not max_length:
+        max_length = getattr(logits_fn, "max_length", None) or None
     pad_id = getattr(tokenizer, "pad_id", None) or 0
-    for first in tqdm(range(0, len(order), batch_size), desc="loglikelihood", disable=not progress):
-        batch = order[first : first + batch_size]
-        width = max(len(rows[i][0]) for i in batch)
-        width = -(-width // pad_to_multiple) * pad_to_multiple
-        input_ids = np.full((len(batch), width), pad_id, np.int32)
-        for row, i in enumerate(batch):
-            input_ids[row, : len(rows[i][0])] = rows[i][0]
-        logits = logits_fn(input_ids)
-        for row, i in enumerate(batch):
-            tokens, continuation = rows[i]
-            positions = slice(len(tokens) - len(continuation), len(tokens))
-            continuation_logits = np.asarray(logits[row, positions])
-            log_probs = token_log_probs(continuation_logits, np.asarray(continuation))
-            greedy = bool(np.all(continuation_logits.argmax(-1) == np.asarray(continuation)))
-            results[i] = (float(log_probs.sum()), greedy)
-    return results
+    return score_token_requests(
+        scorer_from_logits(logits_fn), encode_requests(tokenizer, requests, add_bos), batch_size=batch_size,
+        max_length=max_length, bucket=round_up_bucket(pad_to_multiple), pad_id=pad_id, progress=progress)
 
 
 def score_examples(
