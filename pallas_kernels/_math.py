@@ -1,11 +1,14 @@
-"""Tile math shared by the "xla" and "pallas_gpu" implementations.
+"""Tile math shared by the "xla", "pallas_gpu" and "pallas_tpu" implementations.
 
 Tiles hold raw products r = <l, r_> (float32); the scaled base-2 logit is
 u = c * r with c = scale * log2(e) > 0, so every exponential is exp2(c*r - c*m),
 one fused multiply-add, and the running maxima stay in raw units. Shapes: tiles
-[..., rows, keys], row statistics [..., rows]; the same code runs inside a
-Pallas kernel (2-D tiles) and under XLA (batched tiles). `exp2` is a parameter
-so the GPU kernels can pass a flush-to-zero hardware exp2.
+[..., rows, keys], row statistics [..., rows] or, with keepdims=True,
+[..., rows, 1]. The same code runs inside a Pallas kernel (2-D tiles) and under
+XLA (batched tiles): the Triton kernels and "xla" use [rows] statistics, the
+Mosaic (TPU) kernels [rows, 1] columns, the 2-D form Mosaic lowers without 1-D
+relayouts. `exp2` is a parameter so the GPU kernels can pass a flush-to-zero
+hardware exp2.
 
 Forward, one pass over key tiles, per row (teacher t, student s):
   m_x  running max of r_x, l_x = sum_j 2**(c (r_x - m_x)),
@@ -17,6 +20,7 @@ valid row), so dS = g_i * (p_s - p_t) * scale with p_x = 2**(c r_x - lse_x).
 import math
 
 import jax.numpy as jnp
+from jax import lax
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -25,27 +29,44 @@ LN2 = math.log(2.0)
 M_INIT = -1e30
 
 
+def tile_dot(a, b, contract=(1, 1)):
+  """2-D tile product with f32 accumulation, contracting a's axis contract[0]
+  with b's axis contract[1] ((1, 1): a @ b.T; (1, 0): a @ b; (0, 0): a.T @ b).
+  f32 inputs use exact (non-tf32 / fp32-pass) products."""
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
+                         precision=prec, preferred_element_type=jnp.float32)
+
+
+def _col(x, keepdims):
+  """A row statistic broadcast against a tile."""
+  return x if keepdims else x[..., None]
+
+
 def init_stats(shape):
   z = jnp.zeros(shape, jnp.float32)
   return (z + M_INIT, z, z + M_INIT, z, z)  # m_s, l_s, m_t, l_t, acc
 
 
-def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2):
+def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2, keepdims=False):
   """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked."""
   m_s, l_s, m_t, l_t, acc = stats
-  m_s_new = jnp.maximum(m_s, jnp.max(r_s, axis=-1))
-  m_t_new = jnp.maximum(m_t, jnp.max(r_t, axis=-1))
-  p_s = exp2(r_s * c - (m_s_new * c)[..., None])
-  p_t = exp2(r_t * c - (m_t_new * c)[..., None])
+  row_max = lambda x: jnp.max(x, axis=-1, keepdims=keepdims)
+  row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=keepdims)
+  m_s_new = jnp.maximum(m_s, row_max(r_s))
+  m_t_new = jnp.maximum(m_t, row_max(r_t))
+  p_s = exp2(r_s * c - _col(m_s_new * c, keepdims))
+  p_t = exp2(r_t * c - _col(m_t_new * c, keepdims))
   alpha_t = exp2((m_t - m_t_new) * c)
-  l_s = l_s * exp2((m_s - m_s_new) * c) + jnp.sum(p_s, axis=-1)
-  l_t = l_t * alpha_t + jnp.sum(p_t, axis=-1)
-  acc = acc * alpha_t + jnp.sum(p_t * diff, axis=-1)
+  l_s = l_s * exp2((m_s - m_s_new) * c) + row_sum(p_s)
+  l_t = l_t * alpha_t + row_sum(p_t)
+  acc = acc * alpha_t + row_sum(p_t * diff)
   return m_s_new, l_s, m_t_new, l_t, acc
 
 
 def finalize(stats, c):
-  """-> (kl [nats], lse_s, lse_t [base 2]); rows with no valid key give kl = 0."""
+  """-> (kl [nats], lse_s, lse_t [base 2]); rows with no valid key give kl = 0.
+  Element-wise, so any statistics shape works."""
   m_s, l_s, m_t, l_t, acc = stats
   has_key = l_t > 0
   l_s = jnp.where(has_key, l_s, 1.0)
@@ -56,8 +77,8 @@ def finalize(stats, c):
   return jnp.where(has_key, kl, 0.0), lse_s, lse_t
 
 
-def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2):
+def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2, keepdims=False):
   """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf."""
-  p_s = exp2(r_s * c - lse_s[..., None])
-  p_t = exp2(r_t * c - lse_t[..., None])
-  return (p_s - p_t) * g_scaled[..., None]
+  p_s = exp2(r_s * c - _col(lse_s, keepdims))
+  p_t = exp2(r_t * c - _col(lse_t, keepdims))
+  return (p_s - p_t) * _col(g_scaled, keepdims)

@@ -4,12 +4,22 @@
     p_x(i, .)   = softmax_j(scale * <x_left[b, i, h], x_right[b, j, h // G]>),
 
 over the valid keys j (causal, key mask, same segment). This file is the public
-contract: validation, defaults, padding, dispatch and the custom_vjp wiring. The
-kernels live in `xla.py` (pure JAX, linear memory) and `gpu.py` (Pallas/Triton);
-`reference.py` is the dense version for tests.
+contract: validation, padding, dispatch and the custom_vjp wiring. One module
+per impl, all named relation_kl_<impl>.py:
 
-Every implementation module provides the same two functions, on inputs padded
-to a multiple of the blocks (T) and to a power of two (D), layout [B, T, H, D]:
+    "pallas_gpu"  relation_kl_gpu.py        Pallas -> Triton (NVIDIA GPUs)
+    "pallas_tpu"  relation_kl_tpu.py        Pallas -> Mosaic (TPUs)
+    "xla"         relation_kl_xla.py        chunked pure JAX, linear memory
+    "reference"   relation_kl_reference.py  dense [T, T], tests and baselines
+    "auto"        pallas_gpu on GPU, pallas_tpu on TPU, xla elsewhere
+
+Shared by the kernels: `blocks.py` (BlockSizes, defaults, padding and tile
+rules of every backend), `_math.py` (online-softmax / KL tile math) and
+`cost.py` (the pl.CostEstimate of each pallas_call).
+
+Every kernel module (all but the reference) provides the same two functions,
+on inputs padded to a multiple of the blocks (T) and to a power of two (D),
+layout [B, T, H, D]:
 
     forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg) -> (kl, lse_s, lse_t)   # [B, H, Tp] f32
     backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg) -> (d_sl, d_sr)
@@ -17,13 +27,14 @@ to a multiple of the blocks (T) and to a power of two (D), layout [B, T, H, D]:
 where the LSEs are base-2 (log2 of the row sums of 2**(logit * log2 e)), g is the
 cotangent of kl (already zero on invalid rows) and q_ids/k_ids (None when nothing
 is masked but the causal structure) encode mask and segments: key j is valid for
-row i iff q_ids[b, i] == k_ids[b, j]. A future `pallas_tpu` only has to provide
-these two functions and a line in `_impl_module`.
+row i iff q_ids[b, i] == k_ids[b, j]. A new backend provides these two
+functions, a line in `_KERNEL_MODULES` and its tile rules in `blocks.py`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import numbers
 from typing import Any
 
@@ -31,50 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import blocks as _blocks
+from pallas_kernels.blocks import BlockSizes
+
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "reference")
 # Masked keys carry this id; a valid row never has it unless the caller uses
 # INT32_MIN as a segment id (documented limitation).
 _KEY_PAD_ID = int(np.iinfo(np.int32).min)
 _ROW_PAD_ID = int(np.iinfo(np.int32).max)
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiles and Triton launch settings. Blocks must be powers of two (>= 16 on GPU).
-
-  Defaults: the fastest of a sweep on an H200 at T=4096, D=128, bf16
-  (docs/kernel_notes.md); 128x128 forward tiles were within noise of 128x64.
-
-  block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
-  block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
-  block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
-  """
-  block_q: int = 128
-  block_k: int = 64
-  block_q_dq: int = 64
-  block_k_dq: int = 64
-  block_q_dk: int = 64
-  block_k_dk: int = 64
-  num_warps_fwd: int = 8
-  num_stages_fwd: int = 3
-  num_warps_bwd: int = 4
-  num_stages_bwd: int = 2
-  fast_exp2: bool = True  # GPU: flush-to-zero ex2.approx instead of libdevice exp2f
-
-  def all_blocks(self):
-    return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq,
-            self.block_q_dk, self.block_k_dk)
-
-
-# The "xla" impl works on whole chunks per loop step: large chunks keep the
-# matmuls big and the loop short; memory stays O(block_q * block_k) per head.
-XLA_BLOCKS = BlockSizes(block_q=512, block_k=512, block_q_dq=512, block_k_dq=512,
-                        block_q_dk=512, block_k_dk=512)
-# TPU: one [block_q, block_k] tile per grid step; 128 fills the MXU and the
-# lanes. Not tuned (no TPU was available); the Triton-only fields are unused.
-TPU_BLOCKS = BlockSizes(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128,
-                        block_q_dk=128, block_k_dk=128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,17 +63,17 @@ class Config:
   interpret: bool
 
 
+_KERNEL_MODULES = {
+    "pallas_gpu": "pallas_kernels.relation_kl_gpu",
+    "pallas_tpu": "pallas_kernels.relation_kl_tpu",
+    "xla": "pallas_kernels.relation_kl_xla",
+}
+
+
 def _impl_module(impl: str):
-  if impl == "pallas_gpu":
-    from pallas_kernels import gpu
-    return gpu
-  if impl == "xla":
-    from pallas_kernels import xla
-    return xla
-  if impl == "pallas_tpu":
-    from pallas_kernels import relation_kl_tpu
-    return relation_kl_tpu
-  raise ValueError(f"impl: no kernel module for {impl!r}")
+  if impl not in _KERNEL_MODULES:
+    raise ValueError(f"impl: no kernel module for {impl!r}")
+  return importlib.import_module(_KERNEL_MODULES[impl])
 
 
 def _resolve_impl(impl: str) -> str:
@@ -155,58 +131,6 @@ def _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale
     raise ValueError("block_sizes must be a BlockSizes or a dict of its fields")
 
 
-def _round_up(x, m):
-  return -(-x // m) * m
-
-
-def _default_blocks(impl, row_bytes):
-  if impl == "xla":
-    return XLA_BLOCKS
-  if impl == "pallas_tpu":
-    return TPU_BLOCKS
-  # Defaults are tuned for bf16/f16 with D <= 128 (256-byte rows). Wider rows
-  # (f32, D = 256) would overflow the 227 KB of shared memory a Hopper block
-  # gets, so tiles shrink in proportion and pipelining drops to two stages.
-  shrink = max(1, row_bytes // 256)
-  if shrink == 1:
-    return BlockSizes()
-  base = BlockSizes()
-  return dataclasses.replace(
-      base, num_stages_fwd=2, num_stages_bwd=2,
-      **{f.name: max(16, getattr(base, f.name) // shrink)
-         for f in dataclasses.fields(base) if f.name.startswith("block_")})
-
-
-def _pick_blocks(block_sizes, impl, T, row_bytes):
-  if block_sizes is None:
-    base = _default_blocks(impl, row_bytes)
-  elif isinstance(block_sizes, dict):
-    base = dataclasses.replace(_default_blocks(impl, row_bytes), **block_sizes)
-  else:
-    base = block_sizes
-  # Short sequences: no tile larger than T rounded up to a power of two.
-  cap = max(16, int(pl_next_pow2(T)))
-  blocks = dataclasses.replace(base, **{
-      f.name: min(getattr(base, f.name), cap)
-      for f in dataclasses.fields(base) if f.name.startswith("block_")})
-  for b in blocks.all_blocks():
-    if b <= 0 or b & (b - 1):
-      raise ValueError(f"block_sizes: blocks must be powers of two, got {blocks}")
-  if impl == "pallas_tpu":
-    # (8, 128) tiling: key blocks are the lane axis of the logit tiles, so a
-    # multiple of 128 unless one block spans the whole padded sequence.
-    Tp = _round_up(T, max(blocks.all_blocks()))
-    keys = (blocks.block_k, blocks.block_k_dq, blocks.block_k_dk)
-    if min(blocks.all_blocks()) < 8 or any(k % 128 and k != Tp for k in keys):
-      raise ValueError("block_sizes: pallas_tpu needs blocks >= 8 and key blocks "
-                       f"that are multiples of 128 (or span T), got {blocks}")
-  return blocks
-
-
-def pl_next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
-
-
 def relation_kl(s_left, s_right, t_left, t_right, *, mask=None, segment_ids=None,
                 causal=True, scale=None, impl="auto", interpret=False,
                 block_sizes=None):
@@ -224,17 +148,18 @@ def relation_kl(s_left, s_right, t_left, t_right, *, mask=None, segment_ids=None
   t_left = jax.lax.stop_gradient(t_left)
   t_right = jax.lax.stop_gradient(t_right)
   if impl == "reference":
-    from pallas_kernels.reference import relation_kl_reference
+    from pallas_kernels.relation_kl_reference import relation_kl_reference
     return relation_kl_reference(s_left, s_right, t_left, t_right, mask=mask,
                                  segment_ids=segment_ids, causal=causal,
                                  scale=scale)
-  Dp = max(16, pl_next_pow2(D))  # Triton tiles are powers of two; zeros add nothing
-  blocks = _pick_blocks(block_sizes, impl, T, Dp * jnp.dtype(s_left.dtype).itemsize)
+  Dp = _blocks.padded_head_dim(D)
+  blocks = _blocks.pick_blocks(block_sizes, impl, T,
+                               Dp * jnp.dtype(s_left.dtype).itemsize)
   cfg = Config(impl=impl, causal=bool(causal), scale=scale, blocks=blocks,
                interpret=bool(interpret))
   _impl_module(impl)  # fail early on an unavailable impl
 
-  Tp = _round_up(T, max(blocks.all_blocks()))
+  Tp = _blocks.padded_length(T, blocks)
   pad = ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))
   sl, sr, tl, tr = (jnp.pad(x, pad) if pad != ((0, 0),) * 4 else x
                     for x in (s_left, s_right, t_left, t_right))

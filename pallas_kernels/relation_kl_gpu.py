@@ -1,4 +1,7 @@
-"""Relation KL as Pallas kernels lowered through Triton (NVIDIA GPUs).
+"""Relation KL as Pallas kernels lowered through Triton (NVIDIA GPUs): impl "pallas_gpu".
+
+Backend module of `relation_kl.py` (contract there; tiles from `blocks.py`,
+tile math from `_math.py`, cost estimates from `cost.py`).
 
 Three kernels, all on [B, Tp, H, Dp] inputs, grid (tiles, B, H):
   _fwd_kernel     one query block, ONE pass over the key tiles up to the diagonal:
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _math
+from pallas_kernels import _math, cost
 
 try:  # jax >= 0.4.36 names it CompilerParams; older: TritonCompilerParams.
   from jax.experimental.pallas import triton as _plgpu
@@ -61,11 +64,7 @@ def _compiler_params(num_warps, num_stages):
   return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _dot(a, b, contract=(1, 1)):
-  """f32-accumulated tile product; f32 inputs use exact (non-tf32) products."""
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=prec, preferred_element_type=jnp.float32)
+_dot = _math.tile_dot
 
 
 def _masked(u_s, u_t, rows, cols, q_ids, k_ids, causal):
@@ -225,6 +224,8 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
       out_specs=[row_spec] * 3,
       out_shape=[row] * 3,
       compiler_params=_compiler_params(bl.num_warps_fwd, bl.num_stages_fwd),
+      cost_estimate=cost.estimate("fwd", B=B, H=H, T=Tp, D=Dp, causal=cfg.causal,
+                                  operands=args, outputs=[row] * 3),
       interpret=cfg.interpret,
       name="relation_kl_fwd",
   )(*args)
@@ -240,10 +241,13 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
   common = dict(c=cfg.scale * _math.LOG2E, scale=cfg.scale, causal=cfg.causal,
                 has_ids=has_ids, exp2=_exp2_for(cfg))
   params = _compiler_params(bl.num_warps_bwd, bl.num_stages_bwd)
+  args = (sl, sr, tl, tr, *ids, lse_s, lse_t, g)
+  shapes = dict(B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args)
 
   bq, bk = bl.block_q_dq, bl.block_k_dq
   nq, nk = Tp // bq, Tp // bk
   row_blk = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
+  out = jax.ShapeDtypeStruct(sl.shape, sl.dtype)
   d_sl = pl.pallas_call(
       functools.partial(_dleft_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
       grid=(nq, B, H),
@@ -251,28 +255,30 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
       + [row_blk] * 3,
       out_specs=pl.BlockSpec((None, bq, None, Dp),
                              lambda p, b, h: (b, nq - 1 - p, h, 0)),
-      out_shape=jax.ShapeDtypeStruct(sl.shape, sl.dtype),
+      out_shape=out,
       compiler_params=params,
+      cost_estimate=cost.estimate("dleft", outputs=out, **shapes),
       interpret=cfg.interpret,
       name="relation_kl_dleft",
-  )(sl, sr, tl, tr, *ids, lse_s, lse_t, g)
+  )(*args)
 
   bq, bk = bl.block_q_dk, bl.block_k_dk
   nq, nk = Tp // bq, Tp // bk
   row_all = pl.BlockSpec((None, None, Tp), lambda p, b, h: (b, h, 0))
   # One output per query head; grouped heads (GQA) are summed below in f32.
+  out = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
   d_sr = pl.pallas_call(
       functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
       grid=(nk, B, H),
       in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False)
       + [row_all] * 3,
       out_specs=pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, H, Dp),
-                                     sr.dtype if G == 1 else jnp.float32),
+      out_shape=out,
       compiler_params=params,
+      cost_estimate=cost.estimate("dright", outputs=out, **shapes),
       interpret=cfg.interpret,
       name="relation_kl_dright",
-  )(sl, sr, tl, tr, *ids, lse_s, lse_t, g)
+  )(*args)
   if G > 1:
     d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
   return d_sl, d_sr

@@ -1,4 +1,8 @@
-"""Dense relation KL: materialises the [B, H, T, T] logits. Tests and baselines only."""
+"""Dense relation KL, impl "reference": materialises the [B, H, T, T] logits.
+
+Tests and baselines only (O(T^2) memory). Exported as
+`pallas_kernels.relation_kl_reference`; `relation_kl(..., impl="reference")`
+calls it (its gradient is plain autodiff, no custom_vjp)."""
 from __future__ import annotations
 
 import jax

@@ -1,6 +1,8 @@
-"""Relation KL as Pallas kernels lowered through Mosaic (TPU).
+"""Relation KL as Pallas kernels lowered through Mosaic (TPU): impl "pallas_tpu".
 
-Same contract and algorithm as `gpu.py` (one-pass forward with online
+Backend module of `relation_kl.py` (contract there; tiles and the (8, 128)
+block rules from `blocks.py`, tile math from `_math.py`, cost estimates from
+`cost.py`). Same algorithm as `relation_kl_gpu.py` (one-pass forward with online
 statistics, LSE residuals, recomputing d_left / d_right backward); what differs
 is how a TPU wants the work cut up:
 
@@ -23,8 +25,8 @@ is how a TPU wants the work cut up:
     that share a right head (GQA) are summed in the VMEM accumulator, so no
     per-query-head float32 buffer goes through HBM.
 
-The tile math is `_math.py` written with keepdims (row statistics [rows, 1]),
-the 2-D form Mosaic lowers without 1-D relayouts. `interpret=True` runs the
+The tile math is `_math.py` called with keepdims=True (row statistics
+[rows, 1]), the 2-D form Mosaic lowers without 1-D relayouts. `interpret=True` runs the
 kernels in Pallas' TPU interpret mode (`pltpu.InterpretParams`) on CPU, which
 simulates VMEM scratch and the block DMAs.
 """
@@ -36,44 +38,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import _math
-
-LANES = 128
+from pallas_kernels import _math, blocks, cost
 
 
 # ---------------------------------------------------------------- tile math ---
 
 def _dot(a, b):
-  """[m, k] x [k, n] -> [m, n] f32; f32 inputs use exact (fp32-pass) products."""
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32)
+  """[m, k] x [k, n] -> [m, n] f32."""
+  return _math.tile_dot(a, b, (1, 0))
 
 
 def _dot_nt(a, b):
   """[m, k] x [n, k] -> [m, n] f32 (a @ b.T)."""
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=prec,
-                         preferred_element_type=jnp.float32)
+  return _math.tile_dot(a, b, (1, 1))
 
 
-def _online_update(stats, r_s, r_t, diff, c):
-  """_math.online_update with [rows, 1] statistics."""
-  m_s, l_s, m_t, l_t, acc = stats
-  m_s_new = jnp.maximum(m_s, jnp.max(r_s, axis=1, keepdims=True))
-  m_t_new = jnp.maximum(m_t, jnp.max(r_t, axis=1, keepdims=True))
-  p_s = jnp.exp2(r_s * c - m_s_new * c)
-  p_t = jnp.exp2(r_t * c - m_t_new * c)
-  alpha_t = jnp.exp2((m_t - m_t_new) * c)
-  l_s = l_s * jnp.exp2((m_s - m_s_new) * c) + jnp.sum(p_s, axis=1, keepdims=True)
-  l_t = l_t * alpha_t + jnp.sum(p_t, axis=1, keepdims=True)
-  acc = acc * alpha_t + jnp.sum(p_t * diff, axis=1, keepdims=True)
-  return m_s_new, l_s, m_t_new, l_t, acc
-
-
-def _grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c):
-  """_math.grad_logits with [rows, 1] statistics."""
-  return (jnp.exp2(r_s * c - lse_s) - jnp.exp2(r_t * c - lse_t)) * g_scaled
+_online_update = functools.partial(_math.online_update, keepdims=True)
+_grad_logits = functools.partial(_math.grad_logits, keepdims=True)
 
 
 def _masked(r_s, r_t, q0, k0, q_ids, k_ids, causal):
@@ -216,7 +197,7 @@ def _interpret(cfg):
 def _lane_pad(x):
   """[B, Tp, H, Dp] -> [B, Tp, H * Dq], Dq a multiple of 128 (zero columns)."""
   B, Tp, H, Dp = x.shape
-  Dq = -(-Dp // LANES) * LANES
+  Dq = blocks.lane_dim(Dp)
   if Dq != Dp:
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, Dq - Dp)))
   return x.reshape(B, Tp, H * Dq), Dq
@@ -298,6 +279,8 @@ def _forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
       out_shape=[row] * 3,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=cost.estimate("fwd", B=B, H=H, T=Tp, D=Dq, causal=cfg.causal,
+                                  operands=(*xs, *ids), outputs=[row] * 3),
       interpret=_interpret(cfg),
       name="relation_kl_fwd_tpu",
   )(*xs, *ids)
@@ -314,8 +297,11 @@ def _backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
   rows_in = tuple(x.reshape(B, H, Tp, 1) for x in (lse_s, lse_t, g))
   common = dict(c=cfg.scale * _math.LOG2E, scale=cfg.scale, causal=cfg.causal,
                 has_ids=has_ids)
+  args = (*xs, *ids, *rows_in)
+  shapes = dict(B=B, H=H, T=Tp, D=Dq, causal=cfg.causal, operands=args)
 
   bq, bk = bl.block_q_dq, bl.block_k_dq
+  out = jax.ShapeDtypeStruct((B, Tp, H * Dq), sl.dtype)
   col = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j: (b, h, i, 0))
   d_sl = pl.pallas_call(
       functools.partial(_dleft_kernel, bq=bq, bk=bk, **common),
@@ -325,12 +311,13 @@ def _backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
           in_specs=_row_specs(bq, bk, Dq, G, cfg.causal, has_ids) + [col] * 3,
           out_specs=pl.BlockSpec((None, bq, Dq), lambda b, h, i, j: (b, i, h)),
           scratch_shapes=[pltpu.VMEM((bq, Dq), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, H * Dq), sl.dtype),
+      out_shape=out,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=cost.estimate("dleft", outputs=out, **shapes),
       interpret=_interpret(cfg),
       name="relation_kl_dleft_tpu",
-  )(*xs, *ids, *rows_in)
+  )(*args)
 
   # Grid (b, hr, j, g, i): key block j of right head hr owns its output and
   # accumulates over the G grouped query heads and the query blocks i.
@@ -345,6 +332,7 @@ def _backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
               pl.BlockSpec((None, 1, bk), lambda b, r, j, g, i: (b, 0, j))]
   col = pl.BlockSpec((None, None, bq, 1),
                      lambda b, r, j, g, i: (b, r * G + g, qb(i, j), 0))
+  out = jax.ShapeDtypeStruct((B, Tp, Hr * Dq), sr.dtype)
   d_sr = pl.pallas_call(
       functools.partial(_dright_kernel, bq=bq, bk=bk, **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -353,12 +341,13 @@ def _backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
           in_specs=specs + [col] * 3,
           out_specs=pl.BlockSpec((None, bk, Dq), lambda b, r, j, g, i: (b, j, r)),
           scratch_shapes=[pltpu.VMEM((bk, Dq), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((B, Tp, Hr * Dq), sr.dtype),
+      out_shape=out,
       compiler_params=pltpu.CompilerParams(dimension_semantics=(
           "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+      cost_estimate=cost.estimate("dright", outputs=out, **shapes),
       interpret=_interpret(cfg),
       name="relation_kl_dright_tpu",
-  )(*xs, *ids, *rows_in)
+  )(*args)
 
   d_sl = d_sl.reshape(B, Tp, H, Dq)[..., :Dp]
   d_sr = d_sr.reshape(B, Tp, Hr, Dq)[..., :Dp]

@@ -1,4 +1,7 @@
-"""Relation KL in plain JAX, linear in memory (the CPU/TPU path and GPU fallback).
+"""Relation KL in plain JAX, linear in memory: impl "xla" (the CPU path and fallback).
+
+Backend module of `relation_kl.py` (contract there; chunk sizes from
+`blocks.py`, tile math from `_math.py`; no pallas_call, so no cost estimate).
 
 Same algorithm as the Pallas kernels, written with chunks: lax.map over row
 chunks, an inner fori_loop over key chunks (dynamic bounds skip the causal upper
@@ -10,7 +13,6 @@ output chunk has a single writer, so no scatter-add).
 Layout inside: left [B, T, Hr, G, D] (G query heads share a right head),
 right [B, T, Hr, D]; tiles [B, Hr, G, rows, keys].
 """
-import jax
 import jax.numpy as jnp
 from jax import lax
 

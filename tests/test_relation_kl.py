@@ -7,7 +7,7 @@ Tolerances: f32 forward 1e-5 and gradients 1e-4 in relative norm (f32 rounding
 over at most a few hundred terms); bf16 1e-2 (8-bit mantissa inputs, dS cast to
 bf16 before the gradient matmuls).
 """
-import zlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import BlockSizes, relation_kl, self_relation_kl
+from pallas_kernels import BlockSizes, cost, relation_kl, self_relation_kl
+from tests.kernel_cases import (assert_matches_reference, case_kwargs, make_inputs,
+                                pallas_call_costs, reference64, rel_err)
+from tests.kernel_cases import kl_and_grads as _kl_and_grads
+from tests.kernel_cases import rng_fixture  # noqa: F401 (the "rng" fixture)
 
 # Mixed tile shapes; T is padded to 32 inside the wrapper.
 SMALL_BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
@@ -23,85 +27,12 @@ SMALL_BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
 IMPLS = ["xla", "pallas_gpu"]
 
 
-@pytest.fixture
-def rng(request):
-  """Fresh inputs per test, reproducible: seeded by the test's own name."""
-  return np.random.default_rng(zlib.crc32(request.node.name.encode()))
-
-
 def _kw(impl):
   return dict(impl=impl, interpret=True, block_sizes=SMALL_BLOCKS)
 
 
-# ---------------------------------------------------------------- reference ---
-
-def reference64(sl, sr, tl, tr, w, *, mask=None, segment_ids=None, causal=True,
-                scale=None):
-  """Dense float64 KL rows and d(sum(w * kl))/d(sl, sr), straight from the
-  definition (log-softmax rows, autodiff), independent of the kernels."""
-  with jax.enable_x64(True):
-    f64 = lambda x: jnp.asarray(np.asarray(x, np.float64))
-    sl, sr, tl, tr, w = map(f64, (sl, sr, tl, tr, w))
-    B, T, H, D = sl.shape
-    G = H // sr.shape[2]
-    scale = D ** -0.5 if scale is None else scale
-    valid = np.ones((B, 1, T, T), bool)
-    if causal:
-      valid &= np.tril(np.ones((T, T), bool))
-    if mask is not None:
-      valid &= np.asarray(mask)[:, None, None, :]
-    if segment_ids is not None:
-      s = np.asarray(segment_ids)
-      valid &= s[:, None, :, None] == s[:, None, None, :]
-    row_ok = valid.any(-1)
-    if mask is not None:
-      row_ok &= np.asarray(mask)[:, None, :]
-
-    def log_p(left, right):
-      right = jnp.repeat(right, G, axis=2)
-      z = scale * jnp.einsum("bihd,bjhd->bhij", left, right)
-      z = jnp.where(valid, z, -1e300)
-      return z - jax.scipy.special.logsumexp(z, axis=-1, keepdims=True)
-
-    def kl_rows(sl, sr):
-      lt, ls = log_p(tl, tr), log_p(sl, sr)
-      kl = jnp.where(valid, jnp.exp(lt) * (lt - ls), 0.0).sum(-1)
-      return jnp.where(row_ok, kl, 0.0)
-
-    # One compiled function (eager op-by-op dispatch is slower on CPU).
-    loss = lambda a, b: (jnp.sum(w * kl_rows(a, b)), kl_rows(a, b))
-    (_, kl), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(sl, sr)
-    return np.asarray(kl), tuple(np.asarray(g) for g in grads)
-
-
-def rel_err(x, ref):
-  x = np.asarray(x, np.float64)
-  assert np.all(np.isfinite(x)), "non-finite values"
-  return np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30)
-
-
-def make_inputs(rng, B, T, H, Hr, D, dtype=jnp.float32, std=1.0):
-  def draw(h):
-    return jnp.asarray(std * rng.standard_normal((B, T, h, D)), jnp.float32).astype(dtype)
-  sl, sr, tl, tr = draw(H), draw(Hr), draw(H), draw(Hr)
-  w = jnp.asarray(rng.standard_normal((B, H, T)), jnp.float32)
-  return sl, sr, tl, tr, w
-
-
 def kl_and_grads(impl, sl, sr, tl, tr, w, **kw):
-  """KL rows and d(sum(w * kl))/d(sl, sr), traced and compiled once."""
-  def loss(a, b):
-    kl = relation_kl(a, b, tl, tr, **_kw(impl), **kw)
-    return jnp.sum(w * kl), kl
-  (_, kl), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(sl, sr)
-  return kl, grads
-
-
-def packed_segments(rng, B, T):
-  cuts = np.sort(rng.choice(np.arange(1, T), size=(B, 2), replace=True), axis=1)
-  pos = np.arange(T)[None]
-  return jnp.asarray((pos >= cuts[:, :1]).astype(np.int32)
-                     + (pos >= cuts[:, 1:]).astype(np.int32) * 5)
+  return _kl_and_grads(sl, sr, tl, tr, w, **_kw(impl), **kw)
 
 
 # -------------------------------------------------------------- correctness ---
@@ -116,34 +47,6 @@ CASES = {
     "noncausal_segments": (1, 64, 2, 2, 16, {"causal": False, "segments": True,
                                              "scale": 0.3}),
 }
-
-
-def case_kwargs(rng, B, T, opts):
-  """relation_kl keyword arguments of a CASES entry: causal/scale, padding mask, segments."""
-  kw = {"causal": opts.get("causal", True), "scale": opts.get("scale")}
-  if opts.get("mask"):
-    lengths = rng.integers(1, T, size=B)
-    lengths[0] = T
-    if B > 2:
-      lengths[-1] = 0  # a fully padded sequence
-    kw["mask"] = jnp.asarray(np.arange(T)[None] < lengths[:, None])
-  if opts.get("segments"):
-    kw["segment_ids"] = packed_segments(rng, B, T)
-  return kw
-
-
-def assert_matches_reference(kl, grads, ref, ref_grads, kw):
-  """f32 tolerances of the contract; padded rows exactly zero, padded keys no gradient."""
-  (d_sl, d_sr), (r_sl, r_sr) = grads, ref_grads
-  assert kl.dtype == jnp.float32
-  assert rel_err(kl, ref) <= 1e-5
-  assert rel_err(d_sl, r_sl) <= 1e-4
-  assert rel_err(d_sr, r_sr) <= 1e-4
-  if "mask" in kw:
-    pad = ~np.asarray(kw["mask"])
-    assert np.all(np.asarray(kl)[np.broadcast_to(pad[:, None], kl.shape)] == 0)
-    assert np.all(np.asarray(d_sr)[pad] == 0)
-    assert np.all(np.asarray(d_sl)[pad] == 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -246,11 +149,79 @@ def test_reference_impl_and_export(rng):
 def test_auto_is_xla_on_cpu(rng, monkeypatch):
   if jax.default_backend() != "cpu":
     pytest.skip("checks the CPU dispatch")
-  from pallas_kernels import gpu
-  monkeypatch.setattr(gpu, "forward", lambda *a, **k: pytest.fail("used pallas"))
+  from pallas_kernels import relation_kl_gpu
+  monkeypatch.setattr(relation_kl_gpu, "forward", lambda *a, **k: pytest.fail("used pallas"))
   sl, sr, tl, tr, w = make_inputs(rng, 1, 20, 2, 2, 16)
   ref, _ = reference64(sl, sr, tl, tr, w)
   assert rel_err(relation_kl(sl, sr, tl, tr), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,mask", [(jnp.bfloat16, True), (jnp.float32, False)])
+def test_lowers_to_triton(dtype, mask):
+  """Forward and both backward kernels lower through Pallas -> Triton IR for
+  "cuda" (the GPU's Triton compiler and ptxas are not run here)."""
+  B, T, H, Hr, D = 1, 200, 4, 2, 128
+  x = jax.ShapeDtypeStruct((B, T, H, D), dtype)
+  r = jax.ShapeDtypeStruct((B, T, Hr, D), dtype)
+  m = jax.ShapeDtypeStruct((B, T), jnp.bool_)
+  def fwd_bwd(a, b, c, d, valid):
+    loss = lambda a, b: relation_kl(a, b, c, d, mask=valid if mask else None,
+                                    impl="pallas_gpu").sum()
+    return jax.value_and_grad(loss, (0, 1))(a, b)
+  lowered = jax.jit(fwd_bwd).trace(x, r, x, r, m).lower(lowering_platforms=("cuda",))
+  calls = re.findall(r"custom_call @([\w$.]+)", lowered.as_text())
+  assert len(calls) == 3 and all("triton" in c for c in calls), calls
+
+
+# ------------------------------------------------------------ cost estimate ---
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cost_estimate_is_the_documented_formula(causal):
+  """docs/kernel_notes.md: forward 2*T^2*D*H flops (two matmuls over the causal
+  half square), backward 6*T^2*D*H split 3 + 3 between d_left and d_right, 2 exp2
+  per (row, key) pair per kernel; non-causal doubles. T and D are the padded sizes
+  the kernels see; bytes = operands read once + results written once."""
+  B, T, H, Hr, D = 2, 37, 4, 2, 24
+  Tp, Dp, item = 64, 32, 2  # T to a multiple of the largest block (32), D to 2^k
+  x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+  r = jax.ShapeDtypeStruct((B, T, Hr, D), jnp.bfloat16)
+  def fwd_bwd(a, b, c, d):
+    loss = lambda a, b: relation_kl(a, b, c, d, causal=causal, **_kw("pallas_gpu")).sum()
+    return jax.value_and_grad(loss, (0, 1))(a, b)
+  costs = pallas_call_costs(fwd_bwd, x, r, x, r)
+  half = 1 if causal else 2  # T^2 / 2 pairs causal, T^2 otherwise
+  assert costs["relation_kl_fwd"].flops == 2 * Tp**2 * Dp * H * B * half
+  assert (costs["relation_kl_dleft"].flops + costs["relation_kl_dright"].flops
+          == 6 * Tp**2 * Dp * H * B * half)
+  assert costs["relation_kl_dleft"].flops == costs["relation_kl_dright"].flops
+  for c in costs.values():
+    assert c.transcendentals == 2 * (Tp**2 // 2) * H * B * half
+  inputs = 2 * B * Tp * (H + Hr) * Dp * item + 2 * B * Tp * 4  # + q/k ids (T padded)
+  rows = B * H * Tp * 4  # one f32 row statistic
+  assert costs["relation_kl_fwd"].bytes_accessed == inputs + 3 * rows
+  assert costs["relation_kl_dleft"].bytes_accessed == inputs + 3 * rows + B * Tp * H * Dp * item
+  # GQA: d_right writes one f32 gradient per query head, summed outside.
+  assert costs["relation_kl_dright"].bytes_accessed == inputs + 3 * rows + B * Tp * H * Dp * 4
+  assert cost.flops("fwd", B=B, H=H, T=Tp, D=Dp, causal=causal) == (
+      costs["relation_kl_fwd"].flops)
+
+
+def test_block_policy():
+  """blocks.py: defaults per impl, GPU shrink for wide rows, clamp to T, padding."""
+  from pallas_kernels import blocks
+  assert blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 2) == BlockSizes()
+  wide = blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 4)  # f32 rows: half tiles
+  assert (wide.block_q, wide.block_k, wide.num_stages_fwd) == (64, 32, 2)
+  assert set(blocks.pick_blocks(None, "xla", 4096, 256).all_blocks()) == {512}
+  assert set(blocks.pick_blocks(None, "pallas_tpu", 4096, 256).all_blocks()) == {128}
+  short = blocks.pick_blocks({"block_q": 256}, "xla", 37, 256)
+  assert set(short.all_blocks()) == {64} and blocks.padded_length(37, short) == 64
+  assert [blocks.padded_head_dim(d) for d in (8, 24, 64, 80)] == [16, 32, 64, 128]
+  assert [blocks.lane_dim(d) for d in (16, 128, 256)] == [128, 128, 256]
+  with pytest.raises(ValueError, match="block_sizes"):
+    blocks.pick_blocks({"block_k": 64}, "pallas_tpu", 300, 256)
+  with pytest.raises(ValueError, match="block_sizes"):
+    blocks.pick_blocks({"block_kk": 64}, "xla", 300, 256)
 
 
 # --------------------------------------------------------------- validation ---
@@ -273,14 +244,16 @@ def _bad_calls():
       ("segment_ids", dict(ok, segment_ids=jnp.ones((8,), jnp.int32))),
       ("impl", dict(ok, impl="cuda")),
       ("scale", dict(ok, scale=-1.0)),
+      ("block_sizes", dict(ok, block_sizes={"block_k": 12})),   # not a power of 2
+      ("block_sizes", dict(ok, block_sizes={"block_q": 8})),    # < 16 on GPU
   ]
 
 
 @pytest.mark.parametrize("arg,call", _bad_calls(),
                          ids=[f"{a}{i}" for i, (a, _) in enumerate(_bad_calls())])
 def test_bad_input_raises_before_tracing(arg, call, monkeypatch):
-  from pallas_kernels import gpu, xla
-  for mod in (gpu, xla):
+  from pallas_kernels import relation_kl_gpu, relation_kl_xla
+  for mod in (relation_kl_gpu, relation_kl_xla):
     for fn in ("forward", "backward"):
       monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("kernel traced"))
   kw = dict(call)

@@ -5,18 +5,20 @@ No TPU here: the kernels run in Pallas' TPU interpret mode on CPU
 scratch and block copies and fills uninitialised scratch with NaN), and the
 Mosaic lowering itself is checked by exporting for platform "tpu" (Pallas ->
 Mosaic MLIR, including the (8, 128) block-shape rules; the Mosaic compiler in
-libtpu is not run). Reference and tolerances are those of test_relation_kl.py.
+libtpu is not run). Reference and tolerances are those of test_relation_kl.py
+(shared through tests/kernel_cases.py).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockSizes, relation_kl, self_relation_kl
-from pallas_kernels import relation_kl_tpu
+from pallas_kernels import BlockSizes, relation_kl, relation_kl_tpu, self_relation_kl
 from pallas_kernels.relation_kl import _resolve_impl
-from tests.test_relation_kl import (assert_matches_reference, case_kwargs, make_inputs, packed_segments, reference64,
-                                    rel_err, rng)  # noqa: F401 (rng: fixture)
+from tests import kernel_cases
+from tests.kernel_cases import (assert_matches_reference, case_kwargs, make_inputs,
+                                pallas_call_costs, reference64, rel_err)
+from tests.kernel_cases import rng_fixture  # noqa: F401 (the "rng" fixture)
 
 # Query blocks 32/64/128 against 128-key blocks: the causal clamps and skips
 # see block_q < block_k, block_q == block_k and several tiles per row.
@@ -25,12 +27,8 @@ MIXED = BlockSizes(block_q=64, block_k=128, block_q_dq=128, block_k_dq=128,
 
 
 def kl_and_grads(sl, sr, tl, tr, w, blocks=MIXED, **kw):
-  def loss(a, b):
-    kl = relation_kl(a, b, tl, tr, impl="pallas_tpu", interpret=True,
-                     block_sizes=blocks, **kw)
-    return jnp.sum(w * kl), kl
-  (_, kl), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(sl, sr)
-  return kl, grads
+  return kernel_cases.kl_and_grads(sl, sr, tl, tr, w, impl="pallas_tpu",
+                                   interpret=True, block_sizes=blocks, **kw)
 
 
 CASES = {
@@ -149,6 +147,28 @@ def test_causal_skipped_tiles_fetch_nothing():
       last = block
       needed += j * bk <= (i + 1) * bq - 1
   assert fetches == needed < (Tp // bq) * (Tp // bk)
+
+
+def test_cost_estimate_is_the_documented_formula():
+  """As in test_relation_kl.py, with the lane-padded head dim the kernels see:
+  forward 2*T^2*D*H, d_left and d_right 3*T^2*D*H each (causal), 2 exp2 per pair."""
+  B, T, H, Hr, D = 2, 200, 4, 2, 80
+  Tp, Dq = 256, 128  # T to a multiple of the 128 blocks; D 80 -> 128 -> 128 lanes
+  x = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
+  r = jax.ShapeDtypeStruct((B, T, Hr, D), jnp.float32)
+  def fwd_bwd(a, b, c, d):
+    loss = lambda a, b: relation_kl(a, b, c, d, impl="pallas_tpu", interpret=True).sum()
+    return jax.value_and_grad(loss, (0, 1))(a, b)
+  costs = pallas_call_costs(fwd_bwd, x, r, x, r)
+  assert set(costs) == {"relation_kl_fwd_tpu", "relation_kl_dleft_tpu",
+                        "relation_kl_dright_tpu"}
+  assert costs["relation_kl_fwd_tpu"].flops == 2 * Tp**2 * Dq * H * B
+  assert costs["relation_kl_dleft_tpu"].flops == 3 * Tp**2 * Dq * H * B
+  assert costs["relation_kl_dright_tpu"].flops == 3 * Tp**2 * Dq * H * B
+  for c in costs.values():
+    assert c.transcendentals == Tp**2 * H * B
+  inputs = 2 * B * Tp * (H + Hr) * Dq * 4 + 2 * B * Tp * 4  # + q/k ids (T padded)
+  assert costs["relation_kl_fwd_tpu"].bytes_accessed == inputs + 3 * B * H * Tp * 4
 
 
 def test_block_rules_and_auto_dispatch(rng, monkeypatch):
