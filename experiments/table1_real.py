@@ -1,0 +1,267 @@
+"""The paper's Table 1 on a real pretrained LLaMA: SmolLM2-135M-Instruct, 8K native -> 32K (linear x4).
+
+    python -m experiments.table1_real --config configs/smollm2_135m_pi32k.py \
+        --data .corpus/train.jsonl --heldout .corpus/heldout.jsonl --out docs/table1_real
+
+Rows (each trains with the same trainer, on the same text, from the same teacher):
+  teacher          native RoPE (8192), no training
+  scaled           linear x4 (32K), untrained; `scaled_yarn` YaRN x4, untrained
+  linearard        the config's recipe (the authors' recipe scaled to this model) at the native length
+  cpt_1x           continued pre-training of the scaled student at 32K with LinearARD's tokens
+  cpt_Nx           the same with --big_mult times the tokens (the paper: ~60x)
+  longred_simplified_Nx  this project's simplified LongReD with --big_mult times the tokens
+  linearard_cpt    linearard + light stage-2 CPT at 32K (1x tokens)
+
+Columns: held-out perplexity at 2K and 8K (short text) and at 32K (one long stream of held-out text),
+a 4-way continuation cloze with lm-eval-harness conventions, passkey and NIAH (single and multi-key)
+at 8K/16K/32K over several depths, training tokens and GPU seconds per row.
+
+Resumable: every finished row is written to <out>/table1_real.json at once and skipped on the next
+call; `--time_budget_s` stops before starting a row that would not fit (a device call is 10 minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import time
+import traceback
+
+import numpy as np
+
+from lard_jax import eval_runner, hf, pipeline
+from lard_jax.evaluation import perplexity, synthetic
+from lard_jax.model import LlamaForCausalLM, dtype_of
+from lard_jax.tokenizer import load_tokenizer
+
+ROW_ORDER = ("teacher", "scaled", "linearard", "cpt_1x", "linearard_cpt", "cpt_Nx", "longred_simplified_Nx",
+             "scaled_yarn")
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("table1_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def train_rows(base, big_mult: int, extra_lrs=()) -> dict[str, dict]:
+    """name -> overrides. The token unit is LinearARD's budget: steps x batch x accum x native length."""
+    native = base.data.seq_len
+    factor = float(base.student.rope_scaling["factor"])
+    long_len = int(native * factor)
+    unit = base.train.steps * base.train.batch_size * base.train.grad_accum * native
+    cpt_steps = lambda mult: max(1, int(mult * unit // long_len))  # noqa: E731  (batch 1, accum 1 at 32K)
+    return {
+        "linearard": dict(method="linearard", seq_len=native, steps=base.train.steps),
+        "cpt_1x": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1),
+        "linearard_cpt": dict(method="linearard", seq_len=native, steps=base.train.steps,
+                              stage2_steps=cpt_steps(1), stage2_len=long_len),
+        "cpt_Nx": dict(method="cpt", seq_len=long_len, steps=cpt_steps(big_mult), batch=1, accum=1),
+        "longred_simplified_Nx": dict(method="longred_simplified", seq_len=native,
+                                      steps=big_mult * base.train.steps),
+        **{f"linearard_lr{lr:g}": dict(method="linearard", seq_len=native, steps=base.train.steps, lr=lr)
+           for lr in extra_lrs},
+    }
+
+
+def run_row(base, name: str, r: dict, args) -> dict:
+    c = base.copy_and_resolve_references()
+    with c.unlocked():
+        c.workdir = os.path.join(args.workdir, name)
+        c.data.source = args.data
+        c.data.cache_dir = os.path.join(args.workdir, "token_cache")  # tokenised once for every row
+        c.data.seq_len = r["seq_len"]
+        if r["seq_len"] > base.data.seq_len and "allow_long" in c.data:
+            c.data.allow_long = True  # CPT trains at the extended length on purpose
+        c.loss.method = r["method"]
+        c.train.steps = r["steps"]
+        c.train.batch_size = r.get("batch", c.train.batch_size)
+        c.train.grad_accum = r.get("accum", c.train.grad_accum)
+        c.train.checkpoint_every = 10 ** 9
+        c.train.log_every = 25
+        c.eval.enabled = False
+        if r["method"] == "cpt":
+            c.train.lr = args.cpt_lr or c.train.lr
+        if "lr" in r:
+            c.train.lr = r["lr"]
+        if "stage2_steps" in r:
+            c.stage2.steps = r["stage2_steps"]
+            c.stage2.seq_len = r["stage2_len"]
+            c.stage2.batch_size = 1
+            c.stage2.grad_accum = 1
+            c.stage2.lr = args.cpt_lr or c.train.lr
+    t0 = time.perf_counter()
+    done = os.path.join(c.workdir, "summary.json")
+    if os.path.exists(done):  # trained by an earlier call whose evaluation did not finish
+        with open(done) as f:
+            summary = json.load(f)
+        return {"train_tokens": int(summary["train_tokens"]), "train_seconds": summary.get("train_seconds", 0.0),
+                "hf_student": summary["hf_student"], "overrides": r}
+    summary = pipeline.run_restoration(c)
+    return {"train_tokens": int(summary["train_tokens"]), "train_seconds": time.perf_counter() - t0,
+            "hf_student": summary["hf_student"], "overrides": r}
+
+
+def long_stream(token_docs, eos_id) -> list[list[int]]:
+    """The held-out documents joined (EOS between) into one stream, for perplexity at lengths longer
+    than any single held-out document."""
+    out: list[int] = []
+    for d in token_docs:
+        out.extend(list(d) + ([eos_id] if eos_id is not None else []))
+    return [out]
+
+
+def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
+    # linear-memory attention for every length (cuDNN on a GPU, blockwise elsewhere): dense XLA
+    # attention at 32K would hold 9 x 32768^2 float32 scores per layer
+    model = LlamaForCausalLM(model.config.replace(attention_impl="auto"))
+    logits_fn = eval_runner.logits_fn_for(model, params)
+    res: dict = {}
+    short = perplexity.perplexity_vs_length(logits_fn, docs, [2048, native], max_windows=args.ppl_windows,
+                                            batch_size=1, progress=False)
+    res["ppl@2048"], res[f"ppl@{native}"] = short.get(2048), short.get(native)
+    long_len = int(args.long_len)
+    res[f"stream_ppl@{long_len}"] = perplexity.perplexity_vs_length(
+        logits_fn, stream, [long_len], max_windows=args.long_windows, batch_size=1, progress=False).get(long_len)
+    spec = eval_runner.EvalSpec(native_len=native, cloze_samples=args.cloze_samples, batch_size=8)
+    examples = eval_runner.cloze_examples(docs, tokenizer, context_len=512, cont_len=32, n=args.cloze_samples,
+                                          seed=0)
+    from lard_jax.evaluation import multiple_choice
+    res["cloze_acc"] = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer,
+                                                      batch_size=spec.batch_size, progress=False)["acc"]
+    generate = eval_runner.generate_fn_for(model, params)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    for task in ("passkey", "niah_single", "niah_multikey"):
+        out = synthetic.evaluate_synthetic(generate, tokenizer, task, lengths, depths, args.samples_per_depth, 0,
+                                           progress=False)
+        for length, acc in out["by_length"].items():
+            res[f"{task}@{length}"] = acc
+    return res
+
+
+def write_tables(out_dir: str, results: dict, meta: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table1_real.json"), "w") as f:
+        json.dump({"rows": results, "meta": meta}, f, indent=2)
+    names = [n for n in ROW_ORDER if n in results] + [n for n in results if n not in ROW_ORDER]
+    cols: list[str] = []
+    for n in names:
+        cols += [k for k, v in results[n].get("eval", {}).items() if k not in cols and not isinstance(v, dict)]
+    cols += ["train_tokens", "gpu_seconds"]
+    lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for n in names:
+        row = dict(results[n].get("eval", {}))
+        row["train_tokens"] = results[n].get("train_tokens", 0)
+        row["gpu_seconds"] = results[n].get("train_seconds", 0.0) + results[n].get("eval_seconds", 0.0)
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    with open(os.path.join(out_dir, "table1_real_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/smollm2_135m_pi32k.py")
+    p.add_argument("--checkpoint", default="", help="override config.model.checkpoint (e.g. a staged .gguf)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--heldout", required=True)
+    p.add_argument("--workdir", default="runs/table1_real")
+    p.add_argument("--out", default="docs/table1_real")
+    p.add_argument("--rows", default=",".join(ROW_ORDER))
+    p.add_argument("--big_mult", type=int, default=4, help="token multiple of the large-budget baselines")
+    p.add_argument("--extra_lrs", default="", help="comma list: extra LinearARD rows at these learning rates")
+    p.add_argument("--cpt_lr", type=float, default=0.0, help="CPT learning rate (0 = the config's)")
+    p.add_argument("--steps", type=int, default=0, help="override LinearARD steps (rehearsals)")
+    p.add_argument("--seq_len", type=int, default=0, help="override the native training length (rehearsals)")
+    p.add_argument("--long_len", type=int, default=32768)
+    p.add_argument("--lengths", default="8192,16384,32768")
+    p.add_argument("--depths", default="0.1,0.5,0.9")
+    p.add_argument("--samples_per_depth", type=int, default=4)
+    p.add_argument("--ppl_windows", type=int, default=16)
+    p.add_argument("--long_windows", type=int, default=2)
+    p.add_argument("--cloze_samples", type=int, default=200)
+    p.add_argument("--eval_dtype", default="bfloat16", help="compute dtype of every evaluated model")
+    p.add_argument("--time_budget_s", type=float, default=0.0, help="0 = no limit")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+
+    base = load_config(args.config)
+    with base.unlocked():
+        if args.checkpoint:
+            base.model.checkpoint = args.checkpoint
+        if args.steps:
+            base.train.steps = args.steps
+        if args.seq_len:
+            base.data.seq_len = args.seq_len
+    native = base.data.seq_len
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "table1_real.json")
+    results = json.load(open(path))["rows"] if os.path.exists(path) else {}
+    meta = {"config": args.config, "checkpoint": base.model.checkpoint, "native_len": native,
+            "student_rope": dict(base.student.rope_scaling), "big_mult": args.big_mult, "args": vars(args)}
+    try:
+        import jax
+        meta["device"] = str(jax.devices()[0].device_kind)
+        meta["jax"] = jax.__version__
+    except Exception:  # noqa: BLE001
+        pass
+
+    tokenizer = load_tokenizer(base.data.tokenizer or base.model.checkpoint)
+    teacher, frozen = hf.load_pretrained(base.model.checkpoint, dtype=dtype_of(args.eval_dtype))
+    docs = eval_runner.heldout_token_docs(args.heldout, tokenizer)
+    stream = long_stream(docs, getattr(tokenizer, "eos_id", None))
+    rows = train_rows(base, args.big_mult, [float(x) for x in args.extra_lrs.split(",") if x])
+    wanted = [r for r in args.rows.split(",") if r]
+    per_row_estimate = 0.0
+    for name in wanted:
+        if name in results and "error" not in results[name]:
+            print(f"[{name}] done already, skipped", flush=True)
+            continue
+        elapsed = time.perf_counter() - t_start
+        if args.time_budget_s and elapsed + per_row_estimate > args.time_budget_s:
+            print(f"[{name}] stopping: {elapsed:.0f}s used of {args.time_budget_s:.0f}s; call again to resume",
+                  flush=True)
+            break
+        t_row = time.perf_counter()
+        try:
+            results[name] = run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native)
+        except Exception as e:  # noqa: BLE001  (one failed row must not lose the others' device time)
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        per_row_estimate = max(per_row_estimate, time.perf_counter() - t_row)
+        write_tables(args.out, results, meta)
+    write_tables(args.out, results, meta)
+
+
+def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native) -> dict:
+        row: dict = {}
+        if name == "teacher":
+            model, params = teacher, frozen
+        elif name in ("scaled", "scaled_yarn"):
+            rope = dict(base.student.rope_scaling)
+            if name == "scaled_yarn":
+                rope = {"rope_type": "yarn", "factor": rope["factor"],
+                        "original_max_position_embeddings": teacher.config.max_position_embeddings}
+            model = LlamaForCausalLM(teacher.config.replace(
+                rope_scaling=rope, max_position_embeddings=int(native * float(rope["factor"]))))
+            params = frozen
+        elif name in rows:
+            row.update(run_row(base, name, rows[name], args))
+            model, params = hf.load_pretrained(row["hf_student"], dtype=dtype_of(args.eval_dtype))
+        else:
+            raise SystemExit(f"unknown row {name!r}; expected one of {ROW_ORDER + tuple(rows)}")
+        t_eval = time.perf_counter()
+        row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native)
+        row["eval_seconds"] = time.perf_counter() - t_eval
+        return row
+
+
+if __name__ == "__main__":
+    main()
