@@ -16,6 +16,8 @@ the mean over layers of sum_r L_r^l.
       relation is a per-head mean. Identical to "query_heads" for MHA models (Llama-2-7B).
 
 The per-row KL comes from `pallas_kernels.self_relation_kl`, which never builds the T x T relation maps.
+`relation_loss` takes every layer's q/k/v after both forwards (all layers' inputs alive at once);
+`fused_relation_loss` computes the same value inside one paired teacher/student pass, layer by layer.
 """
 from __future__ import annotations
 
@@ -43,30 +45,73 @@ def relation_loss(student_layers: Sequence[dict], teacher_layers: Sequence[dict]
     defaults to the head count of the layers' "q" tensors ([B, T, H, D])."""
     if len(student_layers) != len(teacher_layers):
         raise ValueError(f"student has {len(student_layers)} layers, teacher {len(teacher_layers)}")
+    layers = _check_relation_args(relations, normalize, layers, len(student_layers))
+    if num_query_heads is None:
+        num_query_heads = student_layers[0]["q"].shape[2]
+    b, t = student_layers[0]["q"].shape[:2]
+    layer_kl = _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normalize, num_query_heads, (b, t))
+    parts = {}
+    for r in relations:
+        per_layer = [layer_kl(teacher_layers[l], student_layers[l], (r,))[r] for l in layers]
+        parts[r] = jnp.mean(jnp.stack(per_layer))
+    return sum(parts.values()), parts
+
+
+def _check_relation_args(relations, normalize, layers, num_layers: int) -> list[int]:
     bad = [r for r in relations if r not in RELATIONS]
     if bad:
         raise ValueError(f"unknown relation(s) {bad}; expected a subset of {RELATIONS}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}; expected one of {NORMALIZATIONS}")
-    if num_query_heads is None:
-        num_query_heads = student_layers[0]["q"].shape[2]
-    layers = list(range(len(student_layers))) if layers is None else list(layers)
+    layers = list(range(num_layers)) if layers is None else list(layers)
     if not layers:
         raise ValueError("no layers selected for the relation loss")
-    b, t = student_layers[0]["q"].shape[:2]
-    valid = _valid(mask, (b, t))
-    n_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
-    parts = {}
-    for r in relations:
-        per_layer = []
-        for l in layers:
-            s, te = student_layers[l][r], jax.lax.stop_gradient(teacher_layers[l][r])
+    return layers
+
+
+def _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normalize, num_query_heads, shape):
+    """fn(teacher {q,k,v}, student {q,k,v}, relations) -> {r: one layer's summed row KL / (valid tokens x heads)}."""
+    n_valid = jnp.maximum(_valid(mask, shape).sum(), 1).astype(jnp.float32)
+
+    def fn(teacher, student, rels=relations):
+        out = {}
+        for r in rels:
+            s, te = student[r], jax.lax.stop_gradient(teacher[r])
             kl = pallas_kernels.self_relation_kl(s, te, mask=mask, segment_ids=segment_ids, causal=True,
                                                  impl=impl, block_sizes=block_sizes)
             heads = num_query_heads if normalize == "query_heads" else kl.shape[1]  # kl: [B, H_r, T]
-            per_layer.append(kl.sum() / (n_valid * heads))
-        parts[r] = jnp.mean(jnp.stack(per_layer))
-    return sum(parts.values()), parts
+            out[r] = kl.sum() / (n_valid * heads)
+        return out
+    return fn
+
+
+def fused_relation_loss(teacher_cfg, student_cfg, teacher_params, student_params, input_ids, *, mask=None,
+                        segment_ids=None, relations: Sequence[str] = RELATIONS, layers: Sequence[int] | None = None,
+                        impl: str = "auto", block_sizes=None, normalize: str = "query_heads", dropout_rng=None,
+                        return_hidden: bool = False):
+    """relation_loss computed inside lard_jax.model.paired_decoder: teacher and student run layer by
+    layer in one pass and each selected layer's KL is taken from that layer's q/k/v right there
+    (summed into the scan carry), so no layer's relation inputs outlive its step. Same value as
+    relation_loss on relation_inputs of both models (the same normalisation and layer mean).
+
+    `teacher_params` are used as given (stop_gradient them if they are traced); `dropout_rng` is
+    the student's LoRA-dropout root (LlamaForCausalLM's `dropout_rng`). Returns (loss, parts,
+    hidden) with hidden = (teacher, student) last hidden states when `return_hidden` (else None)."""
+    from lard_jax import model as model_lib  # losses stays importable without the model
+    n = student_cfg.num_hidden_layers
+    if teacher_cfg.num_hidden_layers != n:
+        raise ValueError(f"student has {n} layers, teacher {teacher_cfg.num_hidden_layers}")
+    layers = _check_relation_args(relations, normalize, layers, n)
+    for l in layers:
+        if not -n <= int(l) < n:
+            raise IndexError(f"relation layer {l} does not exist in a {n}-layer model")
+    layer_kl = _layer_relation_kl(tuple(relations), mask, segment_ids, impl, block_sizes, normalize,
+                                  student_cfg.num_attention_heads, input_ids.shape)
+    sums, hidden = model_lib.paired_decoder(
+        teacher_cfg, student_cfg, teacher_params, student_params, input_ids, layer_fn=layer_kl, layers=layers,
+        segment_ids=segment_ids, attention_mask=mask, dropout_rng=dropout_rng, return_hidden=return_hidden)
+    parts = {r: sums[r] / len(layers) for r in relations}
+    return sum(parts.values()), parts, hidden
 
 
 def next_token_targets(input_ids, mask=None, segment_ids=None):

@@ -2,8 +2,13 @@
 
 The same module serves as teacher and student: they differ only in `LlamaConfig.rope_scaling`.
 Every attention layer sows its post-RoPE q, k and its v into the `intermediates` collection
-(`intermediates/model/layers_{i}/self_attn/{q,k,v}`); the relation-distillation loss reads them.
-Sowing costs nothing unless the caller makes `intermediates` mutable.
+(`intermediates/model/layers_{i}/self_attn/{q,k,v}`, or stacked under `model/layers` with
+scan_layers); `collect_qkv` reads either. Sowing costs nothing unless `intermediates` is mutable.
+
+Two parameter layouts: per layer (`model/layers_0/...`, a Python loop; what lard_jax.hf reads and
+writes) and stacked (`LlamaConfig.scan_layers`: `model/layers/...` with a leading layer axis, one
+nn.scan over a remat'd block); `stack_layers` / `unstack_layers` convert any tree holding them.
+`paired_decoder` runs teacher and student layer by layer in one pass (the fused relation loss).
 
 Parameter names mirror Hugging Face's (`model/layers_0/self_attn/q_proj/kernel`), with kernels
 stored as [in, out] (Hugging Face stores [out, in]); `lard_jax.hf` converts between the two.
@@ -16,6 +21,7 @@ import dataclasses
 import functools
 from typing import Any, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,6 +83,7 @@ class LlamaConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     attention_impl: str = "xla"  # lard_jax.attention.IMPLS: auto | xla (dense) | cudnn | blockwise | pallas_tpu
     lora_dropout: float = 0.0  # training only: dropout on the input of unmerged LoRA factors (LoraDense)
+    scan_layers: bool = False  # decoder layers under nn.scan, parameters stacked on a leading layer axis
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
@@ -152,13 +159,20 @@ PARAM_LOGICAL_AXES = {
 }
 
 
+LAYER_AXIS = "layers"  # logical name of the leading axis of stacked (scan_layers) parameters; never sharded
+
+
 def param_logical_axes(params) -> Any:
-    """A tree like `params` whose leaves are tuples of logical axis names."""
+    """A tree like `params` whose leaves are tuples of logical axis names. Stacked layer parameters
+    (`model/layers/...`, scan_layers) get the unsharded logical axis LAYER_AXIS in front."""
     def axes(path, leaf):
         names = tuple(getattr(p, "key", str(p)) for p in path)
         key = names[-2:]
         if key in PARAM_LOGICAL_AXES:
-            return PARAM_LOGICAL_AXES[key]
+            out = PARAM_LOGICAL_AXES[key]
+            if STACKED in names and np.ndim(leaf) == len(out) + 1:
+                out = (LAYER_AXIS,) + out
+            return out
         if names[-1] in ("lora_a", "lora_b"):
             return (None,) * np.ndim(leaf)
         raise KeyError(f"no logical axes known for parameter {'/'.join(names)}")
@@ -184,20 +198,24 @@ class LoraDense(nn.Dense):
     """nn.Dense, plus PEFT's unmerged LoRA path when the params hold `lora_a` [in, r] and `lora_b`
     [r, out] next to the kernel: y = x W + b + dropout(x) A B. The trainer passes B already
     multiplied by alpha / r (lard_jax.trainable.student_params), so the scale stays a training
-    hyperparameter. Inverted dropout at rate `lora_dropout`, only when the apply has a "dropout"
-    rng (training); without one (evaluation) the path is deterministic. Like PEFT with float32
-    adapters, the LoRA path runs in the factors' dtype and is cast back to the output's."""
+    hyperparameter. Inverted dropout at rate `lora_dropout`, only in training: with an explicit
+    `dropout_key` (what LlamaModel passes down, derived from its `dropout_rng`), else with a
+    "dropout" rng in the apply; without either (evaluation) the path is deterministic. Like PEFT
+    with float32 adapters, the LoRA path runs in the factors' dtype and is cast back to the output's."""
     lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, inputs):
+    def __call__(self, inputs, dropout_key=None):
         y = super().__call__(inputs)
         if not self.has_variable("params", "lora_a"):
             return y
         a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
         x = inputs.astype(a.dtype)
-        if self.lora_dropout > 0 and self.has_rng("dropout"):
-            x = lora_dropout(x, self.make_rng("dropout"), self.lora_dropout)
+        if self.lora_dropout > 0:
+            if dropout_key is None and self.has_rng("dropout"):
+                dropout_key = self.make_rng("dropout")
+            if dropout_key is not None:
+                x = lora_dropout(x, dropout_key, self.lora_dropout)
         return (y.astype(a.dtype) + (x @ a) @ b).astype(y.dtype)
 
 
@@ -210,6 +228,10 @@ def lora_dropout(x, key, rate: float):
 def _dense(features, use_bias, cfg: LlamaConfig, name):
     return LoraDense(features, use_bias=use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
                      kernel_init=nn.initializers.normal(0.02), lora_dropout=cfg.lora_dropout, name=name)
+
+
+def _sub_key(key, i: int):
+    return None if key is None else jax.random.fold_in(key, i)
 
 
 def attention_mask_matrix(segment_ids, attention_mask, seq_len):
@@ -225,18 +247,19 @@ class LlamaAttention(nn.Module):
     returns (out, (k, v)), the new tokens' post-RoPE keys/values [B, t, KV, D] for the caller to
     store. `cache_index` None = prefill (the cache is empty: ordinary attention over x); else [B]
     int, the number of valid cache entries per row, and x's tokens attend to those plus themselves.
+    `dropout_key`: this layer's LoRA-dropout key (q, k, v, o draw fold_in(key, 0..3)).
     """
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, dropout_key=None):
         cfg = self.config
         b, t, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.qkv_bias
-        q = _dense(h * d, bias, cfg, "q_proj")(x).reshape(b, t, h, d)
-        k = _dense(kv * d, bias, cfg, "k_proj")(x).reshape(b, t, kv, d)
-        v = _dense(kv * d, bias, cfg, "v_proj")(x).reshape(b, t, kv, d)
+        q = _dense(h * d, bias, cfg, "q_proj")(x, _sub_key(dropout_key, 0)).reshape(b, t, h, d)
+        k = _dense(kv * d, bias, cfg, "k_proj")(x, _sub_key(dropout_key, 1)).reshape(b, t, kv, d)
+        v = _dense(kv * d, bias, cfg, "v_proj")(x, _sub_key(dropout_key, 2)).reshape(b, t, kv, d)
         q = rope_lib.apply_rope(q, cos, sin)
         k = rope_lib.apply_rope(k, cos, sin)
         self.sow("intermediates", "q", q)
@@ -246,7 +269,8 @@ class LlamaAttention(nn.Module):
             out = attn_lib.decode_attention(q, k, v, cache[0], cache[1], cache_index)
         else:
             out = attn_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl)
-        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(out.reshape(b, t, h * d))
+        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(out.reshape(b, t, h * d),
+                                                                          _sub_key(dropout_key, 3))
         return out if cache is None else (out, (k, v))
 
 
@@ -262,29 +286,51 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """One block. `scanned` (the body of LlamaModel's nn.scan): returns (x, per-layer output) with
+    the output = this layer's updated (k, v) cache when a cache is given, else None."""
     config: LlamaConfig
+    scanned: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, dropout_key=None):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
-        attn = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, cache, cache_index)
+        attn = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, cache,
+                                                     cache_index, dropout_key)
         attn, new_kv = attn if cache is not None else (attn, None)
         x = x + attn
         x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
         self.sow("intermediates", "hidden", x)  # LongReD's hidden-state distillation reads these
+        if self.scanned:
+            if cache is None:
+                return x, None
+            return x, (_cache_write_layer(cache[0], new_kv[0], cache_index),
+                       _cache_write_layer(cache[1], new_kv[1], cache_index))
         return x if cache is None else (x, new_kv)
+
+
+def remat_policy(cfg: LlamaConfig):
+    """The jax.checkpoint policy of cfg.remat (None for "full"); only meaningful when remat != "none"."""
+    return {
+        "none": None,
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }[cfg.remat]
 
 
 def _remat_layer(cfg: LlamaConfig):
     if cfg.remat == "none":
         return LlamaDecoderLayer
-    policy = {
-        "full": None,
-        "dots": jax.checkpoint_policies.checkpoint_dots,
-        "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    }[cfg.remat]
-    return nn.remat(LlamaDecoderLayer, policy=policy, prevent_cse=False)
+    return nn.remat(LlamaDecoderLayer, policy=remat_policy(cfg), prevent_cse=False)
+
+
+def _scanned_layers(cfg: LlamaConfig):
+    """nn.scan over the (remat'd) block: params (and sown intermediates) stacked on axis 0; the
+    cache and the per-layer dropout keys are scanned over, everything else broadcast."""
+    return nn.scan(_remat_layer(cfg), variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True}, length=cfg.num_hidden_layers,
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0))
 
 
 def positions_from_segments(segment_ids):
@@ -296,43 +342,70 @@ def positions_from_segments(segment_ids):
     return idx - start_idx
 
 
+def rope_and_mask(cfg: LlamaConfig, batch: int, seq_len: int, positions=None, segment_ids=None, attention_mask=None,
+                  rope_inv_freq=None):
+    """(cos, sin, mask) that every layer of a forward uses (LlamaModel and paired_decoder)."""
+    if positions is None:
+        positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                     else jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)))
+    # Static sequence length: dynamic-NTK and longrope pick their frequencies from it, as
+    # transformers does from max(position_ids) + 1 on an unpadded batch.
+    inv_freq, attn_scaling = cfg.rope_frequencies(seq_len=seq_len)
+    if rope_inv_freq is not None:  # [B, D/2]: per-row frequencies (attention scaling does not vary)
+        inv_freq = jnp.asarray(rope_inv_freq, jnp.float32)[:, None, :]
+    cos, sin = rope_lib.rope_cos_sin(positions, inv_freq, attn_scaling)
+    mask = None
+    if segment_ids is not None or attention_mask is not None:
+        # the dense [T, T] matrix is built inside attention only by the dense implementations
+        mask = attn_lib.MaskInfo(segment_ids, attention_mask)
+    return cos, sin, mask
+
+
+def layer_dropout_keys(dropout_rng, num_layers: int):
+    """[L] per-layer LoRA-dropout keys: fold_in(dropout_rng, i), the same in loop, scan and paired form."""
+    return jax.vmap(lambda i: jax.random.fold_in(dropout_rng, i))(jnp.arange(num_layers))
+
+
 class LlamaModel(nn.Module):
     """With `cache` ({"k", "v"}: [layers, B, KV, C, D]) returns (x, embed, new cache): the input
     tokens' keys/values are written at [0, T) (prefill, `cache_index` None) or at cache_index[b] +
     [0, T) per row (decode). `rope_inv_freq` [B, D/2] overrides the config's frequencies per row
-    (generation's dynamic-NTK / longrope schedule)."""
+    (generation's dynamic-NTK / longrope schedule). `dropout_rng`: the root of the LoRA-dropout keys
+    (layer i uses fold_in(dropout_rng, i)); without it a "dropout" rng of the apply serves as root.
+    With `config.scan_layers` the layers run under nn.scan with parameters stacked
+    (`model/layers/...` with a leading layer axis; stack_layers / unstack_layers convert)."""
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 cache_index=None, rope_inv_freq=None):
+                 cache_index=None, rope_inv_freq=None, dropout_rng=None):
         cfg = self.config
         b, t = input_ids.shape
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),
                          param_dtype=dtype_of(cfg.param_dtype), embedding_init=nn.initializers.normal(0.02),
                          name="embed_tokens")
         x = embed(input_ids)
-        if positions is None:
-            positions = (positions_from_segments(segment_ids) if segment_ids is not None
-                         else jnp.broadcast_to(jnp.arange(t), (b, t)))
-        # Static sequence length: dynamic-NTK and longrope pick their frequencies from it, as
-        # transformers does from max(position_ids) + 1 on an unpadded batch.
-        inv_freq, attn_scaling = cfg.rope_frequencies(seq_len=t)
-        if rope_inv_freq is not None:  # [B, D/2]: per-row frequencies (attention scaling does not vary)
-            inv_freq = jnp.asarray(rope_inv_freq, jnp.float32)[:, None, :]
-        cos, sin = rope_lib.rope_cos_sin(positions, inv_freq, attn_scaling)
-        mask = None
-        if segment_ids is not None or attention_mask is not None:
-            # the dense [T, T] matrix is built inside attention only by the dense implementations
-            mask = attn_lib.MaskInfo(segment_ids, attention_mask)
-        layer_cls = _remat_layer(cfg)
-        for i in range(cfg.num_hidden_layers):
-            if cache is None:
-                x = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask)
-                continue
-            x, (k, v) = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, (cache["k"][i], cache["v"][i]),
-                                                           cache_index)
-            cache = {"k": _cache_write(cache["k"], i, k, cache_index), "v": _cache_write(cache["v"], i, v, cache_index)}
+        cos, sin, mask = rope_and_mask(cfg, b, t, positions, segment_ids, attention_mask, rope_inv_freq)
+        if dropout_rng is None and cfg.lora_dropout > 0 and self.has_rng("dropout"):
+            dropout_rng = self.make_rng("dropout")
+        keys = None if dropout_rng is None else layer_dropout_keys(dropout_rng, cfg.num_hidden_layers)
+        if cfg.scan_layers:
+            layers = _scanned_layers(cfg)(cfg, scanned=True, name=STACKED)
+            kv = None if cache is None else (cache["k"], cache["v"])
+            x, new_kv = layers(x, cos, sin, mask, kv, cache_index, keys)
+            if cache is not None:
+                cache = {"k": new_kv[0], "v": new_kv[1]}
+        else:
+            layer_cls = _remat_layer(cfg)
+            for i in range(cfg.num_hidden_layers):
+                key = None if keys is None else keys[i]
+                if cache is None:
+                    x = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, None, None, key)
+                    continue
+                x, (k, v) = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, (cache["k"][i], cache["v"][i]),
+                                                               cache_index, key)
+                cache = {"k": _cache_write(cache["k"], i, k, cache_index),
+                         "v": _cache_write(cache["v"], i, v, cache_index)}
         x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="norm")(x)
         return (x, embed) if cache is None else (x, embed, cache)
 
@@ -349,6 +422,11 @@ def _cache_write(buf, layer, new, cache_index):
     return buf.at[layer, rows, :, cols].set(new)  # advanced indices first: [B, t, KV, D]
 
 
+def _cache_write_layer(buf, new, cache_index):
+    """_cache_write for one layer's cache buf [B, KV, C, D] (the scanned form)."""
+    return _cache_write(buf[None], 0, new, cache_index)[0]
+
+
 class LlamaForCausalLM(nn.Module):
     """`apply({"params": p}, input_ids)` -> float32 logits [batch, seq, vocab]."""
 
@@ -356,14 +434,16 @@ class LlamaForCausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 cache_index=None, rope_inv_freq=None, logits_at=None):
-        """`cache`/`cache_index`/`rope_inv_freq`: see LlamaModel; with a cache returns (logits, cache).
-        `logits_at` [B, n] int: logits only at those positions ([B, n, V]; prefill needs one row)."""
+                 cache_index=None, rope_inv_freq=None, logits_at=None, dropout_rng=None):
+        """`cache`/`cache_index`/`rope_inv_freq`/`dropout_rng`: see LlamaModel; with a cache returns
+        (logits, cache). `logits_at` [B, n] int: logits only at those positions ([B, n, V]; prefill
+        needs one row)."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
         out = LlamaModel(cfg, name="model")(input_ids, positions, segment_ids, attention_mask, cache=cache,
-                                            cache_index=cache_index, rope_inv_freq=rope_inv_freq)
+                                            cache_index=cache_index, rope_inv_freq=rope_inv_freq,
+                                            dropout_rng=dropout_rng)
         x, embed = out[:2]
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
@@ -387,18 +467,27 @@ class LMHead(nn.Module):
         return self.param("kernel", nn.initializers.normal(0.02), (embed_dim, self.vocab_size), self.param_dtype)
 
 
-def collect_qkv(intermediates) -> list[dict]:
-    """Per layer {q, k, v} from the `intermediates` collection of one apply (layer order)."""
+# ----------------------------------------------------------------------------------------------
+# intermediates
+def _layer_entries(intermediates):
+    """Per layer, the `intermediates` sub-tree of that layer (loop: layers_i; scan: slices of layers)."""
     model = intermediates["model"]
+    if STACKED in model:
+        stacked = model[STACKED]
+        n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+        return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(n)]
     layers = sorted((k for k in model if k.startswith("layers_")), key=lambda s: int(s.split("_")[1]))
-    return [{name: model[k]["self_attn"][name][0] for name in ("q", "k", "v")} for k in layers]
+    return [model[k] for k in layers]
+
+
+def collect_qkv(intermediates) -> list[dict]:
+    """Per layer {q, k, v} from the `intermediates` collection of one apply (layer order); either layout."""
+    return [{name: e["self_attn"][name][0] for name in ("q", "k", "v")} for e in _layer_entries(intermediates)]
 
 
 def collect_hidden(intermediates) -> list:
-    """Per layer output hidden states [B, T, E] from the `intermediates` collection."""
-    model = intermediates["model"]
-    layers = sorted((k for k in model if k.startswith("layers_")), key=lambda s: int(s.split("_")[1]))
-    return [model[k]["hidden"][0] for k in layers]
+    """Per layer output hidden states [B, T, E] from the `intermediates` collection; either layout."""
+    return [e["hidden"][0] for e in _layer_entries(intermediates)]
 
 
 def relation_inputs(model: LlamaForCausalLM, params, input_ids, **kwargs):
@@ -410,3 +499,225 @@ def relation_inputs(model: LlamaForCausalLM, params, input_ids, **kwargs):
 def init_params(config: LlamaConfig, rng, seq_len: int = 8):
     model = LlamaForCausalLM(config)
     return model, model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter layouts: per layer (`layers_0`, `layers_1`, ...: what lard_jax.hf reads and writes)
+# and stacked (`layers` with a leading layer axis: what scan_layers=True uses)
+STACKED = "layers"
+
+
+def _is_layer_dict(x) -> bool:
+    return isinstance(x, Mapping) and ("layers_0" in x or STACKED in x)
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _stack_leaves(*xs):
+    if not _is_array(xs[0]):  # e.g. a boolean mask tree: one value for all layers
+        if any(x != xs[0] for x in xs[1:]):
+            raise ValueError(f"cannot stack differing non-array leaves {xs[:4]}")
+        return xs[0]
+    sharding = getattr(xs[0], "sharding", None)
+    out = None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    if isinstance(xs[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(xs),) + tuple(xs[0].shape), xs[0].dtype, sharding=out)
+    if out is not None and isinstance(xs[0], jax.Array):
+        return jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
+    if isinstance(xs[0], np.ndarray):
+        return np.stack(xs)
+    return jnp.stack(xs)
+
+
+def _unstack_leaf(x, i):
+    if not _is_array(x):
+        return x
+    sharding = getattr(x, "sharding", None)
+    out = None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=out)
+    if out is not None and isinstance(x, jax.Array):
+        return jax.jit(lambda a: a[i], out_shardings=out)(x)
+    return x[i]
+
+
+def _map_layer_dicts(tree, fn):
+    """fn applied to every dict in `tree` (any pytree: params, optax states, TrainState dicts) that
+    holds `layers_0...` or `layers`; the rest of the tree is kept as it is."""
+    if _is_layer_dict(tree):
+        return fn(tree)
+    return jax.tree_util.tree_map(lambda x: fn(x) if _is_layer_dict(x) else x, tree,
+                                  is_leaf=lambda x: _is_layer_dict(x) and x is not tree)
+
+
+def is_stacked(params) -> bool:
+    """Whether `params` (or any tree holding them) is in the stacked layout."""
+    found = []
+    _map_layer_dicts(params, lambda d: found.append(STACKED in d) or d)
+    return any(found)
+
+
+def stack_layers(tree, *, delete_source: bool = False):
+    """Per-layer tree (`layers_0`, `layers_1`, ...) -> stacked (`layers`, leading layer axis). Works on
+    any tree holding such dicts (params, trainable trees, masks, optimizer states, ShapeDtypeStructs);
+    a stacked tree comes back unchanged. Sharded leaves keep their mesh and spec, with the layer axis
+    unsharded in front (what lard_jax.sharding assigns to stacked parameters). `delete_source`: free
+    each per-layer buffer once its stack exists (peak extra memory: one stacked parameter kind)."""
+    def fn(d):
+        if STACKED in d:
+            return d
+        n = 0
+        while f"layers_{n}" in d:
+            n += 1
+        per_layer = [d[f"layers_{i}"] for i in range(n)]
+        flat = [flax.traverse_util.flatten_dict(flax.core.unfreeze(p)) for p in per_layer]
+        if any(f.keys() != flat[0].keys() for f in flat[1:]):
+            raise ValueError("cannot stack layers with different parameter names")
+        stacked = {}
+        for k in flat[0]:
+            leaves = [f[k] for f in flat]
+            stacked[k] = _stack_leaves(*leaves)
+            if delete_source:
+                for leaf in leaves:
+                    if isinstance(leaf, jax.Array) and leaf is not stacked[k]:
+                        leaf.delete()
+        out = {k: v for k, v in d.items() if not (k.startswith("layers_") and k[7:].isdigit())}
+        out[STACKED] = flax.traverse_util.unflatten_dict(stacked)
+        return out
+    return _map_layer_dicts(tree, fn)
+
+
+def unstack_layers(tree, num_layers: int | None = None):
+    """Stacked tree (`layers`) -> per-layer (`layers_0`, ...), the layout lard_jax.hf reads and writes;
+    a per-layer tree comes back unchanged. `num_layers` is needed only for trees without arrays
+    under `layers` (e.g. a boolean mask)."""
+    def fn(d):
+        if STACKED not in d:
+            return d
+        stacked = d[STACKED]
+        arrays = [x for x in jax.tree_util.tree_leaves(stacked) if _is_array(x)]
+        n = num_layers if num_layers is not None else (arrays[0].shape[0] if arrays else None)
+        if n is None:
+            raise ValueError("unstack_layers: pass num_layers for a tree without arrays")
+        out = {k: v for k, v in d.items() if k != STACKED}
+        for i in range(n):
+            out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: _unstack_leaf(x, i), stacked)
+        return out
+    return _map_layer_dicts(tree, fn)
+
+
+# ----------------------------------------------------------------------------------------------
+# the paired decoder: teacher and student layer by layer in one pass
+def _apply_layer(cfg: LlamaConfig, params, x, cos, sin, mask, dropout_key=None):
+    """One block, functionally: (x_next, {q, k, v}) with q, k post-RoPE."""
+    x, state = LlamaDecoderLayer(cfg).apply({"params": params}, x, cos, sin, mask, None, None, dropout_key,
+                                            mutable=["intermediates"])
+    inter = state["intermediates"]["self_attn"]
+    return x, {r: inter[r][0] for r in ("q", "k", "v")}
+
+
+def final_logits(cfg: LlamaConfig, params, x):
+    """LlamaForCausalLM's head on the last block's output x: final norm, then float32 logits."""
+    x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)).apply(
+        {"params": params["model"]["norm"]}, x)
+    kernel = (params["model"]["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings
+              else params["lm_head"]["kernel"])
+    return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def paired_decoder(teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, teacher_params, student_params, input_ids, *,
+                   layer_fn, layers=None, segment_ids=None, attention_mask=None, dropout_rng=None,
+                   return_hidden: bool = False):
+    """Teacher and student decoders run together, layer by layer: at layer l each block reads its own
+    hidden state, and `layer_fn(teacher_qkv, student_qkv)` -> dict of scalars (e.g. that layer's
+    relation KL) runs right there; its values are summed over `layers` (None = all; repeats count
+    repeatedly) into the carry, so no layer's q/k/v outlive its step.
+
+    Stacked parameters (scan_layers) run under one lax.scan; with remat != "none" the whole pair
+    step (teacher block, student block, layer_fn) is under `jax.checkpoint` with the student's
+    policy, so the backward keeps only the two hidden states per layer and reruns the teacher's
+    q/k/v and the relation forward (more recompute than the unfused step, far less memory).
+    Per-layer parameters run as a Python loop with the student block alone under the remat policy,
+    as LlamaModel does: the same computation as the unfused step, reordered (XLA sees every layer;
+    the FLOP accounting of lard_jax.flops holds unchanged). Layers above the highest selected one
+    are skipped. LoRA-dropout keys are those LlamaModel derives from the same `dropout_rng`.
+
+    Returns (sums, hidden) with hidden = (teacher x, student x) after the last run block when
+    `return_hidden` (then every layer runs), else None."""
+    n = student_cfg.num_hidden_layers
+    counts = [0] * n
+    for l in (range(n) if layers is None else layers):
+        counts[int(l) % n] += 1
+    if not any(counts):
+        raise ValueError("no layers selected")
+    top = n if return_hidden else max(i for i, c in enumerate(counts) if c) + 1
+    b, t = input_ids.shape
+    embed = lambda cfg, p: nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),  # noqa: E731
+                                    param_dtype=dtype_of(cfg.param_dtype)).apply(
+        {"params": p["model"]["embed_tokens"]}, input_ids)
+    t_x, s_x = embed(teacher_cfg, teacher_params), embed(student_cfg, student_params)
+    t_cos, t_sin, mask = rope_and_mask(teacher_cfg, b, t, None, segment_ids, attention_mask)
+    s_cos, s_sin, _ = rope_and_mask(student_cfg, b, t, None, segment_ids, attention_mask)
+    keys = None if dropout_rng is None else layer_dropout_keys(dropout_rng, n)
+
+    student_layer = functools.partial(_apply_layer, student_cfg)
+
+    def make_pair(static_count, student_remat=False):
+        """The pair step; the layer's loss weight is `static_count` (an int, known when tracing) or,
+        when that is None, the traced `count` (lax.cond skips the loss where it is 0).
+        `student_remat`: the student block alone under jax.checkpoint (the loop form)."""
+        s_layer = student_layer
+        if student_remat:
+            s_layer = jax.checkpoint(student_layer, policy=remat_policy(student_cfg), prevent_cse=False)
+
+        def pair(t_x, s_x, t_p, s_p, key, count):
+            t_x, t_qkv = _apply_layer(teacher_cfg, t_p, t_x, t_cos, t_sin, mask)
+            s_x, s_qkv = s_layer(s_p, s_x, s_cos, s_sin, mask, key)
+            if static_count is not None:
+                vals = layer_fn(t_qkv, s_qkv) if static_count else None
+                if vals is not None and static_count != 1:
+                    vals = {k: v * static_count for k, v in vals.items()}
+            else:
+                zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                               jax.eval_shape(layer_fn, t_qkv, s_qkv))
+                vals = jax.lax.cond(count > 0, lambda a, c: {k: v * c for k, v in layer_fn(*a).items()},
+                                    lambda a, c: zeros, (t_qkv, s_qkv), count.astype(jnp.float32))
+            return t_x, s_x, vals
+        return pair
+
+    t_layers, s_layers = teacher_params["model"], student_params["model"]
+    if STACKED in s_layers:
+        t_stack, s_stack = t_layers[STACKED], s_layers[STACKED]
+        if top < n:
+            t_stack, s_stack = (jax.tree_util.tree_map(lambda x: x[:top], tr) for tr in (t_stack, s_stack))
+        layer0 = lambda tr: jax.tree_util.tree_map(lambda x: x[0], tr)  # noqa: E731
+        k0 = None if keys is None else keys[0]
+        probe = jax.eval_shape(lambda: make_pair(1)(t_x, s_x, layer0(t_stack), layer0(s_stack), k0, None)[2])
+        pair = make_pair(1 if all(c == 1 for c in counts[:top]) else None)
+        if student_cfg.remat != "none":
+            pair = jax.checkpoint(pair, policy=remat_policy(student_cfg), prevent_cse=False)
+
+        def body(carry, xs):
+            t_x, s_x, acc = carry
+            t_p, s_p, key, count = xs
+            t_x, s_x, vals = pair(t_x, s_x, t_p, s_p, key, count)
+            return (t_x, s_x, jax.tree_util.tree_map(jnp.add, acc, vals)), None
+
+        xs = (t_stack, s_stack, None if keys is None else keys[:top], jnp.asarray(counts[:top], jnp.int32))
+        acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), probe)
+        (t_x, s_x, sums), _ = jax.lax.scan(body, (t_x, s_x, acc0), xs)
+    else:
+        sums = None
+        for i in range(top):
+            pair = make_pair(counts[i], student_remat=student_cfg.remat != "none")
+            t_x, s_x, vals = pair(t_x, s_x, t_layers[f"layers_{i}"], s_layers[f"layers_{i}"],
+                                                  None if keys is None else keys[i], None)
+            if vals is not None:
+                sums = vals if sums is None else jax.tree_util.tree_map(jnp.add, sums, vals)
+    return sums, ((t_x, s_x) if return_hidden else None)

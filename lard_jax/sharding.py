@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the leading axis of stacked (scan_layers) parameters: never sharded
 )
 
 

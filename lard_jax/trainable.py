@@ -1,6 +1,9 @@
 """Which of the student's parameters train, and how the student's full tree is built from them.
 
-Bottom layer (jax/flax only): the trainer, the pipeline and the benchmarks import it.
+Bottom layer (jax/flax and lard_jax.model's layout helpers): the trainer, the pipeline and the
+benchmarks import it. Every function works on both parameter layouts (per layer, `layers_i`, and
+stacked, `layers` with a leading layer axis: lard_jax.model.stack_layers); LoRA factors of stacked
+kernels [L, in, out] are [L, in, r] / [L, r, out] and merge as a batched product.
 
 Two trees:
   frozen_params    the checkpoint's weights, shared by teacher and student (one copy on device);
@@ -23,6 +26,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lard_jax import model as model_lib
 
 PROJECTION_SETS = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
@@ -77,7 +82,11 @@ def init_trainable(frozen_params, mask, lora: LoraSpec, rng):
     selected = select(frozen_params, mask)
     if not lora.enabled:
         return jax.tree_util.tree_map(jnp.copy, selected)
-    flat = flax.traverse_util.flatten_dict(selected)
+    # Stacked (scan_layers) trees get exactly the factors of the per-layer layout, stacked: the
+    # random streams are numbered over the per-layer paths in both layouts.
+    stacked = model_lib.is_stacked(selected)
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), selected)
+    flat = flax.traverse_util.flatten_dict(model_lib.unstack_layers(shapes) if stacked else shapes)
     out = {}
     for i, (path, w) in enumerate(sorted(flat.items())):
         if path[-1] != "kernel":
@@ -86,7 +95,8 @@ def init_trainable(frozen_params, mask, lora: LoraSpec, rng):
         a = jax.random.uniform(jax.random.fold_in(rng, i), (w.shape[0], lora.rank), jnp.float32, -bound, bound)
         out[path[:-1] + ("lora_a",)] = a  # float32, as PEFT's autocast_adapter_dtype keeps adapters
         out[path[:-1] + ("lora_b",)] = jnp.zeros((lora.rank, w.shape[1]), jnp.float32)
-    return flax.traverse_util.unflatten_dict(out)
+    out = flax.traverse_util.unflatten_dict(out)
+    return model_lib.stack_layers(out) if stacked else out
 
 
 def merge_student(frozen_params, trainable, lora: LoraSpec):
@@ -103,6 +113,7 @@ def merge_student(frozen_params, trainable, lora: LoraSpec):
             base = path[:-1]
             b = tflat[base + ("lora_b",)]
             w = flat[base + ("kernel",)]
+            # [in, r] @ [r, out], or batched over the layer axis of stacked factors
             flat[base + ("kernel",)] = w + (lora.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))).astype(w.dtype)
     return flax.traverse_util.unflatten_dict(flat)
 

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lard_jax import losses
-from lard_jax.model import LlamaForCausalLM, collect_hidden, collect_qkv
+from lard_jax import methods
+from lard_jax.methods import longred_simplified
+from lard_jax.model import LlamaForCausalLM, is_stacked, stack_layers, unstack_layers
 from lard_jax.trainable import (  # noqa: F401  (re-exported: existing imports use trainer.X)
     PROJECTION_SETS,
     LoraSpec,
@@ -34,18 +35,12 @@ from lard_jax.trainable import (  # noqa: F401  (re-exported: existing imports u
     trainable_mask,
 )
 
-METHODS = ("linearard", "cpt", "logit_kd", "longred_simplified")
-RENAMED_METHODS = {"longred": "longred_simplified"}
+METHODS = methods.names()  # the registry (lard_jax.methods): one module per method
+RENAMED_METHODS = methods.RENAMED
 
 
 def check_method(method: str) -> None:
-    if method in RENAMED_METHODS:
-        raise ValueError(
-            f"method {method!r} was renamed to {RENAMED_METHODS[method]!r}: it is a simplified LongReD "
-            "(short-text hidden-state cosine + short-to-long logit distillation with skipped position ids; "
-            "no long-text LM term, CREAM positions or layer selection of the LongReD paper), not LongReD itself")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    methods.get(method)  # ValueError naming the known methods (or the rename)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,86 +83,86 @@ class TrainState:
 
 # ----------------------------------------------------------------------------------------------
 # losses per method
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class LossSpec:
-    method: str = "linearard"
-    relations: tuple = ("q", "k", "v")
-    layers: tuple | None = None  # None = all
-    lambda_attn: float = 1.0
-    lambda_logit: float = 0.0
-    temperature: float = 1.0
-    kernel_impl: str = "auto"
-    normalize: str = "query_heads"  # losses.NORMALIZATIONS: "query_heads" (authors) | "per_relation_heads"
-    hidden_layers: tuple | None = None  # longred_simplified: which layers' hidden states (None = all)
-    lambda_hidden: float = 1.0
-    lambda_short_to_long: float = 1.0
-    long_factor: float = 8.0  # longred_simplified: span of the skipped position ids, in multiples of T
+    """A loss method (a name in the lard_jax.methods registry) and its own options: the fields of
+    that method's Config, given as keywords (`LossSpec(kernel_impl="xla", layers=(0, 3))` for
+    linearard, `LossSpec(method="logit_kd", temperature=2.0)`); an option the method does not have
+    is a ValueError. The options read as attributes (`spec.relations`)."""
+    method: str
+    options: Any
 
-    def __post_init__(self):
-        check_method(self.method)
-        if self.normalize not in losses.NORMALIZATIONS:
-            raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {losses.NORMALIZATIONS}")
+    def __init__(self, method: str = "linearard", options=None, **kwargs):
+        m = methods.get(method)
+        if options is None:
+            unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(m.config)})
+            if unknown:
+                raise ValueError(f"loss method {method!r} has no option(s) {unknown}; its options are "
+                                 f"{[f.name for f in dataclasses.fields(m.config)]}")
+            options = m.config(**kwargs)
+        elif kwargs:
+            raise ValueError("pass either options or keyword options, not both")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "options", options)
+
+    def __getattr__(self, name):
+        if name in ("method", "options") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.options, name)
+
+    def replace(self, **changes) -> "LossSpec":
+        return LossSpec(self.method, dataclasses.replace(self.options, **changes))
+
+    @classmethod
+    def from_config(cls, block, **extra) -> "LossSpec":
+        """From a config block (config.loss): `block.method` and, of its other keys, those the
+        method has (`extra` overrides); keys of other methods are ignored."""
+        method = block["method"]
+        return cls(method, **methods.options_from_block(methods.get(method).config, block, **extra))
 
 
-def skipped_positions(rng, batch: int, seq_len: int, span: int):
-    """longred_simplified's short-to-long positions: a sorted random subset of [0, span) of size seq_len
-    that always starts at 0 (the model sees long-range position gaps on short text)."""
-    def one(key):
-        rest = jax.random.choice(key, jnp.arange(1, span), (seq_len - 1,), replace=False)
-        return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.sort(rest).astype(jnp.int32)])
-    return jax.vmap(one)(jax.random.split(rng, batch))
+skipped_positions = longred_simplified.skipped_positions  # re-exported
 
 
 def make_loss_fn(teacher: LlamaForCausalLM, student: LlamaForCausalLM, spec: LossSpec, lora: LoraSpec):
-    """loss_fn(trainable, frozen, batch, rng) -> (loss, metrics). With LoRA dropout the student runs
-    the unmerged LoRA path and draws its dropout masks from `rng`."""
-    dropout = lora.enabled and not lora.merged
-    if dropout:
-        student = type(student)(student.config.replace(lora_dropout=lora.dropout))
+    """loss_fn(trainable, frozen, batch, rng) -> (loss, metrics), built by the method's module in
+    lard_jax.methods. With LoRA dropout the student runs the unmerged LoRA path and draws its
+    dropout masks from `rng`."""
+    return methods.get(spec.method).build(methods.Context.create(teacher, student, lora), spec.options)
 
-    def apply(model, params, batch, **kw):
-        out, state = model.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),
-                                 attention_mask=batch.get("mask"), mutable=["intermediates"], **kw)
-        return out, state["intermediates"]
 
-    def loss_fn(trainable, frozen, batch, rng):
-        s_params = student_params(frozen, trainable, lora)
-        drop = {"rngs": {"dropout": jax.random.fold_in(rng, 0x10)}} if dropout else {}
-        mask, seg = batch.get("mask"), batch.get("segment_ids")
-        metrics = {}
-        if spec.method == "cpt":
-            s_logits, _ = apply(student, s_params, batch, **drop)
-            loss = losses.lm_loss(s_logits, batch["input_ids"], mask, seg)
-            return loss, {"lm": loss}
-        t_logits, t_inter = apply(teacher, jax.lax.stop_gradient(frozen), batch)
-        s_logits, s_inter = apply(student, s_params, batch, **drop)
-        loss = 0.0
-        if spec.method == "linearard":
-            attn, parts = losses.relation_loss(collect_qkv(s_inter), collect_qkv(t_inter), mask=mask,
-                                               segment_ids=seg, relations=spec.relations, layers=spec.layers,
-                                               impl=spec.kernel_impl, normalize=spec.normalize,
-                                               num_query_heads=student.config.num_attention_heads)
-            loss = spec.lambda_attn * attn
-            metrics.update({f"relation_{r}": v for r, v in parts.items()}, relation=attn)
-        if spec.method == "logit_kd" or (spec.method == "linearard" and spec.lambda_logit):
-            kd = losses.logit_kd_loss(s_logits, t_logits, mask, spec.temperature)
-            metrics["logit_kd"] = kd
-            loss = loss + (spec.lambda_logit if spec.method == "linearard" else 1.0) * kd
-        if spec.method == "longred_simplified":
-            s_hidden, t_hidden = collect_hidden(s_inter), collect_hidden(t_inter)
-            idx = range(len(s_hidden)) if spec.hidden_layers is None else spec.hidden_layers
-            hid = losses.hidden_cosine_loss([s_hidden[i] for i in idx], [t_hidden[i] for i in idx], mask)
-            b, t = batch["input_ids"].shape
-            pos = skipped_positions(rng, b, t, int(spec.long_factor * t))
-            long_drop = {"rngs": {"dropout": jax.random.fold_in(rng, 0x11)}} if dropout else {}
-            s_long, _ = apply(student, s_params, {k: v for k, v in batch.items() if k != "segment_ids"},
-                              positions=pos, **long_drop)
-            s2l = losses.logit_kd_loss(s_long, t_logits, mask, 1.0)
-            metrics.update(hidden=hid, short_to_long=s2l)
-            loss = spec.lambda_hidden * hid + spec.lambda_short_to_long * s2l
-        return loss, metrics
+# ----------------------------------------------------------------------------------------------
+# parameter layouts at the run's boundaries (lard_jax.model.stack_layers / unstack_layers)
+def to_layout(params, scan_layers: bool, *, delete_source: bool = False):
+    """`params` (any tree of them) in the stacked layout if `scan_layers`, else per layer."""
+    return stack_layers(params, delete_source=delete_source) if scan_layers else unstack_layers(params)
 
-    return loss_fn
+
+def per_layer_for_export(student_tree, mask, num_layers: int, *, full: bool = False):
+    """(params, mask) in the per-layer layout that lard_jax.hf and pipeline.export_student read. Only
+    the trained tensors (mask True) are sliced out of a stacked tree unless `full` (a whole
+    save_pretrained), so exporting never holds a second copy of the frozen weights."""
+    params = student_tree if full else select(student_tree, mask)
+    return unstack_layers(params), unstack_layers(mask, num_layers)
+
+
+def restore_any_layout(restore, state):
+    """`restore(abstract_tree) -> tree` (e.g. an orbax manager's restore) for a TrainState-like dict
+    `state`: first in `state`'s own layout; if that fails, in the other one (a checkpoint written
+    with the other scan_layers setting), converted to `state`'s layout and shardings."""
+    def abstract(tree):
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+    try:
+        return restore(abstract(state))
+    except Exception as first:  # orbax: the saved tree does not have this structure
+        stacked = is_stacked(state)
+        try:
+            restored = restore(to_layout(abstract(state), not stacked))
+        except Exception:
+            raise first from None
+        restored = to_layout(restored, stacked)
+        return jax.device_put(restored, jax.tree_util.tree_map(lambda x: x.sharding, state))
 
 
 def make_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer, schedule):

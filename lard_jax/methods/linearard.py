@@ -1,0 +1,67 @@
+"""LinearARD (paper sec. 3): the relation KL of Q·Qᵀ, K·Kᵀ, V·Vᵀ per layer (losses.relation_loss),
+optionally plus logit KD. `fused` (default): teacher and student run layer by layer in one paired
+pass and each layer's KL is computed there (losses.fused_relation_loss); the same value."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from lard_jax import losses
+from lard_jax.methods import Context, register
+from lard_jax.model import collect_qkv, final_logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    relations: tuple = ("q", "k", "v")
+    layers: tuple | None = None  # None = all
+    lambda_attn: float = 1.0
+    lambda_logit: float = 0.0
+    temperature: float = 1.0  # of the logit-KD term
+    kernel_impl: str = "auto"
+    normalize: str = "query_heads"  # losses.NORMALIZATIONS: "query_heads" (authors) | "per_relation_heads"
+    fused: bool = True
+
+    def __post_init__(self):
+        if self.normalize not in losses.NORMALIZATIONS:
+            raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {losses.NORMALIZATIONS}")
+        object.__setattr__(self, "relations", tuple(self.relations))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@register("linearard", Config)
+def build(ctx: Context, cfg: Config):
+    teacher, student = ctx.teacher, ctx.student
+
+    def loss_fn(trainable, frozen, batch, rng):
+        s_params = ctx.student_params(frozen, trainable)
+        t_frozen = jax.lax.stop_gradient(frozen)
+        drop = ctx.dropout_kw(rng, 0x10)
+        mask, seg = batch.get("mask"), batch.get("segment_ids")
+        if cfg.fused:
+            attn, parts, hidden = losses.fused_relation_loss(
+                teacher.config, student.config, t_frozen, s_params, batch["input_ids"], mask=mask, segment_ids=seg,
+                relations=cfg.relations, layers=cfg.layers, impl=cfg.kernel_impl, normalize=cfg.normalize,
+                dropout_rng=drop.get("dropout_rng"), return_hidden=bool(cfg.lambda_logit))
+            logits = (lambda: (final_logits(teacher.config, t_frozen, hidden[0]),  # noqa: E731
+                               final_logits(student.config, s_params, hidden[1])))
+        else:
+            t_logits, t_inter = ctx.apply(teacher, t_frozen, batch)
+            s_logits, s_inter = ctx.apply(student, s_params, batch, **drop)
+            attn, parts = losses.relation_loss(collect_qkv(s_inter), collect_qkv(t_inter), mask=mask,
+                                               segment_ids=seg, relations=cfg.relations, layers=cfg.layers,
+                                               impl=cfg.kernel_impl, normalize=cfg.normalize,
+                                               num_query_heads=student.config.num_attention_heads)
+            logits = lambda: (t_logits, s_logits)  # noqa: E731
+        loss = cfg.lambda_attn * attn
+        metrics = {**{f"relation_{r}": v for r, v in parts.items()}, "relation": attn}
+        if cfg.lambda_logit:
+            t_logits, s_logits = logits()
+            kd = losses.logit_kd_loss(s_logits, t_logits, mask, cfg.temperature)
+            metrics["logit_kd"] = kd
+            loss = loss + cfg.lambda_logit * kd
+        return loss, metrics
+
+    return loss_fn
