@@ -20,6 +20,7 @@ def get_config():
     c.model.param_dtype = "bfloat16"  # frozen weights' storage dtype
     c.model.trainable_dtype = "float32"  # the student's trainable projections (AdamW in float32)
     c.model.remat = "none"  # none | full | dots | dots_no_batch
+    c.model.scan_layers = True  # decoder layers under nn.scan, parameters stacked (False: a Python loop per layer)
     c.model.attention_impl = "xla"  # xla (dense) | cudnn | blockwise (linear memory) | pallas_tpu | auto (lard_jax.attention)
     c.model.export_dtype = "checkpoint"  # hf_student/ trained tensors: "checkpoint" (each tensor's own dtype) | "float32"
 
@@ -51,6 +52,8 @@ def get_config():
     c.loss.lambda_logit = 0.0  # weight of an added logit-KD term (0 = none)
     c.loss.temperature = 1.0  # softmax temperature of relation rows and logits
     c.loss.kernel_impl = "auto"  # pallas_kernels.relation_kl impl
+    c.loss.fused = True  # linearard: teacher and student layer by layer in one pass, each layer's relation KL
+    #                      taken there (same loss; no layer's q/k/v outlive its step); False: after both forwards
     c.loss.hidden_layers = ()  # longred_simplified hidden-state layers, () = all
     c.loss.lambda_hidden = 1.0  # longred_simplified: weight of the hidden-state loss
     c.loss.lambda_short_to_long = 1.0  # longred_simplified: weight of the short-to-long term
@@ -105,6 +108,7 @@ def get_config():
     c.eval.harness_tasks = ""  # "lambada=/data/lambada.jsonl,piqa=/data/piqa.jsonl"
     c.eval.add_bos = "tokenizer"  # cloze/harness_tasks bos: tokenizer (its default, as lm-eval's hf) | always | never
     c.eval.max_length = 0  # cloze/harness_tasks left truncation in tokens; 0 = each model's max_position_embeddings
+    c.eval.tasks = ()  # evaluation tasks by registered name, in order; () = all (lard_jax.evaluation.tasks)
     c.eval.native_len = 0  # 0 = data.seq_len
     c.eval.distortion = True  # per-layer/head relation distortion against the teacher
     return c

@@ -16,7 +16,8 @@ ABOUT = "Evaluate Hugging Face checkpoints side by side (perplexity, cloze, pass
 
 
 def run(config) -> dict:
-    from lard_jax import eval_runner, hf, pipeline
+    from lard_jax import hf, pipeline
+    from lard_jax.evaluation import runner as eval_runner
     from lard_jax.model import LlamaForCausalLM, dtype_of
     from lard_jax.pipeline import ConfigError
 

@@ -30,11 +30,11 @@ import numpy as np
 import optax
 
 from experiments.build_corpus import read_jsonl
+from lard_jax.sources import BUILTIN_SOURCES  # the held-out documents the demo can rebuild anywhere
 from lard_jax import hf
 from lard_jax.model import LlamaConfig, LlamaForCausalLM
 from lard_jax.tokenizer import ByteTokenizer
 
-BUILTIN_SOURCES = ("pydoc", "stdlib")  # the held-out documents the demo can rebuild anywhere
 # Raw uint32 keys where this jax still has them (flax and the jit signature then match across
 # jax 0.10 and 0.11); typed keys otherwise.
 _prng_key = getattr(jax.random, "PRNGKey", None) or jax.random.key

@@ -18,7 +18,8 @@ import os
 import time
 
 from configs import demo
-from lard_jax import eval_runner, hf, pipeline
+from lard_jax import hf, pipeline
+from lard_jax.evaluation import runner as eval_runner
 from lard_jax.model import LlamaForCausalLM
 from lard_jax.tokenizer import load_tokenizer
 

@@ -30,7 +30,8 @@ import traceback
 
 import numpy as np
 
-from lard_jax import eval_runner, hf, pipeline
+from lard_jax import hf, pipeline
+from lard_jax.evaluation import runner as eval_runner
 from lard_jax.evaluation import perplexity, synthetic
 from lard_jax.model import LlamaForCausalLM, dtype_of
 from lard_jax.tokenizer import load_tokenizer

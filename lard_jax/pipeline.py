@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lard_jax import hf, rope as rope_lib, safetensors_io, sharding as sharding_lib, trainer
 from lard_jax.errors import UserError
+from lard_jax.sources import BUILTIN_PREFIX, resolve_source  # noqa: F401  (resolve_source: public here too)
 from lard_jax.model import LlamaForCausalLM, dtype_of
 from lard_jax.trainer import LoraSpec, LossSpec, TrainState
 
@@ -34,27 +35,7 @@ class ConfigError(UserError):
 
 # ----------------------------------------------------------------------------------------------
 # validation
-BUILTIN_PREFIX = "builtin:"  # builtin:train / builtin:heldout: Python's own bundled documentation
-
-
-def resolve_source(source: str, workdir: str) -> str:
-    """Materialise a builtin text split (pydoc topics + stdlib docstrings, present on every Python
-    install) as JSONL under the workdir; other sources pass through."""
-    if not source.startswith(BUILTIN_PREFIX):
-        return source
-    split = source[len(BUILTIN_PREFIX):]
-    if split not in ("train", "heldout"):
-        raise ConfigError(f"unknown builtin text {source!r}; expected builtin:train or builtin:heldout")
-    path = os.path.join(workdir, "builtin_text", f"{split}.jsonl")
-    if not os.path.exists(path):
-        from experiments.build_corpus import builtin_documents
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"  # every host writes the same content; the rename is atomic
-        with open(tmp, "w") as f:
-            for doc in builtin_documents(split):
-                f.write(json.dumps({"id": doc.id, "text": doc.text}) + "\n")
-        os.replace(tmp, path)
-    return path
+# builtin:train / builtin:heldout: Python's own bundled documentation (lard_jax.sources)
 
 
 def validate_config(config) -> None:
@@ -259,19 +240,17 @@ def build_models(config, mesh):
     overrides = dict(remat=config.model.remat, attention_impl=config.model.attention_impl)
     teacher, frozen = hf.load_pretrained(config.model.checkpoint, dtype=dtype_of(config.model.dtype),
                                          param_dtype=dtype_of(config.model.param_dtype), mesh=mesh, **overrides)
+    if config.model.get("scan_layers", False):  # stacked layers: one nn.scan (hf reads/writes per layer)
+        frozen = trainer.to_layout(frozen, True, delete_source=True)
+        teacher = LlamaForCausalLM(teacher.config.replace(scan_layers=True))
     student = LlamaForCausalLM(teacher.config.replace(rope_scaling=_rope_dict(config),
                                                       max_position_embeddings=student_max_positions(config, teacher.config)))
     return teacher, student, frozen
 
 
 def loss_spec(config) -> LossSpec:
-    lc = config.loss
     factor = float((_rope_dict(config) or {}).get("factor", 8.0))
-    return LossSpec(method=lc.method, relations=tuple(lc.relations), layers=tuple(lc.layers) or None,
-                    lambda_attn=lc.lambda_attn, lambda_logit=lc.lambda_logit, temperature=lc.temperature,
-                    kernel_impl=lc.kernel_impl, normalize=lc.normalize, hidden_layers=tuple(lc.hidden_layers) or None,
-                    lambda_hidden=lc.lambda_hidden, lambda_short_to_long=lc.lambda_short_to_long,
-                    long_factor=factor)
+    return LossSpec.from_config(config.loss, long_factor=factor)  # each method reads its own keys
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,8 +453,8 @@ def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec:
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _as_dict(state))
-        restored = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+        restored = trainer.restore_any_layout(  # a checkpoint of either parameter layout
+            lambda abstract: manager.restore(start, args=ocp.args.StandardRestore(abstract)), _as_dict(state))
         state = TrainState(**restored)
         print(f"[{name}] resumed from step {start} ({ckpt_dir})")
         if start > steps:
@@ -486,7 +465,17 @@ def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec:
                       donate_argnums=(0,), out_shardings=(shardings, None))
     log = MetricsLog(config.workdir, name, resume_step=start)
     tokens_per_step = loader.batch_size * jax.process_count() * seq_len
-    flops = trainer.model_flops_per_token(student.config, seq_len, teacher_forward=spec.method != "cpt")
+    from lard_jax import flops as flops_lib
+    try:  # executed model FLOPs (no remat recompute): lard_jax/flops.py says what is counted
+        flops = flops_lib.executed_flops_per_token(
+            student.config, seq_len=seq_len, method=spec.method,
+            trainable=trainer.PROJECTION_SETS[config.train.trainable], lora_rank=lora.rank,
+            lora_merged=lora.merged, lambda_logit=getattr(spec, "lambda_logit", 0.0),
+            relations=getattr(spec, "relations", ("q", "k", "v")), layers=getattr(spec, "layers", None) or None,
+            hidden_layers=getattr(spec, "hidden_layers", None) or None, remat=student.config.remat,
+            micro_batch=max(1, loader.batch_size * jax.process_count() // max(1, grad_accum * jax.device_count())))
+    except (ValueError, KeyError, NotImplementedError, AttributeError):  # a method the FLOP model does not know: no MFU
+        flops = None
     peak = trainer.peak_flops_per_device()
     bar = tqdm(total=steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
     t_last, last_logged = time.perf_counter(), start
@@ -500,7 +489,7 @@ def train_stage(name: str, config, *, teacher, student, frozen, trainable, spec:
             tps = tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)
             t_last, last_logged = now, done
             metrics["tokens_per_s"] = tps
-            metrics["mfu"] = tps * flops / (peak * jax.device_count()) if peak else None
+            metrics["mfu_executed"] = flops_lib.mfu(flops, tps, peak, jax.device_count()) if flops else None
             log.write(done, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.4g}", gnorm=f"{metrics['grad_norm']:.3g}", tok_s=f"{tps:.0f}")
         bar.update(1)
@@ -545,7 +534,7 @@ def run_restoration(config) -> dict:
     student_max = student_max_positions(config, teacher_cfg)
     eval_docs = None
     if config.eval.enabled:  # fail on a bad evaluation setting before training, not after
-        from lard_jax import eval_runner
+        from lard_jax.evaluation import runner as eval_runner
         if not config.eval.source:
             raise ConfigError("config.eval.enabled needs config.eval.source; pass --config.eval.source=/path/to/heldout "
                               "(documents never trained on)")
@@ -604,7 +593,9 @@ def run_restoration(config) -> dict:
             tokens += config.stage2.steps * config.stage2.batch_size * config.stage2.grad_accum * s2_len
         student_params = jax.jit(lambda f, t: trainer.merge_student(f, t, lora))(frozen, trainable)
     out = os.path.join(config.workdir, "hf_student")
-    export_student(config, student, student_params, mask, tokenizer, out)
+    export_student(config, student, *trainer.per_layer_for_export(  # hf.py's per-layer layout
+        student_params, mask, student.config.num_hidden_layers, full=_gguf_path(config.model.checkpoint) is not None),
+        tokenizer, out)
     student_params = jax.tree_util.tree_map(lambda x: x.astype(dtype_of(config.model.param_dtype)), student_params)
     summary = {"hf_student": out, "train_tokens": int(tokens), "train_seconds": time.perf_counter() - t0,
                "method": config.loss.method, "student_rope": rope_lib.describe_rope(student.config.rope_scaling_dict)}
@@ -619,7 +610,7 @@ def run_restoration(config) -> dict:
 
 def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, docs=None) -> dict:
     """Teacher, scaled (untrained) and restored student side by side -> <workdir>/report.*"""
-    from lard_jax import eval_runner
+    from lard_jax.evaluation import runner as eval_runner
     if docs is None:
         docs = eval_runner.heldout_token_docs(config.eval.source, tokenizer, config.data.text_field)
     spec = eval_runner.eval_spec_from_config(config.eval, config.data.seq_len)
@@ -642,7 +633,8 @@ def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, do
 # train.steps may change only with train.extend=True (check_resumable).
 _RESUME_FREE_KEYS = {"train.extend", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.crash_after_step", "stage2.steps", "eval", "distributed", "workdir",
-                     "mesh", "data.cache_dir", "data.allow_long", "model.export_dtype"}  # orbax reshards on a new mesh
+                     "mesh", "data.cache_dir", "data.allow_long", "model.export_dtype",
+                     "model.scan_layers", "loss.fused"}  # orbax reshards on a new mesh
 
 
 def _flat(d, prefix=""):

@@ -6,7 +6,7 @@ import pytest
 
 from configs import eval as eval_config
 from experiments import evaluate
-from lard_jax import eval_runner
+from lard_jax.evaluation import runner as eval_runner
 from lard_jax.pipeline import ConfigError
 from lard_jax.tokenizer import ByteTokenizer
 from tests.tiny import save_tiny_teacher

@@ -5,7 +5,8 @@ import pytest
 import torch
 import transformers
 
-from lard_jax import eval_runner, hf
+from lard_jax import hf
+from lard_jax.evaluation import runner as eval_runner
 from lard_jax import generate as gen
 from lard_jax.model import LlamaConfig, init_params
 

@@ -24,7 +24,8 @@ from lm_eval import utils as lm_eval_utils  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from lard_jax import eval_runner, hf  # noqa: E402
+from lard_jax import hf  # noqa: E402
+from lard_jax.evaluation import runner as eval_runner  # noqa: E402
 from lard_jax.evaluation import lm_eval_backend, multiple_choice  # noqa: E402
 from lard_jax.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 

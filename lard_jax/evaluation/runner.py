@@ -16,6 +16,7 @@ import numpy as np
 
 from lard_jax.evaluation import distortion as distortion_lib
 from lard_jax.evaluation import multiple_choice, perplexity, synthetic
+from lard_jax.evaluation import tasks as tasks_lib
 from lard_jax.model import LlamaForCausalLM, relation_inputs
 
 # RoPE types whose frequencies depend on the (static) sequence length: padding a batch would
@@ -102,11 +103,14 @@ class EvalSpec:
     batch_size: int = 8
     add_bos: str = "tokenizer"  # harness-style scoring: "tokenizer" | "always" | "never"
     max_length: int = 0  # harness-style left truncation; 0 = the model's max_position_embeddings
+    tasks: Sequence[str] = tasks_lib.DEFAULT_TASKS  # registered task names, run in this order
 
 
 def check_spec(spec: EvalSpec, tokenizer) -> None:
     """Build one example of every synthetic task and length now, so a length too short for its
     prompt fails before training rather than after."""
+    for name in spec.tasks:
+        tasks_lib.get(name)  # an unknown task name fails here, before any model runs
     rng = np.random.default_rng(0)
     for task, lengths in (("passkey", spec.passkey_lengths), ("niah_single", spec.niah_lengths)):
         for length in lengths:
@@ -118,38 +122,15 @@ def check_spec(spec: EvalSpec, tokenizer) -> None:
 
 def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec, *, filler=None,
                    progress: bool = True) -> dict[str, Any]:
-    logits_fn = logits_fn_for(model, params)
+    """Run the registered evaluation tasks named in `spec.tasks` (lard_jax.evaluation.tasks)."""
+    ctx = tasks_lib.TaskContext(model, params, tokenizer, heldout_token_docs, spec, filler, progress)
     out: dict[str, Any] = {}
-    short = perplexity.perplexity_vs_length(logits_fn, heldout_token_docs, [spec.native_len],
-                                            max_windows=spec.max_windows, batch_size=spec.batch_size,
-                                            progress=progress)
-    out["short_ppl"] = short.get(spec.native_len)
-    if spec.ppl_lengths:
-        from lard_jax.generate import linear_memory_model
-        # one forward per window at every length, through attention that never forms [T, T]
-        out["ppl_vs_length"] = perplexity.perplexity_vs_length(
-            logits_fn_for(linear_memory_model(model), params), heldout_token_docs, list(spec.ppl_lengths), max_windows=spec.max_windows,
-            batch_size=max(1, spec.batch_size // 4), progress=progress)
-    if spec.cloze_samples:
-        examples = cloze_examples(heldout_token_docs, tokenizer, context_len=spec.native_len // 2,
-                                  cont_len=max(8, spec.native_len // 8), n=spec.cloze_samples, seed=spec.seed)
-        out["cloze_acc"] = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer,
-                                                          batch_size=spec.batch_size, progress=progress,
-                                                          add_bos=spec.add_bos, max_length=spec.max_length)["acc"]
-    for task, path in spec.harness_tasks.items():
-        out.setdefault("tasks", {})[task] = multiple_choice.score_task(task, path, logits_fn, tokenizer,
-                                                                      batch_size=spec.batch_size, progress=progress,
-                                                                      add_bos=spec.add_bos, max_length=spec.max_length)
-    generate = generate_fn_for(model, params)
-    n_per_depth = max(1, spec.passkey_samples // len(spec.depths))
-    for key, task, lengths in (("passkey", "passkey", spec.passkey_lengths),
-                               ("niah", "niah_single", spec.niah_lengths)):
-        if not lengths:
-            continue
-        res = synthetic.evaluate_synthetic(generate, tokenizer, task, list(lengths), list(spec.depths), n_per_depth,
-                                           spec.seed, filler=filler, progress=progress)
-        out[key] = res["by_length"]
-        out.setdefault("synthetic", {})[task] = res
+    for name in spec.tasks:
+        for key, value in tasks_lib.get(name)(ctx).items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key].update(value)  # e.g. "synthetic": one entry per generation task
+            else:
+                out[key] = value
     return out
 
 
@@ -181,7 +162,8 @@ def eval_spec_from_config(eval_cfg, native_len: int) -> EvalSpec:
                     niah_lengths=tuple(eval_cfg.niah_lengths), cloze_samples=eval_cfg.cloze_samples,
                     harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"),
                     add_bos=multiple_choice.bos_mode(eval_cfg.get("add_bos", "tokenizer")),
-                    max_length=int(eval_cfg.get("max_length", 0) or 0))
+                    max_length=int(eval_cfg.get("max_length", 0) or 0),
+                    tasks=tuple(eval_cfg.get("tasks", ()) or tasks_lib.DEFAULT_TASKS))
 
 
 def heldout_token_docs(source: str, tokenizer, text_field: str = "text") -> list[list[int]]:
