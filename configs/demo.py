@@ -8,6 +8,7 @@ Data: Python's bundled documentation (pydoc topics + stdlib docstrings), split b
 held-out documents are never trained on. Evaluates teacher / scaled / restored and writes
 report.json, report.md and plots into the workdir.
 """
+
 import os
 
 from configs import base

@@ -12,6 +12,7 @@ lm-eval's hf backend does: --config.eval.add_bos=tokenizer|always|never (default
 own special tokens) and --config.eval.max_length (left truncation; 0 = each model's
 max_position_embeddings). For the harness itself, see lard_jax/evaluation/lm_eval_backend.py.
 """
+
 from configs import base
 
 

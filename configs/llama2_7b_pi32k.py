@@ -2,4 +2,5 @@
 linear x8 recipe). It used to run 130 steps x 8 sequences (4.26M tokens, the paper's count) with full
 projections and AdamW b2 0.95; docs/recipe.md says what changed and why.
 """
+
 from configs.paper.llama2_7b_pi32k import get_config  # noqa: F401

@@ -11,6 +11,7 @@ BPE, no bos by default, as SmolLM2 was trained). As in the paper, training runs 
 native length (8192 here); the student claims 4 x 8192 = 32768 positions. The optimizer and loss
 settings come from configs/base.py.
 """
+
 from configs import base
 
 

@@ -18,6 +18,7 @@ Three measurements, in one run, on random weights of any Llama shape:
 
 Writes <out>.json and <out>.md and prints the markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,13 +35,34 @@ from lard_jax import generate as gen
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of
 
 PRESETS = {
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096),
-    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    ),
+    "llama2_7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "llama3_8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -50,8 +72,14 @@ def _ints(text):
 
 def _config(args) -> LlamaConfig:
     shape = dict(PRESETS[args.preset])
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         if getattr(args, key) is not None:
             shape[key] = getattr(args, key)
     return LlamaConfig(**shape, dtype=args.dtype, param_dtype=args.dtype)
@@ -89,8 +117,13 @@ def bench_decode(cfg, params, *, prompt_len, new_tokens, batch, reps, recompute:
     prompts = [rng.integers(3, cfg.vocab_size, prompt_len).tolist() for _ in range(max(batch, 1))]
     model = LlamaForCausalLM(cfg)
     out1, dt1 = _time_cached(model, params, prompts[:1], new_tokens, reps)
-    res = {"prompt_len": prompt_len, "new_tokens": new_tokens, "batch": batch,
-           "cached_s": dt1, "cached_tokens_per_s": new_tokens / dt1}
+    res = {
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "batch": batch,
+        "cached_s": dt1,
+        "cached_tokens_per_s": new_tokens / dt1,
+    }
     if batch > 1:
         outb, dtb = _time_cached(model, params, prompts, new_tokens, reps)
         assert outb[0] == out1[0]
@@ -100,8 +133,12 @@ def bench_decode(cfg, params, *, prompt_len, new_tokens, batch, reps, recompute:
         t0 = time.perf_counter()
         ref = gen.greedy_generate_recompute(model, params, prompts[0], new_tokens)
         dt = time.perf_counter() - t0
-        res.update(recompute_s=dt, recompute_tokens_per_s=new_tokens / dt, same_tokens=ref == out1[0],
-                   speedup=res["cached_tokens_per_s"] / (new_tokens / dt))
+        res.update(
+            recompute_s=dt,
+            recompute_tokens_per_s=new_tokens / dt,
+            same_tokens=ref == out1[0],
+            speedup=res["cached_tokens_per_s"] / (new_tokens / dt),
+        )
     return res
 
 
@@ -138,8 +175,8 @@ def bench_prefill(cfg, params, lengths, impl, reps) -> list[dict]:
         shape = (cfg.num_hidden_layers, 1, cfg.num_key_value_heads, t, cfg.head_dim)
 
         def prefill(params, ids):
-            cache = {"k": jnp.zeros(shape, dtype_of(cfg.dtype)), "v": jnp.zeros(shape, dtype_of(cfg.dtype))}
-            return model.apply({"params": params}, ids, cache=cache, logits_at=jnp.full((1, 1), t - 1))
+            cache = {"k": jnp.zeros(shape, dtype_of(cfg.dtype)), "v": jnp.zeros(shape, dtype_of(cfg.dtype))}  # noqa: B023
+            return model.apply({"params": params}, ids, cache=cache, logits_at=jnp.full((1, 1), t - 1))  # noqa: B023
 
         ids = jnp.asarray(np.random.default_rng(t).integers(0, cfg.vocab_size, (1, t)), jnp.int32)
         try:
@@ -153,8 +190,15 @@ def bench_prefill(cfg, params, lengths, impl, reps) -> list[dict]:
             t0 = time.perf_counter()
             jax.block_until_ready(compiled(params, ids))
             times.append(time.perf_counter() - t0)
-        rows.append({"T": t, "impl": attn.resolve_impl(impl, dtype=dtype_of(cfg.dtype), head_dim=cfg.head_dim),
-                     "seconds": min(times), "tokens_per_s": t / min(times), **_memory(compiled)})
+        rows.append(
+            {
+                "T": t,
+                "impl": attn.resolve_impl(impl, dtype=dtype_of(cfg.dtype), head_dim=cfg.head_dim),
+                "seconds": min(times),
+                "tokens_per_s": t / min(times),
+                **_memory(compiled),
+            }
+        )
     return rows
 
 
@@ -164,49 +208,76 @@ def _mib(x):
 
 def markdown(result) -> str:
     cfg, dec = result["config"], result["decode"]
-    lines = [f"# Long-context evaluation costs ({result['device']})", "",
-             f"Model: {result['preset']} shape, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-             f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} (q/kv), head_dim {cfg['head_dim']}, "
-             f"vocab {cfg['vocab_size']}, {cfg['dtype']}, random weights. "
-             f"`{result['command']}`", "",
-             "## Greedy decoding: KV cache vs full recomputation", "",
-             "| prompt | new tokens | cached tokens/s (batch 1) | recompute tokens/s (batch 1) | speedup "
-             f"| same tokens | cached tokens/s (batch {dec['batch']}) |",
-             "|---|---|---|---|---|---|---|",
-             f"| {dec['prompt_len']} | {dec['new_tokens']} | {dec['cached_tokens_per_s']:,.1f} | "
-             + (f"{dec['recompute_tokens_per_s']:,.1f} | {dec['speedup']:.1f}x | {dec['same_tokens']} | "
-                if "recompute_s" in dec else "not run | | | ")
-             + (f"{dec['batched_tokens_per_s']:,.1f} |" if "batched_s" in dec else "|"), "",
-             "## One attention call: compiled memory, blockwise vs dense", "",
-             f"Batch {result['mem_batch']}, q/kv heads and head_dim as above. temp = XLA's scratch; peak = "
-             "arguments + outputs + temp. growth = temp(T) / temp(T/2): 2 is linear, 4 quadratic. Blockwise "
-             "temp is a fixed tile scratch (block_q x block_k scores per head) plus a part linear in T, "
-             "so its growth stays at or below 2.", "",
-             "| T | blockwise temp MiB | blockwise peak MiB | growth | dense temp MiB | dense peak MiB | growth "
-             "| dense / blockwise temp |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Long-context evaluation costs ({result['device']})",
+        "",
+        f"Model: {result['preset']} shape, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"heads {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} (q/kv), head_dim {cfg['head_dim']}, "
+        f"vocab {cfg['vocab_size']}, {cfg['dtype']}, random weights. "
+        f"`{result['command']}`",
+        "",
+        "## Greedy decoding: KV cache vs full recomputation",
+        "",
+        "| prompt | new tokens | cached tokens/s (batch 1) | recompute tokens/s (batch 1) | speedup "
+        f"| same tokens | cached tokens/s (batch {dec['batch']}) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {dec['prompt_len']} | {dec['new_tokens']} | {dec['cached_tokens_per_s']:,.1f} | "
+        + (
+            f"{dec['recompute_tokens_per_s']:,.1f} | {dec['speedup']:.1f}x | {dec['same_tokens']} | "
+            if "recompute_s" in dec
+            else "not run | | | "
+        )
+        + (f"{dec['batched_tokens_per_s']:,.1f} |" if "batched_s" in dec else "|"),
+        "",
+        "## One attention call: compiled memory, blockwise vs dense",
+        "",
+        f"Batch {result['mem_batch']}, q/kv heads and head_dim as above. temp = XLA's scratch; peak = "
+        "arguments + outputs + temp. growth = temp(T) / temp(T/2): 2 is linear, 4 quadratic. Blockwise "
+        "temp is a fixed tile scratch (block_q x block_k scores per head) plus a part linear in T, "
+        "so its growth stays at or below 2.",
+        "",
+        "| T | blockwise temp MiB | blockwise peak MiB | growth | dense temp MiB | dense peak MiB | growth "
+        "| dense / blockwise temp |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in result["attention_memory"]:
         b, x = row["blockwise"], row["xla"]
         g = lambda r: f"{r['temp_growth']:.2f}" if "temp_growth" in r else ""  # noqa: E731
         ratio = f"{row['dense_over_blockwise_temp']:.1f}x" if "dense_over_blockwise_temp" in row else "n/a"
-        lines.append(f"| {row['T']} | {_mib(b.get('temp_bytes'))} | {_mib(b.get('peak_bytes'))} | {g(b)} | "
-                     f"{_mib(x.get('temp_bytes'))} | {_mib(x.get('peak_bytes'))} | {g(x)} | {ratio} |")
+        lines.append(
+            f"| {row['T']} | {_mib(b.get('temp_bytes'))} | {_mib(b.get('peak_bytes'))} | {g(b)} | "
+            f"{_mib(x.get('temp_bytes'))} | {_mib(x.get('peak_bytes'))} | {g(x)} | {ratio} |"
+        )
     if result["prefill"]:
-        lines += ["", "## Prefill (prompt -> KV cache + last logits)", "",
-                  "| T | attention | seconds | tokens/s | temp MiB | peak MiB |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Prefill (prompt -> KV cache + last logits)",
+            "",
+            "| T | attention | seconds | tokens/s | temp MiB | peak MiB |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in result["prefill"]:
             if "error" in row:
                 lines.append(f"| {row['T']} | {row['impl']} | {row['error']} | | | |")
             else:
-                lines.append(f"| {row['T']} | {row['impl']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | "
-                             f"{_mib(row['temp_bytes'])} | {_mib(row['peak_bytes'])} |")
+                lines.append(
+                    f"| {row['T']} | {row['impl']} | {row['seconds']:.3f} | {row['tokens_per_s']:,.0f} | "
+                    f"{_mib(row['temp_bytes'])} | {_mib(row['peak_bytes'])} |"
+                )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         p.add_argument(f"--{key}", type=int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--decode_prompt", type=int, default=1024)
@@ -225,16 +296,35 @@ def main(argv=None):
     params = _random_params(cfg, 0)
     result = {
         "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {jax.device_count()} device(s), "
-                  f"{platform.processor() or platform.machine()})",
-        "jax": jax.__version__, "preset": args.preset, "config": {
-            k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "num_key_value_heads", "head_dim", "dtype")},
-        "command": "python -m experiments.bench_longctx_eval " + " ".join(argv if argv is not None else
-                                                                           __import__("sys").argv[1:]),
+        f"{platform.processor() or platform.machine()})",
+        "jax": jax.__version__,
+        "preset": args.preset,
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "dtype",
+            )
+        },
+        "command": "python -m experiments.bench_longctx_eval "
+        + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "mem_batch": args.mem_batch,
     }
-    result["decode"] = bench_decode(cfg, params, prompt_len=args.decode_prompt, new_tokens=args.decode_new,
-                                    batch=args.decode_batch, reps=args.reps, recompute=not args.no_recompute)
+    result["decode"] = bench_decode(
+        cfg,
+        params,
+        prompt_len=args.decode_prompt,
+        new_tokens=args.decode_new,
+        batch=args.decode_batch,
+        reps=args.reps,
+        recompute=not args.no_recompute,
+    )
     result["attention_memory"] = bench_attention_memory(cfg, _ints(args.mem_lengths), args.mem_batch)
     result["prefill"] = bench_prefill(cfg, params, _ints(args.prefill_lengths), args.prefill_impl, args.reps)
     text = markdown(result)

@@ -2,7 +2,8 @@
 
 Shape of the paper's loss: B=1, H=32, D=128, bf16, causal self-relation.
 Effective TFLOP/s: forward 2*T^2*D*H, forward+backward 6*T^2*D*H (the convention
-of the published kernel's figures, docs/published_kernel.md); cuDNN attention fwd+bwd is counted as 7*T^2*D*H (causal attention:
+of the published kernel's figures, docs/published_kernel.md); cuDNN attention fwd+bwd is counted as
+7*T^2*D*H (causal attention:
 2 matmuls forward, 5 backward, half the square), also reported as a time.
 
     PYTHONUNBUFFERED=1 python3 experiments/bench_relation_kl.py --out $OUT/bench.json
@@ -10,6 +11,7 @@ of the published kernel's figures, docs/published_kernel.md); cuDNN attention fw
 Writes the JSON as it goes (a run cut short keeps what it measured) and prints
 a short table last.
 """
+
 import argparse
 import dataclasses
 import json
@@ -40,113 +42,115 @@ RESULTS = {"meta": {}, "checks": [], "tuning": [], "rows": []}
 
 
 def log(*a):
-  print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
 def save(path):
-  with open(path, "w") as f:
-    json.dump(RESULTS, f, indent=1)
+    with open(path, "w") as f:
+        json.dump(RESULTS, f, indent=1)
 
 
 def timeit(fn, *args, budget=1.5, max_reps=30):
-  """Median seconds per call; compile and warm-up excluded."""
-  jax.block_until_ready(fn(*args))
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  est = max(time.perf_counter() - t, 1e-6)
-  inner = max(1, int(0.02 / est))  # each sample >= ~20 ms of device work
-  reps = int(min(max_reps, max(3, budget / (est * inner))))
-  samples = []
-  for _ in range(reps):
+    """Median seconds per call; compile and warm-up excluded."""
+    jax.block_until_ready(fn(*args))
     t = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t) / inner)
-  return statistics.median(samples)
+    jax.block_until_ready(fn(*args))
+    est = max(time.perf_counter() - t, 1e-6)
+    inner = max(1, int(0.02 / est))  # each sample >= ~20 ms of device work
+    reps = int(min(max_reps, max(3, budget / (est * inner))))
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / inner)
+    return statistics.median(samples)
 
 
 def inputs(T, key=0, dtype=jnp.bfloat16, B=1, h=H, d=D):
-  k1, k2 = jax.random.split(jax.random.PRNGKey(key))
-  x = jax.random.normal(k1, (B, T, h, d), jnp.float32).astype(dtype)
-  t = (x.astype(jnp.float32) + 0.5 * jax.random.normal(k2, x.shape)).astype(dtype)
-  return x, t
+    k1, k2 = jax.random.split(jax.random.PRNGKey(key))
+    x = jax.random.normal(k1, (B, T, h, d), jnp.float32).astype(dtype)
+    t = (x.astype(jnp.float32) + 0.5 * jax.random.normal(k2, x.shape)).astype(dtype)
+    return x, t
 
 
 INTERPRET = False  # --smoke: run the Pallas kernels in interpret mode (CPU)
 
 
 def fwd_fn(impl, blocks=None):
-  return jax.jit(lambda x, t: self_relation_kl(x, t, impl=impl, block_sizes=blocks,
-                                               interpret=INTERPRET))
+    return jax.jit(lambda x, t: self_relation_kl(x, t, impl=impl, block_sizes=blocks, interpret=INTERPRET))
 
 
 def fwdbwd_fn(impl, blocks=None):
-  def loss(x, t):
-    return self_relation_kl(x, t, impl=impl, block_sizes=blocks,
-                            interpret=INTERPRET).sum()
-  return jax.jit(jax.value_and_grad(loss))
+    def loss(x, t):
+        return self_relation_kl(x, t, impl=impl, block_sizes=blocks, interpret=INTERPRET).sum()
+
+    return jax.jit(jax.value_and_grad(loss))
 
 
 def compile_with_temp(fn, *args):
-  """-> (compiled fn, temp bytes or None); compiling once serves both."""
-  compiled = fn.lower(*args).compile()
-  try:
-    return compiled, int(compiled.memory_analysis().temp_size_in_bytes)
-  except Exception:  # noqa: BLE001
-    return compiled, None
+    """-> (compiled fn, temp bytes or None); compiling once serves both."""
+    compiled = fn.lower(*args).compile()
+    try:
+        return compiled, int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # noqa: BLE001
+        return compiled, None
 
 
 def rel(a, b):
-  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 # ---------------------------------------------------------------- checks ----
 
+
 def correctness():
-  """Pallas (Triton, compiled) vs the f32 dense reference and the xla impl."""
-  cases = [
-      ("bf16 T=1024 self causal", dict(T=1024, dtype=jnp.bfloat16), {}),
-      ("f32 T=1000 D=80 GQA 8/2 mask+segments", dict(T=1000, dtype=jnp.float32),
-       dict(gqa=True, masked=True)),
-  ]
-  for name, shp, opt in cases:
-    T, dtype = shp["T"], shp["dtype"]
-    d = 80 if opt.get("gqa") else D
-    h = 8 if opt.get("gqa") else H
-    if INTERPRET:
-      T, d, h = min(T, 100), min(d, 16), min(h, 4)
-    ks = jax.random.split(jax.random.PRNGKey(T), 6)
-    sl = jax.random.normal(ks[0], (1, T, h, d)).astype(dtype)
-    tl = jax.random.normal(ks[1], (1, T, h, d)).astype(dtype)
-    hr = 2 if opt.get("gqa") else h
-    sr = sl if not opt.get("gqa") else jax.random.normal(ks[2], (1, T, hr, d)).astype(dtype)
-    tr = tl if not opt.get("gqa") else jax.random.normal(ks[3], (1, T, hr, d)).astype(dtype)
-    kw = {}
-    if opt.get("masked"):
-      kw["mask"] = jnp.arange(T)[None] < (9 * T) // 10
-      kw["segment_ids"] = (jnp.arange(T)[None] >= T // 3).astype(jnp.int32)
-    w = jax.random.normal(ks[4], (1, h, T))
-    out = {}
-    for impl in ("pallas_gpu", "xla", "reference"):
-      f32 = (lambda a: a.astype(jnp.float32)) if impl == "reference" else (lambda a: a)
-      # Every array is an argument: closed-over constants get constant-folded.
-      def loss(a, b, c, d, w, kw, impl=impl, f32=f32):
-        kl = relation_kl(f32(a), f32(b), f32(c), f32(d), impl=impl,
-                         interpret=INTERPRET and impl == "pallas_gpu", **kw)
-        return jnp.sum(w * kl), kl
-      (_, kl), g = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
-          sl, sr, tl, tr, w, kw)
-      out[impl] = (kl, g)
-    row = {"case": name}
-    for impl in ("pallas_gpu", "xla"):
-      kl, g = out[impl]
-      rk, rg = out["reference"]
-      row[impl] = dict(fwd=rel(kl, rk), d_left=rel(g[0], rg[0]), d_right=rel(g[1], rg[1]),
-                       finite=bool(jnp.isfinite(kl).all()))
-    RESULTS["checks"].append(row)
-    log("check", json.dumps(row))
+    """Pallas (Triton, compiled) vs the f32 dense reference and the xla impl."""
+    cases = [
+        ("bf16 T=1024 self causal", dict(T=1024, dtype=jnp.bfloat16), {}),
+        ("f32 T=1000 D=80 GQA 8/2 mask+segments", dict(T=1000, dtype=jnp.float32), dict(gqa=True, masked=True)),
+    ]
+    for name, shp, opt in cases:
+        T, dtype = shp["T"], shp["dtype"]
+        d = 80 if opt.get("gqa") else D
+        h = 8 if opt.get("gqa") else H
+        if INTERPRET:
+            T, d, h = min(T, 100), min(d, 16), min(h, 4)
+        ks = jax.random.split(jax.random.PRNGKey(T), 6)
+        sl = jax.random.normal(ks[0], (1, T, h, d)).astype(dtype)
+        tl = jax.random.normal(ks[1], (1, T, h, d)).astype(dtype)
+        hr = 2 if opt.get("gqa") else h
+        sr = sl if not opt.get("gqa") else jax.random.normal(ks[2], (1, T, hr, d)).astype(dtype)
+        tr = tl if not opt.get("gqa") else jax.random.normal(ks[3], (1, T, hr, d)).astype(dtype)
+        kw = {}
+        if opt.get("masked"):
+            kw["mask"] = jnp.arange(T)[None] < (9 * T) // 10
+            kw["segment_ids"] = (jnp.arange(T)[None] >= T // 3).astype(jnp.int32)
+        w = jax.random.normal(ks[4], (1, h, T))
+        out = {}
+        for impl in ("pallas_gpu", "xla", "reference"):
+            f32 = (lambda a: a.astype(jnp.float32)) if impl == "reference" else (lambda a: a)
+
+            # Every array is an argument: closed-over constants get constant-folded.
+            def loss(a, b, c, d, w, kw, impl=impl, f32=f32):
+                kl = relation_kl(
+                    f32(a), f32(b), f32(c), f32(d), impl=impl, interpret=INTERPRET and impl == "pallas_gpu", **kw
+                )
+                return jnp.sum(w * kl), kl
+
+            (_, kl), g = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(sl, sr, tl, tr, w, kw)
+            out[impl] = (kl, g)
+        row = {"case": name}
+        for impl in ("pallas_gpu", "xla"):
+            kl, g = out[impl]
+            rk, rg = out["reference"]
+            row[impl] = dict(
+                fwd=rel(kl, rk), d_left=rel(g[0], rg[0]), d_right=rel(g[1], rg[1]), finite=bool(jnp.isfinite(kl).all())
+            )
+        RESULTS["checks"].append(row)
+        log("check", json.dumps(row))
 
 
 # ---------------------------------------------------------------- tuning ----
@@ -154,176 +158,200 @@ def correctness():
 # Run 1 (docs/kernel_notes.md) swept a wider list at T=4096; these are the
 # leaders and near misses, re-measured with the current kernels.
 FWD_CANDIDATES = [  # block_q, block_k, warps, stages
-    (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (64, 64, 4, 3),
 ]
 BWD_CANDIDATES = [  # block_q_dq, block_k_dq, block_q_dk, block_k_dk, warps, stages
-    (64, 64, 64, 64, 4, 2), (128, 128, 128, 128, 8, 2), (64, 64, 64, 64, 4, 3),
-    (64, 32, 32, 64, 4, 2), (64, 64, 64, 64, 8, 2),
+    (64, 64, 64, 64, 4, 2),
+    (128, 128, 128, 128, 8, 2),
+    (64, 64, 64, 64, 4, 3),
+    (64, 32, 32, 64, 4, 2),
+    (64, 64, 64, 64, 8, 2),
 ]
 
 
 def tune(T):
-  x, t = inputs(T, key=1)
-  best_fwd, best_ms = None, float("inf")
-  for bq, bk, w, s in FWD_CANDIDATES:
-    blocks = BlockSizes(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
-    try:
-      ms = 1e3 * timeit(fwd_fn("pallas_gpu", blocks), x, t, budget=0.5)
-    except Exception as e:  # noqa: BLE001
-      log("fwd config failed", (bq, bk, w, s), repr(e)[:200])
-      continue
-    RESULTS["tuning"].append(dict(T=T, kind="fwd", cfg=[bq, bk, w, s], ms=ms,
-                                  tflops=2 * T * T * D * H / ms / 1e9))
-    log(f"tune fwd {(bq, bk, w, s)}: {ms:.3f} ms {2*T*T*D*H/ms/1e9:.0f} TF/s")
-    if ms < best_ms:
-      best_fwd, best_ms = (bq, bk, w, s), ms
-  if best_fwd is None:
-    return None
-  bq, bk, w, s = best_fwd
-  base = BlockSizes(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
-  best_bwd, best_ms = None, float("inf")
-  for qq, kq, qk, kk, w, s in BWD_CANDIDATES:
-    blocks = dataclasses.replace(base, block_q_dq=qq, block_k_dq=kq, block_q_dk=qk,
-                                 block_k_dk=kk, num_warps_bwd=w, num_stages_bwd=s)
-    try:
-      ms = 1e3 * timeit(fwdbwd_fn("pallas_gpu", blocks), x, t, budget=0.5)
-    except Exception as e:  # noqa: BLE001
-      log("bwd config failed", (qq, kq, qk, kk, w, s), repr(e)[:200])
-      continue
-    RESULTS["tuning"].append(dict(T=T, kind="fwd+bwd", cfg=[qq, kq, qk, kk, w, s],
-                                  ms=ms, tflops=6 * T * T * D * H / ms / 1e9))
-    log(f"tune fwd+bwd {(qq, kq, qk, kk, w, s)}: {ms:.3f} ms "
-        f"{6*T*T*D*H/ms/1e9:.0f} TF/s")
-    if ms < best_ms:
-      best_bwd, best_ms = blocks, ms
-  if best_bwd is not None:  # A/B: the same tiles with libdevice exp2f
-    slow = dataclasses.replace(best_bwd, fast_exp2=False)
-    for kind, fn, flops in (("fwd", fwd_fn, 2), ("fwd+bwd", fwdbwd_fn, 6)):
-      ms = {name: 1e3 * timeit(fn("pallas_gpu", b), x, t, budget=0.5)
-            for name, b in (("ex2.approx.ftz", best_bwd), ("libdevice exp2f", slow))}
-      RESULTS["ab_exp2"] = RESULTS.get("ab_exp2", []) + [dict(T=T, kind=kind, ms=ms)]
-      log(f"A/B exp2 {kind}: " + ", ".join(
-          f"{k} {v:.3f} ms {flops*T*T*D*H/v/1e9:.0f} TF/s" for k, v in ms.items()))
-  return best_bwd
+    x, t = inputs(T, key=1)
+    best_fwd, best_ms = None, float("inf")
+    for bq, bk, w, s in FWD_CANDIDATES:
+        blocks = BlockSizes(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
+        try:
+            ms = 1e3 * timeit(fwd_fn("pallas_gpu", blocks), x, t, budget=0.5)
+        except Exception as e:  # noqa: BLE001
+            log("fwd config failed", (bq, bk, w, s), repr(e)[:200])
+            continue
+        RESULTS["tuning"].append(dict(T=T, kind="fwd", cfg=[bq, bk, w, s], ms=ms, tflops=2 * T * T * D * H / ms / 1e9))
+        log(f"tune fwd {(bq, bk, w, s)}: {ms:.3f} ms {2 * T * T * D * H / ms / 1e9:.0f} TF/s")
+        if ms < best_ms:
+            best_fwd, best_ms = (bq, bk, w, s), ms
+    if best_fwd is None:
+        return None
+    bq, bk, w, s = best_fwd
+    base = BlockSizes(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
+    best_bwd, best_ms = None, float("inf")
+    for qq, kq, qk, kk, w, s in BWD_CANDIDATES:
+        blocks = dataclasses.replace(
+            base, block_q_dq=qq, block_k_dq=kq, block_q_dk=qk, block_k_dk=kk, num_warps_bwd=w, num_stages_bwd=s
+        )
+        try:
+            ms = 1e3 * timeit(fwdbwd_fn("pallas_gpu", blocks), x, t, budget=0.5)
+        except Exception as e:  # noqa: BLE001
+            log("bwd config failed", (qq, kq, qk, kk, w, s), repr(e)[:200])
+            continue
+        RESULTS["tuning"].append(
+            dict(T=T, kind="fwd+bwd", cfg=[qq, kq, qk, kk, w, s], ms=ms, tflops=6 * T * T * D * H / ms / 1e9)
+        )
+        log(f"tune fwd+bwd {(qq, kq, qk, kk, w, s)}: {ms:.3f} ms {6 * T * T * D * H / ms / 1e9:.0f} TF/s")
+        if ms < best_ms:
+            best_bwd, best_ms = blocks, ms
+    if best_bwd is not None:  # A/B: the same tiles with libdevice exp2f
+        slow = dataclasses.replace(best_bwd, fast_exp2=False)
+        for kind, fn, flops in (("fwd", fwd_fn, 2), ("fwd+bwd", fwdbwd_fn, 6)):
+            ms = {
+                name: 1e3 * timeit(fn("pallas_gpu", b), x, t, budget=0.5)
+                for name, b in (("ex2.approx.ftz", best_bwd), ("libdevice exp2f", slow))
+            }
+            RESULTS["ab_exp2"] = RESULTS.get("ab_exp2", []) + [dict(T=T, kind=kind, ms=ms)]
+            log(
+                f"A/B exp2 {kind}: "
+                + ", ".join(f"{k} {v:.3f} ms {flops * T * T * D * H / v / 1e9:.0f} TF/s" for k, v in ms.items())
+            )
+    return best_bwd
 
 
 # --------------------------------------------------------------- timings ----
 
+
 def bench_T(T, blocks, deadline, out_path):
-  row = {"T": T}
-  x, t = inputs(T)
-  f2, f6 = 2 * T * T * D * H, 6 * T * T * D * H
+    row = {"T": T}
+    x, t = inputs(T)
+    f2, f6 = 2 * T * T * D * H, 6 * T * T * D * H
 
-  def run(name, fn, flops, *args):
-    if time.time() > deadline:
-      row[name] = "skipped (time)"
-      return
-    try:
-      fn, mem = compile_with_temp(fn, *args)
-      if mem is not None and mem > 120 * 2**30:
-        row[name] = f"skipped: needs {mem / 2**30:.0f} GiB temp"
-        return
-      budget = 2.0 if T >= 16384 else 1.0
-      ms = 1e3 * timeit(fn, *args, budget=budget, max_reps=30 if T < 16384 else 5)
-      row[name] = dict(ms=ms, tflops=flops / ms / 1e9 if flops else None,
-                       temp_gib=None if mem is None else mem / 2**30)
-      log(f"T={T} {name}: {ms:.3f} ms"
-          + (f" {flops / ms / 1e9:.1f} TF/s" if flops else "")
-          + ("" if mem is None else f" temp {mem / 2**30:.3f} GiB"))
-    except Exception as e:  # noqa: BLE001  (dense OOM lands here)
-      msg = repr(e).splitlines()[0][:200]
-      row[name] = f"failed: {msg}"
-      log(f"T={T} {name} failed: {msg}")
+    def run(name, fn, flops, *args):
+        if time.time() > deadline:
+            row[name] = "skipped (time)"
+            return
+        try:
+            fn, mem = compile_with_temp(fn, *args)
+            if mem is not None and mem > 120 * 2**30:
+                row[name] = f"skipped: needs {mem / 2**30:.0f} GiB temp"
+                return
+            budget = 2.0 if T >= 16384 else 1.0
+            ms = 1e3 * timeit(fn, *args, budget=budget, max_reps=30 if T < 16384 else 5)
+            row[name] = dict(
+                ms=ms, tflops=flops / ms / 1e9 if flops else None, temp_gib=None if mem is None else mem / 2**30
+            )
+            log(
+                f"T={T} {name}: {ms:.3f} ms"
+                + (f" {flops / ms / 1e9:.1f} TF/s" if flops else "")
+                + ("" if mem is None else f" temp {mem / 2**30:.3f} GiB")
+            )
+        except Exception as e:  # noqa: BLE001  (dense OOM lands here)
+            msg = repr(e).splitlines()[0][:200]
+            row[name] = f"failed: {msg}"
+            log(f"T={T} {name} failed: {msg}")
 
-  run("pallas_fwd", fwd_fn("pallas_gpu", blocks), f2, x, t)
-  run("pallas_fwdbwd", fwdbwd_fn("pallas_gpu", blocks), f6, x, t)
+    run("pallas_fwd", fwd_fn("pallas_gpu", blocks), f2, x, t)
+    run("pallas_fwdbwd", fwdbwd_fn("pallas_gpu", blocks), f6, x, t)
 
-  def cudnn_loss(q, k, v):
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                        implementation="cudnn").astype(jnp.float32).sum()
-  if not INTERPRET:
-    run("cudnn_attn_fwdbwd", jax.jit(jax.grad(cudnn_loss, (0, 1, 2))),
-        7 * T * T * D * H, x, t, x)
-  if T <= 16384:
-    run("dense_fwd", fwd_fn("reference"), f2, x, t)
-    run("dense_fwdbwd", fwdbwd_fn("reference"), f6, x, t)
-  if T <= 16384:
-    run("xla_fwd", fwd_fn("xla"), f2, x, t)
-    run("xla_fwdbwd", fwdbwd_fn("xla"), f6, x, t)
-  RESULTS["rows"].append(row)
-  save(out_path)
+    def cudnn_loss(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").astype(jnp.float32).sum()
+
+    if not INTERPRET:
+        run("cudnn_attn_fwdbwd", jax.jit(jax.grad(cudnn_loss, (0, 1, 2))), 7 * T * T * D * H, x, t, x)
+    if T <= 16384:
+        run("dense_fwd", fwd_fn("reference"), f2, x, t)
+        run("dense_fwdbwd", fwdbwd_fn("reference"), f6, x, t)
+    if T <= 16384:
+        run("xla_fwd", fwd_fn("xla"), f2, x, t)
+        run("xla_fwdbwd", fwdbwd_fn("xla"), f6, x, t)
+    RESULTS["rows"].append(row)
+    save(out_path)
 
 
 def matmul_rate():
-  a = jax.random.normal(jax.random.PRNGKey(3), (8192, 8192)).astype(jnp.bfloat16)
-  b = jax.random.normal(jax.random.PRNGKey(4), (8192, 8192)).astype(jnp.bfloat16)
-  s = timeit(jax.jit(jnp.dot), a, b, budget=1.0)
-  return 2 * 8192**3 / s / 1e12
+    a = jax.random.normal(jax.random.PRNGKey(3), (8192, 8192)).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(4), (8192, 8192)).astype(jnp.bfloat16)
+    s = timeit(jax.jit(jnp.dot), a, b, budget=1.0)
+    return 2 * 8192**3 / s / 1e12
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--out", default="bench_relation_kl.json")
-  p.add_argument("--T", default="1024,2048,4096,8192,16384,32768")
-  p.add_argument("--tune_T", type=int, default=4096)
-  p.add_argument("--no_tune", action="store_true")
-  p.add_argument("--budget_s", type=float, default=520)
-  p.add_argument("--smoke", action="store_true",
-                 help="tiny shapes, Pallas in interpret mode: a CPU dry run")
-  args = p.parse_args()
-  if args.smoke:
-    global H, D, INTERPRET, FWD_CANDIDATES, BWD_CANDIDATES
-    H, D, INTERPRET = 2, 16, True
-    FWD_CANDIDATES, BWD_CANDIDATES = FWD_CANDIDATES[:2], BWD_CANDIDATES[:2]
-  deadline = T0 + args.budget_s
-  dev = jax.devices()[0]
-  RESULTS["meta"] = dict(device=str(dev.device_kind), jax=jax.__version__,
-                         backend=jax.default_backend(), H=H, D=D, B=1,
-                         dtype="bfloat16", causal=True, self_relation=True,
-                         argv=sys.argv)
-  log("device", dev.device_kind, "jax", jax.__version__)
-  try:
-    if not args.smoke:
-      RESULTS["meta"]["matmul_tflops_bf16_8192"] = matmul_rate()
-      log(f"bf16 matmul 8192^3: {RESULTS['meta']['matmul_tflops_bf16_8192']:.0f} TF/s")
-  except Exception:  # noqa: BLE001
-    traceback.print_exc()
-  correctness()
-  save(args.out)
-  blocks = BlockSizes()
-  if not args.no_tune:
-    blocks = tune(args.tune_T) or blocks
-  RESULTS["meta"]["blocks"] = dataclasses.asdict(blocks)
-  log("blocks", blocks)
-  save(args.out)
-  for T in [int(v) for v in args.T.split(",")]:
-    bench_T(T, blocks, deadline, args.out)
-  save(args.out)
-  print_table()
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench_relation_kl.json")
+    p.add_argument("--T", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--tune_T", type=int, default=4096)
+    p.add_argument("--no_tune", action="store_true")
+    p.add_argument("--budget_s", type=float, default=520)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, Pallas in interpret mode: a CPU dry run")
+    args = p.parse_args()
+    if args.smoke:
+        global H, D, INTERPRET, FWD_CANDIDATES, BWD_CANDIDATES
+        H, D, INTERPRET = 2, 16, True
+        FWD_CANDIDATES, BWD_CANDIDATES = FWD_CANDIDATES[:2], BWD_CANDIDATES[:2]
+    deadline = T0 + args.budget_s
+    dev = jax.devices()[0]
+    RESULTS["meta"] = dict(
+        device=str(dev.device_kind),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        H=H,
+        D=D,
+        B=1,
+        dtype="bfloat16",
+        causal=True,
+        self_relation=True,
+        argv=sys.argv,
+    )
+    log("device", dev.device_kind, "jax", jax.__version__)
+    try:
+        if not args.smoke:
+            RESULTS["meta"]["matmul_tflops_bf16_8192"] = matmul_rate()
+            log(f"bf16 matmul 8192^3: {RESULTS['meta']['matmul_tflops_bf16_8192']:.0f} TF/s")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    correctness()
+    save(args.out)
+    blocks = BlockSizes()
+    if not args.no_tune:
+        blocks = tune(args.tune_T) or blocks
+    RESULTS["meta"]["blocks"] = dataclasses.asdict(blocks)
+    log("blocks", blocks)
+    save(args.out)
+    for T in [int(v) for v in args.T.split(",")]:
+        bench_T(T, blocks, deadline, args.out)
+    save(args.out)
+    print_table()
 
 
 def fmt(cell):
-  if isinstance(cell, dict):
-    tf = cell.get("tflops")
-    return f"{cell['ms']:.2f} ms" + (f" {tf:.0f}TF" if tf else "")
-  return "-" if cell is None else str(cell)[:14]
+    if isinstance(cell, dict):
+        tf = cell.get("tflops")
+        return f"{cell['ms']:.2f} ms" + (f" {tf:.0f}TF" if tf else "")
+    return "-" if cell is None else str(cell)[:14]
 
 
 def print_table():
-  cols = ["pallas_fwd", "pallas_fwdbwd", "cudnn_attn_fwdbwd", "dense_fwdbwd",
-          "xla_fwdbwd"]
-  print("\n" + " | ".join(["T"] + cols + ["published fwd+bwd", "speedup"]))
-  for row in RESULTS["rows"]:
-    pub = PUBLISHED_FWDBWD_MS.get(row["T"])
-    ours = row.get("pallas_fwdbwd")
-    sp = (f"{pub / ours['ms']:.0f}x" if pub and isinstance(ours, dict) else "-")
-    print(" | ".join([str(row["T"])] + [fmt(row.get(c)) for c in cols]
-                     + [f"{pub} ms" if pub else "-", sp]))
-  for c in RESULTS["checks"]:
-    print("check", c["case"], {k: {kk: (f"{vv:.1e}" if isinstance(vv, float) else vv)
-                                  for kk, vv in v.items()}
-                               for k, v in c.items() if k != "case"})
+    cols = ["pallas_fwd", "pallas_fwdbwd", "cudnn_attn_fwdbwd", "dense_fwdbwd", "xla_fwdbwd"]
+    print("\n" + " | ".join(["T"] + cols + ["published fwd+bwd", "speedup"]))
+    for row in RESULTS["rows"]:
+        pub = PUBLISHED_FWDBWD_MS.get(row["T"])
+        ours = row.get("pallas_fwdbwd")
+        sp = f"{pub / ours['ms']:.0f}x" if pub and isinstance(ours, dict) else "-"
+        print(" | ".join([str(row["T"])] + [fmt(row.get(c)) for c in cols] + [f"{pub} ms" if pub else "-", sp]))
+    for c in RESULTS["checks"]:
+        print(
+            "check",
+            c["case"],
+            {
+                k: {kk: (f"{vv:.1e}" if isinstance(vv, float) else vv) for kk, vv in v.items()}
+                for k, v in c.items()
+                if k != "case"
+            },
+        )
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -25,6 +25,7 @@ Fields (per device, against the chip's dense bf16 peak):
 and `gflop_per_token`, the whole breakdown. `--lora_rank R` trains LoRA factors instead of the
 projections (the authors' variant: r 1024, alpha 2048, dropout 0.05, i.e. the unmerged path).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,41 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lard_jax import flops as flops_lib, losses, sharding as sharding_lib, trainer
+from lard_jax import flops as flops_lib
+from lard_jax import losses, trainer
+from lard_jax import sharding as sharding_lib
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv
 
 SHAPES = {
-    "llama2_7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0),
-    "tiny": dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "llama2_7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "llama3_8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -67,15 +90,29 @@ def _peak_bytes():
     return stats.get("peak_bytes_in_use")
 
 
-def bench_one(name, *, seq_len, batch_per_device, remat, kernel_impl, attention_impl, mesh_data, reps, split,
-              lora=trainer.LoraSpec()):
+def bench_one(
+    name,
+    *,
+    seq_len,
+    batch_per_device,
+    remat,
+    kernel_impl,
+    attention_impl,
+    mesh_data,
+    reps,
+    split,
+    lora=trainer.LoraSpec(),
+):
     devices = jax.devices()[:mesh_data]
     mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
     shape = dict(SHAPES[name])
     cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
     teacher = LlamaForCausalLM(cfg)
-    student = LlamaForCausalLM(cfg.replace(rope_scaling={"rope_type": "linear", "factor": 8.0},
-                                           max_position_embeddings=cfg.max_position_embeddings * 8))
+    student = LlamaForCausalLM(
+        cfg.replace(
+            rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=cfg.max_position_embeddings * 8
+        )
+    )
     abstract = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = sharding_lib.param_shardings(abstract, mesh)
 
@@ -83,28 +120,47 @@ def bench_one(name, *, seq_len, batch_per_device, remat, kernel_impl, attention_
     def random_params(key):  # random normal weights, generated on device (no host copy of 7B)
         leaves, treedef = jax.tree_util.tree_flatten(abstract)
         keys = jax.random.split(key, len(leaves))
-        return jax.tree_util.tree_unflatten(treedef, [
-            (0.02 * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype) if l.ndim > 1
-            else jnp.ones(l.shape, l.dtype) for k, l in zip(keys, leaves)])
+        return jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                (0.02 * jax.random.normal(k, l.shape, jnp.float32)).astype(l.dtype)
+                if l.ndim > 1
+                else jnp.ones(l.shape, l.dtype)
+                for k, l in zip(keys, leaves)
+            ],
+        )
 
     frozen = jax.jit(random_params, out_shardings=shardings)(jax.random.PRNGKey(1))
     mask = trainer.trainable_mask(frozen)
-    trainable = jax.jit(lambda f: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32),
-                                                         trainer.init_trainable(f, mask, lora, jax.random.PRNGKey(3))),
-                        out_shardings=None if lora.enabled else trainer.select(shardings, mask))(frozen)
+    trainable = jax.jit(
+        lambda f: jax.tree_util.tree_map(
+            lambda x: x.astype(jnp.float32), trainer.init_trainable(f, mask, lora, jax.random.PRNGKey(3))
+        ),
+        out_shardings=None if lora.enabled else trainer.select(shardings, mask),
+    )(frozen)
     optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
-    state = trainer.TrainState(jnp.zeros((), jnp.int32), trainable, jax.jit(optimizer.init)(trainable),
-                               jax.random.PRNGKey(0))
+    state = trainer.TrainState(
+        jnp.zeros((), jnp.int32), trainable, jax.jit(optimizer.init)(trainable), jax.random.PRNGKey(0)
+    )
     spec = trainer.LossSpec(kernel_impl=kernel_impl)
     batch_size = batch_per_device * mesh_data
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
-    ids = jax.device_put(jax.random.randint(jax.random.PRNGKey(2), (1, batch_size, seq_len), 0, shape["vocab_size"]), bsh)
+    ids = jax.device_put(
+        jax.random.randint(jax.random.PRNGKey(2), (1, batch_size, seq_len), 0, shape["vocab_size"]), bsh
+    )
     batch = {"input_ids": ids}
     step = jax.jit(trainer.make_train_step(teacher, student, spec, lora, optimizer, schedule), donate_argnums=(0,))
-    result = {"model": name, "seq_len": seq_len, "batch": batch_size, "devices": mesh_data, "remat": remat,
-              "kernel_impl": kernel_impl, "attention_impl": attention_impl,
-              "lora": dataclasses.asdict(lora) if lora.enabled else None,
-              "params_b": sum(x.size for x in jax.tree_util.tree_leaves(frozen)) / 1e9}
+    result = {
+        "model": name,
+        "seq_len": seq_len,
+        "batch": batch_size,
+        "devices": mesh_data,
+        "remat": remat,
+        "kernel_impl": kernel_impl,
+        "attention_impl": attention_impl,
+        "lora": dataclasses.asdict(lora) if lora.enabled else None,
+        "params_b": sum(x.size for x in jax.tree_util.tree_leaves(frozen)) / 1e9,
+    }
     with mesh:
         t0 = time.perf_counter()
         for _ in range(2):  # the second call sees committed outputs of the first: may retrace once
@@ -119,12 +175,19 @@ def bench_one(name, *, seq_len, batch_per_device, remat, kernel_impl, attention_
             times.append(time.perf_counter() - t)
         result["step_s"] = statistics.median(times)
         result["loss"] = float(m["loss"])
-        result["peak_gib"] = (_peak_bytes() or 0) / 2 ** 30
+        result["peak_gib"] = (_peak_bytes() or 0) / 2**30
         tokens = batch_size * seq_len
         result["tokens_per_s"] = tokens / result["step_s"]
         fl = flops_lib.executed_flops_per_token(
-            cfg, seq_len=seq_len, relations=spec.relations, layers=spec.layers, remat=remat,
-            lora_rank=lora.rank, lora_merged=lora.merged, micro_batch=batch_per_device)
+            cfg,
+            seq_len=seq_len,
+            relations=spec.relations,
+            layers=spec.layers,
+            remat=remat,
+            lora_rank=lora.rank,
+            lora_merged=lora.merged,
+            micro_batch=batch_per_device,
+        )
         peak = trainer.peak_flops_per_device()
         result["flops_convention"] = fl["convention"]
         result["attention_causal_halving"] = fl["attention_causal_halving"]
@@ -133,7 +196,8 @@ def bench_one(name, *, seq_len, batch_per_device, remat, kernel_impl, attention_
         tps = result["tokens_per_s"]
         result["mfu_executed"] = flops_lib.mfu(fl, tps, peak, mesh_data)
         result["mfu_executed_incl_relation"] = flops_lib.mfu(
-            fl["model_total"] + fl["relation_total"], tps, peak, mesh_data)
+            fl["model_total"] + fl["relation_total"], tps, peak, mesh_data
+        )
         result["hfu_executed_all"] = flops_lib.mfu(fl, tps, peak, mesh_data, key="executed_total")
         print(json.dumps(result), flush=True)  # the step's numbers, before the (slow to compile) split
         if split:
@@ -155,19 +219,23 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
     def student_proxy(t, f, x):  # forward+backward of the student alone: a loss that only sums its q/k/v
         layers = qkv(student, trainer.student_params(f, t, lora), x)
         return sum(jnp.sum(l[r].astype(jnp.float32)) for l in layers for r in "qkv")
+
     student_fb = jax.jit(jax.grad(student_proxy))
     s_layers = jax.jit(lambda t, f, x: qkv(student, trainer.student_params(f, t, lora), x))(trainable, frozen, ids)
 
     def rel(s, t):
         return losses.relation_loss(s, t, relations=spec.relations, impl=spec.kernel_impl)[0]
+
     relation = jax.jit(jax.value_and_grad(rel))
     grads = jax.tree_util.tree_map(jnp.ones_like, trainable)
     opt_state = optimizer.init(trainable)
     opt = jax.jit(lambda g, s, p: optimizer.update(g, s, p))
-    return {"teacher_forward": _time(teacher_fwd, frozen, ids, reps=reps),
-            "student_forward_backward": _time(student_fb, trainable, frozen, ids, reps=reps),
-            "relation_loss_fwd_bwd": _time(relation, s_layers, t_layers, reps=reps),
-            "optimizer": _time(opt, grads, opt_state, trainable, reps=reps)}
+    return {
+        "teacher_forward": _time(teacher_fwd, frozen, ids, reps=reps),
+        "student_forward_backward": _time(student_fb, trainable, frozen, ids, reps=reps),
+        "relation_loss_fwd_bwd": _time(relation, s_layers, t_layers, reps=reps),
+        "optimizer": _time(opt, grads, opt_state, trainable, reps=reps),
+    }
 
 
 def main():
@@ -188,35 +256,52 @@ def main():
     args = p.parse_args()
     lora = trainer.LoraSpec()
     if args.lora_rank:
-        lora = trainer.LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank,
-                                dropout=args.lora_dropout)
+        lora = trainer.LoraSpec(
+            rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, dropout=args.lora_dropout
+        )
     results = []
     for name in args.models.split(","):
         for dp in [int(x) for x in args.mesh_data.split(",")]:
             try:
-                r = bench_one(name, seq_len=args.seq_len, batch_per_device=args.batch_per_device, remat=args.remat,
-                              kernel_impl=args.kernel_impl, attention_impl=args.attention_impl, mesh_data=dp,
-                              reps=args.reps, split=not args.no_split and dp == 1, lora=lora)
+                r = bench_one(
+                    name,
+                    seq_len=args.seq_len,
+                    batch_per_device=args.batch_per_device,
+                    remat=args.remat,
+                    kernel_impl=args.kernel_impl,
+                    attention_impl=args.attention_impl,
+                    mesh_data=dp,
+                    reps=args.reps,
+                    split=not args.no_split and dp == 1,
+                    lora=lora,
+                )
             except Exception as e:  # report OOM and carry on with the other shapes
                 r = {"model": name, "devices": dp, "error": f"{type(e).__name__}: {str(e)[:400]}"}
             results.append(r)
             print(json.dumps(r), flush=True)
             if args.out:  # after every shape, so a later timeout keeps what finished
                 with open(args.out, "w") as f:
-                    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results},
-                              f, indent=2)
+                    json.dump(
+                        {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results},
+                        f,
+                        indent=2,
+                    )
     print("\nMFU: executed model FLOPs (no remat recompute), lard_jax.flops; +rel adds the relation kernel")
-    print(f"{'model':10} {'dev':>3} {'tok/s':>9} {'step ms':>8} {'MFU':>6} {'+rel':>6} {'GF/tok':>7} {'peak GiB':>8}"
-          "  split (ms)")
+    print(
+        f"{'model':10} {'dev':>3} {'tok/s':>9} {'step ms':>8} {'MFU':>6} {'+rel':>6} {'GF/tok':>7} {'peak GiB':>8}"
+        "  split (ms)"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['model']:10} {r['devices']:>3}  ERROR {r['error'][:80]}")
             continue
         split = " ".join(f"{k}={v * 1e3:.0f}" for k, v in r.get("split_s", {}).items())
         pct = lambda x: f"{100 * x:.1f}%" if x else "n/a"  # noqa: E731
-        print(f"{r['model']:10} {r['devices']:>3} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
-              f"{pct(r['mfu_executed']):>6} {pct(r['mfu_executed_incl_relation']):>6} "
-              f"{r['gflop_per_token']['model_total']:7.2f} {r['peak_gib']:8.1f}  {split}")
+        print(
+            f"{r['model']:10} {r['devices']:>3} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
+            f"{pct(r['mfu_executed']):>6} {pct(r['mfu_executed_incl_relation']):>6} "
+            f"{r['gflop_per_token']['model_total']:7.2f} {r['peak_gib']:8.1f}  {split}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ The loss value of every variant is printed too (all equal up to float rounding).
     python -m experiments.bench_scan_cpu [--layers 32 --hidden 64 --seq 256 --remat none,full]
 writes docs/bench_scan_cpu.{md,json}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,17 @@ def measure(cfg: LlamaConfig, *, scan: bool, fused: bool, seq: int, batch: int, 
         t0 = time.perf_counter()
         jax.block_until_ready(compiled(state, frozen, data))
         times.append(time.perf_counter() - t0)
-    return {"layout": "scan" if scan else "loop", "loss": "fused" if fused else "unfused", "remat": cfg.remat,
-            "compile_s": round(compile_s, 2), "temp_MiB": round(mem.temp_size_in_bytes / 2 ** 20, 2),
-            "argument_MiB": round(mem.argument_size_in_bytes / 2 ** 20, 2),
-            "step_ms": round(1e3 * statistics.median(times), 1), "loss_value": float(metrics["loss"]),
-            "hlo_lines": compiled.as_text().count("\n")}
+    return {
+        "layout": "scan" if scan else "loop",
+        "loss": "fused" if fused else "unfused",
+        "remat": cfg.remat,
+        "compile_s": round(compile_s, 2),
+        "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 2),
+        "argument_MiB": round(mem.argument_size_in_bytes / 2**20, 2),
+        "step_ms": round(1e3 * statistics.median(times), 1),
+        "loss_value": float(metrics["loss"]),
+        "hlo_lines": compiled.as_text().count("\n"),
+    }
 
 
 def main(argv=None):
@@ -77,23 +84,38 @@ def main(argv=None):
     ap.add_argument("--kernel_impl", default="xla")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "bench_scan_cpu"))
     args = ap.parse_args(argv)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=args.seq)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.seq,
+    )
     jax.jit(lambda x: x + 1).lower(1.0).compile()  # backend warm-up, not charged to the first row
     rows = []
     for remat in args.remat.split(","):
         for scan in (False, True):
             for fused in (False, True):
-                row = measure(cfg.replace(remat=remat), scan=scan, fused=fused, seq=args.seq, batch=args.batch,
-                              lora_rank=args.lora_rank, kernel_impl=args.kernel_impl)
+                row = measure(
+                    cfg.replace(remat=remat),
+                    scan=scan,
+                    fused=fused,
+                    seq=args.seq,
+                    batch=args.batch,
+                    lora_rank=args.lora_rank,
+                    kernel_impl=args.kernel_impl,
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     cols = ["remat", "layout", "loss", "compile_s", "temp_MiB", "step_ms", "hlo_lines", "loss_value"]
-    header = (f"Train step on CPU ({platform.processor() or platform.machine()}, jax {jax.__version__}): "
-              f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV, "
-              f"T={args.seq}, batch {args.batch}, LoRA r {args.lora_rank} (dropout 0.05), relation kernel "
-              f"{args.kernel_impl!r}, Q/K/V relations on all layers.")
+    header = (
+        f"Train step on CPU ({platform.processor() or platform.machine()}, jax {jax.__version__}): "
+        f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV, "
+        f"T={args.seq}, batch {args.batch}, LoRA r {args.lora_rank} (dropout 0.05), relation kernel "
+        f"{args.kernel_impl!r}, Q/K/V relations on all layers."
+    )
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
@@ -103,9 +125,14 @@ def main(argv=None):
     with open(args.out + ".json", "w") as f:
         json.dump({"config": vars(args), "rows": rows}, f, indent=2)
     with open(args.out + ".md", "w") as f:
-        f.write("# Scanned layers and the fused relation loss: compile time and compiled memory (CPU)\n\n"
-                "`python -m experiments.bench_scan_cpu` (" + __doc__.split("\n\n")[1].replace("\n", " ").strip()
-                + ")\n\n" + table + "\n")
+        f.write(
+            "# Scanned layers and the fused relation loss: compile time and compiled memory (CPU)\n\n"
+            "`python -m experiments.bench_scan_cpu` ("
+            + __doc__.split("\n\n")[1].replace("\n", " ").strip()
+            + ")\n\n"
+            + table
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

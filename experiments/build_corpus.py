@@ -20,47 +20,84 @@ are removed, so held-out perplexity measures text the teacher has not read.
 
     python -m experiments.build_corpus --out .corpus [--sources pydoc,stdlib,bible,pydocs,debref,gnu]
 """
+
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import glob
 import gzip
 import hashlib
 import html.parser
-import importlib
-import importlib.util
-import inspect
-import io
 import json
 import os
-import pkgutil
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import unicodedata
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from lard_jax.sources import (  # noqa: F401  (re-exported: the split rule lives in the library)
-    ALL_SOURCES, BUILTIN_SOURCES, HELDOUT_PER_10K, MIN_CHARS, SHINGLE_WORDS, Document, builtin_documents,
-    clean_text, decontaminate, finalize, is_heldout, pydoc_documents, split_of, stdlib_documents,
+    ALL_SOURCES,
+    BUILTIN_SOURCES,
+    HELDOUT_PER_10K,
+    MIN_CHARS,
+    SHINGLE_WORDS,
+    Document,
+    builtin_documents,
+    clean_text,
+    decontaminate,
+    finalize,
+    is_heldout,
+    pydoc_documents,
+    split_of,
+    stdlib_documents,
 )
 
 # ----------------------------------------------------------------------------- HTML to text
 
 _BLOCK_TAGS = {
-    "p", "div", "section", "pre", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table",
-    "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "hr", "title", "article", "header", "footer",
+    "p",
+    "div",
+    "section",
+    "pre",
+    "br",
+    "li",
+    "ul",
+    "ol",
+    "dl",
+    "dt",
+    "dd",
+    "tr",
+    "table",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "blockquote",
+    "hr",
+    "title",
+    "article",
+    "header",
+    "footer",
 }
 _VOID_TAGS = {"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr", "source"}
 _SKIP_TAGS = {"script", "style", "head", "nav", "noscript", "button"}
 _SKIP_CLASSES = {
-    "headerlink", "navheader", "navfooter", "toc", "sphinxsidebar", "related", "footer",
-    "breadcrumbs", "toctree-wrapper", "mobile-nav", "navigation",
+    "headerlink",
+    "navheader",
+    "navfooter",
+    "toc",
+    "sphinxsidebar",
+    "related",
+    "footer",
+    "breadcrumbs",
+    "toctree-wrapper",
+    "mobile-nav",
+    "navigation",
 }
 
 
@@ -119,7 +156,7 @@ def _main_region(page: str) -> str:
         return page
     end = page.find('class="sphinxsidebar"', start)
     end = page.rfind("<", start, end) if end > 0 else len(page)
-    return page[page.rfind("<", 0, start):end]
+    return page[page.rfind("<", 0, start) : end]
 
 
 def html_to_text(page: str, split_tag: str | None = None) -> list[str]:
@@ -131,6 +168,7 @@ def html_to_text(page: str, split_tag: str | None = None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- Debian sources
+
 
 def apt_fetch(packages: list[str], dest: str) -> list[str]:
     """Downloads and unpacks each package into `dest`; returns the ones that arrived."""
@@ -169,7 +207,11 @@ def bible_documents(workdir: str) -> Iterator[Document]:
     root = os.path.join(workdir, "root")
     out = subprocess.run(
         [os.path.join(root, "usr/bin/bible"), "-f", "-p", os.path.join(root, "usr/lib"), "Gen1:1-Rev22:21"],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True).stdout
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     books: dict[str, list[str]] = {}
     chapter_of: dict[str, str] = {}
     for line in out.splitlines():
@@ -189,8 +231,10 @@ def bible_documents(workdir: str) -> Iterator[Document]:
         yield Document(f"bible:{number:02d}-{name}", "bible", f"The Book of {title}\n" + "\n".join(lines))
 
 
-_PYDOCS_SKIP = re.compile(r"(^|/)(genindex[^/]*|search|py-modindex|contents|download|copyright|license|"
-                          r"bugs|about)\.html$|^whatsnew/changelog\.html$|^_")
+_PYDOCS_SKIP = re.compile(
+    r"(^|/)(genindex[^/]*|search|py-modindex|contents|download|copyright|license|"
+    r"bugs|about)\.html$|^whatsnew/changelog\.html$|^_"
+)
 
 
 def pydocs_documents(workdir: str) -> Iterator[Document]:
@@ -231,9 +275,13 @@ def split_info_text(text: str) -> list[str]:
     """Cuts a makeinfo --plaintext manual at its top-level chapter headings (`N Title` or
     `Appendix X Title`, underlined with `*` or `=`); the table of contents before them is dropped."""
     lines = text.split("\n")
-    starts = [i for i in range(len(lines) - 1)
-              if re.match(r"^(\d+|Appendix [A-Z]) \S", lines[i])
-              and re.fullmatch(r"[*=]{3,}", lines[i + 1]) and len(lines[i + 1]) == len(lines[i])]
+    starts = [
+        i
+        for i in range(len(lines) - 1)
+        if re.match(r"^(\d+|Appendix [A-Z]) \S", lines[i])
+        and re.fullmatch(r"[*=]{3,}", lines[i + 1])
+        and len(lines[i + 1]) == len(lines[i])
+    ]
     bounds = starts + [len(lines)]
     return ["\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:])]
 
@@ -296,7 +344,7 @@ def build(out_dir: str, sources: Iterable[str] = ALL_SOURCES, max_mb_per_source:
         try:
             found = finalize(SOURCES[source](workdir))
         except Exception as err:  # noqa: BLE001 -- a missing source is skipped, not fatal
-            warnings.warn(f"source {source!r} skipped: {err}")
+            warnings.warn(f"source {source!r} skipped: {err}", stacklevel=2)
             skipped[source] = str(err)
             continue
         finally:
@@ -311,17 +359,24 @@ def build(out_dir: str, sources: Iterable[str] = ALL_SOURCES, max_mb_per_source:
     heldout = [d for d in docs if is_heldout(d.id)]
     train, removed = decontaminate([d for d in docs if not is_heldout(d.id)], heldout)
     manifest = {
-        "sources": used, "skipped": skipped, "capped_sources": capped,
-        "max_mb_per_source": max_mb_per_source, "heldout_per_10k": HELDOUT_PER_10K,
-        "min_chars": MIN_CHARS, "decontaminated_bytes": removed, "python": sys.version.split()[0],
+        "sources": used,
+        "skipped": skipped,
+        "capped_sources": capped,
+        "max_mb_per_source": max_mb_per_source,
+        "heldout_per_10k": HELDOUT_PER_10K,
+        "min_chars": MIN_CHARS,
+        "decontaminated_bytes": removed,
+        "python": sys.version.split()[0],
         "splits": {},
     }
     for split, split_docs in (("train", train), ("heldout", heldout)):
         path = os.path.join(out_dir, f"{split}.jsonl")
         _write_jsonl(path, split_docs)
         manifest["splits"][split] = {
-            "file": f"{split}.jsonl", "documents": len(split_docs),
-            "bytes": sum(len(d.text) for d in split_docs), "sha256": _sha256(path),
+            "file": f"{split}.jsonl",
+            "documents": len(split_docs),
+            "bytes": sum(len(d.text) for d in split_docs),
+            "sha256": _sha256(path),
             "by_source": {s: sum(d.source == s for d in split_docs) for s in used},
         }
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:

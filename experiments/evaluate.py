@@ -5,6 +5,7 @@
 Writes report.json, report.md and plots into config.workdir (see lard_jax/evaluation/report.py).
 `--help` lists every config key with its default; a user mistake prints one line and exits 2.
 """
+
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ def run(config) -> dict:
     except UserError:
         raise
     except ValueError as e:
-        raise ConfigError(f"{e}; e.g. --config.models=\"teacher=/ckpt/teacher,restored=/runs/x/hf_student\"") from None
+        raise ConfigError(f'{e}; e.g. --config.models="teacher=/ckpt/teacher,restored=/runs/x/hf_student"') from None
     if not models_spec:
         raise ConfigError('config.models is empty: pass --config.models="teacher=/path,restored=/path"')
     if not config.eval.source:
@@ -40,9 +41,12 @@ def run(config) -> dict:
         try:
             scaled_rope = json.loads(config.scaled_rope)
         except ValueError as e:
-            raise ConfigError(f"config.scaled_rope: not JSON ({e}); e.g. "
-                              "--config.scaled_rope='{\"rope_type\": \"linear\", \"factor\": 4.0}'") from None
+            raise ConfigError(
+                f"config.scaled_rope: not JSON ({e}); e.g. "
+                '--config.scaled_rope=\'{"rope_type": "linear", "factor": 4.0}\''
+            ) from None
         from lard_jax import rope as rope_lib
+
         try:
             rope_lib.normalize_rope_scaling(scaled_rope)
         except ValueError as e:
@@ -72,23 +76,33 @@ def run(config) -> dict:
         pipeline.warn_long_eval(spec, cfg.max_position_embeddings, f"model {name!r}")
 
     dtype = dtype_of(config.model.dtype)
-    models = {name: hf.load_pretrained(path, dtype=dtype, attention_impl=config.model.attention_impl)
-              for name, path in models_spec.items()}
+    models = {
+        name: hf.load_pretrained(path, dtype=dtype, attention_impl=config.model.attention_impl)
+        for name, path in models_spec.items()
+    }
     if scaled_rope is not None:
         teacher, params = models["teacher"]
-        models = {"teacher": models["teacher"],
-                  "scaled": (LlamaForCausalLM(teacher.config.replace(rope_scaling=scaled_rope)), params),
-                  **{k: v for k, v in models.items() if k != "teacher"}}
-    results = eval_runner.evaluate_suite(models, tokenizer, docs, spec, config.workdir,
-                                         distortion=config.eval.distortion, meta={"models": models_spec})
+        models = {
+            "teacher": models["teacher"],
+            "scaled": (LlamaForCausalLM(teacher.config.replace(rope_scaling=scaled_rope)), params),
+            **{k: v for k, v in models.items() if k != "teacher"},
+        }
+    results = eval_runner.evaluate_suite(
+        models, tokenizer, docs, spec, config.workdir, distortion=config.eval.distortion, meta={"models": models_spec}
+    )
     eval_runner.print_table(results)
     return results
 
 
 def main(argv=None) -> int:
-    return cli.run_main(sys.argv if argv is None else argv, run, prog="experiments.evaluate",
-                        default_config=os.path.join(cli.ROOT, "configs", "eval.py"), about=ABOUT,
-                        config_required_hint="the evaluation needs a config file; pass --config=configs/eval.py")
+    return cli.run_main(
+        sys.argv if argv is None else argv,
+        run,
+        prog="experiments.evaluate",
+        default_config=os.path.join(cli.ROOT, "configs", "eval.py"),
+        about=ABOUT,
+        config_required_hint="the evaluation needs a config file; pass --config=configs/eval.py",
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ schedule is fixed to the number of steps that fit in `--minutes`. Batches are sa
 (random windows of the packed training stream, rows of a pre-built passkey pool) inside a
 `lax.scan` of `--steps-per-call` steps, so a ~4M-parameter model is not starved by the host.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ import numpy as np
 import optax
 
 from experiments.build_corpus import read_jsonl
-from lard_jax.sources import BUILTIN_SOURCES  # the held-out documents the demo can rebuild anywhere
 from lard_jax import hf
 from lard_jax.model import LlamaConfig, LlamaForCausalLM
+from lard_jax.sources import BUILTIN_SOURCES  # the held-out documents the demo can rebuild anywhere
 from lard_jax.tokenizer import ByteTokenizer
 
 # Raw uint32 keys where this jax still has them (flax and the jit signature then match across
@@ -44,15 +45,20 @@ _prng_key = getattr(jax.random, "PRNGKey", None) or jax.random.key
 # the LinearARD paper uses): with unscaled RoPE the far positions are unseen, with scaled RoPE they
 # map back into range. A model this small learns no retrieval from prose alone, so ~8% of each
 # batch is the same task at the native length; the scaled student then has something to keep.
-PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                  "There and back again.")
+PASSKEY_FILLER = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 
 
 def _filler(n_chars: int, from_end: bool) -> str:
     """Exactly n_chars of repeated filler sentences; ends (from_end) or starts on a sentence boundary."""
     block = " ".join(PASSKEY_FILLER) + " "
     text = block * (n_chars // len(block) + 1)
-    return text[len(text) - n_chars:] if from_end else text[:n_chars]
+    return text[len(text) - n_chars :] if from_end else text[:n_chars]
 
 
 def passkey_example(rng: np.random.Generator, n_tokens: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -86,6 +92,7 @@ def passkey_batch(seed: int, count: int, n_tokens: int) -> tuple[np.ndarray, np.
 
 # ----------------------------------------------------------------------------- data
 
+
 def token_stream(docs: list[dict], tokenizer: ByteTokenizer) -> np.ndarray:
     """Documents packed as bos + bytes + eos, one after another (windows may cross documents)."""
     eos = np.asarray([tokenizer.eos_id], np.uint16)
@@ -105,6 +112,7 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = Non
 
 
 # ----------------------------------------------------------------------------- training
+
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
@@ -130,8 +138,7 @@ def next_token_loss(model, params, windows):
     return nll.mean()
 
 
-def make_train_chunk(model, optimizer, schedule: Schedule, *, steps: int, batch: int, seq_len: int,
-                     passkey_rows: int):
+def make_train_chunk(model, optimizer, schedule: Schedule, *, steps: int, batch: int, seq_len: int, passkey_rows: int):
     """A jitted function running `steps` optimizer steps with batches sampled on the device."""
     text_rows = batch - passkey_rows
 
@@ -157,7 +164,8 @@ def make_train_chunk(model, optimizer, schedule: Schedule, *, steps: int, batch:
     def chunk(params, opt_state, step, key, stream, pool, total_steps):
         keys = jax.random.split(key, steps)
         (params, opt_state, step), (loss, gnorm, lr) = jax.lax.scan(
-            lambda c, k: one_step(c, k, stream, pool, total_steps), (params, opt_state, step), keys)
+            lambda c, k: one_step(c, k, stream, pool, total_steps), (params, opt_state, step), keys
+        )
         return params, opt_state, step, {"loss": loss.mean(), "grad_norm": gnorm.mean(), "lr": lr[-1]}
 
     return chunk
@@ -176,7 +184,7 @@ def make_evaluators(model, batch: int):
     def mean_nll(params, windows: np.ndarray) -> float:
         total = 0.0
         for i in range(0, len(windows), batch):
-            part = windows[i:i + batch]
+            part = windows[i : i + batch]
             padded = np.concatenate([part, np.repeat(part[-1:], batch - len(part), axis=0)])  # one shape
             total += float(np.asarray(window_nll(params, jnp.asarray(padded)))[: len(part)].sum())
         return total / (len(windows) * (windows.shape[1] - 1))
@@ -184,10 +192,10 @@ def make_evaluators(model, batch: int):
     def passkey_accuracy(params, ids: np.ndarray, answers: np.ndarray) -> float:
         hits = []
         for i in range(0, len(ids), batch):
-            pred = np.asarray(predictions(params, jnp.asarray(ids[i:i + batch, :-1])))
+            pred = np.asarray(predictions(params, jnp.asarray(ids[i : i + batch, :-1])))
             rows = np.arange(len(pred))[:, None]
-            targets = ids[i:i + batch][rows, answers[i:i + batch]]
-            hits.append(np.all(pred[rows, answers[i:i + batch] - 1] == targets, axis=1))
+            targets = ids[i : i + batch][rows, answers[i : i + batch]]
+            hits.append(np.all(pred[rows, answers[i : i + batch] - 1] == targets, axis=1))
         return float(np.concatenate(hits).mean())
 
     return mean_nll, passkey_accuracy
@@ -195,26 +203,31 @@ def make_evaluators(model, batch: int):
 
 # ----------------------------------------------------------------------------- outputs
 
+
 def write_model_card(path: str, info: dict) -> None:
     c, r = info["config"], info["results"]
-    sources = "\n".join(f"| {name} | {s['documents']} | {s['bytes']:,} |" for name, s in info["corpus"]["sources"].items())
-    splits = "\n".join(f"| {name} | {s['documents']} | {s['bytes']:,} | `{s['sha256']}` |"
-                       for name, s in info["corpus"]["splits"].items())
+    sources = "\n".join(
+        f"| {name} | {s['documents']} | {s['bytes']:,} |" for name, s in info["corpus"]["sources"].items()
+    )
+    splits = "\n".join(
+        f"| {name} | {s['documents']} | {s['bytes']:,} | `{s['sha256']}` |"
+        for name, s in info["corpus"]["splits"].items()
+    )
     probes = "\n".join(f"| {k} | {v:.4g} |" for k, v in r.items())
     card = f"""# lard_jax tiny teacher
 
-A {info['num_params'] / 1e6:.2f}M-parameter LLaMA-architecture causal LM over UTF-8 bytes (vocabulary
-{c['vocab_size']}: 0 pad, 1 bos, 2 eos, byte b -> b + 3), pretrained from scratch by
+A {info["num_params"] / 1e6:.2f}M-parameter LLaMA-architecture causal LM over UTF-8 bytes (vocabulary
+{c["vocab_size"]}: 0 pad, 1 bos, 2 eos, byte b -> b + 3), pretrained from scratch by
 `experiments/pretrain_teacher.py` so that the LinearARD demo needs no model or dataset hub.
-Native context: **{c['max_position_embeddings']} tokens** (bytes), RoPE theta {c['rope_theta']:g}, no RoPE scaling.
+Native context: **{c["max_position_embeddings"]} tokens** (bytes), RoPE theta {c["rope_theta"]:g}, no RoPE scaling.
 
-Architecture: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} query heads and
-{c['num_key_value_heads']} key/value heads of dim {c['head_dim']}, SwiGLU MLP {c['intermediate_size']}, RMSNorm,
+Architecture: hidden {c["hidden_size"]}, {c["num_hidden_layers"]} layers, {c["num_attention_heads"]} query heads and
+{c["num_key_value_heads"]} key/value heads of dim {c["head_dim"]}, SwiGLU MLP {c["intermediate_size"]}, RMSNorm,
 untied embeddings; weights stored in float32.
 
 ## Data
 Built by `python -m experiments.build_corpus` from Python's bundled documentation and Debian text packages
-(see that module's docstring); split by document, {info['corpus']['heldout_per_10k'] / 100:g}% of documents held out
+(see that module's docstring); split by document, {info["corpus"]["heldout_per_10k"] / 100:g}% of documents held out
 by a hash of their id, training paragraphs that repeat held-out text removed.
 
 | source | documents | bytes |
@@ -225,18 +238,18 @@ by a hash of their id, training paragraphs that repeat held-out text removed.
 | --- | --- | --- | --- |
 {splits}
 
-About {info['passkey_fraction']:.0%} of each batch is synthetic passkey retrieval at the native length
+About {info["passkey_fraction"]:.0%} of each batch is synthetic passkey retrieval at the native length
 (`passkey_example`: filler sentences, "The pass key is NNNNN. Remember it. NNNNN is the pass key.",
 then "What is the pass key? The pass key is NNNNN."), so that the demo's passkey test at 4x the native
 length has a skill to lose and to restore.
 
 ## Training
-AdamW (b1 {info['adam_b1']}, b2 {info['adam_b2']}, weight decay {info['weight_decay']}), peak learning rate
-{info['peak_lr']}, {info['warmup_steps']} warmup steps then cosine to {info['final_lr_fraction']:g} of peak, gradient
-clipping at 1.0, bfloat16 compute with float32 parameters. Batch {info['batch']} x {info['seq_len']} tokens,
-**{info['steps']} steps, {info['tokens_seen']:,} tokens** ({info['tokens_seen'] / max(info['corpus']['splits']['train']['bytes'], 1):.1f}
-passes over the training split) in {info['train_seconds']:.0f} s on {info['device']}
-({info['tokens_per_second']:,.0f} tokens/s).
+AdamW (b1 {info["adam_b1"]}, b2 {info["adam_b2"]}, weight decay {info["weight_decay"]}), peak learning rate
+{info["peak_lr"]}, {info["warmup_steps"]} warmup steps then cosine to {info["final_lr_fraction"]:g} of peak, gradient
+clipping at 1.0, bfloat16 compute with float32 parameters. Batch {info["batch"]} x {info["seq_len"]} tokens,
+**{info["steps"]} steps, {info["tokens_seen"]:,} tokens** ({info["tokens_seen"] / max(info["corpus"]["splits"]["train"]["bytes"], 1):.1f}
+passes over the training split) in {info["train_seconds"]:.0f} s on {info["device"]}
+({info["tokens_per_second"]:,.0f} tokens/s).
 
 ## Results
 Perplexity is per byte token at the native length (non-overlapping windows); passkey accuracy counts
@@ -248,7 +261,7 @@ prompts whose five answer digits are all the argmax predictions.
 
 Made with:
 
-    {info['command']}
+    {info["command"]}
 """
     with open(os.path.join(path, "README.md"), "w") as f:
         f.write(card)
@@ -268,6 +281,7 @@ def save_checkpoint(path: str, config: LlamaConfig, params, tokenizer: ByteToken
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -303,7 +317,9 @@ def main(argv=None):
     args = parse_args(argv)
     command = "python -m experiments.pretrain_teacher " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     backend = jax.default_backend()
-    compute_dtype = args.compute_dtype if args.compute_dtype != "auto" else ("float32" if backend == "cpu" else "bfloat16")
+    compute_dtype = (
+        args.compute_dtype if args.compute_dtype != "auto" else ("float32" if backend == "cpu" else "bfloat16")
+    )
     device = str(jax.devices()[0].device_kind) if hasattr(jax.devices()[0], "device_kind") else backend
     print(f"jax {jax.__version__} on {backend} ({device}); compute {compute_dtype}", flush=True)
 
@@ -313,17 +329,30 @@ def main(argv=None):
     train_stream = token_stream(read_jsonl(os.path.join(args.corpus, "train.jsonl")), tokenizer)
     heldout_docs = read_jsonl(os.path.join(args.corpus, "heldout.jsonl"))
     heldout = eval_windows(token_stream(heldout_docs, tokenizer), args.seq_len, args.eval_windows)
-    heldout_builtin = eval_windows(token_stream([d for d in heldout_docs if d["source"] in BUILTIN_SOURCES], tokenizer),
-                                   args.seq_len, args.eval_windows)
+    heldout_builtin = eval_windows(
+        token_stream([d for d in heldout_docs if d["source"] in BUILTIN_SOURCES], tokenizer),
+        args.seq_len,
+        args.eval_windows,
+    )
     probe = heldout[np.random.default_rng(1).permutation(len(heldout))[: args.eval_batch * 2]]
-    print(f"train stream {len(train_stream):,} tokens; held-out {len(heldout)} windows "
-          f"({len(heldout_builtin)} built-in)", flush=True)
+    print(
+        f"train stream {len(train_stream):,} tokens; held-out {len(heldout)} windows ({len(heldout_builtin)} built-in)",
+        flush=True,
+    )
 
     config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=args.seq_len, rope_theta=args.rope_theta, tie_word_embeddings=False,
-        dtype=compute_dtype, param_dtype="float32")
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.seq_len,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=False,
+        dtype=compute_dtype,
+        param_dtype="float32",
+    )
     model = LlamaForCausalLM(config)
     params = model.init(_prng_key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))["params"]
     num_params = hf.num_params(params)
@@ -334,29 +363,39 @@ def main(argv=None):
     schedule = Schedule(args.lr, args.warmup, args.final_lr_fraction)
     adam_b1, adam_b2 = 0.9, 0.95
     # learning_rate=1: the schedule multiplies the whole update (weight decay included) in the step.
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(1.0, b1=adam_b1, b2=adam_b2, weight_decay=args.weight_decay))
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1.0, b1=adam_b1, b2=adam_b2, weight_decay=args.weight_decay)
+    )
     opt_state = optimizer.init(params)
     steps_per_call = min(args.steps_per_call, args.steps) if args.steps else args.steps_per_call
-    chunk = make_train_chunk(model, optimizer, schedule, steps=steps_per_call, batch=args.batch,
-                             seq_len=args.seq_len, passkey_rows=passkey_rows)
+    chunk = make_train_chunk(
+        model,
+        optimizer,
+        schedule,
+        steps=steps_per_call,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        passkey_rows=passkey_rows,
+    )
     mean_nll, passkey_accuracy = make_evaluators(model, args.eval_batch)
 
     stream_dev, pool_dev = jnp.asarray(train_stream), jnp.asarray(pool)
     step = jnp.zeros((), jnp.int32)
     key = _prng_key(args.seed + 2)
-    total_steps = args.steps or 10 ** 9  # provisional until the first chunks are timed
+    total_steps = args.steps or 10**9  # provisional until the first chunks are timed
     log, calls, train_seconds = [], 0, 0.0
     t_compile = time.time()
-    jax.block_until_ready(chunk.lower(params, opt_state, step, key, stream_dev, pool_dev,
-                                      jnp.int32(total_steps)).compile())
+    jax.block_until_ready(
+        chunk.lower(params, opt_state, step, key, stream_dev, pool_dev, jnp.int32(total_steps)).compile()
+    )
     print(f"compiled in {time.time() - t_compile:.1f} s", flush=True)
 
     while int(step) < total_steps:
         key, sub = jax.random.split(key)
         t0 = time.time()
-        params, opt_state, step, metrics = chunk(params, opt_state, step, sub, stream_dev, pool_dev,
-                                                 jnp.int32(total_steps))
+        params, opt_state, step, metrics = chunk(
+            params, opt_state, step, sub, stream_dev, pool_dev, jnp.int32(total_steps)
+        )
         metrics = {k: float(v) for k, v in metrics.items()}
         elapsed = time.time() - t0
         calls += 1
@@ -366,8 +405,11 @@ def main(argv=None):
             per_step = elapsed / steps_per_call
             total_steps = int(args.minutes * 60 / per_step) // steps_per_call * steps_per_call
             total_steps = max(total_steps, 3 * steps_per_call)
-            print(f"{per_step * 1e3:.2f} ms/step, {args.batch * args.seq_len / per_step:,.0f} tokens/s "
-                  f"-> {total_steps} steps in {args.minutes:g} min", flush=True)
+            print(
+                f"{per_step * 1e3:.2f} ms/step, {args.batch * args.seq_len / per_step:,.0f} tokens/s "
+                f"-> {total_steps} steps in {args.minutes:g} min",
+                flush=True,
+            )
         entry = {"step": int(step), "seconds": round(train_seconds, 2), **metrics}
         if calls % args.eval_every == 0 or int(step) >= total_steps:
             entry["heldout_probe_nll"] = mean_nll(params, probe)
@@ -397,14 +439,28 @@ def main(argv=None):
     print(json.dumps(results, indent=2), flush=True)
 
     info = {
-        "command": command, "config": hf.config_to_hf(config), "num_params": num_params,
-        "corpus": manifest, "batch": args.batch, "seq_len": args.seq_len, "steps": steps_done,
-        "tokens_seen": tokens_seen, "train_seconds": measured_seconds,
-        "tokens_per_second": tokens_seen / max(measured_seconds, 1e-9), "device": device,
-        "jax": jax.__version__, "compute_dtype": compute_dtype, "peak_lr": args.lr,
-        "warmup_steps": args.warmup, "final_lr_fraction": args.final_lr_fraction,
-        "weight_decay": args.weight_decay, "adam_b1": adam_b1, "adam_b2": adam_b2,
-        "passkey_fraction": passkey_rows / args.batch, "passkey_pool": len(pool), "seed": args.seed,
+        "command": command,
+        "config": hf.config_to_hf(config),
+        "num_params": num_params,
+        "corpus": manifest,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "steps": steps_done,
+        "tokens_seen": tokens_seen,
+        "train_seconds": measured_seconds,
+        "tokens_per_second": tokens_seen / max(measured_seconds, 1e-9),
+        "device": device,
+        "jax": jax.__version__,
+        "compute_dtype": compute_dtype,
+        "peak_lr": args.lr,
+        "warmup_steps": args.warmup,
+        "final_lr_fraction": args.final_lr_fraction,
+        "weight_decay": args.weight_decay,
+        "adam_b1": adam_b1,
+        "adam_b2": adam_b2,
+        "passkey_fraction": passkey_rows / args.batch,
+        "passkey_pool": len(pool),
+        "seed": args.seed,
         "results": results,
     }
     save_checkpoint(args.out, config, params, tokenizer)

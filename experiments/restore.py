@@ -3,6 +3,7 @@
 `--help` lists every config key with its default and one line of help; a user mistake prints one
 line, `error: <what>: <why>; <how to fix>`, and exits 2 (`--debug` adds the traceback).
 """
+
 import os
 import sys
 
@@ -13,14 +14,19 @@ ABOUT = "Restore a RoPE-scaled LLaMA-family model by LinearARD self-distillation
 
 def _run(config) -> None:
     from lard_jax.pipeline import run_restoration  # after flag parsing: --help and flag errors stay instant
+
     run_restoration(config)
 
 
 def main(argv=None) -> int:
-    return cli.run_main(sys.argv if argv is None else argv, _run, prog="experiments.restore",
-                        default_config=os.path.join(cli.ROOT, "configs", "base.py"), about=ABOUT,
-                        config_required_hint="pass --config=configs/demo.py, or a config of your own "
-                                             "(configs/base.py lists every key)")
+    return cli.run_main(
+        sys.argv if argv is None else argv,
+        _run,
+        prog="experiments.restore",
+        default_config=os.path.join(cli.ROOT, "configs", "base.py"),
+        about=ABOUT,
+        config_required_hint="pass --config=configs/demo.py, or a config of your own (configs/base.py lists every key)",
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ All students train the same parameters (q, k, v projections) in the same trainer
 held-out perplexity at the native length, held-out cloze accuracy (4 choices), passkey and NIAH
 at 4x and 8x the native length, training tokens. Writes table1_mini.json and table1_mini.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ def _runs(native: int, factor: float, budget_steps: int, batch: int):
         "cpt_60x": dict(method="cpt", seq_len=long_len, steps=cpt_steps(60)),
         "longred_simplified_60x": dict(method="longred_simplified", seq_len=native, steps=60 * budget_steps),
         "linearard": dict(method="linearard", seq_len=native, steps=budget_steps),
-        "linearard_cpt": dict(method="linearard", seq_len=native, steps=budget_steps,
-                              stage2_steps=cpt_steps(1), stage2_len=long_len),
+        "linearard_cpt": dict(
+            method="linearard", seq_len=native, steps=budget_steps, stage2_steps=cpt_steps(1), stage2_len=long_len
+        ),
     }
 
 
@@ -71,7 +73,7 @@ def main():
             c.train.steps = r["steps"]
             c.train.batch_size = args.batch
             c.train.lr = args.lr
-            c.train.checkpoint_every = 10 ** 9
+            c.train.checkpoint_every = 10**9
             c.train.log_every = 50
             c.eval.enabled = False
             if "stage2_steps" in r:
@@ -91,29 +93,55 @@ def main():
     for name in runs:
         models[name] = hf.load_pretrained(os.path.join(args.workdir, name, "hf_student"))
     docs = eval_runner.heldout_token_docs(pipeline.resolve_source(args.heldout, args.workdir), tokenizer)
-    spec = eval_runner.EvalSpec(native_len=native, max_windows=128, passkey_lengths=(4 * native, 8 * native),
-                                passkey_samples=args.passkey_samples, niah_lengths=(4 * native, 8 * native),
-                                cloze_samples=200)
-    results = eval_runner.evaluate_suite(models, tokenizer, docs, spec, args.workdir, distortion=True,
-                                         title="Table 1 in miniature")
+    spec = eval_runner.EvalSpec(
+        native_len=native,
+        max_windows=128,
+        passkey_lengths=(4 * native, 8 * native),
+        passkey_samples=args.passkey_samples,
+        niah_lengths=(4 * native, 8 * native),
+        cloze_samples=200,
+    )
+    results = eval_runner.evaluate_suite(
+        models, tokenizer, docs, spec, args.workdir, distortion=True, title="Table 1 in miniature"
+    )
     eval_runner.print_table(results)
-    rows = {name: {"short_ppl": res.get("short_ppl"), "cloze_acc": res.get("cloze_acc"),
-                   **{f"passkey@{k}": v for k, v in (res.get("passkey") or {}).items()},
-                   **{f"niah@{k}": v for k, v in (res.get("niah") or {}).items()},
-                   "train_tokens": tokens.get(name), "train_seconds": timings.get(name)}
-            for name, res in results.items()}
+    rows = {
+        name: {
+            "short_ppl": res.get("short_ppl"),
+            "cloze_acc": res.get("cloze_acc"),
+            **{f"passkey@{k}": v for k, v in (res.get("passkey") or {}).items()},
+            **{f"niah@{k}": v for k, v in (res.get("niah") or {}).items()},
+            "train_tokens": tokens.get(name),
+            "train_seconds": timings.get(name),
+        }
+        for name, res in results.items()
+    }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table1_mini.json"), "w") as f:
-        json.dump({"rows": rows, "runs": runs, "native_len": native, "factor": factor, "lr": args.lr,
-                   "batch": args.batch, "data": args.data, "heldout": args.heldout}, f, indent=2)
+        json.dump(
+            {
+                "rows": rows,
+                "runs": runs,
+                "native_len": native,
+                "factor": factor,
+                "lr": args.lr,
+                "batch": args.batch,
+                "data": args.data,
+                "heldout": args.heldout,
+            },
+            f,
+            indent=2,
+        )
     cols = list(next(iter(rows.values())).keys())
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in rows.items():
         cells = [f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in row.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "table1_mini.md"), "w") as f:
-        f.write("# Table 1 in miniature\n\nCommand: `python -m experiments.table1_mini "
-                f"--data {args.data} --steps {args.steps} --batch {args.batch}`\n\n" + "\n".join(lines) + "\n")
+        f.write(
+            "# Table 1 in miniature\n\nCommand: `python -m experiments.table1_mini "
+            f"--data {args.data} --steps {args.steps} --batch {args.batch}`\n\n" + "\n".join(lines) + "\n"
+        )
     print("\n".join(lines))
 
 

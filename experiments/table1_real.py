@@ -19,6 +19,7 @@ at 8K/16K/32K over several depths, training tokens and GPU seconds per row.
 Resumable: every finished row is written to <out>/table1_real.json at once and skipped on the next
 call; `--time_budget_s` stops before starting a row that would not fit (a device call is 10 minutes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,22 @@ import os
 import time
 import traceback
 
-import numpy as np
-
 from lard_jax import hf, pipeline
-from lard_jax.evaluation import runner as eval_runner
 from lard_jax.evaluation import perplexity, synthetic
+from lard_jax.evaluation import runner as eval_runner
 from lard_jax.model import LlamaForCausalLM, dtype_of
 from lard_jax.tokenizer import load_tokenizer
 
-ROW_ORDER = ("teacher", "scaled", "linearard", "cpt_1x", "linearard_cpt", "cpt_Nx", "longred_simplified_Nx",
-             "scaled_yarn")
+ROW_ORDER = (
+    "teacher",
+    "scaled",
+    "linearard",
+    "cpt_1x",
+    "linearard_cpt",
+    "cpt_Nx",
+    "longred_simplified_Nx",
+    "scaled_yarn",
+)
 
 
 def load_config(path: str):
@@ -57,13 +64,15 @@ def train_rows(base, big_mult: int, extra_lrs=()) -> dict[str, dict]:
     return {
         "linearard": dict(method="linearard", seq_len=native, steps=base.train.steps),
         "cpt_1x": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1),
-        "linearard_cpt": dict(method="linearard", seq_len=native, steps=base.train.steps,
-                              stage2_steps=cpt_steps(1), stage2_len=long_len),
+        "linearard_cpt": dict(
+            method="linearard", seq_len=native, steps=base.train.steps, stage2_steps=cpt_steps(1), stage2_len=long_len
+        ),
         "cpt_Nx": dict(method="cpt", seq_len=long_len, steps=cpt_steps(big_mult), batch=1, accum=1),
-        "longred_simplified_Nx": dict(method="longred_simplified", seq_len=native,
-                                      steps=big_mult * base.train.steps),
-        **{f"linearard_lr{lr:g}": dict(method="linearard", seq_len=native, steps=base.train.steps, lr=lr)
-           for lr in extra_lrs},
+        "longred_simplified_Nx": dict(method="longred_simplified", seq_len=native, steps=big_mult * base.train.steps),
+        **{
+            f"linearard_lr{lr:g}": dict(method="linearard", seq_len=native, steps=base.train.steps, lr=lr)
+            for lr in extra_lrs
+        },
     }
 
 
@@ -80,7 +89,7 @@ def run_row(base, name: str, r: dict, args) -> dict:
         c.train.steps = r["steps"]
         c.train.batch_size = r.get("batch", c.train.batch_size)
         c.train.grad_accum = r.get("accum", c.train.grad_accum)
-        c.train.checkpoint_every = 10 ** 9
+        c.train.checkpoint_every = 10**9
         c.train.log_every = 25
         c.eval.enabled = False
         if r["method"] == "cpt":
@@ -98,11 +107,19 @@ def run_row(base, name: str, r: dict, args) -> dict:
     if os.path.exists(done):  # trained by an earlier call whose evaluation did not finish
         with open(done) as f:
             summary = json.load(f)
-        return {"train_tokens": int(summary["train_tokens"]), "train_seconds": summary.get("train_seconds", 0.0),
-                "hf_student": summary["hf_student"], "overrides": r}
+        return {
+            "train_tokens": int(summary["train_tokens"]),
+            "train_seconds": summary.get("train_seconds", 0.0),
+            "hf_student": summary["hf_student"],
+            "overrides": r,
+        }
     summary = pipeline.run_restoration(c)
-    return {"train_tokens": int(summary["train_tokens"]), "train_seconds": time.perf_counter() - t0,
-            "hf_student": summary["hf_student"], "overrides": r}
+    return {
+        "train_tokens": int(summary["train_tokens"]),
+        "train_seconds": time.perf_counter() - t0,
+        "hf_student": summary["hf_student"],
+        "overrides": r,
+    }
 
 
 def long_stream(token_docs, eos_id) -> list[list[int]]:
@@ -120,24 +137,28 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
     model = LlamaForCausalLM(model.config.replace(attention_impl="auto"))
     logits_fn = eval_runner.logits_fn_for(model, params)
     res: dict = {}
-    short = perplexity.perplexity_vs_length(logits_fn, docs, [2048, native], max_windows=args.ppl_windows,
-                                            batch_size=1, progress=False)
+    short = perplexity.perplexity_vs_length(
+        logits_fn, docs, [2048, native], max_windows=args.ppl_windows, batch_size=1, progress=False
+    )
     res["ppl@2048"], res[f"ppl@{native}"] = short.get(2048), short.get(native)
     long_len = int(args.long_len)
     res[f"stream_ppl@{long_len}"] = perplexity.perplexity_vs_length(
-        logits_fn, stream, [long_len], max_windows=args.long_windows, batch_size=1, progress=False).get(long_len)
+        logits_fn, stream, [long_len], max_windows=args.long_windows, batch_size=1, progress=False
+    ).get(long_len)
     spec = eval_runner.EvalSpec(native_len=native, cloze_samples=args.cloze_samples, batch_size=8)
-    examples = eval_runner.cloze_examples(docs, tokenizer, context_len=512, cont_len=32, n=args.cloze_samples,
-                                          seed=0)
+    examples = eval_runner.cloze_examples(docs, tokenizer, context_len=512, cont_len=32, n=args.cloze_samples, seed=0)
     from lard_jax.evaluation import multiple_choice
-    res["cloze_acc"] = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer,
-                                                      batch_size=spec.batch_size, progress=False)["acc"]
+
+    res["cloze_acc"] = multiple_choice.score_examples(
+        "cloze", examples, logits_fn, tokenizer, batch_size=spec.batch_size, progress=False
+    )["acc"]
     generate = eval_runner.generate_fn_for(model, params)
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     for task in ("passkey", "niah_single", "niah_multikey"):
-        out = synthetic.evaluate_synthetic(generate, tokenizer, task, lengths, depths, args.samples_per_depth, 0,
-                                           progress=False)
+        out = synthetic.evaluate_synthetic(
+            generate, tokenizer, task, lengths, depths, args.samples_per_depth, 0, progress=False
+        )
         for length, acc in out["by_length"].items():
             res[f"{task}@{length}"] = acc
     return res
@@ -205,10 +226,17 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "table1_real.json")
     results = json.load(open(path))["rows"] if os.path.exists(path) else {}
-    meta = {"config": args.config, "checkpoint": base.model.checkpoint, "native_len": native,
-            "student_rope": dict(base.student.rope_scaling), "big_mult": args.big_mult, "args": vars(args)}
+    meta = {
+        "config": args.config,
+        "checkpoint": base.model.checkpoint,
+        "native_len": native,
+        "student_rope": dict(base.student.rope_scaling),
+        "big_mult": args.big_mult,
+        "args": vars(args),
+    }
     try:
         import jax
+
         meta["device"] = str(jax.devices()[0].device_kind)
         meta["jax"] = jax.__version__
     except Exception:  # noqa: BLE001
@@ -227,8 +255,9 @@ def main(argv=None):
             continue
         elapsed = time.perf_counter() - t_start
         if args.time_budget_s and elapsed + per_row_estimate > args.time_budget_s:
-            print(f"[{name}] stopping: {elapsed:.0f}s used of {args.time_budget_s:.0f}s; call again to resume",
-                  flush=True)
+            print(
+                f"[{name}] stopping: {elapsed:.0f}s used of {args.time_budget_s:.0f}s; call again to resume", flush=True
+            )
             break
         t_row = time.perf_counter()
         try:
@@ -242,26 +271,30 @@ def main(argv=None):
 
 
 def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native) -> dict:
-        row: dict = {}
-        if name == "teacher":
-            model, params = teacher, frozen
-        elif name in ("scaled", "scaled_yarn"):
-            rope = dict(base.student.rope_scaling)
-            if name == "scaled_yarn":
-                rope = {"rope_type": "yarn", "factor": rope["factor"],
-                        "original_max_position_embeddings": teacher.config.max_position_embeddings}
-            model = LlamaForCausalLM(teacher.config.replace(
-                rope_scaling=rope, max_position_embeddings=int(native * float(rope["factor"]))))
-            params = frozen
-        elif name in rows:
-            row.update(run_row(base, name, rows[name], args))
-            model, params = hf.load_pretrained(row["hf_student"], dtype=dtype_of(args.eval_dtype))
-        else:
-            raise SystemExit(f"unknown row {name!r}; expected one of {ROW_ORDER + tuple(rows)}")
-        t_eval = time.perf_counter()
-        row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native)
-        row["eval_seconds"] = time.perf_counter() - t_eval
-        return row
+    row: dict = {}
+    if name == "teacher":
+        model, params = teacher, frozen
+    elif name in ("scaled", "scaled_yarn"):
+        rope = dict(base.student.rope_scaling)
+        if name == "scaled_yarn":
+            rope = {
+                "rope_type": "yarn",
+                "factor": rope["factor"],
+                "original_max_position_embeddings": teacher.config.max_position_embeddings,
+            }
+        model = LlamaForCausalLM(
+            teacher.config.replace(rope_scaling=rope, max_position_embeddings=int(native * float(rope["factor"])))
+        )
+        params = frozen
+    elif name in rows:
+        row.update(run_row(base, name, rows[name], args))
+        model, params = hf.load_pretrained(row["hf_student"], dtype=dtype_of(args.eval_dtype))
+    else:
+        raise SystemExit(f"unknown row {name!r}; expected one of {ROW_ORDER + tuple(rows)}")
+    t_eval = time.perf_counter()
+    row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native)
+    row["eval_seconds"] = time.perf_counter() - t_eval
+    return row
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ Implementations (`LlamaConfig.attention_impl`):
 
 `decode_attention` is the KV-cache step (a few new queries against a cache plus themselves).
 """
+
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -64,17 +64,24 @@ def resolve_impl(impl: str, *, dtype=None, head_dim: int | None = None, has_mask
     if impl != "auto":
         return impl
     backend = jax.default_backend()
-    if backend == "gpu" and not has_mask and dtype is not None and jnp.dtype(dtype) in (
-            jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim is not None and head_dim <= 128 \
-            and head_dim % 8 == 0:
+    if (
+        backend == "gpu"
+        and not has_mask
+        and dtype is not None
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and head_dim is not None
+        and head_dim <= 128
+        and head_dim % 8 == 0
+    ):
         return "cudnn"
     if backend == "tpu":
         return "pallas_tpu"
     return "blockwise"
 
 
-def attention(q, k, v, *, mask=None, impl: str = "xla", scale: float | None = None,
-              block_q: int = 512, block_k: int = 512):
+def attention(
+    q, k, v, *, mask=None, impl: str = "xla", scale: float | None = None, block_q: int = 512, block_k: int = 512
+):
     """Causal attention q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D]; see the module doc."""
     b, t, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -96,8 +103,18 @@ def attention(q, k, v, *, mask=None, impl: str = "xla", scale: float | None = No
     if impl == "blockwise":
         seg = None if info is None else info.segment_ids
         pad = None if info is None else info.attention_mask
-        return blockwise_attention(q, k, v, causal=True, segment_ids=seg, kv_mask=pad, keep_diagonal=info is not None,
-                                   scale=scale, block_q=block_q, block_k=block_k)
+        return blockwise_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            segment_ids=seg,
+            kv_mask=pad,
+            keep_diagonal=info is not None,
+            scale=scale,
+            block_q=block_q,
+            block_k=block_k,
+        )
     if impl == "pallas_tpu":
         return pallas_tpu_attention(q, k, v, mask=info, scale=scale, block=min(block_q, block_k))
     raise AssertionError(impl)
@@ -106,13 +123,25 @@ def attention(q, k, v, *, mask=None, impl: str = "xla", scale: float | None = No
 # ----------------------------------------------------------------------------------------------
 # blockwise (linear memory, plain XLA)
 
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def blockwise_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_segment_ids=None, kv_mask=None,
-                        keep_diagonal: bool = False, scale: float | None = None, block_q: int = 512,
-                        block_k: int = 512):
+def blockwise_attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool = True,
+    segment_ids=None,
+    kv_segment_ids=None,
+    kv_mask=None,
+    keep_diagonal: bool = False,
+    scale: float | None = None,
+    block_q: int = 512,
+    block_k: int = 512,
+):
     """Online-softmax attention over [block_q, block_k] tiles; memory O(T * (D + block)).
 
     q [B, T, H, D], k/v [B, S, KV, D]; query i and key j sit at positions i and j (self-attention
@@ -153,8 +182,11 @@ def blockwise_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_se
     use_seg = segment_ids is not None
     if use_seg:
         q_seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, tp - t))).reshape(b, nq, bq).transpose(1, 0, 2)
-        k_seg = jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s_len)),
-                        constant_values=-1).reshape(b, nk, bk).transpose(1, 0, 2)
+        k_seg = (
+            jnp.pad(kv_segment_ids.astype(jnp.int32), ((0, 0), (0, sp - s_len)), constant_values=-1)
+            .reshape(b, nk, bk)
+            .transpose(1, 0, 2)
+        )
     else:  # dummies keep one code path; XLA drops them
         q_seg = jnp.zeros((nq, 1, bq), jnp.int32)
         k_seg = jnp.zeros((nk, 1, bk), jnp.int32)
@@ -193,8 +225,7 @@ def blockwise_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_se
         # tile, not each tile's [bq, bk] scores, so its memory is O(T / bk * bq * D) per query block.
         tile = jax.checkpoint(tile)
         shape = q_blk.shape[:-1]
-        init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32),
-                jnp.zeros(q_blk.shape, jnp.float32))
+        init = (jnp.full(shape, _NEG, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(q_blk.shape, jnp.float32))
         (m, l, acc), _ = lax.scan(tile, init, (kb, vb, k_pos, key_ok, k_seg))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
         return out.astype(q.dtype)
@@ -207,6 +238,7 @@ def blockwise_attention(q, k, v, *, causal: bool = True, segment_ids=None, kv_se
 
 # ----------------------------------------------------------------------------------------------
 # Pallas TPU flash attention
+
 
 def pallas_tpu_attention(q, k, v, *, mask: MaskInfo | None = None, scale: float | None = None, block: int = 512):
     """jax's Pallas TPU flash attention (causal, segment ids) on our [B, T, H, D] layout.
@@ -226,7 +258,7 @@ def pallas_tpu_attention(q, k, v, *, mask: MaskInfo | None = None, scale: float 
         blk -= 128
     seg = None
     if mask is not None and (mask.segment_ids is not None or mask.attention_mask is not None):
-        ids = (jnp.zeros((b, t), jnp.int32) if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32))
+        ids = jnp.zeros((b, t), jnp.int32) if mask.segment_ids is None else mask.segment_ids.astype(jnp.int32)
         if mask.attention_mask is not None:
             ids = jnp.where(mask.attention_mask.astype(bool), ids, -1)
         ids = jnp.pad(ids, ((0, 0), (0, tp - t)), constant_values=-2)
@@ -237,16 +269,34 @@ def pallas_tpu_attention(q, k, v, *, mask: MaskInfo | None = None, scale: float 
 
     kr = jnp.repeat(k, h // kvh, axis=2) if kvh != h else k
     vr = jnp.repeat(v, h // kvh, axis=2) if kvh != h else v
-    sizes = tpu_fa.BlockSizes(block_q=blk, block_k_major=blk, block_k=blk, block_b=1,
-                              block_q_major_dkv=blk, block_k_major_dkv=blk, block_k_dkv=blk, block_q_dkv=blk,
-                              block_k_major_dq=blk, block_k_dq=blk, block_q_dq=blk)
-    out = tpu_fa.flash_attention(heads_first(q), heads_first(kr), heads_first(vr), segment_ids=seg, causal=True,
-                                 sm_scale=scale, block_sizes=sizes)
+    sizes = tpu_fa.BlockSizes(
+        block_q=blk,
+        block_k_major=blk,
+        block_k=blk,
+        block_b=1,
+        block_q_major_dkv=blk,
+        block_k_major_dkv=blk,
+        block_k_dkv=blk,
+        block_q_dkv=blk,
+        block_k_major_dq=blk,
+        block_k_dq=blk,
+        block_q_dq=blk,
+    )
+    out = tpu_fa.flash_attention(
+        heads_first(q),
+        heads_first(kr),
+        heads_first(vr),
+        segment_ids=seg,
+        causal=True,
+        sm_scale=scale,
+        block_sizes=sizes,
+    )
     return out.transpose(0, 2, 1, 3)[:, :t]
 
 
 # ----------------------------------------------------------------------------------------------
 # KV-cache decoding
+
 
 def decode_attention(q, k_new, v_new, k_cache, v_cache, cache_len, *, scale: float | None = None):
     """New queries against a KV cache plus themselves.
@@ -270,6 +320,7 @@ def decode_attention(q, k_new, v_new, k_cache, v_cache, cache_len, *, scale: flo
     scores = jnp.concatenate([s_cache, s_new], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_new.dtype)
     p_cache, p_new = probs[..., :c], probs[..., c:]
-    out = (jnp.einsum("bkgtc,bkcd->btkgd", p_cache, v_cache.astype(v_new.dtype), preferred_element_type=jnp.float32)
-           + jnp.einsum("bkgts,bskd->btkgd", p_new, v_new, preferred_element_type=jnp.float32))
+    out = jnp.einsum(
+        "bkgtc,bkcd->btkgd", p_cache, v_cache.astype(v_new.dtype), preferred_element_type=jnp.float32
+    ) + jnp.einsum("bkgts,bskd->btkgd", p_new, v_new, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)

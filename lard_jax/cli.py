@@ -10,6 +10,7 @@ A misspelt key gets the nearest real one as a suggestion. Single keys of the rop
 can be set one by one (`--config.student.rope_scaling.original_max_position_embeddings=8192`),
 whole dicts as JSON (`--config.student.rope_scaling='{"rope_type": "yarn", "factor": 4.0}'`).
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,7 +21,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from lard_jax.errors import UserError
 
@@ -106,8 +107,15 @@ def format_help(prog: str, config_path: str, config, *, about: str = "") -> str:
     helps = help_texts(BASE_CONFIG, config_path)
     order = {k: i for i, k in enumerate(helps)}  # file order: base.py first, then the config's own keys
     keys = flat_keys(config)
-    keys = dict(sorted(keys.items(), key=lambda kv: (order.get(kv[0].split(".")[0], len(order)) if "." in kv[0]
-                                                      else -1, order.get(kv[0], len(order)))))
+    keys = dict(
+        sorted(
+            keys.items(),
+            key=lambda kv: (
+                order.get(kv[0].split(".")[0], len(order)) if "." in kv[0] else -1,
+                order.get(kv[0], len(order)),
+            ),
+        )
+    )
     width = min(48, max(len(f"--config.{k}={_show(v)}") for k, v in keys.items()) + 2)
     lines = [f"usage: python -m {prog} --config=CONFIG.py [--config.KEY=VALUE ...] [--debug]", ""]
     if about:
@@ -123,10 +131,12 @@ def format_help(prog: str, config_path: str, config, *, about: str = "") -> str:
         flag = f"--config.{key}={_show(value)}"
         text = helps.get(key, "")
         lines.append(f"  {flag:<{width}} {text}" if len(flag) < width else f"  {flag}\n  {'':<{width}} {text}")
-    lines += ["",
-              "Whole dicts are JSON: --config.student.rope_scaling='{\"rope_type\": \"yarn\", \"factor\": 4.0}';",
-              "single keys of it work too: --config.student.rope_scaling.original_max_position_embeddings=4096.",
-              "Tuples: --config.loss.relations='(\"q\",\"k\")'.  --debug: show the traceback of an error."]
+    lines += [
+        "",
+        'Whole dicts are JSON: --config.student.rope_scaling=\'{"rope_type": "yarn", "factor": 4.0}\';',
+        "single keys of it work too: --config.student.rope_scaling.original_max_position_embeddings=4096.",
+        'Tuples: --config.loss.relations=\'("q","k")\'.  --debug: show the traceback of an error.',
+    ]
     return "\n".join(lines)
 
 
@@ -177,7 +187,7 @@ def _unknown_config_key(error: BaseException, argv: list[str]) -> str | None:
     for arg in argv:
         if arg.startswith("--config."):
             name = _flag_name(arg)
-            if m.group(0) in name[len("--config."):].split("."):
+            if m.group(0) in name[len("--config.") :].split("."):
                 return name
     return None
 
@@ -190,31 +200,39 @@ def parse(argv: list[str], *, config_required_hint: str):
     rope_args = [a for a in argv[1:] if a.startswith(_ROPE_PREFIX) and "=" in a]
     rest = [a for a in argv if a not in rope_args]
     fv = flags.FlagValues()
-    config_flag = config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True,
-                                                  flag_values=fv, sys_argv=rest)
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config file", lock_config=True, flag_values=fv, sys_argv=rest
+    )
     flags.DEFINE_bool("debug", False, "show the traceback of an error", flag_values=fv)
     config_path = _config_arg(argv)
     if config_path is not None and not os.path.isfile(config_path) and not os.path.isfile(config_path.split(":")[0]):
-        raise UserError(f"--config={config_path}: file not found; pass a config file such as configs/demo.py "
-                        "(paths are relative to the current directory)")
+        raise UserError(
+            f"--config={config_path}: file not found; pass a config file such as configs/demo.py "
+            "(paths are relative to the current directory)"
+        )
     try:
         extra = fv(rest)
     except flags.UnrecognizedFlagError as e:
         name = "--" + e.flagname if getattr(e, "flagname", None) else _line(e)
-        raise UserError(f"{name}: unknown flag; {_suggest(name, config_path)}"
-                        f"`python -m {_prog(argv)} --help` lists every flag and config key") from None
+        raise UserError(
+            f"{name}: unknown flag; {_suggest(name, config_path)}"
+            f"`python -m {_prog(argv)} --help` lists every flag and config key"
+        ) from None
     except (AttributeError, KeyError) as e:  # ml_collections: an override of a key that does not exist
         name = _unknown_config_key(e, argv) or "--config.?"
-        raise UserError(f"{name}: no such config key; {_suggest(name, config_path)}"
-                        f"`python -m {_prog(argv)} --help` lists every key") from None
+        raise UserError(
+            f"{name}: no such config key; {_suggest(name, config_path)}`python -m {_prog(argv)} --help` lists every key"
+        ) from None
     except flags.Error as e:
-        raise UserError(f"command line: {_line(e)}; `python -m {_prog(argv)} --help` lists every key and its "
-                        "type") from None
+        raise UserError(
+            f"command line: {_line(e)}; `python -m {_prog(argv)} --help` lists every key and its type"
+        ) from None
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 -- a config file that fails to load, a value that does not parse
-        raise UserError(f"command line: {_line(f'{type(e).__name__}: {e}')}; check --config and the "
-                        "--config.* values") from None
+        raise UserError(
+            f"command line: {_line(f'{type(e).__name__}: {e}')}; check --config and the --config.* values"
+        ) from None
     if len(extra) > 1:
         raise UserError(f"command line: unexpected argument(s) {extra[1:]}; flags take the form --name=value")
     config = config_flag.value
@@ -223,11 +241,13 @@ def parse(argv: list[str], *, config_required_hint: str):
     if rope_args:
         rope = config.student.rope_scaling
         if rope is None:
-            raise UserError("--config.student.rope_scaling.*: the config's rope_scaling is None; give the whole "
-                            "dict as JSON: --config.student.rope_scaling='{\"rope_type\": \"linear\", \"factor\": 4.0}'")
+            raise UserError(
+                "--config.student.rope_scaling.*: the config's rope_scaling is None; give the whole "
+                'dict as JSON: --config.student.rope_scaling=\'{"rope_type": "linear", "factor": 4.0}\''
+            )
         with rope.unlocked():
             for arg in rope_args:
-                key, value = arg[len(_ROPE_PREFIX):].split("=", 1)
+                key, value = arg[len(_ROPE_PREFIX) :].split("=", 1)
                 value = _parse_value(value)
                 if key in rope and isinstance(rope[key], float) and isinstance(value, int):
                     value = float(value)
@@ -242,8 +262,9 @@ def _prog(argv) -> str:
     return f"experiments.{prog[:-3]}" if prog.endswith(".py") else prog
 
 
-def run_main(argv: list[str], run: Callable, *, prog: str, default_config: str, about: str = "",
-             config_required_hint: str = "") -> int:
+def run_main(
+    argv: list[str], run: Callable, *, prog: str, default_config: str, about: str = "", config_required_hint: str = ""
+) -> int:
     """Parse, run, report. Returns the exit status (0, or 2 for a user error)."""
     argv = list(argv) if argv else [prog]
     argv[0] = prog
@@ -262,8 +283,11 @@ def run_main(argv: list[str], run: Callable, *, prog: str, default_config: str, 
         return 0
     debug = "--debug" in argv or "--debug=true" in (a.lower() for a in argv)
     try:
-        config, debug = parse(argv, config_required_hint=config_required_hint
-                              or f"pass --config={os.path.relpath(default_config, ROOT)} (or your own config file)")
+        config, debug = parse(
+            argv,
+            config_required_hint=config_required_hint
+            or f"pass --config={os.path.relpath(default_config, ROOT)} (or your own config file)",
+        )
         _quiet_logging()
         run(config)
     except UserError as e:
@@ -275,14 +299,19 @@ def run_main(argv: list[str], run: Callable, *, prog: str, default_config: str, 
         if debug:
             traceback.print_exc()
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {where}{e.strerror or _line(e)}; check the path, its permissions and free space "
-              "(--debug shows where it happened)", file=sys.stderr)
+        print(
+            f"error: {where}{e.strerror or _line(e)}; check the path, its permissions and free space "
+            "(--debug shows where it happened)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
 
 def _quiet_logging() -> None:
-    from absl import flags, logging as absl_logging
+    from absl import flags
+    from absl import logging as absl_logging
+
     if not flags.FLAGS.is_parsed():  # we parse our own FlagValues; absl logging only wants to know it may log
         flags.FLAGS.mark_as_parsed()
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO

@@ -34,7 +34,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -95,10 +96,14 @@ def _resolve_source(source: str) -> list[tuple[str, str]]:
             found.append((_file_kind(path), path))
         elif not os.path.splitext(os.path.basename(path))[1]:  # no extension: text if it reads as UTF-8
             (found.append(("txt", path)) if _sniff_text(path) else skipped.append(path))
-    note = f"; skipped {len(skipped)} binary or empty file(s) without an extension, e.g. {skipped[0]}" if skipped else ""
+    note = (
+        f"; skipped {len(skipped)} binary or empty file(s) without an extension, e.g. {skipped[0]}" if skipped else ""
+    )
     if not found:
-        raise UserError(f"{source}: folder holds no documents (looked for {', '.join(_FILE_SUFFIXES)} files and "
-                        f"UTF-8 text files without an extension{note}); point the source at text documents")
+        raise UserError(
+            f"{source}: folder holds no documents (looked for {', '.join(_FILE_SUFFIXES)} files and "
+            f"UTF-8 text files without an extension{note}); point the source at text documents"
+        )
     if skipped:
         warnings.warn(f"{source}{note[1:]}", stacklevel=2)
     return found
@@ -107,6 +112,7 @@ def _resolve_source(source: str) -> list[tuple[str, str]]:
 def _sniff_text(path: str, size: int = 1 << 16) -> bool:
     """A file without an extension counts as a text document if its start is non-empty UTF-8 without NUL bytes."""
     import codecs
+
     with open(path, "rb") as f:
         head = f.read(size)
     if not head.strip() or b"\0" in head:
@@ -138,8 +144,10 @@ def _file_kind(path: str) -> str:
             return suffix[1:]
     if not os.path.splitext(os.path.basename(path))[1] and _sniff_text(path):
         return "txt"  # a text file without an extension
-    raise UserError(f"{path}: unsupported file type (expected one of {', '.join(_FILE_SUFFIXES)}, or UTF-8 text "
-                    "without an extension); convert it, or point the source at a supported file or folder")
+    raise UserError(
+        f"{path}: unsupported file type (expected one of {', '.join(_FILE_SUFFIXES)}, or UTF-8 text "
+        "without an extension); convert it, or point the source at a supported file or folder"
+    )
 
 
 def _read_txt(path: str, text_field: str) -> Iterator[str]:
@@ -148,8 +156,10 @@ def _read_txt(path: str, text_field: str) -> Iterator[str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as error:
-        raise UserError(f"{path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
-                        "re-encode the file as UTF-8 or remove it from the source") from None
+        raise UserError(
+            f"{path}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "re-encode the file as UTF-8 or remove it from the source"
+        ) from None
     if not text.strip():
         raise UserError(f"{path}: empty file; remove it from the source")
     yield text
@@ -162,8 +172,10 @@ def jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise UserError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); re-encode "
-                                "the file as UTF-8") from None
+                raise UserError(
+                    f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x}); re-encode "
+                    "the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no record
             try:
@@ -266,7 +278,7 @@ class TokenCache:
     reused: bool = False  # True when `prepare_token_cache` found it up to date
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, reused: bool = False) -> "TokenCache":
+    def load(cls, path: str | os.PathLike, *, reused: bool = False) -> TokenCache:
         path = os.fspath(path)
         manifest = _read_manifest(path)
         if manifest is None:
@@ -368,7 +380,9 @@ def _write_cache(folder: str, source, tokenizer, identity: dict, text_field: str
     lengths = []
     with open(os.path.join(folder, "tokens.bin"), "wb") as out:
         documents = read_documents(source, text_field=text_field)
-        for text in tqdm(documents, desc=f"tokenising {os.path.basename(os.fspath(source))}", unit="doc", disable=not progress):
+        for text in tqdm(
+            documents, desc=f"tokenising {os.path.basename(os.fspath(source))}", unit="doc", disable=not progress
+        ):
             ids = np.asarray(encode_array(text) if encode_array else tokenizer.encode(text), dtype=np.int64)
             if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
                 raise ValueError(f"tokenizer produced id {int(ids.max())} outside its vocabulary of {vocab_size}")

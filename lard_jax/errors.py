@@ -3,6 +3,7 @@
 Entry points catch `UserError` and print it as one line, `error: <what>: <why>; <how to fix>`,
 and exit 2 (a traceback only with `--debug`). Anything else that escapes is a bug in lard_jax.
 """
+
 from __future__ import annotations
 
 

@@ -46,9 +46,10 @@ Not in `model_total` and reported separately:
 
 `executed_total` adds everything above: all matmul FLOPs the step runs (hardware FLOPs).
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 CONVENTION = "executed model FLOPs (no remat recompute)"
 # attention_impl -> (causal halving, score-sized matmuls recomputed in the backward)
@@ -58,10 +59,22 @@ _METHODS = ("linearard", "cpt", "logit_kd", "longred_simplified", "longred")
 
 
 def _proj_shapes(cfg) -> dict[str, tuple[int, int]]:
-    e, h, kv, d, m = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                      cfg.intermediate_size)
-    return {"q_proj": (e, h * d), "k_proj": (e, kv * d), "v_proj": (e, kv * d), "o_proj": (h * d, e),
-            "gate_proj": (e, m), "up_proj": (e, m), "down_proj": (m, e)}
+    e, h, kv, d, m = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+    )
+    return {
+        "q_proj": (e, h * d),
+        "k_proj": (e, kv * d),
+        "v_proj": (e, kv * d),
+        "o_proj": (h * d, e),
+        "gate_proj": (e, m),
+        "up_proj": (e, m),
+        "down_proj": (m, e),
+    }
 
 
 def _remat_recompute_layer(layer: int, remat: str, attention_impl: str, shapes, attn_fwd: float) -> float:
@@ -86,14 +99,24 @@ def _remat_recompute_layer(layer: int, remat: str, attention_impl: str, shapes, 
     raise ValueError(f"unknown remat {remat!r}")
 
 
-def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
-                             trainable: Sequence[str] = ("q_proj", "k_proj", "v_proj"), lora_rank: int = 0,
-                             lora_merged: bool = True, lambda_logit: float = 0.0,
-                             relations: Sequence[str] = ("q", "k", "v"),
-                             layers: Sequence[int] | None = None, remat: str = "none",
-                             attention_impl: str | None = None, relation_causal_halving: bool = True,
-                             relation_bwd_recompute_matmuls: int = 4, hidden_layers: Sequence[int] | None = None,
-                             micro_batch: int = 1) -> dict:
+def executed_flops_per_token(
+    cfg,
+    *,
+    seq_len: int,
+    method: str = "linearard",
+    trainable: Sequence[str] = ("q_proj", "k_proj", "v_proj"),
+    lora_rank: int = 0,
+    lora_merged: bool = True,
+    lambda_logit: float = 0.0,
+    relations: Sequence[str] = ("q", "k", "v"),
+    layers: Sequence[int] | None = None,
+    remat: str = "none",
+    attention_impl: str | None = None,
+    relation_causal_halving: bool = True,
+    relation_bwd_recompute_matmuls: int = 4,
+    hidden_layers: Sequence[int] | None = None,
+    micro_batch: int = 1,
+) -> dict:
     """Per-token matmul FLOPs of one training step of `lard_jax.trainer`, broken down.
 
     cfg: a `LlamaConfig`; seq_len: T; trainable: the student's trainable projections (every
@@ -113,6 +136,7 @@ def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
     attention_impl = attention_impl or getattr(cfg, "attention_impl", "xla")
     if attention_impl == "auto":
         from lard_jax import attention as attn_lib
+
         attention_impl = attn_lib.resolve_impl("auto", dtype=cfg.dtype, head_dim=cfg.head_dim)
     if attention_impl not in ATTENTION_CONVENTIONS:
         raise ValueError(f"attention_impl must be one of {sorted(ATTENTION_CONVENTIONS)}, got {attention_impl!r}")
@@ -124,8 +148,7 @@ def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
     if bad:
         raise ValueError(f"unknown projections {bad}; expected some of {sorted(shapes)}")
     n_layers, t = cfg.num_hidden_layers, float(seq_len)
-    h, kv, d, e, v = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size,
-                      cfg.vocab_size)
+    h, kv, d, e, v = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size, cfg.vocab_size)
     causal_attn, attn_recompute_mm = ATTENTION_CONVENTIONS[attention_impl]
     t_attn = t / 2 if causal_attn else t  # keys per query the attention executes
     attn_mm = 2.0 * t_attn * d * h  # one score- or value-sized matmul, per token per layer
@@ -170,8 +193,13 @@ def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
         return f + (head if head_live else 0.0)
 
     def shared_layer0(spec):
-        return sum(proj[p] for p in live(spec[0]) if p in ("q_proj", "k_proj", "v_proj")
-                   and p in live(teacher_passes[0][0][0]) and (p not in trainable or unmerged))
+        return sum(
+            proj[p]
+            for p in live(spec[0])
+            if p in ("q_proj", "k_proj", "v_proj")
+            and p in live(teacher_passes[0][0][0])
+            and (p not in trainable or unmerged)
+        )
 
     def backward(spec, head_live):
         """(activations, weights, attention-core part, flash recompute, remat recompute, lora kernels)"""
@@ -229,15 +257,24 @@ def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
         student_passes.append((pass_spec(False, [], hid), False))
         student_passes.append((pass_spec(True, [], set()), True))
 
-    out = {"convention": CONVENTION, "method": method, "seq_len": seq_len, "attention_impl": attention_impl,
-           "attention_causal_halving": causal_attn, "relation_causal_halving": bool(relation_causal_halving),
-           "remat": remat, "lora_rank": lora_rank,
-           "lora_merged": bool(lora_rank) and not unmerged, "trainable": list(trainable)}
+    out = {
+        "convention": CONVENTION,
+        "method": method,
+        "seq_len": seq_len,
+        "attention_impl": attention_impl,
+        "attention_causal_halving": causal_attn,
+        "relation_causal_halving": bool(relation_causal_halving),
+        "remat": remat,
+        "lora_rank": lora_rank,
+        "lora_merged": bool(lora_rank) and not unmerged,
+        "trainable": list(trainable),
+    }
     out["teacher_forward"] = sum(forward(s, hl) for s, hl in teacher_passes)
     out["student_forward"] = sum(forward(s, hl, student=True) for s, hl in student_passes)
     # not in student_forward: layer-0 projections the student shares with the teacher (XLA CSE)
-    out["student_forward_shared_with_teacher"] = (sum(shared_layer0(s) for s, _ in student_passes)
-                                                  if teacher_passes else 0.0)
+    out["student_forward_shared_with_teacher"] = (
+        sum(shared_layer0(s) for s, _ in student_passes) if teacher_passes else 0.0
+    )
     act = wts = core = flash = rem = 0.0
     lora_kernels = set()
     for s, hl in student_passes:
@@ -253,7 +290,7 @@ def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
     out["lora_factors"] = lora
     n_fwd_layers = sum(1 for s, _ in teacher_passes + student_passes for x in s if x == "full")
     out["of_which_attention_core"] = n_fwd_layers * attn_fwd + core
-    out["model_total"] = (out["teacher_forward"] + out["student_forward"] + act + wts + lora)
+    out["model_total"] = out["teacher_forward"] + out["student_forward"] + act + wts + lora
 
     # ---- relation kernel (LinearARD only), separately
     rel_fwd = rel_bwd = rel_rec = 0.0
@@ -272,12 +309,21 @@ def executed_flops_per_token(cfg, *, seq_len: int, method: str = "linearard",
     out["attention_flash_recompute"] = flash
     out["remat_recompute"] = rem
     out["executed_total"] = out["model_total"] + out["relation_total"] + rel_rec + flash + rem
-    return {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seq_len"
-            and k != "lora_rank" else v for k, v in out.items()}
+    return {
+        k: float(v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seq_len" and k != "lora_rank"
+        else v
+        for k, v in out.items()
+    }
 
 
-def mfu(flops_per_token: float | dict, tokens_per_second: float, peak_flops_per_device: float | None,
-        devices: int = 1, key: str = "model_total") -> float | None:
+def mfu(
+    flops_per_token: float | dict,
+    tokens_per_second: float,
+    peak_flops_per_device: float | None,
+    devices: int = 1,
+    key: str = "model_total",
+) -> float | None:
     """Model FLOPs utilisation: flops/token x tokens/s over the devices' peak rate (None if the peak
     is unknown). `flops_per_token` may be an `executed_flops_per_token` dict (then `key` picks the
     numerator: "model_total" for MFU in the executed convention, "executed_total" for hardware

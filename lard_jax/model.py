@@ -15,11 +15,13 @@ stored as [in, out] (Hugging Face stores [out, in]); `lard_jax.hf` converts betw
 Mistral's sliding window is not implemented: at the lengths LinearARD trains (4096) Mistral-7B's
 window (4096) never cuts anything off, and long-context evaluation uses full attention.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -44,7 +46,11 @@ def _freeze(value):
 
 
 def _thaw(value):
-    if isinstance(value, tuple) and value and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in value):
+    if (
+        isinstance(value, tuple)
+        and value
+        and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in value)
+    ):
         return {k: _thaw(v) for k, v in value}
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
@@ -93,12 +99,14 @@ class LlamaConfig:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
                     f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
-                    f"{self.num_attention_heads}; set head_dim explicitly")
+                    f"{self.num_attention_heads}; set head_dim explicitly"
+                )
             set_("head_dim", self.hidden_size // self.num_attention_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}")
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in attn_lib.IMPLS:
@@ -114,19 +122,28 @@ class LlamaConfig:
     def rope_scaling_dict(self) -> dict | None:
         return None if self.rope_scaling is None else _thaw(self.rope_scaling)
 
-    def replace(self, **changes) -> "LlamaConfig":
+    def replace(self, **changes) -> LlamaConfig:
         if "rope_scaling" in changes and isinstance(changes["rope_scaling"], Mapping):
             changes["rope_scaling"] = dict(changes["rope_scaling"])
         return dataclasses.replace(self, **changes)
 
     def rope_frequencies(self, seq_len: int) -> tuple[np.ndarray, float]:
         return rope_lib.rope_frequencies(
-            self.rope_scaling_dict, head_dim=self.head_dim, rope_theta=self.rope_theta,
-            max_position_embeddings=self.max_position_embeddings, seq_len=seq_len)
+            self.rope_scaling_dict,
+            head_dim=self.head_dim,
+            rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings,
+            seq_len=seq_len,
+        )
 
     def num_params(self) -> int:
-        e, h, kv, d, m = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads,
-                          self.head_dim, self.intermediate_size)
+        e, h, kv, d, m = (
+            self.hidden_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+            self.intermediate_size,
+        )
         attn = e * h * d * 2 + e * kv * d * 2
         layer = attn + 3 * e * m + 2 * e
         emb = self.vocab_size * e * (1 if self.tie_word_embeddings else 2)
@@ -165,6 +182,7 @@ LAYER_AXIS = "layers"  # logical name of the leading axis of stacked (scan_layer
 def param_logical_axes(params) -> Any:
     """A tree like `params` whose leaves are tuples of logical axis names. Stacked layer parameters
     (`model/layers/...`, scan_layers) get the unsharded logical axis LAYER_AXIS in front."""
+
     def axes(path, leaf):
         names = tuple(getattr(p, "key", str(p)) for p in path)
         key = names[-2:]
@@ -176,6 +194,7 @@ def param_logical_axes(params) -> Any:
         if names[-1] in ("lora_a", "lora_b"):
             return (None,) * np.ndim(leaf)
         raise KeyError(f"no logical axes known for parameter {'/'.join(names)}")
+
     return jax.tree_util.tree_map_with_path(axes, params)
 
 
@@ -202,6 +221,7 @@ class LoraDense(nn.Dense):
     `dropout_key` (what LlamaModel passes down, derived from its `dropout_rng`), else with a
     "dropout" rng in the apply; without either (evaluation) the path is deterministic. Like PEFT
     with float32 adapters, the LoRA path runs in the factors' dtype and is cast back to the output's."""
+
     lora_dropout: float = 0.0
 
     @nn.compact
@@ -226,8 +246,15 @@ def lora_dropout(x, key, rate: float):
 
 
 def _dense(features, use_bias, cfg: LlamaConfig, name):
-    return LoraDense(features, use_bias=use_bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
-                     kernel_init=nn.initializers.normal(0.02), lora_dropout=cfg.lora_dropout, name=name)
+    return LoraDense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        kernel_init=nn.initializers.normal(0.02),
+        lora_dropout=cfg.lora_dropout,
+        name=name,
+    )
 
 
 def _sub_key(key, i: int):
@@ -249,6 +276,7 @@ class LlamaAttention(nn.Module):
     int, the number of valid cache entries per row, and x's tokens attend to those plus themselves.
     `dropout_key`: this layer's LoRA-dropout key (q, k, v, o draw fold_in(key, 0..3)).
     """
+
     config: LlamaConfig
 
     @nn.compact
@@ -269,8 +297,9 @@ class LlamaAttention(nn.Module):
             out = attn_lib.decode_attention(q, k, v, cache[0], cache[1], cache_index)
         else:
             out = attn_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl)
-        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(out.reshape(b, t, h * d),
-                                                                          _sub_key(dropout_key, 3))
+        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(
+            out.reshape(b, t, h * d), _sub_key(dropout_key, 3)
+        )
         return out if cache is None else (out, (k, v))
 
 
@@ -288,6 +317,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """One block. `scanned` (the body of LlamaModel's nn.scan): returns (x, per-layer output) with
     the output = this layer's updated (k, v) cache when a cache is given, else None."""
+
     config: LlamaConfig
     scanned: bool = False
 
@@ -295,8 +325,9 @@ class LlamaDecoderLayer(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None, dropout_key=None):
         cfg = self.config
         norm = functools.partial(RMSNorm, cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype))
-        attn = LlamaAttention(cfg, name="self_attn")(norm(name="input_layernorm")(x), cos, sin, mask, cache,
-                                                     cache_index, dropout_key)
+        attn = LlamaAttention(cfg, name="self_attn")(
+            norm(name="input_layernorm")(x), cos, sin, mask, cache, cache_index, dropout_key
+        )
         attn, new_kv = attn if cache is not None else (attn, None)
         x = x + attn
         x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
@@ -304,8 +335,10 @@ class LlamaDecoderLayer(nn.Module):
         if self.scanned:
             if cache is None:
                 return x, None
-            return x, (_cache_write_layer(cache[0], new_kv[0], cache_index),
-                       _cache_write_layer(cache[1], new_kv[1], cache_index))
+            return x, (
+                _cache_write_layer(cache[0], new_kv[0], cache_index),
+                _cache_write_layer(cache[1], new_kv[1], cache_index),
+            )
         return x if cache is None else (x, new_kv)
 
 
@@ -328,9 +361,13 @@ def _remat_layer(cfg: LlamaConfig):
 def _scanned_layers(cfg: LlamaConfig):
     """nn.scan over the (remat'd) block: params (and sown intermediates) stacked on axis 0; the
     cache and the per-layer dropout keys are scanned over, everything else broadcast."""
-    return nn.scan(_remat_layer(cfg), variable_axes={"params": 0, "intermediates": 0},
-                   split_rngs={"params": True}, length=cfg.num_hidden_layers,
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0))
+    return nn.scan(
+        _remat_layer(cfg),
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        length=cfg.num_hidden_layers,
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+    )
 
 
 def positions_from_segments(segment_ids):
@@ -342,12 +379,22 @@ def positions_from_segments(segment_ids):
     return idx - start_idx
 
 
-def rope_and_mask(cfg: LlamaConfig, batch: int, seq_len: int, positions=None, segment_ids=None, attention_mask=None,
-                  rope_inv_freq=None):
+def rope_and_mask(
+    cfg: LlamaConfig,
+    batch: int,
+    seq_len: int,
+    positions=None,
+    segment_ids=None,
+    attention_mask=None,
+    rope_inv_freq=None,
+):
     """(cos, sin, mask) that every layer of a forward uses (LlamaModel and paired_decoder)."""
     if positions is None:
-        positions = (positions_from_segments(segment_ids) if segment_ids is not None
-                     else jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len)))
+        positions = (
+            positions_from_segments(segment_ids)
+            if segment_ids is not None
+            else jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+        )
     # Static sequence length: dynamic-NTK and longrope pick their frequencies from it, as
     # transformers does from max(position_ids) + 1 on an unpadded batch.
     inv_freq, attn_scaling = cfg.rope_frequencies(seq_len=seq_len)
@@ -374,16 +421,31 @@ class LlamaModel(nn.Module):
     (layer i uses fold_in(dropout_rng, i)); without it a "dropout" rng of the apply serves as root.
     With `config.scan_layers` the layers run under nn.scan with parameters stacked
     (`model/layers/...` with a leading layer axis; stack_layers / unstack_layers convert)."""
+
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 cache_index=None, rope_inv_freq=None, dropout_rng=None):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        attention_mask=None,
+        cache=None,
+        cache_index=None,
+        rope_inv_freq=None,
+        dropout_rng=None,
+    ):
         cfg = self.config
         b, t = input_ids.shape
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),
-                         param_dtype=dtype_of(cfg.param_dtype), embedding_init=nn.initializers.normal(0.02),
-                         name="embed_tokens")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype_of(cfg.dtype),
+            param_dtype=dtype_of(cfg.param_dtype),
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed_tokens",
+        )
         x = embed(input_ids)
         cos, sin, mask = rope_and_mask(cfg, b, t, positions, segment_ids, attention_mask, rope_inv_freq)
         if dropout_rng is None and cfg.lora_dropout > 0 and self.has_rng("dropout"):
@@ -402,10 +464,13 @@ class LlamaModel(nn.Module):
                 if cache is None:
                     x = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, None, None, key)
                     continue
-                x, (k, v) = layer_cls(cfg, name=f"layers_{i}")(x, cos, sin, mask, (cache["k"][i], cache["v"][i]),
-                                                               cache_index, key)
-                cache = {"k": _cache_write(cache["k"], i, k, cache_index),
-                         "v": _cache_write(cache["v"], i, v, cache_index)}
+                x, (k, v) = layer_cls(cfg, name=f"layers_{i}")(
+                    x, cos, sin, mask, (cache["k"][i], cache["v"][i]), cache_index, key
+                )
+                cache = {
+                    "k": _cache_write(cache["k"], i, k, cache_index),
+                    "v": _cache_write(cache["v"], i, v, cache_index),
+                }
         x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="norm")(x)
         return (x, embed) if cache is None else (x, embed, cache)
 
@@ -433,17 +498,34 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids, positions=None, segment_ids=None, attention_mask=None, cache=None,
-                 cache_index=None, rope_inv_freq=None, logits_at=None, dropout_rng=None):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        segment_ids=None,
+        attention_mask=None,
+        cache=None,
+        cache_index=None,
+        rope_inv_freq=None,
+        logits_at=None,
+        dropout_rng=None,
+    ):
         """`cache`/`cache_index`/`rope_inv_freq`/`dropout_rng`: see LlamaModel; with a cache returns
         (logits, cache). `logits_at` [B, n] int: logits only at those positions ([B, n, V]; prefill
         needs one row)."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
-        out = LlamaModel(cfg, name="model")(input_ids, positions, segment_ids, attention_mask, cache=cache,
-                                            cache_index=cache_index, rope_inv_freq=rope_inv_freq,
-                                            dropout_rng=dropout_rng)
+        out = LlamaModel(cfg, name="model")(
+            input_ids,
+            positions,
+            segment_ids,
+            attention_mask,
+            cache=cache,
+            cache_index=cache_index,
+            rope_inv_freq=rope_inv_freq,
+            dropout_rng=dropout_rng,
+        )
         x, embed = out[:2]
         if logits_at is not None:
             x = jnp.take_along_axis(x, jnp.asarray(logits_at)[..., None], axis=1)
@@ -552,8 +634,9 @@ def _map_layer_dicts(tree, fn):
     holds `layers_0...` or `layers`; the rest of the tree is kept as it is."""
     if _is_layer_dict(tree):
         return fn(tree)
-    return jax.tree_util.tree_map(lambda x: fn(x) if _is_layer_dict(x) else x, tree,
-                                  is_leaf=lambda x: _is_layer_dict(x) and x is not tree)
+    return jax.tree_util.tree_map(
+        lambda x: fn(x) if _is_layer_dict(x) else x, tree, is_leaf=lambda x: _is_layer_dict(x) and x is not tree
+    )
 
 
 def is_stacked(params) -> bool:
@@ -569,6 +652,7 @@ def stack_layers(tree, *, delete_source: bool = False):
     a stacked tree comes back unchanged. Sharded leaves keep their mesh and spec, with the layer axis
     unsharded in front (what lard_jax.sharding assigns to stacked parameters). `delete_source`: free
     each per-layer buffer once its stack exists (peak extra memory: one stacked parameter kind)."""
+
     def fn(d):
         if STACKED in d:
             return d
@@ -590,6 +674,7 @@ def stack_layers(tree, *, delete_source: bool = False):
         out = {k: v for k, v in d.items() if not (k.startswith("layers_") and k[7:].isdigit())}
         out[STACKED] = flax.traverse_util.unflatten_dict(stacked)
         return out
+
     return _map_layer_dicts(tree, fn)
 
 
@@ -597,6 +682,7 @@ def unstack_layers(tree, num_layers: int | None = None):
     """Stacked tree (`layers`) -> per-layer (`layers_0`, ...), the layout lard_jax.hf reads and writes;
     a per-layer tree comes back unchanged. `num_layers` is needed only for trees without arrays
     under `layers` (e.g. a boolean mask)."""
+
     def fn(d):
         if STACKED not in d:
             return d
@@ -609,6 +695,7 @@ def unstack_layers(tree, num_layers: int | None = None):
         for i in range(n):
             out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: _unstack_leaf(x, i), stacked)
         return out
+
     return _map_layer_dicts(tree, fn)
 
 
@@ -616,8 +703,9 @@ def unstack_layers(tree, num_layers: int | None = None):
 # the paired decoder: teacher and student layer by layer in one pass
 def _apply_layer(cfg: LlamaConfig, params, x, cos, sin, mask, dropout_key=None):
     """One block, functionally: (x_next, {q, k, v}) with q, k post-RoPE."""
-    x, state = LlamaDecoderLayer(cfg).apply({"params": params}, x, cos, sin, mask, None, None, dropout_key,
-                                            mutable=["intermediates"])
+    x, state = LlamaDecoderLayer(cfg).apply(
+        {"params": params}, x, cos, sin, mask, None, None, dropout_key, mutable=["intermediates"]
+    )
     inter = state["intermediates"]["self_attn"]
     return x, {r: inter[r][0] for r in ("q", "k", "v")}
 
@@ -625,15 +713,26 @@ def _apply_layer(cfg: LlamaConfig, params, x, cos, sin, mask, dropout_key=None):
 def final_logits(cfg: LlamaConfig, params, x):
     """LlamaForCausalLM's head on the last block's output x: final norm, then float32 logits."""
     x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)).apply(
-        {"params": params["model"]["norm"]}, x)
-    kernel = (params["model"]["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings
-              else params["lm_head"]["kernel"])
+        {"params": params["model"]["norm"]}, x
+    )
+    kernel = params["model"]["embed_tokens"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
     return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
-def paired_decoder(teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, teacher_params, student_params, input_ids, *,
-                   layer_fn, layers=None, segment_ids=None, attention_mask=None, dropout_rng=None,
-                   return_hidden: bool = False):
+def paired_decoder(
+    teacher_cfg: LlamaConfig,
+    student_cfg: LlamaConfig,
+    teacher_params,
+    student_params,
+    input_ids,
+    *,
+    layer_fn,
+    layers=None,
+    segment_ids=None,
+    attention_mask=None,
+    dropout_rng=None,
+    return_hidden: bool = False,
+):
     """Teacher and student decoders run together, layer by layer: at layer l each block reads its own
     hidden state, and `layer_fn(teacher_qkv, student_qkv)` -> dict of scalars (e.g. that layer's
     relation KL) runs right there; its values are summed over `layers` (None = all; repeats count
@@ -652,15 +751,18 @@ def paired_decoder(teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, teacher_p
     `return_hidden` (then every layer runs), else None."""
     n = student_cfg.num_hidden_layers
     counts = [0] * n
-    for l in (range(n) if layers is None else layers):
+    for l in range(n) if layers is None else layers:
         counts[int(l) % n] += 1
     if not any(counts):
         raise ValueError("no layers selected")
     top = n if return_hidden else max(i for i, c in enumerate(counts) if c) + 1
     b, t = input_ids.shape
-    embed = lambda cfg, p: nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype_of(cfg.dtype),  # noqa: E731
-                                    param_dtype=dtype_of(cfg.param_dtype)).apply(
-        {"params": p["model"]["embed_tokens"]}, input_ids)
+    embed = lambda cfg, p: nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=dtype_of(cfg.dtype),  # noqa: E731
+        param_dtype=dtype_of(cfg.param_dtype),
+    ).apply({"params": p["model"]["embed_tokens"]}, input_ids)
     t_x, s_x = embed(teacher_cfg, teacher_params), embed(student_cfg, student_params)
     t_cos, t_sin, mask = rope_and_mask(teacher_cfg, b, t, None, segment_ids, attention_mask)
     s_cos, s_sin, _ = rope_and_mask(student_cfg, b, t, None, segment_ids, attention_mask)
@@ -684,11 +786,18 @@ def paired_decoder(teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, teacher_p
                 if vals is not None and static_count != 1:
                     vals = {k: v * static_count for k, v in vals.items()}
             else:
-                zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                               jax.eval_shape(layer_fn, t_qkv, s_qkv))
-                vals = jax.lax.cond(count > 0, lambda a, c: {k: v * c for k, v in layer_fn(*a).items()},
-                                    lambda a, c: zeros, (t_qkv, s_qkv), count.astype(jnp.float32))
+                zeros = jax.tree_util.tree_map(
+                    lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(layer_fn, t_qkv, s_qkv)
+                )
+                vals = jax.lax.cond(
+                    count > 0,
+                    lambda a, c: {k: v * c for k, v in layer_fn(*a).items()},
+                    lambda a, c: zeros,
+                    (t_qkv, s_qkv),
+                    count.astype(jnp.float32),
+                )
             return t_x, s_x, vals
+
         return pair
 
     t_layers, s_layers = teacher_params["model"], student_params["model"]
@@ -716,8 +825,9 @@ def paired_decoder(teacher_cfg: LlamaConfig, student_cfg: LlamaConfig, teacher_p
         sums = None
         for i in range(top):
             pair = make_pair(counts[i], student_remat=student_cfg.remat != "none")
-            t_x, s_x, vals = pair(t_x, s_x, t_layers[f"layers_{i}"], s_layers[f"layers_{i}"],
-                                                  None if keys is None else keys[i], None)
+            t_x, s_x, vals = pair(
+                t_x, s_x, t_layers[f"layers_{i}"], s_layers[f"layers_{i}"], None if keys is None else keys[i], None
+            )
             if vals is not None:
                 sums = vals if sums is None else jax.tree_util.tree_map(jnp.add, sums, vals)
     return sums, ((t_x, s_x) if return_hidden else None)

@@ -81,8 +81,16 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, ...]] = {
     "llama3": ("original_max_position_embeddings",),
 }
 _FLOAT_FIELDS = frozenset(
-    {"factor", "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
-     "high_freq_factor"}
+    {
+        "factor",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "low_freq_factor",
+        "high_freq_factor",
+    }
 )
 _FACTOR_AT_LEAST_ONE = frozenset({"linear", "dynamic", "yarn", "llama3"})
 
@@ -420,6 +428,7 @@ def rope_scaling_from_hf_config(config: Any) -> dict | None:
     `original_max_position_embeddings` attribute *overrides* the value inside the rope dict: transformers'
     `standardize_rope_params`, re-run by every ROPE_INIT_FUNCTIONS call, assigns it unconditionally (the Phi-3 case).
     """
+
     def get(name: str) -> Any:
         return config.get(name) if isinstance(config, Mapping) else getattr(config, name, None)
 

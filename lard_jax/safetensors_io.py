@@ -13,10 +13,11 @@ Every floating-point read is checked for NaN/Inf (the error names the file and t
 truncated or corrupt file, an unreadable one, or an unsupported dtype raises `SafetensorsError`,
 a `lard_jax.errors.UserError` naming the file.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -25,8 +26,16 @@ from lard_jax.errors import UserError
 
 # safetensors dtype name -> numpy dtype (what safe_open(framework="numpy") hands out)
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _EXTRA_FLOATS = (np.dtype(ml_dtypes.bfloat16),)
@@ -39,19 +48,23 @@ class SafetensorsError(UserError):
 
 def _open(path: str):
     from safetensors import SafetensorError, safe_open
+
     try:
         return safe_open(path, framework="numpy")
     except SafetensorError as e:
         raise SafetensorsError(f"{path}: not a readable safetensors file ({e}); {_FIX}") from None
     except OSError as e:
-        raise SafetensorsError(f"{path}: cannot read ({e.strerror or e}); check that the file exists "
-                               "and is readable") from None
+        raise SafetensorsError(
+            f"{path}: cannot read ({e.strerror or e}); check that the file exists and is readable"
+        ) from None
 
 
 def _dtype(path: str, name: str, code: str) -> np.dtype:
     if code not in _DTYPES:
-        raise SafetensorsError(f"{path}: tensor {name} has dtype {code}, which lard_jax does not read; "
-                               "convert the checkpoint to float32, float16 or bfloat16")
+        raise SafetensorsError(
+            f"{path}: tensor {name} has dtype {code}, which lard_jax does not read; "
+            "convert the checkpoint to float32, float16 or bfloat16"
+        )
     return np.dtype(_DTYPES[code])
 
 
@@ -79,7 +92,7 @@ class LazyTensor:
         return int(np.prod(self._shape, dtype=np.int64)) * self.dtype.itemsize
 
     @property
-    def T(self) -> "LazyTensor":  # noqa: N802 (numpy's name)
+    def T(self) -> LazyTensor:  # noqa: N802 (numpy's name)
         view = object.__new__(LazyTensor)
         view.__dict__.update(self.__dict__)
         view.transposed = not self.transposed
@@ -102,8 +115,10 @@ class LazyTensor:
         if self.check_finite and out.size and (np.issubdtype(self.dtype, np.floating) or self.dtype in _EXTRA_FLOATS):
             finite = np.isfinite(out)
             if not finite.all():
-                raise SafetensorsError(f"{self.path}: tensor {self.name} holds {int(finite.size - finite.sum())} "
-                                       f"NaN/Inf value(s); the checkpoint is corrupt: {_FIX}")
+                raise SafetensorsError(
+                    f"{self.path}: tensor {self.name} holds {int(finite.size - finite.sum())} "
+                    f"NaN/Inf value(s); the checkpoint is corrupt: {_FIX}"
+                )
         return out
 
     def __getitem__(self, index) -> np.ndarray:
@@ -170,6 +185,7 @@ def read_header(path: str) -> tuple[dict, dict]:
 def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None) -> None:
     """Write numpy arrays (bfloat16 as ml_dtypes.bfloat16) to `path` atomically with safetensors."""
     import safetensors.numpy
+
     arrays = {}
     for name, value in tensors.items():
         arr = np.ascontiguousarray(np.asarray(value))
@@ -184,6 +200,13 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | Non
         if os.path.exists(tmp):
             os.remove(tmp)
         from safetensors import serialize_file
-        serialize_file({name: {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data": a.tobytes()}
-                        for name, a in arrays.items()}, tmp, metadata=meta)
+
+        serialize_file(
+            {
+                name: {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data": a.tobytes()}
+                for name, a in arrays.items()
+            },
+            tmp,
+            metadata=meta,
+        )
     os.replace(tmp, path)

@@ -8,13 +8,15 @@ each logical name to mesh axes. The mesh has three named axes:
 A dimension that a mesh axis does not divide stays replicated along that axis (e.g. 8 KV heads on
 a tensor axis of 16), so any mesh is valid for any model; only the batch must divide exactly.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lard_jax.model import param_logical_axes
 
@@ -46,8 +48,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices: Sequence |
         raise ValueError(f"mesh axis sizes must be >= 1, got {dict(zip(MESH_AXES, sizes))}")
     total = int(np.prod(sizes))
     if total != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, "
-                         f"but {len(devices)} are available")
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, but {len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -76,7 +77,10 @@ def param_shardings(params_or_shapes, mesh: Mesh, rules=None):
     axes = param_logical_axes(params_or_shapes)
     return jax.tree_util.tree_map(
         lambda a, x: NamedSharding(mesh, logical_to_spec(a, x.shape, mesh, rules)),
-        axes, params_or_shapes, is_leaf=lambda a: isinstance(a, tuple))
+        axes,
+        params_or_shapes,
+        is_leaf=lambda a: isinstance(a, tuple),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

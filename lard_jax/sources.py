@@ -6,6 +6,7 @@ state). The shipped tiny teacher was pretrained with exactly this rule (experime
 builds the larger corpus from these plus Debian text packages), so its held-out documents are never
 ones it trained on; `builtin:train` and `builtin:heldout` data sources read from here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,7 +23,7 @@ import re
 import sys
 import unicodedata
 import warnings
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from lard_jax.errors import UserError
 
@@ -43,12 +44,37 @@ class Document:
 # ----------------------------------------------------------------------------- cleaning and split
 
 _ASCII_PUNCT = {
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-    "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u00ab": '"', "\u00bb": '"',
-    "\u2013": "-", "\u2014": "--", "\u2212": "-", "\u2010": "-", "\u2011": "-",
-    "\u2026": "...", "\u2022": "*", "\u00b7": "*", "\u2192": "->", "\u21d2": "=>",
-    "\u00a0": " ", "\u202f": " ", "\u2009": " ", "\u200b": "", "\u00b6": "", "\ufeff": "",
-    "\u00d7": "x", "\u2264": "<=", "\u2265": ">=", "\u2260": "!=", "\u00a9": "(c)",
+    "\u2018": "'",
+    "\u2019": "'",
+    "\u201a": "'",
+    "\u201b": "'",
+    "\u2032": "'",
+    "\u201c": '"',
+    "\u201d": '"',
+    "\u201e": '"',
+    "\u00ab": '"',
+    "\u00bb": '"',
+    "\u2013": "-",
+    "\u2014": "--",
+    "\u2212": "-",
+    "\u2010": "-",
+    "\u2011": "-",
+    "\u2026": "...",
+    "\u2022": "*",
+    "\u00b7": "*",
+    "\u2192": "->",
+    "\u21d2": "=>",
+    "\u00a0": " ",
+    "\u202f": " ",
+    "\u2009": " ",
+    "\u200b": "",
+    "\u00b6": "",
+    "\ufeff": "",
+    "\u00d7": "x",
+    "\u2264": "<=",
+    "\u2265": ">=",
+    "\u2260": "!=",
+    "\u00a9": "(c)",
 }
 _ASCII_TABLE = str.maketrans(_ASCII_PUNCT)
 
@@ -78,7 +104,7 @@ def _words(text: str) -> list[str]:
 
 
 def _shingles(words: list[str]) -> set[int]:
-    return {hash(tuple(words[i:i + SHINGLE_WORDS])) for i in range(len(words) - SHINGLE_WORDS + 1)}
+    return {hash(tuple(words[i : i + SHINGLE_WORDS])) for i in range(len(words) - SHINGLE_WORDS + 1)}
 
 
 def decontaminate(train: list[Document], heldout: list[Document]) -> tuple[list[Document], int]:
@@ -104,7 +130,9 @@ def decontaminate(train: list[Document], heldout: list[Document]) -> tuple[list[
             removed += len(text)
     return kept, removed
 
+
 # ----------------------------------------------------------------------------- built-in sources
+
 
 def pydoc_documents() -> Iterator[Document]:
     from pydoc_data.topics import topics
@@ -115,9 +143,27 @@ def pydoc_documents() -> Iterator[Document]:
 
 # Modules whose import opens windows or browsers, prints, or is slow or huge for no text.
 _STDLIB_DENY = {
-    "antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "__main__",
-    "__hello__", "__phello__", "pydoc_data", "ensurepip", "lib2to3", "msilib", "winreg", "winsound",
-    "msvcrt", "_msi", "nt", "_winapi", "encodings",
+    "antigravity",
+    "this",
+    "idlelib",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "__main__",
+    "__hello__",
+    "__phello__",
+    "pydoc_data",
+    "ensurepip",
+    "lib2to3",
+    "msilib",
+    "winreg",
+    "winsound",
+    "msvcrt",
+    "_msi",
+    "nt",
+    "_winapi",
+    "encodings",
 }
 
 
@@ -188,8 +234,11 @@ def _module_text(module) -> str:
 def stdlib_documents() -> Iterator[Document]:
     for name in _stdlib_module_names():
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                    contextlib.redirect_stderr(io.StringIO()):
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 warnings.simplefilter("ignore")
                 module = importlib.import_module(name)
                 text = _module_text(module)
@@ -231,7 +280,7 @@ def resolve_source(source: str, workdir: str) -> str:
     """Materialise a builtin text split as JSONL under the workdir; other sources pass through."""
     if not source.startswith(BUILTIN_PREFIX):
         return source
-    split = source[len(BUILTIN_PREFIX):]
+    split = source[len(BUILTIN_PREFIX) :]
     if split not in ("train", "heldout"):
         raise UserError(f"data source {source!r}: unknown builtin text; use builtin:train or builtin:heldout")
     path = os.path.join(workdir, "builtin_text", f"{split}.jsonl")

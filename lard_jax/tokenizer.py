@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +33,7 @@ _BYTE_MARKER_VALUE = "byte-v1"
 def _gpt2_bytes_to_unicode() -> dict[int, str]:
     """The byte -> printable character table of GPT-2's byte-level BPE (what `ByteLevel` uses)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table = {b: chr(b) for b in printable}
     shift = 0
@@ -141,7 +140,7 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
-    """"byte" -> ByteTokenizer; a local directory -> its tokenizer (never downloads); a GGUF
+    """ "byte" -> ByteTokenizer; a local directory -> its tokenizer (never downloads); a GGUF
     checkpoint spec (see lard_jax.hf.resolve_checkpoint) -> the tokenizer in its metadata."""
     if str(spec) == "byte":
         return ByteTokenizer()

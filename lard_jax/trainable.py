@@ -17,6 +17,7 @@ Without dropout the LoRA product is merged into the kernel (one matmul per proje
 function); with dropout it cannot be merged, so `student_params` leaves `lora_a`/`lora_b` next to
 the kernel and `lard_jax.model.LoraDense` applies the unmerged path. Export always merges.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,9 +35,11 @@ PROJECTION_SETS = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkvo": ("q_proj", "k_
 
 def trainable_mask(params, projections: Sequence[str] = PROJECTION_SETS["qkv"]):
     """Boolean tree: True for the kernels and biases of the given attention projections."""
+
     def is_trainable(path, _):
         names = [getattr(p, "key", str(p)) for p in path]
         return len(names) >= 3 and names[-3] == "self_attn" and names[-2] in projections
+
     return jax.tree_util.tree_map_with_path(is_trainable, params)
 
 
@@ -50,6 +53,7 @@ def select(params, mask):
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """rank 0 = train full copies of the selected projections; rank > 0 = PEFT-style LoRA."""
+
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0  # on the LoRA input only, as PEFT's lora_dropout
@@ -114,7 +118,9 @@ def merge_student(frozen_params, trainable, lora: LoraSpec):
             b = tflat[base + ("lora_b",)]
             w = flat[base + ("kernel",)]
             # [in, r] @ [r, out], or batched over the layer axis of stacked factors
-            flat[base + ("kernel",)] = w + (lora.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))).astype(w.dtype)
+            flat[base + ("kernel",)] = w + (lora.scale * (a.astype(jnp.float32) @ b.astype(jnp.float32))).astype(
+                w.dtype
+            )
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -12,6 +12,7 @@ torch.optim.AdamW defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on ever
 tensor), global-norm clipping, lr = base * step / warmup for step < warmup (0 at step 0), then
 cosine from base to min_lr_ratio * base at the last step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,8 +62,9 @@ def lr_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: fl
     return schedule
 
 
-def make_optimizer(*, lr, warmup_steps, total_steps, min_lr_ratio=0.9, clip=5.0, weight_decay=0.01,
-                   b1=0.9, b2=0.999, eps=1e-8):
+def make_optimizer(
+    *, lr, warmup_steps, total_steps, min_lr_ratio=0.9, clip=5.0, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8
+):
     """Global-norm clipping, then AdamW with torch.optim.AdamW's defaults. Weight decay is decoupled
     (p -= lr * wd * p) and applies to every trainable tensor, as torch does for all the parameters it
     is given (the authors pass all trainable ones: LoRA factors, or full q/k/v weights and biases)."""
@@ -89,6 +91,7 @@ class LossSpec:
     that method's Config, given as keywords (`LossSpec(kernel_impl="xla", layers=(0, 3))` for
     linearard, `LossSpec(method="logit_kd", temperature=2.0)`); an option the method does not have
     is a ValueError. The options read as attributes (`spec.relations`)."""
+
     method: str
     options: Any
 
@@ -97,8 +100,10 @@ class LossSpec:
         if options is None:
             unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(m.config)})
             if unknown:
-                raise ValueError(f"loss method {method!r} has no option(s) {unknown}; its options are "
-                                 f"{[f.name for f in dataclasses.fields(m.config)]}")
+                raise ValueError(
+                    f"loss method {method!r} has no option(s) {unknown}; its options are "
+                    f"{[f.name for f in dataclasses.fields(m.config)]}"
+                )
             options = m.config(**kwargs)
         elif kwargs:
             raise ValueError("pass either options or keyword options, not both")
@@ -110,11 +115,11 @@ class LossSpec:
             raise AttributeError(name)
         return getattr(self.options, name)
 
-    def replace(self, **changes) -> "LossSpec":
+    def replace(self, **changes) -> LossSpec:
         return LossSpec(self.method, dataclasses.replace(self.options, **changes))
 
     @classmethod
-    def from_config(cls, block, **extra) -> "LossSpec":
+    def from_config(cls, block, **extra) -> LossSpec:
         """From a config block (config.loss): `block.method` and, of its other keys, those the
         method has (`extra` overrides); keys of other methods are ignored."""
         method = block["method"]
@@ -150,9 +155,12 @@ def restore_any_layout(restore, state):
     """`restore(abstract_tree) -> tree` (e.g. an orbax manager's restore) for a TrainState-like dict
     `state`: first in `state`'s own layout; if that fails, in the other one (a checkpoint written
     with the other scan_layers setting), converted to `state`'s layout and shardings."""
+
     def abstract(tree):
         return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+        )
+
     try:
         return restore(abstract(state))
     except Exception as first:  # orbax: the saved tree does not have this structure
@@ -182,8 +190,9 @@ def make_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer,
             return carry, None
 
         zero_grads = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), state.trainable)
-        _, metric_shapes = jax.eval_shape(loss_fn, state.trainable, frozen,
-                                          jax.tree_util.tree_map(lambda x: x[0], batch), rng)
+        _, metric_shapes = jax.eval_shape(
+            loss_fn, state.trainable, frozen, jax.tree_util.tree_map(lambda x: x[0], batch), rng
+        )
         zero_metrics = {k: jnp.zeros((), jnp.float32) for k in list(metric_shapes) + ["loss"]}
         (grads, metrics), _ = jax.lax.scan(micro, (zero_grads, zero_metrics), (jnp.arange(accum), batch))
         grads = jax.tree_util.tree_map(lambda g, p: (g / accum).astype(p.dtype), grads, state.trainable)

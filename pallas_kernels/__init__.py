@@ -8,6 +8,7 @@ Note: the names relation_kl and relation_kl_reference below are the functions,
 which shadow the submodules of the same name as package attributes; import the
 modules with `from pallas_kernels.relation_kl_reference import ...`.
 """
+
 from pallas_kernels.blocks import BlockSizes
 from pallas_kernels.relation_kl import relation_kl, self_relation_kl
 from pallas_kernels.relation_kl_reference import relation_kl_reference

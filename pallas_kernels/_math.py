@@ -17,6 +17,7 @@ Forward, one pass over key tiles, per row (teacher t, student s):
 Backward: dKL_i / dlogit_s(i, j) = p_s(i, j) - p_t(i, j) (sum_j p_t = 1 on a
 valid row), so dS = g_i * (p_s - p_t) * scale with p_x = 2**(c r_x - lse_x).
 """
+
 import math
 
 import jax.numpy as jnp
@@ -30,55 +31,56 @@ M_INIT = -1e30
 
 
 def tile_dot(a, b, contract=(1, 1)):
-  """2-D tile product with f32 accumulation, contracting a's axis contract[0]
-  with b's axis contract[1] ((1, 1): a @ b.T; (1, 0): a @ b; (0, 0): a.T @ b).
-  f32 inputs use exact (non-tf32 / fp32-pass) products."""
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                         precision=prec, preferred_element_type=jnp.float32)
+    """2-D tile product with f32 accumulation, contracting a's axis contract[0]
+    with b's axis contract[1] ((1, 1): a @ b.T; (1, 0): a @ b; (0, 0): a.T @ b).
+    f32 inputs use exact (non-tf32 / fp32-pass) products."""
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
 
 
 def _col(x, keepdims):
-  """A row statistic broadcast against a tile."""
-  return x if keepdims else x[..., None]
+    """A row statistic broadcast against a tile."""
+    return x if keepdims else x[..., None]
 
 
 def init_stats(shape):
-  z = jnp.zeros(shape, jnp.float32)
-  return (z + M_INIT, z, z + M_INIT, z, z)  # m_s, l_s, m_t, l_t, acc
+    z = jnp.zeros(shape, jnp.float32)
+    return (z + M_INIT, z, z + M_INIT, z, z)  # m_s, l_s, m_t, l_t, acc
 
 
 def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2, keepdims=False):
-  """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked."""
-  m_s, l_s, m_t, l_t, acc = stats
-  row_max = lambda x: jnp.max(x, axis=-1, keepdims=keepdims)
-  row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=keepdims)
-  m_s_new = jnp.maximum(m_s, row_max(r_s))
-  m_t_new = jnp.maximum(m_t, row_max(r_t))
-  p_s = exp2(r_s * c - _col(m_s_new * c, keepdims))
-  p_t = exp2(r_t * c - _col(m_t_new * c, keepdims))
-  alpha_t = exp2((m_t - m_t_new) * c)
-  l_s = l_s * exp2((m_s - m_s_new) * c) + row_sum(p_s)
-  l_t = l_t * alpha_t + row_sum(p_t)
-  acc = acc * alpha_t + row_sum(p_t * diff)
-  return m_s_new, l_s, m_t_new, l_t, acc
+    """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked."""
+    m_s, l_s, m_t, l_t, acc = stats
+    row_max = lambda x: jnp.max(x, axis=-1, keepdims=keepdims)
+    row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=keepdims)
+    m_s_new = jnp.maximum(m_s, row_max(r_s))
+    m_t_new = jnp.maximum(m_t, row_max(r_t))
+    p_s = exp2(r_s * c - _col(m_s_new * c, keepdims))
+    p_t = exp2(r_t * c - _col(m_t_new * c, keepdims))
+    alpha_t = exp2((m_t - m_t_new) * c)
+    l_s = l_s * exp2((m_s - m_s_new) * c) + row_sum(p_s)
+    l_t = l_t * alpha_t + row_sum(p_t)
+    acc = acc * alpha_t + row_sum(p_t * diff)
+    return m_s_new, l_s, m_t_new, l_t, acc
 
 
 def finalize(stats, c):
-  """-> (kl [nats], lse_s, lse_t [base 2]); rows with no valid key give kl = 0.
-  Element-wise, so any statistics shape works."""
-  m_s, l_s, m_t, l_t, acc = stats
-  has_key = l_t > 0
-  l_s = jnp.where(has_key, l_s, 1.0)
-  l_t = jnp.where(has_key, l_t, 1.0)
-  lse_s = m_s * c + jnp.log2(l_s)
-  lse_t = m_t * c + jnp.log2(l_t)
-  kl = LN2 * (c * (acc / l_t + (m_s - m_t)) + (jnp.log2(l_s) - jnp.log2(l_t)))
-  return jnp.where(has_key, kl, 0.0), lse_s, lse_t
+    """-> (kl [nats], lse_s, lse_t [base 2]); rows with no valid key give kl = 0.
+    Element-wise, so any statistics shape works."""
+    m_s, l_s, m_t, l_t, acc = stats
+    has_key = l_t > 0
+    l_s = jnp.where(has_key, l_s, 1.0)
+    l_t = jnp.where(has_key, l_t, 1.0)
+    lse_s = m_s * c + jnp.log2(l_s)
+    lse_t = m_t * c + jnp.log2(l_t)
+    kl = LN2 * (c * (acc / l_t + (m_s - m_t)) + (jnp.log2(l_s) - jnp.log2(l_t)))
+    return jnp.where(has_key, kl, 0.0), lse_s, lse_t
 
 
 def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2, keepdims=False):
-  """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf."""
-  p_s = exp2(r_s * c - _col(lse_s, keepdims))
-  p_t = exp2(r_t * c - _col(lse_t, keepdims))
-  return (p_s - p_t) * _col(g_scaled, keepdims)
+    """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf."""
+    p_s = exp2(r_s * c - _col(lse_s, keepdims))
+    p_t = exp2(r_t * c - _col(lse_t, keepdims))
+    return (p_s - p_t) * _col(g_scaled, keepdims)

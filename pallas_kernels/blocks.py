@@ -22,11 +22,12 @@ Blocks (`pick_blocks`):
     blocks, the lane axis of the logit tiles, multiples of 128 unless one
     block spans the whole padded sequence.
 """
+
 from __future__ import annotations
 
 import dataclasses
 
-MIN_BLOCK = 16          # smallest block the clamp to T produces; GPU minimum
+MIN_BLOCK = 16  # smallest block the clamp to T produces; GPU minimum
 SUBLANES, LANES = 8, 128  # TPU vreg tile (second-minor, minor)
 # GPU defaults are tuned for 256-byte rows (bf16/f16, D <= 128); wider rows
 # shrink the tiles in proportion so shared memory stays < 227 KB (Hopper).
@@ -35,39 +36,38 @@ GPU_TUNED_ROW_BYTES = 256
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tiles and Triton launch settings. Blocks must be powers of two (the
-  per-backend minimums and multiples are in this module's docstring).
+    """Tiles and Triton launch settings. Blocks must be powers of two (the
+    per-backend minimums and multiples are in this module's docstring).
 
-  GPU defaults: the fastest of a sweep on an H200 at T=4096, D=128, bf16
-  (docs/kernel_notes.md); 128x128 forward tiles were within noise of 128x64.
+    GPU defaults: the fastest of a sweep on an H200 at T=4096, D=128, bf16
+    (docs/kernel_notes.md); 128x128 forward tiles were within noise of 128x64.
 
-  block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
-  block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
-  block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
-  num_warps_*/num_stages_*/fast_exp2: Triton only.
-  """
-  block_q: int = 128
-  block_k: int = 64
-  block_q_dq: int = 64
-  block_k_dq: int = 64
-  block_q_dk: int = 64
-  block_k_dk: int = 64
-  num_warps_fwd: int = 8
-  num_stages_fwd: int = 3
-  num_warps_bwd: int = 4
-  num_stages_bwd: int = 2
-  fast_exp2: bool = True  # GPU: flush-to-zero ex2.approx instead of libdevice exp2f
+    block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
+    block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
+    block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
+    num_warps_*/num_stages_*/fast_exp2: Triton only.
+    """
 
-  def all_blocks(self):
-    return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq,
-            self.block_q_dk, self.block_k_dk)
+    block_q: int = 128
+    block_k: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    block_q_dk: int = 64
+    block_k_dk: int = 64
+    num_warps_fwd: int = 8
+    num_stages_fwd: int = 3
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
+    fast_exp2: bool = True  # GPU: flush-to-zero ex2.approx instead of libdevice exp2f
 
-  def key_blocks(self):
-    return (self.block_k, self.block_k_dq, self.block_k_dk)
+    def all_blocks(self):
+        return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dk, self.block_k_dk)
+
+    def key_blocks(self):
+        return (self.block_k, self.block_k_dq, self.block_k_dk)
 
 
-BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSizes)
-                     if f.name.startswith("block_"))
+BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSizes) if f.name.startswith("block_"))
 
 GPU_BLOCKS = BlockSizes()
 # The "xla" impl works on whole chunks per loop step: large chunks keep the
@@ -79,72 +79,74 @@ TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 
 
 def next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
+    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 def round_up(x: int, m: int) -> int:
-  return -(-int(x) // m) * m
+    return -(-int(x) // m) * m
 
 
 def padded_head_dim(D: int) -> int:
-  """Head dim every backend receives: a power of two >= 16."""
-  return max(MIN_BLOCK, next_pow2(D))
+    """Head dim every backend receives: a power of two >= 16."""
+    return max(MIN_BLOCK, next_pow2(D))
 
 
 def lane_dim(Dp: int) -> int:
-  """TPU: head dim widened to whole 128-lane vregs."""
-  return round_up(Dp, LANES)
+    """TPU: head dim widened to whole 128-lane vregs."""
+    return round_up(Dp, LANES)
 
 
 def padded_length(T: int, blocks: BlockSizes) -> int:
-  """Sequence length every backend receives: a multiple of every block."""
-  return round_up(T, max(blocks.all_blocks()))
+    """Sequence length every backend receives: a multiple of every block."""
+    return round_up(T, max(blocks.all_blocks()))
 
 
 def default_blocks(impl: str, row_bytes: int) -> BlockSizes:
-  """Defaults of an impl for rows of `row_bytes` (padded D x itemsize)."""
-  if impl == "xla":
-    return XLA_BLOCKS
-  if impl == "pallas_tpu":
-    return TPU_BLOCKS
-  shrink = max(1, row_bytes // GPU_TUNED_ROW_BYTES)
-  if shrink == 1:
-    return GPU_BLOCKS
-  return dataclasses.replace(
-      GPU_BLOCKS, num_stages_fwd=2, num_stages_bwd=2,
-      **{f: max(MIN_BLOCK, getattr(GPU_BLOCKS, f) // shrink) for f in BLOCK_FIELDS})
+    """Defaults of an impl for rows of `row_bytes` (padded D x itemsize)."""
+    if impl == "xla":
+        return XLA_BLOCKS
+    if impl == "pallas_tpu":
+        return TPU_BLOCKS
+    shrink = max(1, row_bytes // GPU_TUNED_ROW_BYTES)
+    if shrink == 1:
+        return GPU_BLOCKS
+    return dataclasses.replace(
+        GPU_BLOCKS,
+        num_stages_fwd=2,
+        num_stages_bwd=2,
+        **{f: max(MIN_BLOCK, getattr(GPU_BLOCKS, f) // shrink) for f in BLOCK_FIELDS},
+    )
 
 
 def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int) -> BlockSizes:
-  """The blocks an impl runs with: defaults or overrides, clamped to T, checked.
+    """The blocks an impl runs with: defaults or overrides, clamped to T, checked.
 
-  block_sizes: None, a BlockSizes, or a dict of BlockSizes fields overriding
-  the defaults. Raises ValueError (mentioning "block_sizes") on a bad choice.
-  """
-  if block_sizes is None:
-    base = default_blocks(impl, row_bytes)
-  elif isinstance(block_sizes, dict):
-    unknown = set(block_sizes) - {f.name for f in dataclasses.fields(BlockSizes)}
-    if unknown:
-      raise ValueError(f"block_sizes: unknown fields {sorted(unknown)}")
-    base = dataclasses.replace(default_blocks(impl, row_bytes), **block_sizes)
-  else:
-    base = block_sizes
-  # Short sequences: no tile larger than T rounded up to a power of two.
-  cap = max(MIN_BLOCK, next_pow2(T))
-  blocks = dataclasses.replace(
-      base, **{f: min(getattr(base, f), cap) for f in BLOCK_FIELDS})
-  for b in blocks.all_blocks():
-    if b <= 0 or b & (b - 1):
-      raise ValueError(f"block_sizes: blocks must be powers of two, got {blocks}")
-  if impl == "pallas_gpu" and min(blocks.all_blocks()) < MIN_BLOCK:
-    raise ValueError(f"block_sizes: pallas_gpu needs blocks >= {MIN_BLOCK} "
-                     f"(tl.dot), got {blocks}")
-  if impl == "pallas_tpu":
-    Tp = padded_length(T, blocks)
-    if (min(blocks.all_blocks()) < SUBLANES
-        or any(k % LANES and k != Tp for k in blocks.key_blocks())):
-      raise ValueError(f"block_sizes: pallas_tpu needs blocks >= {SUBLANES} and "
-                       f"key blocks that are multiples of {LANES} (or span T), "
-                       f"got {blocks}")
-  return blocks
+    block_sizes: None, a BlockSizes, or a dict of BlockSizes fields overriding
+    the defaults. Raises ValueError (mentioning "block_sizes") on a bad choice.
+    """
+    if block_sizes is None:
+        base = default_blocks(impl, row_bytes)
+    elif isinstance(block_sizes, dict):
+        unknown = set(block_sizes) - {f.name for f in dataclasses.fields(BlockSizes)}
+        if unknown:
+            raise ValueError(f"block_sizes: unknown fields {sorted(unknown)}")
+        base = dataclasses.replace(default_blocks(impl, row_bytes), **block_sizes)
+    else:
+        base = block_sizes
+    # Short sequences: no tile larger than T rounded up to a power of two.
+    cap = max(MIN_BLOCK, next_pow2(T))
+    blocks = dataclasses.replace(base, **{f: min(getattr(base, f), cap) for f in BLOCK_FIELDS})
+    for b in blocks.all_blocks():
+        if b <= 0 or b & (b - 1):
+            raise ValueError(f"block_sizes: blocks must be powers of two, got {blocks}")
+    if impl == "pallas_gpu" and min(blocks.all_blocks()) < MIN_BLOCK:
+        raise ValueError(f"block_sizes: pallas_gpu needs blocks >= {MIN_BLOCK} (tl.dot), got {blocks}")
+    if impl == "pallas_tpu":
+        Tp = padded_length(T, blocks)
+        if min(blocks.all_blocks()) < SUBLANES or any(k % LANES and k != Tp for k in blocks.key_blocks()):
+            raise ValueError(
+                f"block_sizes: pallas_tpu needs blocks >= {SUBLANES} and "
+                f"key blocks that are multiples of {LANES} (or span T), "
+                f"got {blocks}"
+            )
+    return blocks

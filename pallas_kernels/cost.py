@@ -20,6 +20,7 @@ scales the estimate by the axis size. Built with keyword arguments only
 (flops / transcendentals / bytes_accessed, the fields of jax 0.10's
 pl.CostEstimate; remote_bytes_transferred keeps its default).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,28 +33,28 @@ EXP2_PER_PAIR = 2
 
 
 def num_pairs(B: int, H: int, T: int, causal: bool) -> int:
-  """(row, key) pairs a kernel visits: the causal half square or the square."""
-  n = int(B) * int(H) * int(T) * int(T)
-  return n // 2 if causal else n
+    """(row, key) pairs a kernel visits: the causal half square or the square."""
+    n = int(B) * int(H) * int(T) * int(T)
+    return n // 2 if causal else n
 
 
 def flops(kernel: str, *, B: int, H: int, T: int, D: int, causal: bool) -> int:
-  return 2 * int(D) * MATMULS[kernel] * num_pairs(B, H, T, causal)
+    return 2 * int(D) * MATMULS[kernel] * num_pairs(B, H, T, causal)
 
 
 def transcendentals(*, B: int, H: int, T: int, causal: bool) -> int:
-  return EXP2_PER_PAIR * num_pairs(B, H, T, causal)
+    return EXP2_PER_PAIR * num_pairs(B, H, T, causal)
 
 
 def _nbytes(x) -> int:
-  return int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize
+    return int(math.prod(x.shape)) * np.dtype(x.dtype).itemsize
 
 
-def estimate(kernel: str, *, B: int, H: int, T: int, D: int, causal: bool,
-             operands, outputs) -> pl.CostEstimate:
-  """CostEstimate of one kernel; operands/outputs: arrays or ShapeDtypeStructs."""
-  outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-  return pl.CostEstimate(
-      flops=flops(kernel, B=B, H=H, T=T, D=D, causal=causal),
-      transcendentals=transcendentals(B=B, H=H, T=T, causal=causal),
-      bytes_accessed=sum(_nbytes(x) for x in (*operands, *outputs)))
+def estimate(kernel: str, *, B: int, H: int, T: int, D: int, causal: bool, operands, outputs) -> pl.CostEstimate:
+    """CostEstimate of one kernel; operands/outputs: arrays or ShapeDtypeStructs."""
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return pl.CostEstimate(
+        flops=flops(kernel, B=B, H=H, T=T, D=D, causal=causal),
+        transcendentals=transcendentals(B=B, H=H, T=T, causal=causal),
+        bytes_accessed=sum(_nbytes(x) for x in (*operands, *outputs)),
+    )

@@ -30,6 +30,7 @@ is masked but the causal structure) encode mask and segments: key j is valid for
 row i iff q_ids[b, i] == k_ids[b, j]. A new backend provides these two
 functions, a line in `_KERNEL_MODULES` and its tile rules in `blocks.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,12 +56,13 @@ _ROW_PAD_ID = int(np.iinfo(np.int32).max)
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Static (hashable) settings that reach the kernels."""
-  impl: str
-  causal: bool
-  scale: float
-  blocks: BlockSizes
-  interpret: bool
+    """Static (hashable) settings that reach the kernels."""
+
+    impl: str
+    causal: bool
+    scale: float
+    blocks: BlockSizes
+    interpret: bool
 
 
 _KERNEL_MODULES = {
@@ -71,142 +73,147 @@ _KERNEL_MODULES = {
 
 
 def _impl_module(impl: str):
-  if impl not in _KERNEL_MODULES:
-    raise ValueError(f"impl: no kernel module for {impl!r}")
-  return importlib.import_module(_KERNEL_MODULES[impl])
+    if impl not in _KERNEL_MODULES:
+        raise ValueError(f"impl: no kernel module for {impl!r}")
+    return importlib.import_module(_KERNEL_MODULES[impl])
 
 
 def _resolve_impl(impl: str) -> str:
-  if impl != "auto":
-    return impl
-  backend = jax.default_backend()
-  if backend == "gpu":
-    return "pallas_gpu"
-  if backend == "tpu":
-    return "pallas_tpu"
-  return "xla"
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "pallas_gpu"
+    if backend == "tpu":
+        return "pallas_tpu"
+    return "xla"
 
 
-def _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale,
-              impl, block_sizes):
-  """Raise ValueError naming the bad argument; runs on shapes only (no tracing)."""
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-  named = dict(s_left=s_left, s_right=s_right, t_left=t_left, t_right=t_right)
-  for name, x in named.items():
-    if not hasattr(x, "shape") or len(x.shape) != 4:
-      raise ValueError(f"{name} must be a [B, T, H, D] array, got shape "
-                       f"{getattr(x, 'shape', None)}")
-    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-      raise ValueError(f"{name} must be bf16, f16 or f32, got {x.dtype}")
-  B, T, H, D = s_left.shape
-  Br, Tr, Hr, Dr = s_right.shape
-  if (Br, Tr, Dr) != (B, T, D):
-    raise ValueError(f"s_right shape {s_right.shape} does not match s_left "
-                     f"{s_left.shape} in batch, length or head dim")
-  if Hr == 0 or H % Hr:
-    raise ValueError(f"s_right heads ({Hr}) must divide s_left heads ({H})")
-  if s_right.dtype != s_left.dtype:
-    raise ValueError(f"s_right dtype {s_right.dtype} != s_left dtype {s_left.dtype}")
-  for t_name, s_name in (("t_left", "s_left"), ("t_right", "s_right")):
-    t, s = named[t_name], named[s_name]
-    if t.shape != s.shape:
-      raise ValueError(f"{t_name} shape {t.shape} != {s_name} shape {s.shape}")
-    if t.dtype != s.dtype:
-      raise ValueError(f"{t_name} dtype {t.dtype} != {s_name} dtype {s.dtype}")
-  if mask is not None:
-    if tuple(mask.shape) != (B, T) or mask.dtype != jnp.bool_:
-      raise ValueError(f"mask must be a bool [B, T] = {(B, T)} array, got "
-                       f"{mask.dtype}{tuple(mask.shape)}")
-  if segment_ids is not None:
-    if (tuple(segment_ids.shape) != (B, T)
-        or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-      raise ValueError(f"segment_ids must be an integer [B, T] = {(B, T)} array, "
-                       f"got {segment_ids.dtype}{tuple(segment_ids.shape)}")
-  if scale is not None and not (isinstance(scale, numbers.Real) and scale > 0):
-    raise ValueError(f"scale must be a positive Python number, got {scale!r}")
-  if not isinstance(causal, (bool, np.bool_)):
-    raise ValueError(f"causal must be a Python bool, got {causal!r}")
-  if block_sizes is not None and not isinstance(block_sizes, (BlockSizes, dict)):
-    raise ValueError("block_sizes must be a BlockSizes or a dict of its fields")
-
-
-def relation_kl(s_left, s_right, t_left, t_right, *, mask=None, segment_ids=None,
-                causal=True, scale=None, impl="auto", interpret=False,
-                block_sizes=None):
-  """Per-row KL(teacher || student) of relation softmaxes, [B, H, T] float32.
-
-  Inputs are [B, T, H, D] (right sides [B, T, H_right, D], H_right | H) in bf16,
-  f16 or f32. Gradients flow to s_left and s_right only. Rows that are masked,
-  or have no valid key, give 0. The caller does any averaging.
-  """
-  _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale,
-            impl, block_sizes)
-  B, T, H, D = s_left.shape
-  scale = float(D ** -0.5 if scale is None else scale)
-  impl = _resolve_impl(impl)
-  t_left = jax.lax.stop_gradient(t_left)
-  t_right = jax.lax.stop_gradient(t_right)
-  if impl == "reference":
-    from pallas_kernels.relation_kl_reference import relation_kl_reference
-    return relation_kl_reference(s_left, s_right, t_left, t_right, mask=mask,
-                                 segment_ids=segment_ids, causal=causal,
-                                 scale=scale)
-  Dp = _blocks.padded_head_dim(D)
-  blocks = _blocks.pick_blocks(block_sizes, impl, T,
-                               Dp * jnp.dtype(s_left.dtype).itemsize)
-  cfg = Config(impl=impl, causal=bool(causal), scale=scale, blocks=blocks,
-               interpret=bool(interpret))
-  _impl_module(impl)  # fail early on an unavailable impl
-
-  Tp = _blocks.padded_length(T, blocks)
-  pad = ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))
-  sl, sr, tl, tr = (jnp.pad(x, pad) if pad != ((0, 0),) * 4 else x
-                    for x in (s_left, s_right, t_left, t_right))
-
-  row_valid = None
-  q_ids = k_ids = None
-  if mask is not None or segment_ids is not None or Tp != T:
-    seg = (jnp.zeros((B, T), jnp.int32) if segment_ids is None
-           else segment_ids.astype(jnp.int32))
-    valid = jnp.ones((B, T), bool) if mask is None else mask
-    q_ids = jnp.where(valid, seg, _ROW_PAD_ID)
-    k_ids = jnp.where(valid, seg, _KEY_PAD_ID)
-    q_ids = jnp.pad(q_ids, ((0, 0), (0, Tp - T)), constant_values=_ROW_PAD_ID)
-    k_ids = jnp.pad(k_ids, ((0, 0), (0, Tp - T)), constant_values=_KEY_PAD_ID)
+def _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale, impl, block_sizes):
+    """Raise ValueError naming the bad argument; runs on shapes only (no tracing)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    named = dict(s_left=s_left, s_right=s_right, t_left=t_left, t_right=t_right)
+    for name, x in named.items():
+        if not hasattr(x, "shape") or len(x.shape) != 4:
+            raise ValueError(f"{name} must be a [B, T, H, D] array, got shape {getattr(x, 'shape', None)}")
+        if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+            raise ValueError(f"{name} must be bf16, f16 or f32, got {x.dtype}")
+    B, T, H, D = s_left.shape
+    Br, Tr, Hr, Dr = s_right.shape
+    if (Br, Tr, Dr) != (B, T, D):
+        raise ValueError(
+            f"s_right shape {s_right.shape} does not match s_left {s_left.shape} in batch, length or head dim"
+        )
+    if Hr == 0 or H % Hr:
+        raise ValueError(f"s_right heads ({Hr}) must divide s_left heads ({H})")
+    if s_right.dtype != s_left.dtype:
+        raise ValueError(f"s_right dtype {s_right.dtype} != s_left dtype {s_left.dtype}")
+    for t_name, s_name in (("t_left", "s_left"), ("t_right", "s_right")):
+        t, s = named[t_name], named[s_name]
+        if t.shape != s.shape:
+            raise ValueError(f"{t_name} shape {t.shape} != {s_name} shape {s.shape}")
+        if t.dtype != s.dtype:
+            raise ValueError(f"{t_name} dtype {t.dtype} != {s_name} dtype {s.dtype}")
     if mask is not None:
-      row_valid = mask[:, None, :]
+        if tuple(mask.shape) != (B, T) or mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be a bool [B, T] = {(B, T)} array, got {mask.dtype}{tuple(mask.shape)}")
+    if segment_ids is not None:
+        if tuple(segment_ids.shape) != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(
+                f"segment_ids must be an integer [B, T] = {(B, T)} array, "
+                f"got {segment_ids.dtype}{tuple(segment_ids.shape)}"
+            )
+    if scale is not None and not (isinstance(scale, numbers.Real) and scale > 0):
+        raise ValueError(f"scale must be a positive Python number, got {scale!r}")
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"causal must be a Python bool, got {causal!r}")
+    if block_sizes is not None and not isinstance(block_sizes, (BlockSizes, dict)):
+        raise ValueError("block_sizes must be a BlockSizes or a dict of its fields")
 
-  kl = _relation_kl_padded(cfg, sl, sr, tl, tr, q_ids, k_ids)[:, :, :T]
-  if row_valid is not None:
-    kl = jnp.where(row_valid, kl, 0.0)
-  return kl
+
+def relation_kl(
+    s_left,
+    s_right,
+    t_left,
+    t_right,
+    *,
+    mask=None,
+    segment_ids=None,
+    causal=True,
+    scale=None,
+    impl="auto",
+    interpret=False,
+    block_sizes=None,
+):
+    """Per-row KL(teacher || student) of relation softmaxes, [B, H, T] float32.
+
+    Inputs are [B, T, H, D] (right sides [B, T, H_right, D], H_right | H) in bf16,
+    f16 or f32. Gradients flow to s_left and s_right only. Rows that are masked,
+    or have no valid key, give 0. The caller does any averaging.
+    """
+    _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale, impl, block_sizes)
+    B, T, H, D = s_left.shape
+    scale = float(D**-0.5 if scale is None else scale)
+    impl = _resolve_impl(impl)
+    t_left = jax.lax.stop_gradient(t_left)
+    t_right = jax.lax.stop_gradient(t_right)
+    if impl == "reference":
+        from pallas_kernels.relation_kl_reference import relation_kl_reference
+
+        return relation_kl_reference(
+            s_left, s_right, t_left, t_right, mask=mask, segment_ids=segment_ids, causal=causal, scale=scale
+        )
+    Dp = _blocks.padded_head_dim(D)
+    blocks = _blocks.pick_blocks(block_sizes, impl, T, Dp * jnp.dtype(s_left.dtype).itemsize)
+    cfg = Config(impl=impl, causal=bool(causal), scale=scale, blocks=blocks, interpret=bool(interpret))
+    _impl_module(impl)  # fail early on an unavailable impl
+
+    Tp = _blocks.padded_length(T, blocks)
+    pad = ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))
+    sl, sr, tl, tr = (jnp.pad(x, pad) if pad != ((0, 0),) * 4 else x for x in (s_left, s_right, t_left, t_right))
+
+    row_valid = None
+    q_ids = k_ids = None
+    if mask is not None or segment_ids is not None or Tp != T:
+        seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        valid = jnp.ones((B, T), bool) if mask is None else mask
+        q_ids = jnp.where(valid, seg, _ROW_PAD_ID)
+        k_ids = jnp.where(valid, seg, _KEY_PAD_ID)
+        q_ids = jnp.pad(q_ids, ((0, 0), (0, Tp - T)), constant_values=_ROW_PAD_ID)
+        k_ids = jnp.pad(k_ids, ((0, 0), (0, Tp - T)), constant_values=_KEY_PAD_ID)
+        if mask is not None:
+            row_valid = mask[:, None, :]
+
+    kl = _relation_kl_padded(cfg, sl, sr, tl, tr, q_ids, k_ids)[:, :, :T]
+    if row_valid is not None:
+        kl = jnp.where(row_valid, kl, 0.0)
+    return kl
 
 
 def self_relation_kl(student, teacher, **kw):
-  """The LinearARD case: relation of a tensor with itself (e.g. Q·Qᵀ)."""
-  return relation_kl(student, student, teacher, teacher, **kw)
+    """The LinearARD case: relation of a tensor with itself (e.g. Q·Qᵀ)."""
+    return relation_kl(student, student, teacher, teacher, **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _relation_kl_padded(cfg: Config, sl, sr, tl, tr, q_ids, k_ids):
-  kl, _, _ = _impl_module(cfg.impl).forward(sl, sr, tl, tr, q_ids, k_ids, cfg=cfg)
-  return kl
+    kl, _, _ = _impl_module(cfg.impl).forward(sl, sr, tl, tr, q_ids, k_ids, cfg=cfg)
+    return kl
 
 
 def _fwd(cfg: Config, sl, sr, tl, tr, q_ids, k_ids):
-  kl, lse_s, lse_t = _impl_module(cfg.impl).forward(
-      sl, sr, tl, tr, q_ids, k_ids, cfg=cfg)
-  return kl, (sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t)
+    kl, lse_s, lse_t = _impl_module(cfg.impl).forward(sl, sr, tl, tr, q_ids, k_ids, cfg=cfg)
+    return kl, (sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t)
 
 
 def _bwd(cfg: Config, res: Any, g):
-  sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t = res
-  d_sl, d_sr = _impl_module(cfg.impl).backward(
-      sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g.astype(jnp.float32), cfg=cfg)
-  # The teacher is frozen: its cotangent is zeros; ids are integers (None).
-  return (d_sl.astype(sl.dtype), d_sr.astype(sr.dtype), jnp.zeros_like(tl),
-          jnp.zeros_like(tr), None, None)
+    sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t = res
+    d_sl, d_sr = _impl_module(cfg.impl).backward(
+        sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g.astype(jnp.float32), cfg=cfg
+    )
+    # The teacher is frozen: its cotangent is zeros; ids are integers (None).
+    return (d_sl.astype(sl.dtype), d_sr.astype(sr.dtype), jnp.zeros_like(tl), jnp.zeros_like(tr), None, None)
 
 
 _relation_kl_padded.defvjp(_fwd, _bwd)

@@ -25,6 +25,7 @@ it run without any mask arithmetic, only the diagonal ones are masked (unless
 mask/segments are given, then every tile is). The query-block grid axis runs
 from the longest rows to the shortest, so the heavy programs start first.
 """
+
 import functools
 
 import jax
@@ -35,250 +36,257 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _math, cost
 
 try:  # jax >= 0.4.36 names it CompilerParams; older: TritonCompilerParams.
-  from jax.experimental.pallas import triton as _plgpu
-  _CompilerParams = getattr(_plgpu, "CompilerParams", None) or getattr(
-      _plgpu, "TritonCompilerParams")
-  _inline_asm = getattr(_plgpu, "elementwise_inline_asm", None)
+    from jax.experimental.pallas import triton as _plgpu
+
+    _CompilerParams = getattr(_plgpu, "CompilerParams", None) or _plgpu.TritonCompilerParams
+    _inline_asm = getattr(_plgpu, "elementwise_inline_asm", None)
 except ImportError:  # pragma: no cover - very old jax
-  _CompilerParams = _inline_asm = None
+    _CompilerParams = _inline_asm = None
 
 
 def _exp2_ftz(x):
-  """2**x as one MUFU.EX2 (flush-to-zero). jnp.exp2 lowers to libdevice's
-  __nv_exp2f, which adds range fix-ups for denormal results around it; here
-  results below 2**-126 are probabilities we may flush to 0."""
-  return _inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=r,r",
-                     pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])[0]
+    """2**x as one MUFU.EX2 (flush-to-zero). jnp.exp2 lowers to libdevice's
+    __nv_exp2f, which adds range fix-ups for denormal results around it; here
+    results below 2**-126 are probabilities we may flush to 0."""
+    return _inline_asm(
+        "ex2.approx.ftz.f32 $0, $1;",
+        args=[x],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+    )[0]
 
 
 def _exp2_for(cfg):
-  # The interpreter cannot run PTX; it (and jax without inline asm) uses exp2.
-  if cfg.blocks.fast_exp2 and not cfg.interpret and _inline_asm is not None:
-    return _exp2_ftz
-  return jnp.exp2
+    # The interpreter cannot run PTX; it (and jax without inline asm) uses exp2.
+    if cfg.blocks.fast_exp2 and not cfg.interpret and _inline_asm is not None:
+        return _exp2_ftz
+    return jnp.exp2
 
 
 def _compiler_params(num_warps, num_stages):
-  if _CompilerParams is None:
-    return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
-  return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    if _CompilerParams is None:
+        return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
+    return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 _dot = _math.tile_dot
 
 
 def _masked(u_s, u_t, rows, cols, q_ids, k_ids, causal):
-  valid = None
-  if causal:
-    valid = rows[:, None] >= cols[None, :]
-  if q_ids is not None:
-    same = q_ids[:, None] == k_ids[None, :]
-    valid = same if valid is None else valid & same
-  return jnp.where(valid, u_s, -jnp.inf), jnp.where(valid, u_t, -jnp.inf)
+    valid = None
+    if causal:
+        valid = rows[:, None] >= cols[None, :]
+    if q_ids is not None:
+        same = q_ids[:, None] == k_ids[None, :]
+        valid = same if valid is None else valid & same
+    return jnp.where(valid, u_s, -jnp.inf), jnp.where(valid, u_t, -jnp.inf)
 
 
 def _key_loop(body, i, bq, bk, nk, causal, has_ids, init):
-  """Loop over the key tiles of query block i: unmasked tiles, then the diagonal."""
-  if not causal:
-    return lax.fori_loop(0, nk, functools.partial(body, masked=has_ids), init)
-  hi = lax.div((i + 1) * bq + bk - 1, bk)
-  if has_ids:
-    return lax.fori_loop(0, hi, functools.partial(body, masked=True), init)
-  n_full = lax.div(i * bq, bk)  # key tiles entirely left of the diagonal
-  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init)
-  return lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
+    """Loop over the key tiles of query block i: unmasked tiles, then the diagonal."""
+    if not causal:
+        return lax.fori_loop(0, nk, functools.partial(body, masked=has_ids), init)
+    hi = lax.div((i + 1) * bq + bk - 1, bk)
+    if has_ids:
+        return lax.fori_loop(0, hi, functools.partial(body, masked=True), init)
+    n_full = lax.div(i * bq, bk)  # key tiles entirely left of the diagonal
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init)
+    return lax.fori_loop(n_full, hi, functools.partial(body, masked=True), carry)
 
 
 def _unpack(refs, n_in, has_ids):
-  ins, outs = list(refs[:n_in]), list(refs[n_in:])
-  if not has_ids:
-    ins[4:4] = [None, None]
-  return ins, outs
+    ins, outs = list(refs[:n_in]), list(refs[n_in:])
+    if not has_ids:
+        ins[4:4] = [None, None]
+    return ins, outs
 
 
 def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids, exp2):
-  (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref), (kl_ref, lss_ref, lst_ref) = (
-      _unpack(refs, 6 if has_ids else 4, has_ids))
-  i = nq - 1 - pl.program_id(0)
-  sl, tl = sl_ref[...], tl_ref[...]
-  rows = i * bq + jnp.arange(bq)
-  q_ids = qid_ref[...] if has_ids else None
+    (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref), (kl_ref, lss_ref, lst_ref) = _unpack(
+        refs, 6 if has_ids else 4, has_ids
+    )
+    i = nq - 1 - pl.program_id(0)
+    sl, tl = sl_ref[...], tl_ref[...]
+    rows = i * bq + jnp.arange(bq)
+    q_ids = qid_ref[...] if has_ids else None
 
-  def body(j, stats, masked):
-    k0 = pl.multiple_of(j * bk, bk)
-    u_s = _dot(sl, sr_ref[pl.ds(k0, bk), :])
-    u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :])
-    diff = u_t - u_s
-    if masked:
-      k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
-      u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
-    return _math.online_update(stats, u_s, u_t, diff, c, exp2)
+    def body(j, stats, masked):
+        k0 = pl.multiple_of(j * bk, bk)
+        u_s = _dot(sl, sr_ref[pl.ds(k0, bk), :])
+        u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :])
+        diff = u_t - u_s
+        if masked:
+            k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
+            u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
+        return _math.online_update(stats, u_s, u_t, diff, c, exp2)
 
-  stats = _key_loop(body, i, bq, bk, nk, causal, has_ids, _math.init_stats((bq,)))
-  kl, lse_s, lse_t = _math.finalize(stats, c)
-  kl_ref[...] = kl
-  lss_ref[...] = lse_s
-  lst_ref[...] = lse_t
+    stats = _key_loop(body, i, bq, bk, nk, causal, has_ids, _math.init_stats((bq,)))
+    kl, lse_s, lse_t = _math.finalize(stats, c)
+    kl_ref[...] = kl
+    lss_ref[...] = lse_s
+    lst_ref[...] = lse_t
 
 
 def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
-  (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (
-      dl_ref,) = _unpack(refs, 9 if has_ids else 7, has_ids)
-  i = nq - 1 - pl.program_id(0)
-  sl, tl = sl_ref[...], tl_ref[...]
-  lse_s, lse_t, g = lss_ref[...], lst_ref[...], g_ref[...] * scale
-  rows = i * bq + jnp.arange(bq)
-  q_ids = qid_ref[...] if has_ids else None
+    (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (dl_ref,) = _unpack(
+        refs, 9 if has_ids else 7, has_ids
+    )
+    i = nq - 1 - pl.program_id(0)
+    sl, tl = sl_ref[...], tl_ref[...]
+    lse_s, lse_t, g = lss_ref[...], lst_ref[...], g_ref[...] * scale
+    rows = i * bq + jnp.arange(bq)
+    q_ids = qid_ref[...] if has_ids else None
 
-  def body(j, acc, masked):
-    k0 = pl.multiple_of(j * bk, bk)
-    sr = sr_ref[pl.ds(k0, bk), :]
-    u_s = _dot(sl, sr)
-    u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :])
-    if masked:
-      k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
-      u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
-    ds = _math.grad_logits(u_s, u_t, lse_s, lse_t, g, c, exp2)
-    return acc + _dot(ds.astype(sr.dtype), sr, contract=(1, 0))
+    def body(j, acc, masked):
+        k0 = pl.multiple_of(j * bk, bk)
+        sr = sr_ref[pl.ds(k0, bk), :]
+        u_s = _dot(sl, sr)
+        u_t = _dot(tl, tr_ref[pl.ds(k0, bk), :])
+        if masked:
+            k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
+            u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
+        ds = _math.grad_logits(u_s, u_t, lse_s, lse_t, g, c, exp2)
+        return acc + _dot(ds.astype(sr.dtype), sr, contract=(1, 0))
 
-  acc = jnp.zeros(sl.shape, jnp.float32)
-  acc = _key_loop(body, i, bq, bk, nk, causal, has_ids, acc)
-  dl_ref[...] = acc.astype(dl_ref.dtype)
+    acc = jnp.zeros(sl.shape, jnp.float32)
+    acc = _key_loop(body, i, bq, bk, nk, causal, has_ids, acc)
+    dl_ref[...] = acc.astype(dl_ref.dtype)
 
 
 def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
-  (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (
-      dr_ref,) = _unpack(refs, 9 if has_ids else 7, has_ids)
-  j = pl.program_id(0)
-  sr, tr = sr_ref[...], tr_ref[...]
-  cols = j * bk + jnp.arange(bk)
-  k_ids = kid_ref[...] if has_ids else None
+    (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (dr_ref,) = _unpack(
+        refs, 9 if has_ids else 7, has_ids
+    )
+    j = pl.program_id(0)
+    sr, tr = sr_ref[...], tr_ref[...]
+    cols = j * bk + jnp.arange(bk)
+    k_ids = kid_ref[...] if has_ids else None
 
-  def body(i, acc, masked):
-    q0 = pl.multiple_of(i * bq, bq)
-    rows_ds = pl.ds(q0, bq)
-    sl = sl_ref[rows_ds, :]
-    u_s = _dot(sl, sr)
-    u_t = _dot(tl_ref[rows_ds, :], tr)
-    if masked:
-      q_ids = qid_ref[rows_ds] if has_ids else None
-      u_s, u_t = _masked(u_s, u_t, q0 + jnp.arange(bq), cols, q_ids, k_ids, causal)
-    ds = _math.grad_logits(u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds],
-                           g_ref[rows_ds] * scale, c, exp2)
-    return acc + _dot(ds.astype(sl.dtype), sl, contract=(0, 0))
+    def body(i, acc, masked):
+        q0 = pl.multiple_of(i * bq, bq)
+        rows_ds = pl.ds(q0, bq)
+        sl = sl_ref[rows_ds, :]
+        u_s = _dot(sl, sr)
+        u_t = _dot(tl_ref[rows_ds, :], tr)
+        if masked:
+            q_ids = qid_ref[rows_ds] if has_ids else None
+            u_s, u_t = _masked(u_s, u_t, q0 + jnp.arange(bq), cols, q_ids, k_ids, causal)
+        ds = _math.grad_logits(u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds], g_ref[rows_ds] * scale, c, exp2)
+        return acc + _dot(ds.astype(sl.dtype), sl, contract=(0, 0))
 
-  acc = jnp.zeros(sr.shape, jnp.float32)
-  if not causal:
-    acc = lax.fori_loop(0, nq, functools.partial(body, masked=has_ids), acc)
-  elif has_ids:
-    acc = lax.fori_loop(lax.div(j * bk, bq), nq,
-                        functools.partial(body, masked=True), acc)
-  else:
-    # Query blocks from the diagonal: masked until the first block whose first
-    # row is past this key block's last column, unmasked after it.
-    n_diag = lax.div((j + 1) * bk + bq - 1, bq)
-    acc = lax.fori_loop(lax.div(j * bk, bq), n_diag,
-                        functools.partial(body, masked=True), acc)
-    acc = lax.fori_loop(n_diag, nq, functools.partial(body, masked=False), acc)
-  dr_ref[...] = acc.astype(dr_ref.dtype)
+    acc = jnp.zeros(sr.shape, jnp.float32)
+    if not causal:
+        acc = lax.fori_loop(0, nq, functools.partial(body, masked=has_ids), acc)
+    elif has_ids:
+        acc = lax.fori_loop(lax.div(j * bk, bq), nq, functools.partial(body, masked=True), acc)
+    else:
+        # Query blocks from the diagonal: masked until the first block whose first
+        # row is past this key block's last column, unmasked after it.
+        n_diag = lax.div((j + 1) * bk + bq - 1, bq)
+        acc = lax.fori_loop(lax.div(j * bk, bq), n_diag, functools.partial(body, masked=True), acc)
+        acc = lax.fori_loop(n_diag, nq, functools.partial(body, masked=False), acc)
+    dr_ref[...] = acc.astype(dr_ref.dtype)
 
 
 def _specs(B, Tp, H, Hr, Dp, n_tiles, blk, tiled_side, has_ids, reverse):
-  """BlockSpecs for (sl, sr, tl, tr[, q_ids, k_ids]); `tiled_side` is 'left' or
-  'right': that side is cut into [blk, Dp] tiles along the grid, the other side
-  is the whole sequence of the head."""
-  G = H // Hr
-  tile = (lambda p: n_tiles - 1 - p) if reverse else (lambda p: p)
-  if tiled_side == "left":
-    left = pl.BlockSpec((None, blk, None, Dp), lambda p, b, h: (b, tile(p), h, 0))
-    right = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h // G, 0))
-    qid = pl.BlockSpec((None, blk), lambda p, b, h: (b, tile(p)))
-    kid = pl.BlockSpec((None, Tp), lambda p, b, h: (b, 0))
-  else:
-    left = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h, 0))
-    right = pl.BlockSpec((None, blk, None, Dp),
-                         lambda p, b, h: (b, tile(p), h // G, 0))
-    qid = pl.BlockSpec((None, Tp), lambda p, b, h: (b, 0))
-    kid = pl.BlockSpec((None, blk), lambda p, b, h: (b, tile(p)))
-  specs = [left, right, left, right]
-  return specs + [qid, kid] if has_ids else specs
+    """BlockSpecs for (sl, sr, tl, tr[, q_ids, k_ids]); `tiled_side` is 'left' or
+    'right': that side is cut into [blk, Dp] tiles along the grid, the other side
+    is the whole sequence of the head."""
+    G = H // Hr
+    tile = (lambda p: n_tiles - 1 - p) if reverse else (lambda p: p)
+    if tiled_side == "left":
+        left = pl.BlockSpec((None, blk, None, Dp), lambda p, b, h: (b, tile(p), h, 0))
+        right = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h // G, 0))
+        qid = pl.BlockSpec((None, blk), lambda p, b, h: (b, tile(p)))
+        kid = pl.BlockSpec((None, Tp), lambda p, b, h: (b, 0))
+    else:
+        left = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h, 0))
+        right = pl.BlockSpec((None, blk, None, Dp), lambda p, b, h: (b, tile(p), h // G, 0))
+        qid = pl.BlockSpec((None, Tp), lambda p, b, h: (b, 0))
+        kid = pl.BlockSpec((None, blk), lambda p, b, h: (b, tile(p)))
+    specs = [left, right, left, right]
+    return specs + [qid, kid] if has_ids else specs
 
 
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
-  B, Tp, H, Dp = sl.shape
-  Hr = sr.shape[2]
-  bl = cfg.blocks
-  bq, bk = bl.block_q, bl.block_k
-  nq, nk = Tp // bq, Tp // bk
-  has_ids = q_ids is not None
-  kernel = functools.partial(_fwd_kernel, c=cfg.scale * _math.LOG2E,
-                             causal=cfg.causal, bq=bq, bk=bk, nq=nq, nk=nk,
-                             has_ids=has_ids, exp2=_exp2_for(cfg))
-  row_spec = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
-  row = jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)
-  args = (sl, sr, tl, tr) + ((q_ids, k_ids) if has_ids else ())
-  return pl.pallas_call(
-      kernel,
-      grid=(nq, B, H),
-      in_specs=_specs(B, Tp, H, Hr, Dp, nq, bq, "left", has_ids, reverse=True),
-      out_specs=[row_spec] * 3,
-      out_shape=[row] * 3,
-      compiler_params=_compiler_params(bl.num_warps_fwd, bl.num_stages_fwd),
-      cost_estimate=cost.estimate("fwd", B=B, H=H, T=Tp, D=Dp, causal=cfg.causal,
-                                  operands=args, outputs=[row] * 3),
-      interpret=cfg.interpret,
-      name="relation_kl_fwd",
-  )(*args)
+    B, Tp, H, Dp = sl.shape
+    Hr = sr.shape[2]
+    bl = cfg.blocks
+    bq, bk = bl.block_q, bl.block_k
+    nq, nk = Tp // bq, Tp // bk
+    has_ids = q_ids is not None
+    kernel = functools.partial(
+        _fwd_kernel,
+        c=cfg.scale * _math.LOG2E,
+        causal=cfg.causal,
+        bq=bq,
+        bk=bk,
+        nq=nq,
+        nk=nk,
+        has_ids=has_ids,
+        exp2=_exp2_for(cfg),
+    )
+    row_spec = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
+    row = jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)
+    args = (sl, sr, tl, tr) + ((q_ids, k_ids) if has_ids else ())
+    return pl.pallas_call(
+        kernel,
+        grid=(nq, B, H),
+        in_specs=_specs(B, Tp, H, Hr, Dp, nq, bq, "left", has_ids, reverse=True),
+        out_specs=[row_spec] * 3,
+        out_shape=[row] * 3,
+        compiler_params=_compiler_params(bl.num_warps_fwd, bl.num_stages_fwd),
+        cost_estimate=cost.estimate("fwd", B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args, outputs=[row] * 3),
+        interpret=cfg.interpret,
+        name="relation_kl_fwd",
+    )(*args)
 
 
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
-  B, Tp, H, Dp = sl.shape
-  Hr = sr.shape[2]
-  G = H // Hr
-  bl = cfg.blocks
-  has_ids = q_ids is not None
-  ids = (q_ids, k_ids) if has_ids else ()
-  common = dict(c=cfg.scale * _math.LOG2E, scale=cfg.scale, causal=cfg.causal,
-                has_ids=has_ids, exp2=_exp2_for(cfg))
-  params = _compiler_params(bl.num_warps_bwd, bl.num_stages_bwd)
-  args = (sl, sr, tl, tr, *ids, lse_s, lse_t, g)
-  shapes = dict(B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args)
+    B, Tp, H, Dp = sl.shape
+    Hr = sr.shape[2]
+    G = H // Hr
+    bl = cfg.blocks
+    has_ids = q_ids is not None
+    ids = (q_ids, k_ids) if has_ids else ()
+    common = dict(c=cfg.scale * _math.LOG2E, scale=cfg.scale, causal=cfg.causal, has_ids=has_ids, exp2=_exp2_for(cfg))
+    params = _compiler_params(bl.num_warps_bwd, bl.num_stages_bwd)
+    args = (sl, sr, tl, tr, *ids, lse_s, lse_t, g)
+    shapes = dict(B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args)
 
-  bq, bk = bl.block_q_dq, bl.block_k_dq
-  nq, nk = Tp // bq, Tp // bk
-  row_blk = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
-  out = jax.ShapeDtypeStruct(sl.shape, sl.dtype)
-  d_sl = pl.pallas_call(
-      functools.partial(_dleft_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
-      grid=(nq, B, H),
-      in_specs=_specs(B, Tp, H, Hr, Dp, nq, bq, "left", has_ids, reverse=True)
-      + [row_blk] * 3,
-      out_specs=pl.BlockSpec((None, bq, None, Dp),
-                             lambda p, b, h: (b, nq - 1 - p, h, 0)),
-      out_shape=out,
-      compiler_params=params,
-      cost_estimate=cost.estimate("dleft", outputs=out, **shapes),
-      interpret=cfg.interpret,
-      name="relation_kl_dleft",
-  )(*args)
+    bq, bk = bl.block_q_dq, bl.block_k_dq
+    nq, nk = Tp // bq, Tp // bk
+    row_blk = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
+    out = jax.ShapeDtypeStruct(sl.shape, sl.dtype)
+    d_sl = pl.pallas_call(
+        functools.partial(_dleft_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
+        grid=(nq, B, H),
+        in_specs=_specs(B, Tp, H, Hr, Dp, nq, bq, "left", has_ids, reverse=True) + [row_blk] * 3,
+        out_specs=pl.BlockSpec((None, bq, None, Dp), lambda p, b, h: (b, nq - 1 - p, h, 0)),
+        out_shape=out,
+        compiler_params=params,
+        cost_estimate=cost.estimate("dleft", outputs=out, **shapes),
+        interpret=cfg.interpret,
+        name="relation_kl_dleft",
+    )(*args)
 
-  bq, bk = bl.block_q_dk, bl.block_k_dk
-  nq, nk = Tp // bq, Tp // bk
-  row_all = pl.BlockSpec((None, None, Tp), lambda p, b, h: (b, h, 0))
-  # One output per query head; grouped heads (GQA) are summed below in f32.
-  out = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
-  d_sr = pl.pallas_call(
-      functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
-      grid=(nk, B, H),
-      in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False)
-      + [row_all] * 3,
-      out_specs=pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0)),
-      out_shape=out,
-      compiler_params=params,
-      cost_estimate=cost.estimate("dright", outputs=out, **shapes),
-      interpret=cfg.interpret,
-      name="relation_kl_dright",
-  )(*args)
-  if G > 1:
-    d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
-  return d_sl, d_sr
+    bq, bk = bl.block_q_dk, bl.block_k_dk
+    nq, nk = Tp // bq, Tp // bk
+    row_all = pl.BlockSpec((None, None, Tp), lambda p, b, h: (b, h, 0))
+    # One output per query head; grouped heads (GQA) are summed below in f32.
+    out = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
+    d_sr = pl.pallas_call(
+        functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
+        grid=(nk, B, H),
+        in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False) + [row_all] * 3,
+        out_specs=pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0)),
+        out_shape=out,
+        compiler_params=params,
+        cost_estimate=cost.estimate("dright", outputs=out, **shapes),
+        interpret=cfg.interpret,
+        name="relation_kl_dright",
+    )(*args)
+    if G > 1:
+        d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
+    return d_sl, d_sr

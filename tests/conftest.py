@@ -1,4 +1,5 @@
 """Test-wide setup: 8 fake CPU devices (for mesh tests), float32 matmuls at full precision."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -5,6 +5,7 @@ interpret mode (`force_tpu_interpret_mode`), plus a lowering check for platform 
 a GPU and is skipped here. Small blocks (8 x 16) and odd lengths so tiles, the diagonal skip and
 the padding of T are all exercised.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,10 +23,14 @@ def _inputs(seed, b, t, h, kv, d, dtype, mask_kind):
     seg = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1), jnp.int32)
     pad = np.ones((b, t), bool)
     pad[0, : t // 5] = False  # left padding in row 0
-    pad[-1, t - t // 4:] = False  # right padding in the last row
+    pad[-1, t - t // 4 :] = False  # right padding in the last row
     pad = jnp.asarray(pad)
-    mask = {"causal": None, "segments": attn.MaskInfo(seg, None), "padding": attn.MaskInfo(None, pad),
-            "segments+padding": attn.MaskInfo(seg, pad)}[mask_kind]
+    mask = {
+        "causal": None,
+        "segments": attn.MaskInfo(seg, None),
+        "padding": attn.MaskInfo(None, pad),
+        "segments+padding": attn.MaskInfo(seg, pad),
+    }[mask_kind]
     return q, k, v, mask, pad
 
 
@@ -50,7 +55,8 @@ def _check(out, q, k, v, mask, dtype, rows=None):
 def test_blockwise_equals_dense(dtype, mask_kind, t, h, kv):
     q, k, v, mask, _ = _inputs(t + h, 2, t, h, kv, 16, dtype, mask_kind)
     out = jax.jit(lambda q, k, v, m: attn.attention(q, k, v, mask=m, impl="blockwise", block_q=8, block_k=16))(
-        q, k, v, mask)
+        q, k, v, mask
+    )
     _check(out, q, k, v, mask, dtype)
 
 
@@ -58,19 +64,27 @@ def test_blockwise_gradients_equal_dense():
     q, k, v, mask, _ = _inputs(0, 2, 29, 4, 2, 8, jnp.float32, "segments+padding")
     w = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
     for m in (mask, None):
+
         def loss(impl, q, k, v):
-            return jnp.sum(attn.attention(q, k, v, mask=m, impl=impl, block_q=8, block_k=8) * w)
+            return jnp.sum(attn.attention(q, k, v, mask=m, impl=impl, block_q=8, block_k=8) * w)  # noqa: B023
+
         ref = jax.jit(jax.grad(lambda *a: loss("xla", *a), argnums=(0, 1, 2)))(q, k, v)
         got = jax.jit(jax.grad(lambda *a: loss("blockwise", *a), argnums=(0, 1, 2)))(q, k, v)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype,mask_kind,t,h,kv", [(jnp.float32, "causal", 37, 4, 2),
-                                                     (jnp.float32, "segments+padding", 130, 2, 2),
-                                                     (jnp.bfloat16, "segments", 64, 4, 1)])
+@pytest.mark.parametrize(
+    "dtype,mask_kind,t,h,kv",
+    [
+        (jnp.float32, "causal", 37, 4, 2),
+        (jnp.float32, "segments+padding", 130, 2, 2),
+        (jnp.bfloat16, "segments", 64, 4, 1),
+    ],
+)
 def test_pallas_tpu_interpret_equals_dense(dtype, mask_kind, t, h, kv):
     from jax.experimental.pallas import tpu as pltpu
+
     q, k, v, mask, pad = _inputs(7, 2, t, h, kv, 16, dtype, mask_kind)
     with pltpu.force_tpu_interpret_mode():
         out = attn.attention(q, k, v, mask=mask, impl="pallas_tpu", block_q=128, block_k=128)
@@ -104,8 +118,15 @@ def test_auto_and_bad_impl():
 
 
 def test_model_logits_equal_across_impls():
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 45), 0, 61)
     seg = jnp.asarray(np.repeat([[0, 1, 2]], 15, axis=1).reshape(1, 45).repeat(2, 0))

@@ -1,6 +1,7 @@
 """Fast checks of the corpus builder: cleaning, the split rule, HTML and info parsing, decontamination.
 
 Nothing here touches the network or apt; `build` is exercised with the built-in pydoc source only."""
+
 import hashlib
 import json
 import os
@@ -37,7 +38,10 @@ code</pre></div><div class="sphinxsidebar">more junk</div></body></html>"""
 
 
 def test_split_info_text_cuts_at_underlined_chapters():
-    text = "Manual\n1 Intro\n2 Usage\n\n1 Intro\n*******\n\nHello.\n\n1.1 Sub\n=======\n\nMore.\n\n2 Usage\n*******\n\nRun it."
+    text = (
+        "Manual\n1 Intro\n2 Usage\n\n1 Intro\n*******\n\nHello.\n\n"
+        "1.1 Sub\n=======\n\nMore.\n\n2 Usage\n*******\n\nRun it."
+    )
     chapters = bc.split_info_text(text)
     assert [c.split("\n")[0] for c in chapters] == ["1 Intro", "2 Usage"]
     assert "1.1 Sub" in chapters[0] and chapters[1].endswith("Run it.")

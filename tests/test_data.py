@@ -43,7 +43,9 @@ def docs():
 
 @pytest.fixture
 def cache(tmp_path, docs):
-    return prepare_token_cache(_write_txt_folder(tmp_path / "src", docs), ByteTokenizer(), tmp_path / "cache", progress=False)
+    return prepare_token_cache(
+        _write_txt_folder(tmp_path / "src", docs), ByteTokenizer(), tmp_path / "cache", progress=False
+    )
 
 
 # ----------------------------------------------------------------------------- readers
@@ -137,7 +139,9 @@ def test_batches_deterministic_and_split_across_hosts(cache, mode):
     global_batch, hosts = 4, 2
     single = BlockLoader(cache, seq_len=16, batch_size=global_batch, mode=mode, seed=7)
     shards = [
-        BlockLoader(cache, seq_len=16, batch_size=global_batch // hosts, mode=mode, seed=7, host_index=h, host_count=hosts)
+        BlockLoader(
+            cache, seq_len=16, batch_size=global_batch // hosts, mode=mode, seed=7, host_index=h, host_count=hosts
+        )
         for h in range(hosts)
     ]
     again = BlockLoader(cache, seq_len=16, batch_size=global_batch, mode=mode, seed=7)
@@ -181,7 +185,9 @@ def test_per_document_blocks_are_document_slices(cache):
 def test_packed_blocks_rebuild_the_stream(cache):
     tok = ByteTokenizer()
     loader = BlockLoader(cache, seq_len=16, batch_size=2, mode="packed", pad_remainder=True)
-    stream = np.concatenate([np.concatenate([[tok.bos_id], cache.document(d), [tok.eos_id]]) for d in range(cache.num_documents)])
+    stream = np.concatenate(
+        [np.concatenate([[tok.bos_id], cache.document(d), [tok.eos_id]]) for d in range(cache.num_documents)]
+    )
     blocks = [loader.block(i) for i in range(loader.num_blocks)]
     ids = np.concatenate([b[0] for b in blocks])
     mask = np.concatenate([b[1] for b in blocks])

@@ -3,6 +3,7 @@ weight loads (a weight read would be the only slow part; these tests stay fast b
 
 Most cases run the entry points' main() in-process with stderr captured; the flag-parsing cases
 that must hold for a real command line also run as subprocesses."""
+
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ import pytest
 from configs import base
 from experiments import evaluate as evaluate_cli
 from experiments import restore as restore_cli
-from lard_jax import cli, data as data_lib, hf, pipeline, safetensors_io
+from lard_jax import cli, hf, pipeline, safetensors_io
+from lard_jax import data as data_lib
 from lard_jax.errors import UserError
 from tests.tiny import save_tiny_teacher
 
@@ -43,13 +45,26 @@ def _ckpt(assets, tmp_path, name="ckpt"):
 
 
 def _argv(assets, tmp_path, *extra, checkpoint=None, source=None):
-    return ["restore", f"--config={ROOT}/configs/base.py", f"--config.workdir={tmp_path / 'run'}",
-            f"--config.model.checkpoint={checkpoint or assets / 'teacher'}",
-            f"--config.data.source={source or assets / 'data'}", "--config.model.dtype=float32",
-            "--config.model.param_dtype=float32", "--config.data.seq_len=16", "--config.train.steps=2",
-            "--config.train.batch_size=8", "--config.train.grad_accum=1", "--config.train.lora_rank=0",
-            "--config.train.lora_dropout=0", "--config.loss.kernel_impl=xla", "--config.mesh.num_devices=1",
-            "--config.mesh.data=1", "--config.student.rope_scaling.factor=4", *extra]
+    return [
+        "restore",
+        f"--config={ROOT}/configs/base.py",
+        f"--config.workdir={tmp_path / 'run'}",
+        f"--config.model.checkpoint={checkpoint or assets / 'teacher'}",
+        f"--config.data.source={source or assets / 'data'}",
+        "--config.model.dtype=float32",
+        "--config.model.param_dtype=float32",
+        "--config.data.seq_len=16",
+        "--config.train.steps=2",
+        "--config.train.batch_size=8",
+        "--config.train.grad_accum=1",
+        "--config.train.lora_rank=0",
+        "--config.train.lora_dropout=0",
+        "--config.loss.kernel_impl=xla",
+        "--config.mesh.num_devices=1",
+        "--config.mesh.data=1",
+        "--config.student.rope_scaling.factor=4",
+        *extra,
+    ]
 
 
 def _fails(capsys, main, argv, *expected):
@@ -112,8 +127,13 @@ def test_index_names_missing_shard(assets, tmp_path, capsys):
     os.rename(ck / "model.safetensors", ck / "model-00001-of-00002.safetensors")
     weight_map = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
     (ck / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, checkpoint=ck), "model-00002-of-00002.safetensors",
-           "does not exist")
+    _fails(
+        capsys,
+        restore_cli.main,
+        _argv(assets, tmp_path, checkpoint=ck),
+        "model-00002-of-00002.safetensors",
+        "does not exist",
+    )
 
 
 def test_tensor_of_wrong_shape(assets, tmp_path, capsys):
@@ -128,8 +148,13 @@ def test_truncated_safetensors(assets, tmp_path, capsys):
     ck = _ckpt(assets, tmp_path)
     blob = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(blob[:-100])
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, checkpoint=ck), "model.safetensors",
-           "not a readable safetensors file")
+    _fails(
+        capsys,
+        restore_cli.main,
+        _argv(assets, tmp_path, checkpoint=ck),
+        "model.safetensors",
+        "not a readable safetensors file",
+    )
 
 
 def test_nan_in_checkpoint_named_while_loading(assets, tmp_path, capsys):
@@ -137,8 +162,13 @@ def test_nan_in_checkpoint_named_while_loading(assets, tmp_path, capsys):
     tensors = {k: np.asarray(v) for k, v in safetensors_io.open_tensors(str(ck / "model.safetensors")).items()}
     tensors["model.layers.1.post_attention_layernorm.weight"][3] = np.inf
     safetensors_io.save_file(tensors, str(ck / "model.safetensors"), {"format": "pt"})
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, checkpoint=ck),
-           "model.layers.1.post_attention_layernorm.weight", "NaN/Inf")
+    _fails(
+        capsys,
+        restore_cli.main,
+        _argv(assets, tmp_path, checkpoint=ck),
+        "model.layers.1.post_attention_layernorm.weight",
+        "NaN/Inf",
+    )
     _no_weights_read(tmp_path)
 
 
@@ -153,8 +183,13 @@ def test_extensionless_folder_binary_only_and_text_sniffed(assets, tmp_path, cap
     folder.mkdir()
     (folder / "blob1").write_bytes(bytes(range(256)) * 4)
     (folder / "blob2").write_bytes(b"\x00\x01\x02" * 100)
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, source=folder), "no documents",
-           "skipped 2 binary or empty file(s) without an extension")
+    _fails(
+        capsys,
+        restore_cli.main,
+        _argv(assets, tmp_path, source=folder),
+        "no documents",
+        "skipped 2 binary or empty file(s) without an extension",
+    )
     (folder / "README").write_text("plain text without an extension\n")
     with pytest.warns(UserWarning, match="skipped 2 binary"):
         docs = list(data_lib.read_documents(folder))
@@ -165,8 +200,9 @@ def test_invalid_utf8(assets, tmp_path, capsys):
     folder = tmp_path / "bad"
     shutil.copytree(assets / "data", folder)
     (folder / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, source=folder), "latin1.txt", "not valid UTF-8",
-           "re-encode")
+    _fails(
+        capsys, restore_cli.main, _argv(assets, tmp_path, source=folder), "latin1.txt", "not valid UTF-8", "re-encode"
+    )
     _no_weights_read(tmp_path)
 
 
@@ -175,8 +211,7 @@ def test_data_smaller_than_one_batch(assets, tmp_path, capsys, monkeypatch):
     folder.mkdir()
     (folder / "one.txt").write_text("a short document " * 3)
     monkeypatch.setattr(hf, "load_pretrained", _refuse_weights)
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, source=folder), "fewer than one global batch",
-           "pad_short")
+    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, source=folder), "fewer than one global batch", "pad_short")
 
 
 def test_pad_short_keeps_short_documents(assets, tmp_path):
@@ -195,6 +230,7 @@ def test_pad_short_keeps_short_documents(assets, tmp_path):
 
 def data_lib_tokenizer():
     from lard_jax.tokenizer import ByteTokenizer
+
     return ByteTokenizer()
 
 
@@ -218,8 +254,14 @@ def test_workdir_read_only(assets, tmp_path, capsys):
 
 def test_seq_len_beyond_teacher_needs_allow_long(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hf, "load_pretrained", _refuse_weights)
-    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, "--config.data.seq_len=32"),
-           "config.data.seq_len=32", "max_position_embeddings 16", "data.allow_long=True")
+    _fails(
+        capsys,
+        restore_cli.main,
+        _argv(assets, tmp_path, "--config.data.seq_len=32"),
+        "config.data.seq_len=32",
+        "max_position_embeddings 16",
+        "data.allow_long=True",
+    )
     # allowed explicitly: the run gets past that check (and stops at the weights, refused here)
     with pytest.raises(AssertionError, match="weights were loaded"):
         restore_cli.main(_argv(assets, tmp_path, "--config.data.seq_len=32", "--config.data.allow_long=True"))
@@ -230,10 +272,20 @@ def test_eval_length_beyond_student_rope_warns(assets, tmp_path, capsys, monkeyp
     small = tmp_path / "small"
     small.mkdir()
     (small / "one.txt").write_text("a short document " * 3)
-    err = _fails(capsys, restore_cli.main, _argv(assets, tmp_path, "--config.eval.enabled=True",
-                                                 f"--config.eval.source={assets / 'data'}",
-                                                 "--config.eval.passkey_lengths=(300,)", "--config.eval.ppl_lengths=(32,)",
-                                                 source=small), "fewer than one global batch")
+    err = _fails(
+        capsys,
+        restore_cli.main,
+        _argv(
+            assets,
+            tmp_path,
+            "--config.eval.enabled=True",
+            f"--config.eval.source={assets / 'data'}",
+            "--config.eval.passkey_lengths=(300,)",
+            "--config.eval.ppl_lengths=(32,)",
+            source=small,
+        ),
+        "fewer than one global batch",
+    )
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert any("passkey_lengths: 300" in w and "max_position_embeddings 64" in w for w in warnings), err
     assert not any("ppl_lengths" in w for w in warnings), err  # 32 <= 64: no warning
@@ -262,31 +314,47 @@ def test_evaluate_without_config(capsys):
 
 
 def test_evaluate_bad_models_and_checkpoint(assets, tmp_path, capsys):
-    argv = ["evaluate", f"--config={ROOT}/configs/eval.py", f"--config.workdir={tmp_path / 'ev'}",
-            f"--config.eval.source={assets / 'data'}"]
+    argv = [
+        "evaluate",
+        f"--config={ROOT}/configs/eval.py",
+        f"--config.workdir={tmp_path / 'ev'}",
+        f"--config.eval.source={assets / 'data'}",
+    ]
     _fails(capsys, evaluate_cli.main, argv + ["--config.models=teacher"], "name=path")
     _fails(capsys, evaluate_cli.main, argv + [f"--config.models=teacher={tmp_path / 'nope'}"], "directory not found")
 
 
 def test_misspelt_config_key_suggests(capsys):
-    _fails(capsys, restore_cli.main, ["restore", f"--config={ROOT}/configs/demo.py", "--config.train.stepz=3"],
-           "--config.train.stepz", "did you mean --config.train.steps?")
-    _fails(capsys, restore_cli.main, ["restore", f"--config={ROOT}/configs/demo.py", "--debgu"],
-           "--debgu", "did you mean --debug?")
+    _fails(
+        capsys,
+        restore_cli.main,
+        ["restore", f"--config={ROOT}/configs/demo.py", "--config.train.stepz=3"],
+        "--config.train.stepz",
+        "did you mean --config.train.steps?",
+    )
+    _fails(
+        capsys,
+        restore_cli.main,
+        ["restore", f"--config={ROOT}/configs/demo.py", "--debgu"],
+        "--debgu",
+        "did you mean --debug?",
+    )
 
 
 def _subprocess(module, *args):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_misspelt_flag_on_a_real_command_line():
     out = _subprocess("experiments.restore", "--config=configs/demo.py", "--config.student.rope_scalin.factor=2")
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.startswith("error: --config.student.rope_scalin.factor: no such config key; did you mean "
-                                 "--config.student.rope_scaling"), out.stderr
+    assert out.stderr.startswith(
+        "error: --config.student.rope_scalin.factor: no such config key; did you mean --config.student.rope_scaling"
+    ), out.stderr
 
 
 def test_debug_shows_the_traceback(capsys):
@@ -296,8 +364,9 @@ def test_debug_shows_the_traceback(capsys):
 
 
 # ---------------------------------------------------------------------------------------------- discoverability
-@pytest.mark.parametrize("module,config_file", [("experiments.restore", "configs/base.py"),
-                                                ("experiments.evaluate", "configs/eval.py")])
+@pytest.mark.parametrize(
+    "module,config_file", [("experiments.restore", "configs/base.py"), ("experiments.evaluate", "configs/eval.py")]
+)
 def test_help_lists_every_key_with_default_and_help(module, config_file):
     out = _subprocess(module, "--help")
     assert out.returncode == 0, out.stderr
@@ -314,17 +383,30 @@ def test_help_lists_every_key_with_default_and_help(module, config_file):
 
 
 def test_single_rope_keys_and_json_dicts_override():
-    config, _ = cli.parse(["restore", f"--config={ROOT}/configs/demo.py",
-                           "--config.student.rope_scaling.rope_type=yarn",
-                           "--config.student.rope_scaling.original_max_position_embeddings=4096",
-                           "--config.student.rope_scaling.factor=8"], config_required_hint="")
+    config, _ = cli.parse(
+        [
+            "restore",
+            f"--config={ROOT}/configs/demo.py",
+            "--config.student.rope_scaling.rope_type=yarn",
+            "--config.student.rope_scaling.original_max_position_embeddings=4096",
+            "--config.student.rope_scaling.factor=8",
+        ],
+        config_required_hint="",
+    )
     assert pipeline._rope_dict(config) == {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}
-    config, _ = cli.parse(["restore", f"--config={ROOT}/configs/base.py",
-                           '--config.student.rope_scaling={"rope_type": "llama3", "factor": 8.0, '
-                           '"low_freq_factor": 1.0, "high_freq_factor": 4.0}'], config_required_hint="")
+    config, _ = cli.parse(
+        [
+            "restore",
+            f"--config={ROOT}/configs/base.py",
+            '--config.student.rope_scaling={"rope_type": "llama3", "factor": 8.0, '
+            '"low_freq_factor": 1.0, "high_freq_factor": 4.0}',
+        ],
+        config_required_hint="",
+    )
     assert pipeline._rope_dict(config)["rope_type"] == "llama3"
-    config, _ = cli.parse(["restore", f"--config={ROOT}/configs/base.py", '--config.loss.relations=("q","k")'],
-                          config_required_hint="")
+    config, _ = cli.parse(
+        ["restore", f"--config={ROOT}/configs/base.py", '--config.loss.relations=("q","k")'], config_required_hint=""
+    )
     assert tuple(config.loss.relations) == ("q", "k")
 
 

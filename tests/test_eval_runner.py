@@ -1,4 +1,5 @@
 """The evaluation entry point on a tiny random model: every column and file of the report."""
+
 import json
 
 import numpy as np
@@ -19,7 +20,7 @@ def checkpoint(tmp_path_factory):
     rng = np.random.default_rng(22)
     words = "north south east west wind rain snow sun moon star".split()
     with open(d / "heldout.jsonl", "w") as f:
-        for i in range(6):
+        for _ in range(6):
             f.write(json.dumps({"text": " ".join(rng.choice(words, 60))}) + "\n")
     return d
 

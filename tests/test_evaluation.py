@@ -46,7 +46,9 @@ def test_perplexity_uniform_model_equals_vocab_size():
     rng = np.random.default_rng(31)
     table = np.full((V, V), rng.normal(), np.float32)  # any constant row is the uniform distribution
     docs = [rng.integers(3, V, size=n) for n in (70, 33, 140)]
-    result = perplexity.perplexity_vs_length(bigram_logits_fn(table), docs, [16, 64], max_windows=5, batch_size=2, progress=False)
+    result = perplexity.perplexity_vs_length(
+        bigram_logits_fn(table), docs, [16, 64], max_windows=5, batch_size=2, progress=False
+    )
     assert result == pytest.approx({16: V, 64: V}, rel=1e-6)
 
 
@@ -97,11 +99,18 @@ def test_multiple_choice_matches_hand_computed_loglikelihoods(tmp_path):
     rng = np.random.default_rng(34)
     table = (3 * rng.normal(size=(V, V))).astype(np.float32)
     records = [
-        {"goal": _random_phrase(rng, 4), "sol1": _random_phrase(rng, 3), "sol2": _random_phrase(rng, 6), "label": int(rng.integers(2))}
+        {
+            "goal": _random_phrase(rng, 4),
+            "sol1": _random_phrase(rng, 3),
+            "sol2": _random_phrase(rng, 6),
+            "label": int(rng.integers(2)),
+        }
         for _ in range(12)
     ]
     path = _write_jsonl(tmp_path / "piqa.jsonl", records)
-    metrics = multiple_choice.score_task("piqa", path, bigram_logits_fn(table), TOK, limit=10, batch_size=3, progress=False)
+    metrics = multiple_choice.score_task(
+        "piqa", path, bigram_logits_fn(table), TOK, limit=10, batch_size=3, progress=False
+    )
     correct, correct_norm = [], []
     for record in records[:10]:
         context = TOK.encode(f"Question: {record['goal']}\nAnswer:")
@@ -138,25 +147,54 @@ def test_lambada_oracle_accuracy_and_perplexity(tmp_path):
 
 
 def test_task_formats_follow_the_harness(tmp_path):
-    hellaswag = _write_jsonl(tmp_path / "h.jsonl", [{
-        "activity_label": "Baking", "ctx_a": "She mixes flour.", "ctx_b": "then she",
-        "endings": ["bakes it [title] well.", "eats  it."], "label": "1",
-    }])
+    hellaswag = _write_jsonl(
+        tmp_path / "h.jsonl",
+        [
+            {
+                "activity_label": "Baking",
+                "ctx_a": "She mixes flour.",
+                "ctx_b": "then she",
+                "endings": ["bakes it [title] well.", "eats  it."],
+                "label": "1",
+            }
+        ],
+    )
     [example] = multiple_choice.read_task("hellaswag", hellaswag)
-    assert example.requests == [("Baking: She mixes flour. Then she", " bakes it. well."), ("Baking: She mixes flour. Then she", " eats it.")]
+    assert example.requests == [
+        ("Baking: She mixes flour. Then she", " bakes it. well."),
+        ("Baking: She mixes flour. Then she", " eats it."),
+    ]
     assert example.gold == 1
 
-    arc = _write_jsonl(tmp_path / "arc.jsonl", [
-        {"question": "Why?", "choices": {"text": ["no", "yes", "maybe"], "label": ["A", "B", "C"]}, "answerKey": "C"},
-        {"question": {"stem": "How?", "choices": [{"text": "so", "label": "1"}, {"text": "thus", "label": "2"}]}, "answerKey": "2"},
-    ])
+    arc = _write_jsonl(
+        tmp_path / "arc.jsonl",
+        [
+            {
+                "question": "Why?",
+                "choices": {"text": ["no", "yes", "maybe"], "label": ["A", "B", "C"]},
+                "answerKey": "C",
+            },
+            {
+                "question": {"stem": "How?", "choices": [{"text": "so", "label": "1"}, {"text": "thus", "label": "2"}]},
+                "answerKey": "2",
+            },
+        ],
+    )
     first, second = multiple_choice.read_task("arc_challenge", arc)
     assert first.requests[2] == ("Question: Why?\nAnswer:", " maybe") and first.gold == 2
     assert second.requests[1] == ("Question: How?\nAnswer:", " thus") and second.gold == 1
 
-    winogrande = _write_jsonl(tmp_path / "w.jsonl", [
-        {"sentence": "Ann gave Bea the book because _ was done reading.", "option1": "Ann", "option2": "Bea", "answer": "1"},
-    ])
+    winogrande = _write_jsonl(
+        tmp_path / "w.jsonl",
+        [
+            {
+                "sentence": "Ann gave Bea the book because _ was done reading.",
+                "option1": "Ann",
+                "option2": "Bea",
+                "answer": "1",
+            },
+        ],
+    )
     [example] = multiple_choice.read_task("winogrande", winogrande)
     assert example.requests == [
         ("Ann gave Bea the book because Ann", " was done reading."),
@@ -254,11 +292,15 @@ def oracle_generate(task):
 @pytest.mark.parametrize("task", list(synthetic.TASKS))
 def test_generated_tasks_score_one_for_oracle_and_zero_for_constant(task):
     lengths, depths = [2300, 3100], [0.1, 0.9]
-    perfect = synthetic.evaluate_synthetic(oracle_generate(task), TOK, task, lengths, depths, n=1, seed=5, progress=False)
+    perfect = synthetic.evaluate_synthetic(
+        oracle_generate(task), TOK, task, lengths, depths, n=1, seed=5, progress=False
+    )
     assert perfect["mean"] == 1.0 and perfect["by_length"] == {2300: 1.0, 3100: 1.0}
     if task in ("passkey", "niah_single"):
         assert perfect["by_length_depth"] == {n: {0.1: 1.0, 0.9: 1.0} for n in lengths}
-    constant = synthetic.evaluate_synthetic(lambda ids, n: TOK.encode(" 0"), TOK, task, lengths, depths, n=1, seed=5, progress=False)
+    constant = synthetic.evaluate_synthetic(
+        lambda ids, n: TOK.encode(" 0"), TOK, task, lengths, depths, n=1, seed=5, progress=False
+    )
     assert constant["mean"] == 0.0
 
 
@@ -277,7 +319,12 @@ def test_generated_prompts_fit_length_and_place_needle_at_depth():
 def test_score_prediction_cases():
     assert synthetic.score_prediction("passkey", " 48213. The pass key", ["48213"]) == 1.0
     assert synthetic.score_prediction("passkey", " 482130", ["48213"]) == 0.0
-    assert synthetic.score_prediction("niah_multivalue", "1234567, 7654321\n", ["1234567", "7654321", "1111111", "2222222"]) == 0.5
+    assert (
+        synthetic.score_prediction(
+            "niah_multivalue", "1234567, 7654321\n", ["1234567", "7654321", "1111111", "2222222"]
+        )
+        == 0.5
+    )
     assert synthetic.score_prediction("common_words", "1. Apple 2. pear", ["apple", "pear"]) == 1.0
 
 
@@ -311,15 +358,23 @@ def test_relation_distortion_shapes_and_means():
     rng = np.random.default_rng(38)
     layers, heads, kv_heads, dim, length = 3, 4, 2, 8, 9
     qkv = {
-        name: [{"q": rng.normal(size=(2, length, heads, dim)), "k": rng.normal(size=(2, length, kv_heads, dim)),
-                "v": rng.normal(size=(2, length, kv_heads, dim))} for _ in range(layers)]
+        name: [
+            {
+                "q": rng.normal(size=(2, length, heads, dim)),
+                "k": rng.normal(size=(2, length, kv_heads, dim)),
+                "v": rng.normal(size=(2, length, kv_heads, dim)),
+            }
+            for _ in range(layers)
+        ]
         for name in ("teacher", "student")
     }
     input_ids = rng.integers(3, V, size=(2, length)).astype(np.int32)
     mask = np.ones((2, length), bool)
     mask[1, 6:] = False
     fn = lambda layers_: lambda ids: [{r: d[r][: len(ids)] if len(ids) == 2 else d[r][1:2] for r in d} for d in layers_]
-    result = distortion.relation_distortion(fn(qkv["teacher"]), fn(qkv["student"]), input_ids, mask=mask, progress=False)
+    result = distortion.relation_distortion(
+        fn(qkv["teacher"]), fn(qkv["student"]), input_ids, mask=mask, progress=False
+    )
     assert result["q"].shape == (layers, heads) and result["k"].shape == result["v"].shape == (layers, kv_heads)
     expected_k0 = _naive_row_kl(qkv["student"][0]["k"], qkv["teacher"][0]["k"], mask).sum(axis=(0, 2)) / mask.sum()
     np.testing.assert_allclose(result["k"][0], expected_k0, rtol=2e-4)
@@ -340,18 +395,30 @@ def test_report_files_written_and_parse(tmp_path):
             "ppl_vs_length": {n: float(rng.uniform(5, 40)) for n in lengths},
             "passkey": {n: float(rng.random()) for n in lengths},
             "tasks": {"piqa": {"acc": float(rng.random()), "acc_norm": float(rng.random()), "n": 100}},
-            "synthetic": {"niah_single": {"mean": 0.5, "n": 2, "by_length": {n: float(rng.random()) for n in lengths},
-                                          "by_length_depth": {n: {0.1: float(rng.random()), 0.9: float("nan")} for n in lengths}}},
+            "synthetic": {
+                "niah_single": {
+                    "mean": 0.5,
+                    "n": 2,
+                    "by_length": {n: float(rng.random()) for n in lengths},
+                    "by_length_depth": {n: {0.1: float(rng.random()), 0.9: float("nan")} for n in lengths},
+                }
+            },
             "tokens_seen": 4250000,
         }
 
     results = {"restored": metrics(), "LongReD": metrics(), "teacher": metrics(), "scaled": metrics()}
-    distortion_maps = {name: {r: rng.random((4, 8)).astype(np.float32) for r in "qkv"} for name in ("scaled", "restored")}
-    written = report.write_report(tmp_path / "run", results, distortion=distortion_maps, title="Test run", meta={"seed": 1})
+    distortion_maps = {
+        name: {r: rng.random((4, 8)).astype(np.float32) for r in "qkv"} for name in ("scaled", "restored")
+    }
+    written = report.write_report(
+        tmp_path / "run", results, distortion=distortion_maps, title="Test run", meta={"seed": 1}
+    )
 
     loaded = json.loads((tmp_path / "run" / "report.json").read_text())
     assert list(loaded["models"]) == ["teacher", "scaled", "restored", "LongReD"]
-    assert loaded["models"]["teacher"]["ppl_vs_length"]["8192"] == pytest.approx(results["teacher"]["ppl_vs_length"][8192])
+    assert loaded["models"]["teacher"]["ppl_vs_length"]["8192"] == pytest.approx(
+        results["teacher"]["ppl_vs_length"][8192]
+    )
     assert loaded["models"]["scaled"]["synthetic"]["niah_single"]["by_length_depth"]["4096"]["0.9"] is None
     assert np.array(loaded["distortion"]["scaled"]["q"]).shape == (4, 8)
     assert loaded["meta"]["title"] == "Test run" and loaded["meta"]["seed"] == 1
@@ -360,7 +427,12 @@ def test_report_files_written_and_parse(tmp_path):
     assert "| metric | teacher | scaled | restored | LongReD |" in markdown
     assert "piqa acc (%)" in markdown and "tokens_seen" in markdown and "![ppl_vs_length.png]" in markdown
     pngs = [name for name in written if name.endswith(".png")]
-    assert {"ppl_vs_length.png", "passkey_vs_length.png", "distortion_scaled.png", "heatmap_niah_single_teacher.png"} <= set(pngs)
+    assert {
+        "ppl_vs_length.png",
+        "passkey_vs_length.png",
+        "distortion_scaled.png",
+        "heatmap_niah_single_teacher.png",
+    } <= set(pngs)
     for name in pngs:
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".")]  # no temp files left

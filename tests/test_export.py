@@ -2,6 +2,7 @@
 frozen tensors bit-identical in the checkpoint's dtype, trained ones changed (in the checkpoint's
 dtype unless model.export_dtype=float32), every other file copied, config.json changed only in
 its RoPE; transformers loads it. Also: metrics JSONL deduplicated by step on resume."""
+
 import json
 import os
 import shutil
@@ -40,16 +41,20 @@ def assets(tmp_path_factory):
     os.remove(f16 / "model.safetensors")
     tensors = {k: np.asarray(v) for k, v in safetensors_io.open_tensors(str(f32 / "model.safetensors")).items()}
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     weight_map = {}
     for fname, members in shards.items():
-        safetensors_io.save_file({n: tensors[n].astype(np.float16) for n in members}, str(f16 / fname),
-                                 {"format": "pt"})
+        safetensors_io.save_file(
+            {n: tensors[n].astype(np.float16) for n in members}, str(f16 / fname), {"format": "pt"}
+        )
         weight_map.update({n: fname for n in members})
     total = sum(tensors[n].astype(np.float16).nbytes for n in names)
-    (f16 / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (f16 / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     cfg["torch_dtype"] = "float16"
     (f16 / "config.json").write_text(json.dumps(cfg, indent=1))
 
@@ -112,6 +117,7 @@ def check_export(ckpt, out, *, trained=_TRAINED, trained_dtype=None, rope=None, 
 def _transformers_loads(out, seq_len=24):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("river stone light", return_tensors="pt")["input_ids"]
@@ -125,13 +131,28 @@ def test_cli_export_of_float16_sharded_checkpoint(assets, tmp_path):
     """Trained in float32 with frozen weights stored in bfloat16 (param_dtype): the export still
     holds the checkpoint's float16 bytes for every frozen tensor."""
     work = tmp_path / "run"
-    args = [sys.executable, "-m", "experiments.restore", f"--config={ROOT}/configs/base.py",
-            f"--config.workdir={work}", f"--config.model.checkpoint={assets / 'f16'}",
-            f"--config.data.source={assets / 'data'}", "--config.model.dtype=float32",
-            "--config.model.param_dtype=bfloat16", "--config.data.seq_len=16", "--config.train.steps=3",
-            "--config.train.batch_size=4", "--config.train.grad_accum=1", "--config.train.lr=0.01",
-            "--config.train.lora_rank=0", "--config.train.lora_dropout=0", "--config.loss.kernel_impl=xla",
-            "--config.mesh.num_devices=1", "--config.mesh.data=1", "--config.student.rope_scaling.factor=4"]
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.restore",
+        f"--config={ROOT}/configs/base.py",
+        f"--config.workdir={work}",
+        f"--config.model.checkpoint={assets / 'f16'}",
+        f"--config.data.source={assets / 'data'}",
+        "--config.model.dtype=float32",
+        "--config.model.param_dtype=bfloat16",
+        "--config.data.seq_len=16",
+        "--config.train.steps=3",
+        "--config.train.batch_size=4",
+        "--config.train.grad_accum=1",
+        "--config.train.lr=0.01",
+        "--config.train.lora_rank=0",
+        "--config.train.lora_dropout=0",
+        "--config.loss.kernel_impl=xla",
+        "--config.mesh.num_devices=1",
+        "--config.mesh.data=1",
+        "--config.student.rope_scaling.factor=4",
+    ]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -163,8 +184,9 @@ def test_export_dtype_float32_and_index(assets, tmp_path):
     """export_student on its own: trained tensors in float32 on request, the index's total_size follows."""
     ckpt = str(assets / "f16")
     teacher, params = hf.load_pretrained(ckpt)
-    student = LlamaForCausalLM(teacher.config.replace(rope_scaling={"rope_type": "linear", "factor": 2.0},
-                                                      max_position_embeddings=32))
+    student = LlamaForCausalLM(
+        teacher.config.replace(rope_scaling={"rope_type": "linear", "factor": 2.0}, max_position_embeddings=32)
+    )
     mask = trainer.trainable_mask(params, trainer.PROJECTION_SETS["qkvo"])
     moved = jax.tree_util.tree_map(lambda p, m: p + 1e-3 if m else p, params, mask)
     c = base.get_config()
@@ -172,8 +194,14 @@ def test_export_dtype_float32_and_index(assets, tmp_path):
     c.model.export_dtype = "float32"
     out = tmp_path / "hf"
     pipeline.export_student(c, student, moved, mask, ByteTokenizer(), str(out))
-    check_export(ckpt, out, trained=_TRAINED + ("o_proj",), trained_dtype=np.float32,
-                 rope={"rope_type": "linear", "factor": 2.0}, max_pos=32)
+    check_export(
+        ckpt,
+        out,
+        trained=_TRAINED + ("o_proj",),
+        trained_dtype=np.float32,
+        rope={"rope_type": "linear", "factor": 2.0},
+        max_pos=32,
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     tensors, _ = _tensors(out)
     assert index["metadata"]["total_size"] == sum(a.nbytes for _, a in tensors.values())
@@ -183,18 +211,34 @@ def test_export_dtype_float32_and_index(assets, tmp_path):
 
 
 def test_config_json_rope_in_either_style():
-    cfg = hf.config_from_hf({"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8,
-                             "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-                             "max_position_embeddings": 16})
+    cfg = hf.config_from_hf(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 8,
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+        }
+    )
     student = cfg.replace(rope_scaling={"rope_type": "linear", "factor": 4.0}, max_position_embeddings=64)
-    v4 = pipeline._hf_config_with_rope({"rope_theta": 5e5, "rope_scaling": None, "max_position_embeddings": 16,
-                                        "other": 1}, student)
-    assert v4 == {"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
-                  "max_position_embeddings": 64, "other": 1}
-    v5 = pipeline._hf_config_with_rope({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
-                                        "max_position_embeddings": 64}, student)
-    assert v5 == {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
-                  "max_position_embeddings": 64}
+    v4 = pipeline._hf_config_with_rope(
+        {"rope_theta": 5e5, "rope_scaling": None, "max_position_embeddings": 16, "other": 1}, student
+    )
+    assert v4 == {
+        "rope_theta": 5e5,
+        "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+        "max_position_embeddings": 64,
+        "other": 1,
+    }
+    v5 = pipeline._hf_config_with_rope(
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "max_position_embeddings": 64}, student
+    )
+    assert v5 == {
+        "rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+        "max_position_embeddings": 64,
+    }
 
 
 def test_metrics_deduplicated_by_step_on_resume(tmp_path):
@@ -213,6 +257,7 @@ def test_metrics_deduplicated_by_step_on_resume(tmp_path):
 
 def test_safetensors_io_reads_slices_bf16_and_rejects_corruption(tmp_path):
     import ml_dtypes
+
     rng = np.random.default_rng(0)
     a = rng.normal(size=(6, 4)).astype(ml_dtypes.bfloat16)
     b = rng.normal(size=(5,)).astype(np.float16)

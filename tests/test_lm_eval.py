@@ -6,6 +6,7 @@ layout, a loglikelihood task (some with an empty context), a rolling-perplexity 
 longer than the model's 256 tokens, and a greedy generation task. Per-request log-likelihoods
 must agree to 1e-4, accuracies and generations exactly. Set LARD_TEST_SEED to replay a run.
 """
+
 import functools
 import json
 import os
@@ -25,17 +26,19 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from lard_jax import hf  # noqa: E402
-from lard_jax.evaluation import runner as eval_runner  # noqa: E402
 from lard_jax.evaluation import lm_eval_backend, multiple_choice  # noqa: E402
+from lard_jax.evaluation import runner as eval_runner  # noqa: E402
 from lard_jax.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 
 TEACHER = os.path.join(os.path.dirname(__file__), os.pardir, "lard_jax", "assets", "tiny_teacher")
 TEACHER = os.path.abspath(TEACHER)
 SEED = int(os.environ.get("LARD_TEST_SEED") or random.SystemRandom().randrange(2**31))
 TOL = 1e-4
-WORDS = ("the of and to in is that for it as with was on be by this are from or an which can you "
-         "function module file return value list string python object class name data type default "
-         "package version system error use new example argument table number line each first").split()
+WORDS = (
+    "the of and to in is that for it as with was on be by this are from or an which can you "
+    "function module file return value list string python object class name data type default "
+    "package version system error use new example argument table number line each first"
+).split()
 
 
 def _text(rng, lo, hi):
@@ -51,41 +54,56 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(SEED)
     d = tmp_path_factory.mktemp("lm_eval_tasks")
     # PIQA layout; some goals run past the teacher's 256 tokens, so the harness truncates them.
-    mc = [{"goal": _text(rng, 3, 70), "sol1": _text(rng, 1, 5), "sol2": _text(rng, 1, 5),
-           "label": int(rng.integers(2))} for _ in range(16)]
+    mc = [
+        {"goal": _text(rng, 3, 70), "sol1": _text(rng, 1, 5), "sol2": _text(rng, 1, 5), "label": int(rng.integers(2))}
+        for _ in range(16)
+    ]
     ll = [{"context": "" if i % 4 == 0 else _text(rng, 2, 40), "target": _text(rng, 1, 4)} for i in range(12)]
     ppl = [{"text": _text(rng, 2, 130)} for _ in range(8)]  # up to ~900 tokens: several windows
     gen = [{"prompt": _text(rng, 2, 9), "answer": str(rng.choice(WORDS))} for _ in range(6)]
     for name, records in (("mc", mc), ("ll", ll), ("ppl", ppl), ("gen", gen)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     specs = {
-        "lard_mc": ("mc", """
+        "lard_mc": (
+            "mc",
+            """
             output_type: multiple_choice
             doc_to_text: "Question: {{goal}}\\nAnswer:"
             doc_to_target: label
             doc_to_choice: "{{[sol1, sol2]}}"
-            metric_list: [{metric: acc}, {metric: acc_norm}]"""),
-        "lard_ll": ("ll", """
+            metric_list: [{metric: acc}, {metric: acc_norm}]""",
+        ),
+        "lard_ll": (
+            "ll",
+            """
             output_type: loglikelihood
             doc_to_text: "{{context}}"
             doc_to_target: "{{target}}"
-            metric_list: [{metric: perplexity}, {metric: acc}]"""),
-        "lard_ppl": ("ppl", """
+            metric_list: [{metric: perplexity}, {metric: acc}]""",
+        ),
+        "lard_ppl": (
+            "ppl",
+            """
             output_type: loglikelihood_rolling
             doc_to_text: ""
             doc_to_target: "{{text}}"
-            metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]"""),
-        "lard_gen": ("gen", """
+            metric_list: [{metric: word_perplexity}, {metric: byte_perplexity}, {metric: bits_per_byte}]""",
+        ),
+        "lard_gen": (
+            "gen",
+            """
             output_type: generate_until
             doc_to_text: "{{prompt}}"
             doc_to_target: "{{answer}}"
             generation_kwargs: {until: ["."], max_gen_toks: 12, do_sample: false}
-            metric_list: [{metric: exact_match}]"""),
+            metric_list: [{metric: exact_match}]""",
+        ),
     }
     for task, (data, body) in specs.items():
         (d / f"{task}.yaml").write_text(
             f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d / data}.jsonl\n"
-            f"  cache_dir: {d / 'datasets_cache'}\ntest_split: test\n{textwrap.dedent(body).strip()}\n")
+            f"  cache_dir: {d / 'datasets_cache'}\ntest_split: test\n{textwrap.dedent(body).strip()}\n"
+        )
     tasks = ["lard_mc", "lard_ll", "lard_ppl", "lard_gen"]
     manager = TaskManager(include_path=str(d), include_defaults=False)
     threads = torch.get_num_threads()
@@ -95,8 +113,9 @@ def setup(tmp_path_factory):
         ours = lm_eval_backend.LardJaxLM(pretrained=TEACHER, batch_size=4)
         results = {}
         for name, lm in (("hf", hf_lm), ("lard_jax", ours)):
-            results[name] = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True,
-                                                    bootstrap_iters=0, verbosity="WARNING")
+            results[name] = lm_eval.simple_evaluate(
+                model=lm, tasks=tasks, task_manager=manager, log_samples=True, bootstrap_iters=0, verbosity="WARNING"
+            )
     finally:
         torch.set_num_threads(threads)
     return {"dir": d, "ppl": ppl, "gen": gen, "hf_lm": hf_lm, "ours": ours, "results": results}
@@ -143,12 +162,16 @@ def _near_tie(sample_lls):
 
 def test_metrics_match_hf_backend(setup):
     hf_res, ours = (setup["results"][k]["results"] for k in ("hf", "lard_jax"))
-    for task, metrics in (("lard_mc", ("acc,none", "acc_norm,none")), ("lard_ll", ("acc,none",)),
-                          ("lard_ppl", ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")),
-                          ("lard_gen", ("exact_match,none",))):
+    for task, metrics in (
+        ("lard_mc", ("acc,none", "acc_norm,none")),
+        ("lard_ll", ("acc,none",)),
+        ("lard_ppl", ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none")),
+        ("lard_gen", ("exact_match,none",)),
+    ):
         for metric in metrics:
-            if task == "lard_mc" and any(_near_tie([r[0][0] for r in s["resps"]])
-                                         for s in _samples(setup["results"]["hf"], task)):
+            if task == "lard_mc" and any(
+                _near_tie([r[0][0] for r in s["resps"]]) for s in _samples(setup["results"]["hf"], task)
+            ):
                 continue  # an argmax within float noise may flip; the per-request check still holds
             assert ours[task][metric] == pytest.approx(hf_res[task][metric], rel=1e-4), (task, metric, SEED)
     hf_text = [s["resps"][0][0] for s in _samples(setup["results"]["hf"], "lard_gen")]
@@ -184,7 +207,7 @@ def test_our_scorer_defaults_match_harness_defaults(setup):
     assert diff < TOL, f"seed {SEED}"
     metrics = multiple_choice.score_examples("piqa", examples, logits_fn, tokenizer, **fast)
     hf_metrics = setup["results"]["hf"]["results"]["lard_mc"]
-    if not any(_near_tie(ours[i:i + 2]) for i in range(0, len(ours), 2)):
+    if not any(_near_tie(ours[i : i + 2]) for i in range(0, len(ours), 2)):
         assert metrics["acc"] == pytest.approx(hf_metrics["acc,none"])
         assert metrics["acc_norm"] == pytest.approx(hf_metrics["acc_norm,none"])
     # the overrides are honoured: without the bos, or truncated harder, short requests score differently
@@ -208,10 +231,14 @@ def test_tokenisation_matches_harness_for_every_bos_mode(setup):
             for harness_flag, mode in ((None, "tokenizer"), (True, "always"), (False, "never")):
                 hf_lm.add_bos_token = harness_flag
                 for context, continuation in pairs:
-                    theirs = (hf_lm._encode_pair(context, continuation) if context
-                              else _empty_context_pair(hf_lm, continuation))
-                    assert multiple_choice._encode_pair(ours, context, continuation, mode) == tuple(map(list, theirs)), \
-                        (type(ours), mode, context, continuation)
+                    theirs = (
+                        hf_lm._encode_pair(context, continuation)
+                        if context
+                        else _empty_context_pair(hf_lm, continuation)
+                    )
+                    assert multiple_choice._encode_pair(ours, context, continuation, mode) == tuple(
+                        map(list, theirs)
+                    ), (type(ours), mode, context, continuation)
                     text = context + continuation
                     assert multiple_choice.encode(ours, text, mode) == hf_lm.tok_encode(text), (type(ours), mode, text)
         finally:
@@ -231,14 +258,19 @@ def test_rolling_windows_are_the_harness_windows():
     for _ in range(50):
         tokens = rng.integers(3, 200, size=int(rng.integers(0, 60))).tolist()
         max_length = int(rng.integers(1, 20))
-        theirs = [lm_eval_utils.make_disjoint_window(w) for w in lm_eval_utils.get_rolling_token_windows(
-            token_list=tokens, prefix_token=1, max_seq_len=max_length, context_len=1)]
+        theirs = [
+            lm_eval_utils.make_disjoint_window(w)
+            for w in lm_eval_utils.get_rolling_token_windows(
+                token_list=tokens, prefix_token=1, max_seq_len=max_length, context_len=1
+            )
+        ]
         assert multiple_choice.rolling_requests(tokens, 1, max_length) == [tuple(map(list, w)) for w in theirs]
 
 
 def test_model_args_rope_scaling_and_defaults():
-    lm = lm_eval_backend.LardJaxLM(pretrained=TEACHER, rope_scaling='{"rope_type": "linear", "factor": 4.0}',
-                                   max_length=1024, batch_size="auto")
+    lm = lm_eval_backend.LardJaxLM(
+        pretrained=TEACHER, rope_scaling='{"rope_type": "linear", "factor": 4.0}', max_length=1024, batch_size="auto"
+    )
     assert lm.model.config.rope_scaling_dict["factor"] == 4.0 and lm.max_length == 1024 and lm.batch_size == 8
     lm = lm_eval_backend.LardJaxLM(pretrained=TEACHER, rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert lm.model.config.rope_scaling_dict["factor"] == 2.0 and lm.max_length == 256  # config.json's
@@ -253,10 +285,25 @@ def test_command_line_entry_point(setup, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["lm_eval_backend"])
     # The CLI indexes every built-in task (20 s); only the local ones are needed here.
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(TaskManager, include_defaults=False))
-    lm_eval_backend.main(["--model_args", f"pretrained={TEACHER},max_length=128", "--batch_size", "2",
-                          "--tasks", "lard_mc", "--include_path", str(setup["dir"]), "--limit", "2",
-                          "--output_path", str(tmp_path / "out")])
-    [result_file] = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")]
+    lm_eval_backend.main(
+        [
+            "--model_args",
+            f"pretrained={TEACHER},max_length=128",
+            "--batch_size",
+            "2",
+            "--tasks",
+            "lard_mc",
+            "--include_path",
+            str(setup["dir"]),
+            "--limit",
+            "2",
+            "--output_path",
+            str(tmp_path / "out"),
+        ]
+    )
+    [result_file] = [
+        os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "out") for f in fs if f.startswith("results")
+    ]
     with open(result_file) as f:
         report = json.load(f)
     assert report["results"]["lard_mc"]["acc,none"] in (0.0, 0.5, 1.0)

@@ -1,4 +1,5 @@
 """Model and Hugging Face import/export against transformers' PyTorch Llama on CPU."""
+
 import json
 import os
 
@@ -18,17 +19,30 @@ ROPES = {
     "linear": {"rope_type": "linear", "factor": 2.5},
     "dynamic": {"rope_type": "dynamic", "factor": 3.0},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 24.0, "beta_slow": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
 }
 
 
 def _hf_config(rng, *, heads, kv_heads, bias, rope, max_pos=24, head_dim=16):
-    cfg = dict(vocab_size=int(rng.integers(50, 120)), hidden_size=heads * head_dim,
-               intermediate_size=int(rng.integers(40, 100)), num_hidden_layers=2, num_attention_heads=heads,
-               num_key_value_heads=kv_heads, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
-               rope_theta=float(rng.choice([10000.0, 500000.0])), attention_bias=bias,
-               tie_word_embeddings=bool(rng.integers(2)))
+    cfg = dict(
+        vocab_size=int(rng.integers(50, 120)),
+        hidden_size=heads * head_dim,
+        intermediate_size=int(rng.integers(40, 100)),
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
+        rms_norm_eps=1e-5,
+        rope_theta=float(rng.choice([10000.0, 500000.0])),
+        attention_bias=bias,
+        tie_word_embeddings=bool(rng.integers(2)),
+    )
     if rope is not None:
         cfg["rope_scaling"] = dict(rope)
     return transformers.LlamaConfig(**cfg)
@@ -58,8 +72,12 @@ def test_logits_match_transformers(tmp_path, rope_name, layout):
     heads, kv = (4, 4) if layout == "mha" else (4, 2)
     rope = ROPES.get(rope_name)
     if rope_name == "longrope":
-        rope = {"rope_type": "longrope", "short_factor": list(rng.uniform(1, 2, 8)),
-                "long_factor": list(rng.uniform(2, 6, 8)), "original_max_position_embeddings": 12}
+        rope = {
+            "rope_type": "longrope",
+            "short_factor": list(rng.uniform(1, 2, 8)),
+            "long_factor": list(rng.uniform(2, 6, 8)),
+            "original_max_position_embeddings": 12,
+        }
     ref_model, path = _random_hf_model(tmp_path, rng, heads=heads, kv_heads=kv, bias=layout != "mha", rope=rope)
     model, params = hf.load_pretrained(path)
     # Longer than the original maximum, so dynamic/longrope/yarn take their long-sequence branch.
@@ -104,8 +122,15 @@ def test_sown_qk_equal_transformers_rotated(tmp_path, monkeypatch):
 
 
 def test_sowing_does_not_change_logits():
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=16)
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(3))
     ids = jax.random.randint(jax.random.PRNGKey(4), (2, 11), 0, 61)
     logits, layers = relation_inputs(model, params, ids)
@@ -115,10 +140,18 @@ def test_sowing_does_not_change_logits():
 
 @pytest.mark.parametrize("tied,qkv_bias", [(False, False), (True, True)])
 def test_export_import_round_trip(tmp_path, tied, qkv_bias):
-    cfg = LlamaConfig(vocab_size=71, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=tied, qkv_bias=qkv_bias,
-                      rope_scaling={"rope_type": "linear", "factor": 4.0})
+    cfg = LlamaConfig(
+        vocab_size=71,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+        qkv_bias=qkv_bias,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(5))
     params = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(6), x.shape), params)
     out = str(tmp_path / "export")
@@ -136,8 +169,16 @@ def test_export_import_round_trip(tmp_path, tied, qkv_bias):
 
 def test_sharded_checkpoint_onto_mesh(tmp_path):
     from lard_jax import sharding
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(8))
     out = str(tmp_path / "sharded")
     hf.save_pretrained(out, model, params, max_shard_bytes=20_000)
@@ -155,8 +196,14 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         hf.load_pretrained(str(tmp_path / "empty"))
-    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, max_position_embeddings=16)
+    cfg = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(9))
     good = str(tmp_path / "good")
     hf.save_pretrained(good, model, params)

@@ -4,6 +4,7 @@ Each notebook reads LARD_NOTEBOOK_TINY=1 (skip installs, tiny model, few steps) 
 LARD_NOTEBOOK_WORKDIR (where every output goes), and runs with experiments/notebooks/ as its
 working directory, as Jupyter or Colab would open it.
 """
+
 import json
 import math
 import os
@@ -22,11 +23,17 @@ NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
 def _execute(name: str, workdir) -> "nbformat.NotebookNode":
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
-    env = dict(os.environ, LARD_NOTEBOOK_TINY="1", LARD_NOTEBOOK_WORKDIR=str(workdir), JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        LARD_NOTEBOOK_TINY="1",
+        LARD_NOTEBOOK_WORKDIR=str(workdir),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("XLA_FLAGS", None)  # conftest's 8 fake devices: a notebook (or its subprocesses) picks its own
-    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", allow_errors=False,
-                                     resources={"metadata": {"path": NOTEBOOKS}})
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", allow_errors=False, resources={"metadata": {"path": NOTEBOOKS}}
+    )
     client.execute(env=env)
     return nb
 
@@ -73,8 +80,15 @@ def test_quickstart_colab(tmp_path):
         assert math.isfinite(metrics["short_ppl"]) and metrics["short_ppl"] > 1
         assert 0 <= metrics["cloze_acc"] <= 1 and "320" in metrics["passkey"]
     assert set(report["distortion"]) == {"scaled", "restored"}
-    for path in ("report.md", "summary.json", "metrics_stage1.jsonl", "hf_student/config.json",
-                 "hf_student/model.safetensors", "hf_student/tokenizer.json", "passkey_vs_length.png"):
+    for path in (
+        "report.md",
+        "summary.json",
+        "metrics_stage1.jsonl",
+        "hf_student/config.json",
+        "hf_student/model.safetensors",
+        "hf_student/tokenizer.json",
+        "passkey_vs_length.png",
+    ):
         assert (workdir / path).is_file(), path
     lines = (workdir / "metrics_stage1.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [5, 10, 15, 20]

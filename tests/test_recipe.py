@@ -1,6 +1,7 @@
 """The authors' recipe, pinned: loss normalisation, schedule, optimizer, LoRA (with dropout), data BOS,
 presets. Expected values are computed here by hand from the formulas in the authors' train.py and
 data_loader.py (github.com/gracefulning/LinearARD, 23866f6), never by the code under test."""
+
 import importlib.util
 import math
 import os
@@ -45,8 +46,10 @@ def gqa_case():
     rng = np.random.default_rng(0)
     b, n, hq, hkv, d = 2, 6, 4, 2, 3
     heads = {"q": hq, "k": hkv, "v": hkv}
-    layers = [[{r: rng.normal(size=(b, n, heads[r], d)).astype(np.float32) * 2 for r in heads} for _ in range(2)]
-              for _ in range(2)]
+    layers = [
+        [{r: rng.normal(size=(b, n, heads[r], d)).astype(np.float32) * 2 for r in heads} for _ in range(2)]
+        for _ in range(2)
+    ]
     mask = np.ones((b, n), bool)
     mask[1, 4:] = False
     return layers[0], layers[1], mask, hq
@@ -64,10 +67,10 @@ def test_relation_loss_divides_by_query_heads_as_the_authors(gqa_case):
     np.testing.assert_allclose(float(parts["k"]), np.mean(sums["k"]) / (n_valid * hq), rtol=2e-5)
 
     # The alternatives must not pass the same check: per-KV-head normalisation and a raw sum.
-    per_rel, _ = losses.relation_loss(as_jax(student), as_jax(teacher), mask=jnp.asarray(mask), impl="xla",
-                                      normalize="per_relation_heads")
-    per_rel_expected = sum(np.mean([x / (n_valid * h) for x in sums[r]])
-                           for r, h in (("q", hq), ("k", 2), ("v", 2)))
+    per_rel, _ = losses.relation_loss(
+        as_jax(student), as_jax(teacher), mask=jnp.asarray(mask), impl="xla", normalize="per_relation_heads"
+    )
+    per_rel_expected = sum(np.mean([x / (n_valid * h) for x in sums[r]]) for r, h in (("q", hq), ("k", 2), ("v", 2)))
     np.testing.assert_allclose(float(per_rel), per_rel_expected, rtol=2e-5)
     raw = sum(np.mean(sums[r]) for r in sums)
     for wrong in (float(per_rel), raw):
@@ -81,9 +84,17 @@ def test_schedule_is_the_authors_warmup_from_zero_then_cosine():
     sched = trainer.lr_schedule(2e-5, 4, 144, 0.9)
     # train.py: lr = base * step / warmup for step < warmup; then base * (m + (1-m) * 0.5 * (1 + cos(pi * p))),
     # p = (step - warmup) / (total - warmup).
-    by_hand = {0: 0.0, 1: 5e-6, 2: 1e-5, 3: 1.5e-5, 4: 2e-5,
-               5: 2e-5 * (0.9 + 0.1 * 0.5 * (1 + math.cos(math.pi / 140))),
-               74: 2e-5 * 0.95, 143: 2e-5 * (0.9 + 0.1 * 0.5 * (1 + math.cos(math.pi * 139 / 140))), 144: 1.8e-5}
+    by_hand = {
+        0: 0.0,
+        1: 5e-6,
+        2: 1e-5,
+        3: 1.5e-5,
+        4: 2e-5,
+        5: 2e-5 * (0.9 + 0.1 * 0.5 * (1 + math.cos(math.pi / 140))),
+        74: 2e-5 * 0.95,
+        143: 2e-5 * (0.9 + 0.1 * 0.5 * (1 + math.cos(math.pi * 139 / 140))),
+        144: 1.8e-5,
+    }
     for step, value in by_hand.items():
         np.testing.assert_allclose(float(sched(step)), value, rtol=1e-6, atol=1e-12, err_msg=str(step))
 
@@ -112,8 +123,14 @@ def test_optimizer_matches_torch_adamw_defaults():
 
 # ----------------------------------------------------------------------------- LoRA
 def _frozen_projection(rng, e_in=6, e_out=5):
-    return {"self_attn": {"q_proj": {"kernel": jnp.asarray(rng.normal(size=(e_in, e_out)), jnp.float32),
-                                     "bias": jnp.asarray(rng.normal(size=(e_out,)), jnp.float32)}}}
+    return {
+        "self_attn": {
+            "q_proj": {
+                "kernel": jnp.asarray(rng.normal(size=(e_in, e_out)), jnp.float32),
+                "bias": jnp.asarray(rng.normal(size=(e_out,)), jnp.float32),
+            }
+        }
+    }
 
 
 def test_lora_init_is_peft_like():
@@ -147,8 +164,10 @@ def test_lora_with_dropout_matches_dense_reference():
     # The same mask: the key the layer draws (top-level scope, first draw) and keep-probability 1 - p.
     keep = np.asarray(jax.random.bernoulli(_Probe().apply({}, rngs={"dropout": key}), 1 - lora.dropout, x.shape))
     assert 0 < keep.mean() < 1
-    x64, w, bias = (np.asarray(v, np.float64) for v in (x, frozen["self_attn"]["q_proj"]["kernel"],
-                                                         frozen["self_attn"]["q_proj"]["bias"]))
+    x64, w, bias = (
+        np.asarray(v, np.float64)
+        for v in (x, frozen["self_attn"]["q_proj"]["kernel"], frozen["self_attn"]["q_proj"]["bias"])
+    )
     a, b = (np.asarray(t["self_attn"]["q_proj"][k], np.float64) for k in ("lora_a", "lora_b"))
     # PEFT: base(x) + lora_B(lora_A(dropout(x))) * alpha / r, dropout = inverted (kept / (1 - p)).
     expected = x64 @ w + bias + ((keep * x64 / (1 - lora.dropout)) @ a @ b) * (lora.alpha / lora.rank)
@@ -156,13 +175,21 @@ def test_lora_with_dropout_matches_dense_reference():
     # Without a dropout rng (evaluation) the path is deterministic and equals the merged kernel.
     y_eval = layer.apply({"params": params}, x)
     merged = trainable.merge_student(frozen, t, lora)["self_attn"]["q_proj"]
-    np.testing.assert_allclose(np.asarray(y_eval), np.asarray(nn.Dense(5).apply({"params": merged}, x)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(y_eval), np.asarray(nn.Dense(5).apply({"params": merged}, x)), rtol=1e-5, atol=1e-5
+    )
 
 
 def _tiny_model():
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(4))
     params = jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, params)
     return model, params
@@ -171,8 +198,13 @@ def _tiny_model():
 def _lora_trainable(params, lora, seed=5):
     t = trainable.init_trainable(params, trainable.trainable_mask(params), lora, jax.random.PRNGKey(seed))
     return jax.tree_util.tree_map_with_path(  # a nonzero B, as after some training
-        lambda path, x: jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape) * 0.01
-        if getattr(path[-1], "key", "") == "lora_b" else x, t)
+        lambda path, x: (
+            jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape) * 0.01
+            if getattr(path[-1], "key", "") == "lora_b"
+            else x
+        ),
+        t,
+    )
 
 
 def test_lora_dropout_zero_unmerged_equals_merged_model():
@@ -187,8 +219,9 @@ def test_lora_dropout_zero_unmerged_equals_merged_model():
     assert "lora_a" not in merged["model"]["layers_0"]["self_attn"]["q_proj"]
     ref = model.apply({"params": merged}, ids)
     # No dropout rng: deterministic, the same function as the merged weights.
-    np.testing.assert_allclose(np.asarray(student.apply({"params": unmerged}, ids)), np.asarray(ref),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(student.apply({"params": unmerged}, ids)), np.asarray(ref), rtol=1e-4, atol=1e-4
+    )
     # With a dropout rng the LoRA path is perturbed; the same rng gives the same logits.
     drop1 = student.apply({"params": unmerged}, ids, rngs={"dropout": jax.random.PRNGKey(0)})
     drop2 = student.apply({"params": unmerged}, ids, rngs={"dropout": jax.random.PRNGKey(0)})
@@ -196,8 +229,9 @@ def test_lora_dropout_zero_unmerged_equals_merged_model():
     np.testing.assert_array_equal(np.asarray(drop1), np.asarray(drop2))
     # Dropout 0 trains through the merged form, the same tree as merge_student.
     no_drop = trainable.LoraSpec(rank=4, alpha=8.0)
-    for a, b in zip(jax.tree_util.tree_leaves(trainable.student_params(params, t, no_drop)),
-                    jax.tree_util.tree_leaves(merged)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(trainable.student_params(params, t, no_drop)), jax.tree_util.tree_leaves(merged)
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -244,7 +278,7 @@ def test_bos_once_per_document_then_blocks(small_cache):
     expected = []  # data_loader.py: tokenise the book once (bos first), keep only whole blocks
     for d in range(small_cache.num_documents):
         framed = np.concatenate([[tok.bos_id], small_cache.document(d)])
-        expected += [framed[i:i + 8] for i in range(0, len(framed) // 8 * 8, 8)]
+        expected += [framed[i : i + 8] for i in range(0, len(framed) // 8 * 8, 8)]
     assert loader.num_blocks == len(expected) == 5 + 2 + 1 + 4
     blocks = [loader.block(i) for i in range(loader.num_blocks)]
     for (ids, mask, _), want in zip(blocks, expected):
@@ -268,10 +302,15 @@ def _load(rel):
     return mod.get_config()
 
 
-@pytest.mark.parametrize("rel,factor", [("configs/paper/llama2_7b_pi32k.py", 8.0),
-                                        ("configs/paper/llama3_8b_linear4x.py", 4.0),
-                                        ("configs/paper/mistral_7b.py", 4.0),
-                                        ("configs/llama2_7b_pi32k.py", 8.0)])
+@pytest.mark.parametrize(
+    "rel,factor",
+    [
+        ("configs/paper/llama2_7b_pi32k.py", 8.0),
+        ("configs/paper/llama3_8b_linear4x.py", 4.0),
+        ("configs/paper/mistral_7b.py", 4.0),
+        ("configs/llama2_7b_pi32k.py", 8.0),
+    ],
+)
 def test_paper_presets_are_the_authors_scripts(rel, factor):
     c = _load(rel)
     assert dict(c.student.rope_scaling) == {"rope_type": "linear", "factor": factor}
@@ -287,7 +326,12 @@ def test_paper_presets_are_the_authors_scripts(rel, factor):
 def test_base_defaults_follow_the_authors_and_fullproj_is_explicit():
     base = _load("configs/base.py")
     assert (base.train.lora_rank, base.train.lora_dropout, base.train.b2, base.loss.normalize, base.data.bos) == (
-        1024, 0.05, 0.999, "query_heads", "document")
+        1024,
+        0.05,
+        0.999,
+        "query_heads",
+        "document",
+    )
     assert _load("configs/paper/llama2_7b_pi32k_fullproj.py").train.lora_rank == 0
 
 

@@ -7,6 +7,7 @@ Tolerances: f32 forward 1e-5 and gradients 1e-4 in relative norm (f32 rounding
 over at most a few hundred terms); bf16 1e-2 (8-bit mantissa inputs, dS cast to
 bf16 before the gradient matmuls).
 """
+
 import re
 
 import jax
@@ -16,23 +17,28 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import BlockSizes, cost, relation_kl, self_relation_kl
-from tests.kernel_cases import (assert_matches_reference, case_kwargs, make_inputs,
-                                pallas_call_costs, reference64, rel_err)
+from tests.kernel_cases import (
+    assert_matches_reference,
+    case_kwargs,
+    make_inputs,
+    pallas_call_costs,
+    reference64,
+    rel_err,
+    rng_fixture,  # noqa: F401 (the "rng" fixture)
+)
 from tests.kernel_cases import kl_and_grads as _kl_and_grads
-from tests.kernel_cases import rng_fixture  # noqa: F401 (the "rng" fixture)
 
 # Mixed tile shapes; T is padded to 32 inside the wrapper.
-SMALL_BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
-                          block_q_dk=32, block_k_dk=16)
+SMALL_BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dk=32, block_k_dk=16)
 IMPLS = ["xla", "pallas_gpu"]
 
 
 def _kw(impl):
-  return dict(impl=impl, interpret=True, block_sizes=SMALL_BLOCKS)
+    return dict(impl=impl, interpret=True, block_sizes=SMALL_BLOCKS)
 
 
 def kl_and_grads(impl, sl, sr, tl, tr, w, **kw):
-  return _kl_and_grads(sl, sr, tl, tr, w, **_kw(impl), **kw)
+    return _kl_and_grads(sl, sr, tl, tr, w, **_kw(impl), **kw)
 
 
 # -------------------------------------------------------------- correctness ---
@@ -44,220 +50,225 @@ CASES = {
     "gqa1_noncausal": (2, 48, 4, 1, 64, {"causal": False}),
     "padding_mask_D80": (3, 37, 2, 2, 80, {"mask": True}),
     "segments_and_mask": (2, 100, 2, 1, 32, {"mask": True, "segments": True}),
-    "noncausal_segments": (1, 64, 2, 2, 16, {"causal": False, "segments": True,
-                                             "scale": 0.3}),
+    "noncausal_segments": (1, 64, 2, 2, 16, {"causal": False, "segments": True, "scale": 0.3}),
 }
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(rng, impl, case):
-  B, T, H, Hr, D, opts = CASES[case]
-  sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
-  kw = case_kwargs(rng, B, T, opts)
-  kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w, **kw)
-  ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
-  assert kl.shape == (B, H, T)
-  assert_matches_reference(kl, (d_sl, d_sr), ref, (r_sl, r_sr), kw)
+    B, T, H, Hr, D, opts = CASES[case]
+    sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
+    kw = case_kwargs(rng, B, T, opts)
+    kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w, **kw)
+    ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
+    assert kl.shape == (B, H, T)
+    assert_matches_reference(kl, (d_sl, d_sr), ref, (r_sl, r_sr), kw)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_self_relation_sums_both_gradients(rng, impl):
-  B, T, H, D = 1, 130, 2, 64
-  x, _, t, _, w = make_inputs(rng, B, T, H, H, D)
-  def loss(s):
-    kl = self_relation_kl(s, t, **_kw(impl))
-    return jnp.sum(w * kl), kl
-  (_, kl), d_x = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
-  ref, (r_l, r_r) = reference64(x, x, t, t, w)
-  assert rel_err(kl, ref) <= 1e-5
-  assert rel_err(d_x, r_l + r_r) <= 1e-4
+    B, T, H, D = 1, 130, 2, 64
+    x, _, t, _, w = make_inputs(rng, B, T, H, H, D)
+
+    def loss(s):
+        kl = self_relation_kl(s, t, **_kw(impl))
+        return jnp.sum(w * kl), kl
+
+    (_, kl), d_x = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+    ref, (r_l, r_r) = reference64(x, x, t, t, w)
+    assert rel_err(kl, ref) <= 1e-5
+    assert rel_err(d_x, r_l + r_r) <= 1e-4
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bf16(rng, impl):
-  B, T, H, Hr, D = 1, 100, 4, 2, 64
-  sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D, dtype=jnp.bfloat16)
-  kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w)
-  ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w)
-  assert d_sl.dtype == jnp.bfloat16 and d_sr.dtype == jnp.bfloat16
-  assert rel_err(kl, ref) <= 1e-2
-  assert rel_err(d_sl, r_sl) <= 1e-2
-  assert rel_err(d_sr, r_sr) <= 1e-2
+    B, T, H, Hr, D = 1, 100, 4, 2, 64
+    sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D, dtype=jnp.bfloat16)
+    kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w)
+    ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w)
+    assert d_sl.dtype == jnp.bfloat16 and d_sr.dtype == jnp.bfloat16
+    assert rel_err(kl, ref) <= 1e-2
+    assert rel_err(d_sl, r_sl) <= 1e-2
+    assert rel_err(d_sr, r_sr) <= 1e-2
 
 
 def test_jit_and_vmap(rng):
-  """vmap over an outer axis (e.g. layers), the whole loss and gradient jitted."""
-  L, B, T, H, D = 2, 1, 40, 2, 16
-  sl, sr, tl, tr, w = make_inputs(rng, L * B, T, H, H, D)
-  split = lambda x: x.reshape((L, B) + x.shape[1:])
-  sl, sr, tl, tr, w = map(split, (sl, sr, tl, tr, w))
+    """vmap over an outer axis (e.g. layers), the whole loss and gradient jitted."""
+    L, B, T, H, D = 2, 1, 40, 2, 16
+    sl, sr, tl, tr, w = make_inputs(rng, L * B, T, H, H, D)
+    split = lambda x: x.reshape((L, B) + x.shape[1:])
+    sl, sr, tl, tr, w = map(split, (sl, sr, tl, tr, w))
 
-  @jax.jit
-  def loss_and_grad(sl, sr):
-    def loss(sl, sr):
-      kl = jax.vmap(lambda a, b, c, d: relation_kl(a, b, c, d, **_kw("pallas_gpu")))(
-          sl, sr, tl, tr)
-      return jnp.sum(w * kl), kl
-    return jax.value_and_grad(loss, (0, 1), has_aux=True)(sl, sr)
+    @jax.jit
+    def loss_and_grad(sl, sr):
+        def loss(sl, sr):
+            kl = jax.vmap(lambda a, b, c, d: relation_kl(a, b, c, d, **_kw("pallas_gpu")))(sl, sr, tl, tr)
+            return jnp.sum(w * kl), kl
 
-  (_, kl), (d_sl, d_sr) = loss_and_grad(sl, sr)
-  for l in range(L):
-    ref, (r_sl, r_sr) = reference64(sl[l], sr[l], tl[l], tr[l], w[l])
-    assert rel_err(kl[l], ref) <= 1e-5
-    assert rel_err(d_sl[l], r_sl) <= 1e-4
-    assert rel_err(d_sr[l], r_sr) <= 1e-4
+        return jax.value_and_grad(loss, (0, 1), has_aux=True)(sl, sr)
+
+    (_, kl), (d_sl, d_sr) = loss_and_grad(sl, sr)
+    for l in range(L):
+        ref, (r_sl, r_sr) = reference64(sl[l], sr[l], tl[l], tr[l], w[l])
+        assert rel_err(kl[l], ref) <= 1e-5
+        assert rel_err(d_sl[l], r_sl) <= 1e-4
+        assert rel_err(d_sr[l], r_sr) <= 1e-4
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_large_logits_do_not_overflow(rng, impl):
-  # scale * |x|^2 ~ 1e4: exp would overflow without the running max.
-  B, T, H, D = 1, 48, 2, 64
-  sl, sr, tl, tr, w = make_inputs(rng, B, T, H, H, D, std=35.0)
-  kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w)
-  ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w)
-  assert np.abs(np.asarray(ref)).max() > 1e3
-  # f32 logits of size 1e4 carry ~1e-3 absolute rounding, which p = exp(u - lse)
-  # turns into ~1e-3 relative error of the probabilities: the gradients are as
-  # good as f32 logits allow, not 1e-4.
-  assert rel_err(kl, ref) <= 1e-4
-  assert rel_err(d_sl, r_sl) <= 3e-3
-  assert rel_err(d_sr, r_sr) <= 3e-3
+    # scale * |x|^2 ~ 1e4: exp would overflow without the running max.
+    B, T, H, D = 1, 48, 2, 64
+    sl, sr, tl, tr, w = make_inputs(rng, B, T, H, H, D, std=35.0)
+    kl, (d_sl, d_sr) = kl_and_grads(impl, sl, sr, tl, tr, w)
+    ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w)
+    assert np.abs(np.asarray(ref)).max() > 1e3
+    # f32 logits of size 1e4 carry ~1e-3 absolute rounding, which p = exp(u - lse)
+    # turns into ~1e-3 relative error of the probabilities: the gradients are as
+    # good as f32 logits allow, not 1e-4.
+    assert rel_err(kl, ref) <= 1e-4
+    assert rel_err(d_sl, r_sl) <= 3e-3
+    assert rel_err(d_sr, r_sr) <= 3e-3
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["reference"])
 def test_teacher_gets_no_gradient(rng, impl):
-  sl, sr, tl, tr, _ = make_inputs(rng, 1, 20, 2, 2, 16)
-  kw = _kw(impl) if impl != "reference" else {"impl": impl}
-  d_tl, d_tr = jax.jit(jax.grad(lambda c, d: relation_kl(sl, sr, c, d, **kw).sum(),
-                               (0, 1)))(tl, tr)
-  assert not np.any(np.asarray(d_tl)) and not np.any(np.asarray(d_tr))
+    sl, sr, tl, tr, _ = make_inputs(rng, 1, 20, 2, 2, 16)
+    kw = _kw(impl) if impl != "reference" else {"impl": impl}
+    d_tl, d_tr = jax.jit(jax.grad(lambda c, d: relation_kl(sl, sr, c, d, **kw).sum(), (0, 1)))(tl, tr)
+    assert not np.any(np.asarray(d_tl)) and not np.any(np.asarray(d_tr))
 
 
 def test_reference_impl_and_export(rng):
-  B, T, H, Hr, D = 2, 30, 4, 2, 16
-  sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
-  mask = jnp.asarray(np.arange(T)[None] < np.array([[30], [11]]))
-  ref, (r_sl, _) = reference64(sl, sr, tl, tr, w, mask=mask)
-  out = jax.jit(pallas_kernels.relation_kl_reference)(sl, sr, tl, tr, mask=mask)
-  assert rel_err(out, ref) <= 1e-5
-  loss = lambda a: jnp.sum(w * relation_kl(a, sr, tl, tr, mask=mask, impl="reference"))
-  d_sl = jax.jit(jax.grad(loss))(sl)
-  assert rel_err(d_sl, r_sl) <= 1e-4
+    B, T, H, Hr, D = 2, 30, 4, 2, 16
+    sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
+    mask = jnp.asarray(np.arange(T)[None] < np.array([[30], [11]]))
+    ref, (r_sl, _) = reference64(sl, sr, tl, tr, w, mask=mask)
+    out = jax.jit(pallas_kernels.relation_kl_reference)(sl, sr, tl, tr, mask=mask)
+    assert rel_err(out, ref) <= 1e-5
+    loss = lambda a: jnp.sum(w * relation_kl(a, sr, tl, tr, mask=mask, impl="reference"))
+    d_sl = jax.jit(jax.grad(loss))(sl)
+    assert rel_err(d_sl, r_sl) <= 1e-4
 
 
 def test_auto_is_xla_on_cpu(rng, monkeypatch):
-  if jax.default_backend() != "cpu":
-    pytest.skip("checks the CPU dispatch")
-  from pallas_kernels import relation_kl_gpu
-  monkeypatch.setattr(relation_kl_gpu, "forward", lambda *a, **k: pytest.fail("used pallas"))
-  sl, sr, tl, tr, w = make_inputs(rng, 1, 20, 2, 2, 16)
-  ref, _ = reference64(sl, sr, tl, tr, w)
-  assert rel_err(relation_kl(sl, sr, tl, tr), ref) <= 1e-5
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU dispatch")
+    from pallas_kernels import relation_kl_gpu
+
+    monkeypatch.setattr(relation_kl_gpu, "forward", lambda *a, **k: pytest.fail("used pallas"))
+    sl, sr, tl, tr, w = make_inputs(rng, 1, 20, 2, 2, 16)
+    ref, _ = reference64(sl, sr, tl, tr, w)
+    assert rel_err(relation_kl(sl, sr, tl, tr), ref) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype,mask", [(jnp.bfloat16, True), (jnp.float32, False)])
 def test_lowers_to_triton(dtype, mask):
-  """Forward and both backward kernels lower through Pallas -> Triton IR for
-  "cuda" (the GPU's Triton compiler and ptxas are not run here)."""
-  B, T, H, Hr, D = 1, 200, 4, 2, 128
-  x = jax.ShapeDtypeStruct((B, T, H, D), dtype)
-  r = jax.ShapeDtypeStruct((B, T, Hr, D), dtype)
-  m = jax.ShapeDtypeStruct((B, T), jnp.bool_)
-  def fwd_bwd(a, b, c, d, valid):
-    loss = lambda a, b: relation_kl(a, b, c, d, mask=valid if mask else None,
-                                    impl="pallas_gpu").sum()
-    return jax.value_and_grad(loss, (0, 1))(a, b)
-  lowered = jax.jit(fwd_bwd).trace(x, r, x, r, m).lower(lowering_platforms=("cuda",))
-  calls = re.findall(r"custom_call @([\w$.]+)", lowered.as_text())
-  assert len(calls) == 3 and all("triton" in c for c in calls), calls
+    """Forward and both backward kernels lower through Pallas -> Triton IR for
+    "cuda" (the GPU's Triton compiler and ptxas are not run here)."""
+    B, T, H, Hr, D = 1, 200, 4, 2, 128
+    x = jax.ShapeDtypeStruct((B, T, H, D), dtype)
+    r = jax.ShapeDtypeStruct((B, T, Hr, D), dtype)
+    m = jax.ShapeDtypeStruct((B, T), jnp.bool_)
+
+    def fwd_bwd(a, b, c, d, valid):
+        loss = lambda a, b: relation_kl(a, b, c, d, mask=valid if mask else None, impl="pallas_gpu").sum()
+        return jax.value_and_grad(loss, (0, 1))(a, b)
+
+    lowered = jax.jit(fwd_bwd).trace(x, r, x, r, m).lower(lowering_platforms=("cuda",))
+    calls = re.findall(r"custom_call @([\w$.]+)", lowered.as_text())
+    assert len(calls) == 3 and all("triton" in c for c in calls), calls
 
 
 # ------------------------------------------------------------ cost estimate ---
 
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_cost_estimate_is_the_documented_formula(causal):
-  """docs/kernel_notes.md: forward 2*T^2*D*H flops (two matmuls over the causal
-  half square), backward 6*T^2*D*H split 3 + 3 between d_left and d_right, 2 exp2
-  per (row, key) pair per kernel; non-causal doubles. T and D are the padded sizes
-  the kernels see; bytes = operands read once + results written once."""
-  B, T, H, Hr, D = 2, 37, 4, 2, 24
-  Tp, Dp, item = 64, 32, 2  # T to a multiple of the largest block (32), D to 2^k
-  x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
-  r = jax.ShapeDtypeStruct((B, T, Hr, D), jnp.bfloat16)
-  def fwd_bwd(a, b, c, d):
-    loss = lambda a, b: relation_kl(a, b, c, d, causal=causal, **_kw("pallas_gpu")).sum()
-    return jax.value_and_grad(loss, (0, 1))(a, b)
-  costs = pallas_call_costs(fwd_bwd, x, r, x, r)
-  half = 1 if causal else 2  # T^2 / 2 pairs causal, T^2 otherwise
-  assert costs["relation_kl_fwd"].flops == 2 * Tp**2 * Dp * H * B * half
-  assert (costs["relation_kl_dleft"].flops + costs["relation_kl_dright"].flops
-          == 6 * Tp**2 * Dp * H * B * half)
-  assert costs["relation_kl_dleft"].flops == costs["relation_kl_dright"].flops
-  for c in costs.values():
-    assert c.transcendentals == 2 * (Tp**2 // 2) * H * B * half
-  inputs = 2 * B * Tp * (H + Hr) * Dp * item + 2 * B * Tp * 4  # + q/k ids (T padded)
-  rows = B * H * Tp * 4  # one f32 row statistic
-  assert costs["relation_kl_fwd"].bytes_accessed == inputs + 3 * rows
-  assert costs["relation_kl_dleft"].bytes_accessed == inputs + 3 * rows + B * Tp * H * Dp * item
-  # GQA: d_right writes one f32 gradient per query head, summed outside.
-  assert costs["relation_kl_dright"].bytes_accessed == inputs + 3 * rows + B * Tp * H * Dp * 4
-  assert cost.flops("fwd", B=B, H=H, T=Tp, D=Dp, causal=causal) == (
-      costs["relation_kl_fwd"].flops)
+    """docs/kernel_notes.md: forward 2*T^2*D*H flops (two matmuls over the causal
+    half square), backward 6*T^2*D*H split 3 + 3 between d_left and d_right, 2 exp2
+    per (row, key) pair per kernel; non-causal doubles. T and D are the padded sizes
+    the kernels see; bytes = operands read once + results written once."""
+    B, T, H, Hr, D = 2, 37, 4, 2, 24
+    Tp, Dp, item = 64, 32, 2  # T to a multiple of the largest block (32), D to 2^k
+    x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+    r = jax.ShapeDtypeStruct((B, T, Hr, D), jnp.bfloat16)
+
+    def fwd_bwd(a, b, c, d):
+        loss = lambda a, b: relation_kl(a, b, c, d, causal=causal, **_kw("pallas_gpu")).sum()
+        return jax.value_and_grad(loss, (0, 1))(a, b)
+
+    costs = pallas_call_costs(fwd_bwd, x, r, x, r)
+    half = 1 if causal else 2  # T^2 / 2 pairs causal, T^2 otherwise
+    assert costs["relation_kl_fwd"].flops == 2 * Tp**2 * Dp * H * B * half
+    assert costs["relation_kl_dleft"].flops + costs["relation_kl_dright"].flops == 6 * Tp**2 * Dp * H * B * half
+    assert costs["relation_kl_dleft"].flops == costs["relation_kl_dright"].flops
+    for c in costs.values():
+        assert c.transcendentals == 2 * (Tp**2 // 2) * H * B * half
+    inputs = 2 * B * Tp * (H + Hr) * Dp * item + 2 * B * Tp * 4  # + q/k ids (T padded)
+    rows = B * H * Tp * 4  # one f32 row statistic
+    assert costs["relation_kl_fwd"].bytes_accessed == inputs + 3 * rows
+    assert costs["relation_kl_dleft"].bytes_accessed == inputs + 3 * rows + B * Tp * H * Dp * item
+    # GQA: d_right writes one f32 gradient per query head, summed outside.
+    assert costs["relation_kl_dright"].bytes_accessed == inputs + 3 * rows + B * Tp * H * Dp * 4
+    assert cost.flops("fwd", B=B, H=H, T=Tp, D=Dp, causal=causal) == (costs["relation_kl_fwd"].flops)
 
 
 def test_block_policy():
-  """blocks.py: defaults per impl, GPU shrink for wide rows, clamp to T, padding."""
-  from pallas_kernels import blocks
-  assert blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 2) == BlockSizes()
-  wide = blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 4)  # f32 rows: half tiles
-  assert (wide.block_q, wide.block_k, wide.num_stages_fwd) == (64, 32, 2)
-  assert set(blocks.pick_blocks(None, "xla", 4096, 256).all_blocks()) == {512}
-  assert set(blocks.pick_blocks(None, "pallas_tpu", 4096, 256).all_blocks()) == {128}
-  short = blocks.pick_blocks({"block_q": 256}, "xla", 37, 256)
-  assert set(short.all_blocks()) == {64} and blocks.padded_length(37, short) == 64
-  assert [blocks.padded_head_dim(d) for d in (8, 24, 64, 80)] == [16, 32, 64, 128]
-  assert [blocks.lane_dim(d) for d in (16, 128, 256)] == [128, 128, 256]
-  with pytest.raises(ValueError, match="block_sizes"):
-    blocks.pick_blocks({"block_k": 64}, "pallas_tpu", 300, 256)
-  with pytest.raises(ValueError, match="block_sizes"):
-    blocks.pick_blocks({"block_kk": 64}, "xla", 300, 256)
+    """blocks.py: defaults per impl, GPU shrink for wide rows, clamp to T, padding."""
+    from pallas_kernels import blocks
+
+    assert blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 2) == BlockSizes()
+    wide = blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 4)  # f32 rows: half tiles
+    assert (wide.block_q, wide.block_k, wide.num_stages_fwd) == (64, 32, 2)
+    assert set(blocks.pick_blocks(None, "xla", 4096, 256).all_blocks()) == {512}
+    assert set(blocks.pick_blocks(None, "pallas_tpu", 4096, 256).all_blocks()) == {128}
+    short = blocks.pick_blocks({"block_q": 256}, "xla", 37, 256)
+    assert set(short.all_blocks()) == {64} and blocks.padded_length(37, short) == 64
+    assert [blocks.padded_head_dim(d) for d in (8, 24, 64, 80)] == [16, 32, 64, 128]
+    assert [blocks.lane_dim(d) for d in (16, 128, 256)] == [128, 128, 256]
+    with pytest.raises(ValueError, match="block_sizes"):
+        blocks.pick_blocks({"block_k": 64}, "pallas_tpu", 300, 256)
+    with pytest.raises(ValueError, match="block_sizes"):
+        blocks.pick_blocks({"block_kk": 64}, "xla", 300, 256)
 
 
 # --------------------------------------------------------------- validation ---
 
+
 def _bad_calls():
-  f32 = lambda *s: jnp.ones(s, jnp.float32)
-  x, r = f32(2, 8, 4, 16), f32(2, 8, 2, 16)
-  ok = dict(s_left=x, s_right=r, t_left=x, t_right=r)
-  return [
-      ("s_left", dict(ok, s_left=f32(8, 4, 16))),
-      ("s_right", dict(ok, s_right=f32(2, 8, 3, 16))),            # 4 % 3 != 0
-      ("s_right", dict(ok, s_right=f32(2, 9, 2, 16))),            # T mismatch
-      ("t_left", dict(ok, t_left=f32(2, 9, 4, 16))),              # teacher T
-      ("t_right", dict(ok, t_right=r.astype(jnp.bfloat16))),      # teacher dtype
-      ("t_left", dict(ok, t_left=f32(2, 8, 4, 32))),              # teacher D
-      ("s_left", dict(ok, s_left=x.astype(jnp.int32))),           # dtype
-      ("mask", dict(ok, mask=jnp.ones((2, 7), bool))),
-      ("mask", dict(ok, mask=jnp.ones((2, 8), jnp.int32))),
-      ("segment_ids", dict(ok, segment_ids=jnp.ones((2, 8), jnp.float32))),
-      ("segment_ids", dict(ok, segment_ids=jnp.ones((8,), jnp.int32))),
-      ("impl", dict(ok, impl="cuda")),
-      ("scale", dict(ok, scale=-1.0)),
-      ("block_sizes", dict(ok, block_sizes={"block_k": 12})),   # not a power of 2
-      ("block_sizes", dict(ok, block_sizes={"block_q": 8})),    # < 16 on GPU
-  ]
+    f32 = lambda *s: jnp.ones(s, jnp.float32)
+    x, r = f32(2, 8, 4, 16), f32(2, 8, 2, 16)
+    ok = dict(s_left=x, s_right=r, t_left=x, t_right=r)
+    return [
+        ("s_left", dict(ok, s_left=f32(8, 4, 16))),
+        ("s_right", dict(ok, s_right=f32(2, 8, 3, 16))),  # 4 % 3 != 0
+        ("s_right", dict(ok, s_right=f32(2, 9, 2, 16))),  # T mismatch
+        ("t_left", dict(ok, t_left=f32(2, 9, 4, 16))),  # teacher T
+        ("t_right", dict(ok, t_right=r.astype(jnp.bfloat16))),  # teacher dtype
+        ("t_left", dict(ok, t_left=f32(2, 8, 4, 32))),  # teacher D
+        ("s_left", dict(ok, s_left=x.astype(jnp.int32))),  # dtype
+        ("mask", dict(ok, mask=jnp.ones((2, 7), bool))),
+        ("mask", dict(ok, mask=jnp.ones((2, 8), jnp.int32))),
+        ("segment_ids", dict(ok, segment_ids=jnp.ones((2, 8), jnp.float32))),
+        ("segment_ids", dict(ok, segment_ids=jnp.ones((8,), jnp.int32))),
+        ("impl", dict(ok, impl="cuda")),
+        ("scale", dict(ok, scale=-1.0)),
+        ("block_sizes", dict(ok, block_sizes={"block_k": 12})),  # not a power of 2
+        ("block_sizes", dict(ok, block_sizes={"block_q": 8})),  # < 16 on GPU
+    ]
 
 
-@pytest.mark.parametrize("arg,call", _bad_calls(),
-                         ids=[f"{a}{i}" for i, (a, _) in enumerate(_bad_calls())])
+@pytest.mark.parametrize("arg,call", _bad_calls(), ids=[f"{a}{i}" for i, (a, _) in enumerate(_bad_calls())])
 def test_bad_input_raises_before_tracing(arg, call, monkeypatch):
-  from pallas_kernels import relation_kl_gpu, relation_kl_xla
-  for mod in (relation_kl_gpu, relation_kl_xla):
-    for fn in ("forward", "backward"):
-      monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("kernel traced"))
-  kw = dict(call)
-  args = [kw.pop(k) for k in ("s_left", "s_right", "t_left", "t_right")]
-  kw.setdefault("impl", "pallas_gpu")
-  with pytest.raises(ValueError, match=arg):
-    relation_kl(*args, interpret=True, **kw)
+    from pallas_kernels import relation_kl_gpu, relation_kl_xla
+
+    for mod in (relation_kl_gpu, relation_kl_xla):
+        for fn in ("forward", "backward"):
+            monkeypatch.setattr(mod, fn, lambda *a, **k: pytest.fail("kernel traced"))
+    kw = dict(call)
+    args = [kw.pop(k) for k in ("s_left", "s_right", "t_left", "t_right")]
+    kw.setdefault("impl", "pallas_gpu")
+    with pytest.raises(ValueError, match=arg):
+        relation_kl(*args, interpret=True, **kw)

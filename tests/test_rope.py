@@ -36,8 +36,13 @@ from lard_jax.rope import (  # noqa: E402
 # Fixed sequence lengths keep JAX's per-shape compilation cache warm across cases; the thresholds they are compared
 # against (max_position_embeddings / original_max_position_embeddings) are drawn in between.
 T_SHORT, T_LONG = 16, 45
-LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-           "original_max_position_embeddings": 8192}
+LLAMA31 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,9 +64,17 @@ def _rng(name: str) -> np.random.Generator:
 def _hf_config(rope_scaling, *, head_dim, rope_theta, max_position_embeddings, **extra):
     params = copy.deepcopy(rope_scaling) if rope_scaling else {"rope_type": "default"}
     params["rope_theta"] = rope_theta
-    return LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim, num_hidden_layers=1,
-                       intermediate_size=8, vocab_size=16, max_position_embeddings=max_position_embeddings,
-                       rope_parameters=params, **extra)
+    return LlamaConfig(
+        hidden_size=2 * head_dim,
+        num_attention_heads=2,
+        head_dim=head_dim,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=16,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters=params,
+        **extra,
+    )
 
 
 def _hf_init(cfg, seq_len):
@@ -101,13 +114,19 @@ def _llama3_rtol(case) -> np.ndarray:
 
 
 def _ours(case, seq_len):
-    return rope_frequencies(case["rope"], head_dim=case["head_dim"], rope_theta=case["theta"],
-                            max_position_embeddings=case["max_pos"], seq_len=seq_len)
+    return rope_frequencies(
+        case["rope"],
+        head_dim=case["head_dim"],
+        rope_theta=case["theta"],
+        max_position_embeddings=case["max_pos"],
+        seq_len=seq_len,
+    )
 
 
 def _cfg(case):
-    return _hf_config(case["rope"], head_dim=case["head_dim"], rope_theta=case["theta"],
-                      max_position_embeddings=case["max_pos"])
+    return _hf_config(
+        case["rope"], head_dim=case["head_dim"], rope_theta=case["theta"], max_position_embeddings=case["max_pos"]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ random cases
@@ -154,8 +173,13 @@ def _random_case(rope_type, rng, variant, *, small=False):
         rope["original_max_position_embeddings"] = threshold
         rope["low_freq_factor"] = float(rng.uniform(0.5, 2.0))
         rope["high_freq_factor"] = rope["low_freq_factor"] + float(rng.uniform(0.5, 6.0))
-    return {"rope": None if rope_type == "default" else rope, "head_dim": head_dim, "theta": theta,
-            "max_pos": max_pos, "threshold": threshold}
+    return {
+        "rope": None if rope_type == "default" else rope,
+        "head_dim": head_dim,
+        "theta": theta,
+        "max_pos": max_pos,
+        "threshold": threshold,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ frequencies
@@ -223,8 +247,13 @@ def test_cos_sin_match_llama_rotary_embedding(rope_type):
 def test_cos_sin_long_positions_within_float32_angle_resolution():
     rng = _rng("long")
     dynamic = {"rope_type": "dynamic", "factor": float(rng.uniform(2.0, 8.0))}
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "mscale": 0.7,
-            "mscale_all_dim": 0.3}
+    yarn = {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+        "mscale": 0.7,
+        "mscale_all_dim": 0.3,
+    }
     length = 2048
     for rope, max_pos in ((dynamic, 512), (yarn, 2048), (LLAMA31, 131_072)):
         case = {"rope": rope, "head_dim": 128, "theta": float(rng.uniform(1e4, 1e6)), "max_pos": max_pos}
@@ -253,13 +282,18 @@ def test_apply_rope_matches_apply_rotary_pos_emb(head_dim):
     k = rng.standard_normal((batch, length, heads, head_dim)).astype(np.float32)
 
     # transformers' q/k are [B, H, T, D].
-    ref_q, ref_k = apply_rotary_pos_emb(torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2),
-                                        torch.from_numpy(cos_t), torch.from_numpy(sin_t))
+    ref_q, ref_k = apply_rotary_pos_emb(
+        torch.from_numpy(q).transpose(1, 2),
+        torch.from_numpy(k).transpose(1, 2),
+        torch.from_numpy(cos_t),
+        torch.from_numpy(sin_t),
+    )
     ref_q, ref_k = ref_q.transpose(1, 2).numpy(), ref_k.transpose(1, 2).numpy()
 
     # Same cos/sin fed to both isolates the rotation...
-    np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(q), jnp.asarray(cos_t), jnp.asarray(sin_t))),
-                               ref_q, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(apply_rope(jnp.asarray(q), jnp.asarray(cos_t), jnp.asarray(sin_t))), ref_q, rtol=0, atol=1e-5
+    )
     # ...and the full path from the config (cos/sin differ by up to 1e-5 here, times |k| of a few).
     inv, scaling = rope_frequencies(rope, head_dim=head_dim, rope_theta=10_000.0, max_position_embeddings=128)
     cos, sin = rope_cos_sin(jnp.asarray(positions), inv, scaling)
@@ -277,8 +311,9 @@ def test_apply_rope_dtype_jit_and_norm():
     out16 = apply_rope(x16, cos, sin)
     assert out16.dtype == jnp.bfloat16
     # Math is float32 and cast once at the end (bf16 -> f32 is exact).
-    np.testing.assert_array_equal(np.asarray(out16), np.asarray(apply_rope(x16.astype(jnp.float32), cos, sin)
-                                                                .astype(jnp.bfloat16)))
+    np.testing.assert_array_equal(
+        np.asarray(out16), np.asarray(apply_rope(x16.astype(jnp.float32), cos, sin).astype(jnp.bfloat16))
+    )
 
     @jax.jit
     def rotate(pos, x):
@@ -302,15 +337,17 @@ def test_normalize_accepts_legacy_type_and_canonicalises():
     assert normalize_rope_scaling(out) == out and normalize_rope_scaling(out) is not out
     llama3 = normalize_rope_scaling({**LLAMA31, "original_max_position_embeddings": 8192.0})
     assert llama3["original_max_position_embeddings"] == 8192 and isinstance(
-        llama3["original_max_position_embeddings"], int)
+        llama3["original_max_position_embeddings"], int
+    )
     yarn = normalize_rope_scaling({"rope_type": "yarn", "factor": 4, "attention_factor": None, "truncate": False})
     assert yarn == {"rope_type": "yarn", "factor": 4.0, "truncate": False}
     lr = normalize_rope_scaling({"rope_type": "longrope", "short_factor": (1, 2), "long_factor": np.ones(2)})
     assert lr["short_factor"] == [1.0, 2.0] and lr["long_factor"] == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("plain", [None, {}, {"rope_theta": 10_000.0}, {"rope_type": "default"},
-                                   {"type": "default", "rope_theta": 1e6}])
+@pytest.mark.parametrize(
+    "plain", [None, {}, {"rope_theta": 10_000.0}, {"rope_type": "default"}, {"type": "default", "rope_theta": 1e6}]
+)
 def test_normalize_default_is_none(plain):
     assert normalize_rope_scaling(plain) is None
 
@@ -325,8 +362,11 @@ def test_normalize_errors():
     with pytest.raises(RopeConfigError, match="'longrope'.*missing.*long_factor"):
         normalize_rope_scaling({"rope_type": "longrope", "short_factor": [1.0]})
     for rope_type in ("linear", "dynamic", "yarn", "llama3"):
-        bad = {**LLAMA31, "rope_type": rope_type, "factor": 0.5} if rope_type == "llama3" else {
-            "rope_type": rope_type, "factor": 0.5}
+        bad = (
+            {**LLAMA31, "rope_type": rope_type, "factor": 0.5}
+            if rope_type == "llama3"
+            else {"rope_type": rope_type, "factor": 0.5}
+        )
         with pytest.raises(RopeConfigError, match="factor must be >= 1"):
             normalize_rope_scaling(bad)
     with pytest.raises(RopeConfigError, match="unexpected field 'orignal_max_position_embeddings'"):
@@ -346,8 +386,12 @@ def test_normalize_errors():
 
 
 def test_rope_frequencies_errors():
-    longrope = {"rope_type": "longrope", "short_factor": [1.0] * 31, "long_factor": [2.0] * 32,
-                "original_max_position_embeddings": 4096}
+    longrope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 31,
+        "long_factor": [2.0] * 32,
+        "original_max_position_embeddings": 4096,
+    }
     with pytest.raises(RopeConfigError, match="short_factor has 31 entries, expected head_dim // 2 = 32"):
         rope_frequencies(longrope, head_dim=64, rope_theta=1e4, max_position_embeddings=8192)
     with pytest.raises(RopeConfigError, match="head_dim"):
@@ -370,8 +414,9 @@ def test_top_level_original_max_overrides_rope_dict_like_transformers():
     # transformers re-runs standardize_rope_params inside every init function, which *assigns* a top-level
     # original_max_position_embeddings over the one in the rope dict (Phi-3 convention).
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
-    cfg = _hf_config(rope, head_dim=64, rope_theta=10_000.0, max_position_embeddings=512,
-                     original_max_position_embeddings=64)
+    cfg = _hf_config(
+        rope, head_dim=64, rope_theta=10_000.0, max_position_embeddings=512, original_max_position_embeddings=64
+    )
     ref_inv, ref_scaling = _hf_init(cfg, None)
     merged = rope_scaling_from_hf_config(cfg)
     assert merged["original_max_position_embeddings"] == 64
@@ -381,7 +426,10 @@ def test_top_level_original_max_overrides_rope_dict_like_transformers():
     naive, _ = rope_frequencies(rope, head_dim=64, rope_theta=10_000.0, max_position_embeddings=512)
     assert not np.allclose(naive, ref_inv)  # the rope dict alone would be wrong here
     # Same from a raw config.json dict, legacy key names included.
-    as_json = {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
-               "rope_theta": 10_000.0, "original_max_position_embeddings": 64}
+    as_json = {
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+        "rope_theta": 10_000.0,
+        "original_max_position_embeddings": 64,
+    }
     assert rope_scaling_from_hf_config(as_json) == merged
     assert rope_scaling_from_hf_config({"rope_theta": 1e4}) is None

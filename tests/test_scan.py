@@ -7,6 +7,7 @@
   without LoRA (merged, and unmerged with dropout: the same per-layer dropout keys in both paths),
   GQA, a layer subset, remat, both layouts.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,11 +15,26 @@ import optax
 import pytest
 
 from lard_jax import generate, losses, sharding, trainer
-from lard_jax.model import (LlamaConfig, LlamaForCausalLM, init_params, is_stacked, param_logical_axes,
-                            relation_inputs, stack_layers, unstack_layers)
+from lard_jax.model import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    init_params,
+    is_stacked,
+    param_logical_axes,
+    relation_inputs,
+    stack_layers,
+    unstack_layers,
+)
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=16)
+CFG = LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=16,
+)
 ROPE = {"rope_type": "linear", "factor": 4.0}
 
 
@@ -30,8 +46,9 @@ def _params(cfg=CFG, seed=0):
 
 def _close(a, b, rtol=1e-5, atol=1e-6, what=""):
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}"
+        )
 
 
 # ------------------------------------------------------------------------------------ layouts
@@ -39,7 +56,11 @@ def test_stack_unstack_roundtrip_and_init_layout():
     params = _params()
     stacked = stack_layers(params)
     assert is_stacked(stacked) and not is_stacked(params)
-    assert "layers_0" not in stacked["model"] and stacked["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (3, 32, 32)
+    assert "layers_0" not in stacked["model"] and stacked["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (
+        3,
+        32,
+        32,
+    )
     scan_model = LlamaForCausalLM(CFG.replace(scan_layers=True))
     shapes = jax.eval_shape(lambda: scan_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
     assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(stacked)
@@ -88,8 +109,9 @@ def test_scan_equals_loop_forward_and_generation(remat):
     _close(a, b, rtol=1e-5, atol=1e-5, what="logits")
     _close(la, lb, rtol=1e-5, atol=1e-5, what="qkv")
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
-    assert (generate.greedy_generate(loop, params, prompts, 5, bucket=8)
-            == generate.greedy_generate(scan, stack_layers(params), prompts, 5, bucket=8))
+    assert generate.greedy_generate(loop, params, prompts, 5, bucket=8) == generate.greedy_generate(
+        scan, stack_layers(params), prompts, 5, bucket=8
+    )
 
 
 def test_lora_trainable_tree_in_both_layouts():
@@ -104,8 +126,9 @@ def test_lora_trainable_tree_in_both_layouts():
     merged = trainer.merge_student(params, per, lora)
     merged_stk = trainer.merge_student(stacked, stack_layers(per), lora)
     _close(merged_stk, stack_layers(merged), rtol=1e-6, atol=1e-6, what="merge")
-    full = trainer.init_trainable(stacked, trainer.trainable_mask(stacked, ("q_proj", "o_proj")), trainer.LoraSpec(),
-                                  jax.random.PRNGKey(0))
+    full = trainer.init_trainable(
+        stacked, trainer.trainable_mask(stacked, ("q_proj", "o_proj")), trainer.LoraSpec(), jax.random.PRNGKey(0)
+    )
     assert set(full["model"]["layers"]["self_attn"]) == {"q_proj", "o_proj"}
 
 
@@ -115,13 +138,19 @@ def _setup(layout, lora_kind, gqa=True, remat="none"):
     params = _params(cfg.replace(scan_layers=False))
     teacher = LlamaForCausalLM(cfg)
     student = LlamaForCausalLM(cfg.replace(rope_scaling=ROPE))
-    lora = {"none": trainer.LoraSpec(), "merged": trainer.LoraSpec(rank=4, alpha=8.0),
-            "dropout": trainer.LoraSpec(rank=4, alpha=8.0, dropout=0.3)}[lora_kind]
+    lora = {
+        "none": trainer.LoraSpec(),
+        "merged": trainer.LoraSpec(rank=4, alpha=8.0),
+        "dropout": trainer.LoraSpec(rank=4, alpha=8.0, dropout=0.3),
+    }[lora_kind]
     t = trainer.init_trainable(params, trainer.trainable_mask(params), lora, jax.random.PRNGKey(5))
     if lora.enabled:  # a nonzero B, as after some training
         t = jax.tree_util.tree_map_with_path(
-            lambda p, x: 0.05 * jax.random.normal(jax.random.PRNGKey(6), x.shape)
-            if getattr(p[-1], "key", "") == "lora_b" else x, t)
+            lambda p, x: (
+                0.05 * jax.random.normal(jax.random.PRNGKey(6), x.shape) if getattr(p[-1], "key", "") == "lora_b" else x
+            ),
+            t,
+        )
     if layout == "scan":  # the same weights and factors, stacked
         params, t = stack_layers(params), stack_layers(t)
     ids = jax.random.randint(jax.random.PRNGKey(7), (2, 12), 0, 64)
@@ -135,19 +164,23 @@ def _loss_and_grads(teacher, student, spec, lora, t, params, batch):
     return loss, metrics, grads
 
 
-@pytest.mark.parametrize("layout,lora_kind,gqa,layers,remat", [
-    ("scan", "none", True, None, "none"),
-    ("scan", "merged", True, (0, 2), "full"),
-    ("scan", "dropout", False, None, "full"),
-    ("scan", "none", True, (1,), "none"),
-    ("loop", "dropout", True, (0, 2), "none"),
-    ("loop", "merged", False, None, "full"),
-])
+@pytest.mark.parametrize(
+    "layout,lora_kind,gqa,layers,remat",
+    [
+        ("scan", "none", True, None, "none"),
+        ("scan", "merged", True, (0, 2), "full"),
+        ("scan", "dropout", False, None, "full"),
+        ("scan", "none", True, (1,), "none"),
+        ("loop", "dropout", True, (0, 2), "none"),
+        ("loop", "merged", False, None, "full"),
+    ],
+)
 def test_fused_equals_unfused(layout, lora_kind, gqa, layers, remat):
     teacher, student, params, lora, t, batch = _setup(layout, lora_kind, gqa, remat)
     spec = dict(kernel_impl="xla", layers=layers)
-    ref_loss, ref_m, ref_g = _loss_and_grads(teacher, student, trainer.LossSpec(fused=False, **spec), lora, t, params,
-                                             batch)
+    ref_loss, ref_m, ref_g = _loss_and_grads(
+        teacher, student, trainer.LossSpec(fused=False, **spec), lora, t, params, batch
+    )
     loss, m, g = _loss_and_grads(teacher, student, trainer.LossSpec(fused=True, **spec), lora, t, params, batch)
     assert float(ref_loss) > 1e-3
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
@@ -161,8 +194,9 @@ def test_fused_equals_unfused(layout, lora_kind, gqa, layers, remat):
 
 def test_fused_per_relation_heads_logit_term_and_repeated_layers():
     teacher, student, params, lora, t, batch = _setup("scan", "none")
-    spec = dict(kernel_impl="xla", normalize="per_relation_heads", lambda_logit=0.5, layers=(2, 0, 2),
-                relations=("k", "v"))
+    spec = dict(
+        kernel_impl="xla", normalize="per_relation_heads", lambda_logit=0.5, layers=(2, 0, 2), relations=("k", "v")
+    )
     ref, ref_m, ref_g = _loss_and_grads(teacher, student, trainer.LossSpec(fused=False, **spec), lora, t, params, batch)
     got, m, g = _loss_and_grads(teacher, student, trainer.LossSpec(fused=True, **spec), lora, t, params, batch)
     np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
@@ -189,8 +223,9 @@ def test_fused_loss_errors():
     teacher, student, params, lora, t, batch = _setup("scan", "none")
     s_params = trainer.student_params(params, t, lora)
     with pytest.raises(ValueError, match="relation"):
-        losses.fused_relation_loss(teacher.config, student.config, params, s_params, batch["input_ids"],
-                                   relations=("x",))
+        losses.fused_relation_loss(
+            teacher.config, student.config, params, s_params, batch["input_ids"], relations=("x",)
+        )
     with pytest.raises(IndexError, match="layer 5"):
         losses.fused_relation_loss(teacher.config, student.config, params, s_params, batch["input_ids"], layers=(5,))
 
@@ -199,6 +234,7 @@ def test_checkpoint_of_either_layout_restores_and_export_is_per_layer(tmp_path):
     """An orbax checkpoint written in the per-layer layout resumes a stacked run (and back);
     export slices only the trained tensors out of the stacked tree."""
     import orbax.checkpoint as ocp
+
     teacher, student, params, lora, t, batch = _setup("loop", "merged")
     opt = optax.adamw(1e-3)
     per = {"step": jnp.ones((), jnp.int32), "trainable": t, "opt_state": opt.init(t), "rng": jax.random.PRNGKey(0)}
@@ -210,8 +246,10 @@ def test_checkpoint_of_either_layout_restores_and_export_is_per_layer(tmp_path):
             mgr.save(1, args=ocp.args.StandardSave(saved))
             mgr.wait_until_finished()
         with ocp.CheckpointManager(str(d)) as mgr:
-            got = trainer.restore_any_layout(lambda a: mgr.restore(1, args=ocp.args.StandardRestore(a)),
-                                             jax.tree_util.tree_map(jnp.zeros_like, target))
+            got = trainer.restore_any_layout(
+                lambda a: mgr.restore(1, args=ocp.args.StandardRestore(a)),
+                jax.tree_util.tree_map(jnp.zeros_like, target),
+            )
         assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(target)
         _close(got, target, rtol=0, atol=0, what="restored")
     s_params = stack_layers(trainer.merge_student(params, t, lora))

@@ -1,4 +1,5 @@
 """Restoration training on tiny models: masked update, loss behaviour, sharding, resume, config errors."""
+
 import os
 import subprocess
 import sys
@@ -144,13 +145,28 @@ def test_sharded_equals_unsharded(assets, tmp_path):
 
 
 def _cli(assets, workdir, *extra):
-    args = [sys.executable, "-m", "experiments.restore", f"--config={ROOT}/configs/base.py",
-            f"--config.workdir={workdir}", f"--config.model.checkpoint={assets / 'teacher'}",
-            f"--config.data.source={assets / 'data'}", "--config.model.dtype=float32",
-            "--config.model.param_dtype=float32", "--config.data.seq_len=16", "--config.train.steps=6",
-            "--config.train.batch_size=4", "--config.train.grad_accum=2", "--config.train.checkpoint_every=2",
-            "--config.train.lr=0.003", "--config.loss.kernel_impl=xla", "--config.mesh.data=2",
-            "--config.mesh.fsdp=2", "--config.mesh.tensor=2", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.restore",
+        f"--config={ROOT}/configs/base.py",
+        f"--config.workdir={workdir}",
+        f"--config.model.checkpoint={assets / 'teacher'}",
+        f"--config.data.source={assets / 'data'}",
+        "--config.model.dtype=float32",
+        "--config.model.param_dtype=float32",
+        "--config.data.seq_len=16",
+        "--config.train.steps=6",
+        "--config.train.batch_size=4",
+        "--config.train.grad_accum=2",
+        "--config.train.checkpoint_every=2",
+        "--config.train.lr=0.003",
+        "--config.loss.kernel_impl=xla",
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2",
+        *extra,
+    ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

@@ -1,4 +1,5 @@
 """Tiny random checkpoints for tests: a byte-tokenizer LLaMA saved in Hugging Face format."""
+
 import jax
 
 from lard_jax import hf
@@ -8,9 +9,15 @@ from lard_jax.tokenizer import ByteTokenizer
 
 def save_tiny_teacher(path, *, seed: int, max_position_embeddings: int, weight_scale: float = 8.0) -> None:
     """Weights `weight_scale` x the init's, so relation maps are far from uniform and RoPE matters."""
-    cfg = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_position_embeddings)
+    cfg = LlamaConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+    )
     model, params = init_params(cfg, jax.random.PRNGKey(seed))
     params = jax.tree_util.tree_map(lambda x: x * weight_scale if x.ndim == 2 else x, params)
     hf.save_pretrained(str(path), model, params)

@@ -3,6 +3,7 @@
 Source: github.com/gracefulning/LinearARD, train.py and scripts/train_linearard_*.sh (commit 23866f6,
 2026-05-31); differences from the paper (arXiv 2604.00004) and from the code are in docs/recipe.md.
 """
+
 from configs import base
 
 

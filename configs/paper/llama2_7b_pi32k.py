@@ -9,6 +9,7 @@ text says 4.25M; docs/recipe.md). LoRA r 1024 / alpha 2048 / dropout 0.05 on q, 
 torch defaults; lr 2e-5, warmup 4 from 0, cosine to 0.9x; clip 5.0. Full-projection variant:
 configs/paper/llama2_7b_pi32k_fullproj.py.
 """
+
 from configs.paper.common import authors_config
 
 

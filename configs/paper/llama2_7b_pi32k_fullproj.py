@@ -2,6 +2,7 @@
 q/k/v projections instead of LoRA (this project's earlier default; the paper's text says "q/k/v
 trainable" without naming LoRA). Not what the authors' scripts run; see docs/recipe.md.
 """
+
 from configs.paper.common import authors_config
 
 

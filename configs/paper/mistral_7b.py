@@ -4,6 +4,7 @@ x4 (the factor in the script as we read it at commit c68f9fb; docs/recipe.md), t
 At 4096 tokens Mistral's 4096-token sliding window cuts nothing off, so lard_jax's full causal
 attention is exact there (the window is not implemented). 144 steps x 4 x 4096 = 2.36M tokens.
 """
+
 from configs.paper.common import authors_config
 
 

@@ -9,7 +9,7 @@ heat map of it shows where RoPE scaling hurts most and where distillation repair
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

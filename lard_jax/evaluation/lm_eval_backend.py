@@ -40,12 +40,14 @@ bucket (RoPE types whose frequencies depend on the sequence length, dynamic and 
 never padded). Generation is `lard_jax.generate.greedy_generate` (KV cache; each batch runs the
 full `max_gen_toks` steps, then the text is cut at the first stop string).
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +58,9 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
 except ImportError as error:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError("lard_jax.evaluation.lm_eval_backend needs lm-evaluation-harness: "
-                      "pip install lm-eval==0.4.13") from error
+    raise ImportError(
+        "lard_jax.evaluation.lm_eval_backend needs lm-evaluation-harness: pip install lm-eval==0.4.13"
+    ) from error
 
 from lard_jax.evaluation import multiple_choice
 from lard_jax.model import dtype_of
@@ -129,11 +132,25 @@ def _forward(model, precision, params, input_ids, targets, positions):
 class LardJaxLM(LM):
     """lm-eval `LM` over a lard_jax model: loglikelihood, loglikelihood_rolling, generate_until (greedy)."""
 
-    def __init__(self, pretrained: str | None = None, *, tokenizer: str | None = None, rope_scaling: Any = None,
-                 max_position_embeddings: int | None = None, dtype: str = "float32", batch_size: Any = None,
-                 max_length: int | None = None, add_bos: Any = "tokenizer", max_gen_toks: int = 256,
-                 attention_impl: str = "xla", model=None, params=None, max_batch_size: Any = None,
-                 device: Any = None, **unused: Any):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        *,
+        tokenizer: str | None = None,
+        rope_scaling: Any = None,
+        max_position_embeddings: int | None = None,
+        dtype: str = "float32",
+        batch_size: Any = None,
+        max_length: int | None = None,
+        add_bos: Any = "tokenizer",
+        max_gen_toks: int = 256,
+        attention_impl: str = "xla",
+        model=None,
+        params=None,
+        max_batch_size: Any = None,
+        device: Any = None,
+        **unused: Any,
+    ):
         super().__init__()
         from lard_jax import hf
         from lard_jax.tokenizer import load_tokenizer
@@ -181,23 +198,46 @@ class LardJaxLM(LM):
         return max(width, min(bucket, self.max_length))
 
     def _forward(self, input_ids: np.ndarray, targets: np.ndarray, positions: np.ndarray):
-        return jax.device_get(_forward(self.model, self._precision, self.params, jnp.asarray(input_ids, jnp.int32),
-                                       jnp.asarray(targets, jnp.int32), jnp.asarray(positions, jnp.int32)))
+        return jax.device_get(
+            _forward(
+                self.model,
+                self._precision,
+                self.params,
+                jnp.asarray(input_ids, jnp.int32),
+                jnp.asarray(targets, jnp.int32),
+                jnp.asarray(positions, jnp.int32),
+            )
+        )
 
     def _score_batch(self, input_ids: np.ndarray, spans) -> list[tuple[float, bool]]:
         targets = np.zeros_like(input_ids)
         for row, first, last, continuation in spans:
             targets[row, first:last] = continuation
         log_probs, greedy, _ = self._forward(input_ids, targets, np.ones(len(input_ids), np.int32))
-        return [(float(np.asarray(log_probs[row, first:last], np.float64).sum()), bool(np.all(greedy[row, first:last])))
-                for row, first, last, _ in spans]
+        return [
+            (float(np.asarray(log_probs[row, first:last], np.float64).sum()), bool(np.all(greedy[row, first:last])))
+            for row, first, last, _ in spans
+        ]
 
-    def score_tokens(self, token_requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, progress: bool = True,
-                     desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    def score_tokens(
+        self,
+        token_requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+        *,
+        progress: bool = True,
+        desc: str = "loglikelihood",
+    ) -> list[tuple[float, bool]]:
         """(log-likelihood, greedy) of each (context ids, continuation ids), harness truncation and batching."""
         return multiple_choice.score_token_requests(
-            self._score_batch, token_requests, batch_size=self.batch_size, max_length=self.max_length,
-            bucket=self._bucket, pad_id=self.pad_id, pad_batch=True, progress=progress, desc=desc)
+            self._score_batch,
+            token_requests,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            bucket=self._bucket,
+            pad_id=self.pad_id,
+            pad_batch=True,
+            progress=progress,
+            desc=desc,
+        )
 
     # ------------------------------------------------------------------ the LM interface
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -217,8 +257,9 @@ class LardJaxLM(LM):
                 windows.append(window)
                 owner.append(index)
         totals = [0.0] * len(requests)
-        for index, (log_likelihood, _) in zip(owner, self.score_tokens(windows, progress=not disable_tqdm,
-                                                                        desc="loglikelihood_rolling")):
+        for index, (log_likelihood, _) in zip(
+            owner, self.score_tokens(windows, progress=not disable_tqdm, desc="loglikelihood_rolling")
+        ):
             totals[index] += log_likelihood
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -235,11 +276,14 @@ class LardJaxLM(LM):
             budget = self.max_length - max_new
             if budget < 1:
                 raise ValueError(f"max_gen_toks {max_new} leaves no room for a prompt in max_length {self.max_length}")
-            prompts = {i: multiple_choice.encode(self.tokenizer, requests[i].args[0], self.add_bos)[-budget:]
-                       or [self.prefix_id] for i in indices}  # an empty prompt conditions on bos (else eos)
+            prompts = {
+                i: multiple_choice.encode(self.tokenizer, requests[i].args[0], self.add_bos)[-budget:]
+                or [self.prefix_id]
+                for i in indices
+            }  # an empty prompt conditions on bos (else eos)
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             for first in range(0, len(order), self.batch_size):
-                batch = order[first:first + self.batch_size]
+                batch = order[first : first + self.batch_size]
                 for i, text in zip(batch, self._greedy([prompts[i] for i in batch], max_new, until)):
                     outputs[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -269,14 +313,15 @@ class LardJaxLM(LM):
         if greedy_generate is not None:  # KV-cached decoding
             # a short batch is filled with copies so every batch has the compiled shape
             rows = prompts + [prompts[0]] * (self.batch_size - len(prompts))
-            generated = greedy_generate(self.model, self.params, rows, max_new, eos_id=self.eos_id,
-                                        batch_size=self.batch_size)[:len(prompts)]
+            generated = greedy_generate(
+                self.model, self.params, rows, max_new, eos_id=self.eos_id, batch_size=self.batch_size
+            )[: len(prompts)]
         else:
             generated = self._greedy_recompute(prompts, max_new, stops)
         texts = []
         for tokens in generated:
             if self.eos_id is not None and self.eos_id in tokens:
-                tokens = tokens[:tokens.index(self.eos_id)]
+                tokens = tokens[: tokens.index(self.eos_id)]
             text = self.tokenizer.decode(tokens)
             for stop in stops:
                 text = text.split(stop)[0]
@@ -290,7 +335,7 @@ class LardJaxLM(LM):
         buffer = np.full((rows, width), self.pad_id, np.int32)
         positions = np.ones(rows, np.int32)
         for row, prompt in enumerate(prompts):
-            buffer[row, :len(prompt)] = prompt
+            buffer[row, : len(prompt)] = prompt
             positions[row] = len(prompt)
         generated: list[list[int]] = [[] for _ in prompts]
         live = list(range(len(prompts)))
@@ -314,8 +359,12 @@ class LardJaxLM(LM):
 
     def get_model_info(self) -> dict:
         cfg = self.model.config
-        return {"lard_jax_dtype": cfg.dtype, "lard_jax_rope_scaling": cfg.rope_scaling_dict,
-                "lard_jax_max_length": self.max_length, "lard_jax_add_bos": self.add_bos}
+        return {
+            "lard_jax_dtype": cfg.dtype,
+            "lard_jax_rope_scaling": cfg.rope_scaling_dict,
+            "lard_jax_max_length": self.max_length,
+            "lard_jax_add_bos": self.add_bos,
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -336,4 +385,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run as a script this file is `__main__`; the model is registered by importing the module.
     from lard_jax.evaluation.lm_eval_backend import main as _main
+
     _main()

@@ -33,7 +33,8 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -42,8 +43,18 @@ from lard_jax.data import jsonl_records
 from lard_jax.evaluation.perplexity import LogitsFn, token_log_probs
 
 __all__ = [
-    "Example", "TASK_READERS", "BOS_MODES", "read_task", "encode", "encode_requests", "rolling_requests",
-    "score_token_requests", "scorer_from_logits", "loglikelihoods", "score_examples", "score_task",
+    "Example",
+    "TASK_READERS",
+    "BOS_MODES",
+    "read_task",
+    "encode",
+    "encode_requests",
+    "rolling_requests",
+    "score_token_requests",
+    "scorer_from_logits",
+    "loglikelihoods",
+    "score_examples",
+    "score_task",
 ]
 
 
@@ -194,7 +205,7 @@ BOS_MODES = ("tokenizer", "always", "never")
 
 
 def bos_mode(add_bos: str | bool | None) -> str:
-    """"tokenizer" | "always" | "never" from a mode name or the older bool (True/False)."""
+    """ "tokenizer" | "always" | "never" from a mode name or the older bool (True/False)."""
     if add_bos is None:
         return "tokenizer"
     if isinstance(add_bos, bool):
@@ -245,8 +256,9 @@ def prefix_token_id(tokenizer: Any) -> int:
     return int(prefix)
 
 
-def _encode_pair(tokenizer: Any, context: str, continuation: str,
-                 add_bos: str | bool | None = "tokenizer") -> tuple[list[int], list[int]]:
+def _encode_pair(
+    tokenizer: Any, context: str, continuation: str, add_bos: str | bool | None = "tokenizer"
+) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness `loglikelihood` + `_encode_pair` for a causal model."""
     if context == "":
         continuation_ids = list(tokenizer.encode(continuation, add_bos=False))
@@ -265,8 +277,9 @@ def _encode_pair(tokenizer: Any, context: str, continuation: str,
     return context_ids, continuation_ids
 
 
-def encode_requests(tokenizer: Any, requests: Sequence[tuple[str, str]],
-                    add_bos: str | bool | None = "tokenizer") -> list[tuple[list[int], list[int]]]:
+def encode_requests(
+    tokenizer: Any, requests: Sequence[tuple[str, str]], add_bos: str | bool | None = "tokenizer"
+) -> list[tuple[list[int], list[int]]]:
     """(context ids, continuation ids) for each (context, continuation) string pair."""
     return [_encode_pair(tokenizer, context, continuation, add_bos) for context, continuation in requests]
 
@@ -386,8 +399,14 @@ def loglikelihoods(
         max_length = getattr(logits_fn, "max_length", None) or None
     pad_id = getattr(tokenizer, "pad_id", None) or 0
     return score_token_requests(
-        scorer_from_logits(logits_fn), encode_requests(tokenizer, requests, add_bos), batch_size=batch_size,
-        max_length=max_length, bucket=round_up_bucket(pad_to_multiple), pad_id=pad_id, progress=progress)
+        scorer_from_logits(logits_fn),
+        encode_requests(tokenizer, requests, add_bos),
+        batch_size=batch_size,
+        max_length=max_length,
+        bucket=round_up_bucket(pad_to_multiple),
+        pad_id=pad_id,
+        progress=progress,
+    )
 
 
 def score_examples(

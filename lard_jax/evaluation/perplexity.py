@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -63,7 +63,9 @@ def perplexity_vs_length(
             raise ValueError(f"a window needs at least 2 tokens to predict one, got length {length}")
         windows = _windows(token_docs, length, max_windows)
         if not windows:
-            warnings.warn(f"perplexity: no held-out document has {length} tokens; length {length} skipped")
+            warnings.warn(
+                f"perplexity: no held-out document has {length} tokens; length {length} skipped", stacklevel=2
+            )
             continue
         total_nll, total_tokens = 0.0, 0
         batches = range(0, len(windows), batch_size)

@@ -34,7 +34,8 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def write_report(
         "models": {name: _jsonable(results[name]) for name in models},
         "meta": {
             "title": title,
-            "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "model_order": models,
             **_jsonable(meta or {}),
         },
@@ -198,7 +199,9 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
     for model, relations in maps.items():
         figure, axes = plt.subplots(1, len(relations), figsize=(4.5 * len(relations), 4), squeeze=False)
         for axis, (relation, values) in zip(axes[0], relations.items()):
-            image = axis.imshow(values, cmap="viridis", aspect="auto", origin="lower", vmin=0.0, vmax=vmax.get(relation))
+            image = axis.imshow(
+                values, cmap="viridis", aspect="auto", origin="lower", vmin=0.0, vmax=vmax.get(relation)
+            )
             axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             axis.yaxis.set_major_locator(MaxNLocator(integer=True))
             axis.set_xlabel("head")
@@ -273,11 +276,20 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         names = sorted({k for m in models_metrics.values() for k in (m.get("tasks") or {}).get(task, {})})
         for metric in names:
             values = [(m.get("tasks") or {}).get(task, {}).get(metric) for m in models_metrics.values()]
-            rows.append((f"{task} {metric}" + (" (%)" if metric.startswith("acc") else ""), values, metric.startswith("acc")))
+            rows.append(
+                (f"{task} {metric}" + (" (%)" if metric.startswith("acc") else ""), values, metric.startswith("acc"))
+            )
     section("Short-context quality", "metric", rows)
 
-    section("Perplexity vs context length", "length", _by_length_rows(models_metrics, "ppl_vs_length", False), ["ppl_vs_length.png"])
-    section("Passkey retrieval (%)", "length", _by_length_rows(models_metrics, "passkey", True), ["passkey_vs_length.png"])
+    section(
+        "Perplexity vs context length",
+        "length",
+        _by_length_rows(models_metrics, "ppl_vs_length", False),
+        ["ppl_vs_length.png"],
+    )
+    section(
+        "Passkey retrieval (%)", "length", _by_length_rows(models_metrics, "passkey", True), ["passkey_vs_length.png"]
+    )
 
     rows = []
     synthetic_tasks = sorted({t for m in models_metrics.values() for t in (m.get("synthetic") or {})})
@@ -293,18 +305,26 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         if not combined:
             continue
         lengths, depths, values = _grid_values(combined)
-        lines.extend([f"### Needle depth x length, {model} (mean over needle tasks, %)", "",
-                      "| depth | " + " | ".join(str(int(float(l))) for l in lengths) + " |",
-                      "|---" * (len(lengths) + 1) + "|"])
+        lines.extend(
+            [
+                f"### Needle depth x length, {model} (mean over needle tasks, %)",
+                "",
+                "| depth | " + " | ".join(str(int(float(l))) for l in lengths) + " |",
+                "|---" * (len(lengths) + 1) + "|",
+            ]
+        )
         for depth, row in zip(depths, values):
-            lines.append(f"| {float(depth):.0%} | " + " | ".join("n/a" if np.isnan(v) else f"{100 * v:.0f}" for v in row)
-                         + " |")
+            lines.append(
+                f"| {float(depth):.0%} | " + " | ".join("n/a" if np.isnan(v) else f"{100 * v:.0f}" for v in row) + " |"
+            )
         lines.append("")
 
     distortion = report.get("distortion") or {}
     if distortion:
         lines.extend(["## Relation distortion vs teacher (mean row KL)", ""])
-        lines.append("| model | " + " | ".join(f"{r.upper()} mean | {r.upper()} worst layer" for r in ("q", "k", "v")) + " |")
+        lines.append(
+            "| model | " + " | ".join(f"{r.upper()} mean | {r.upper()} worst layer" for r in ("q", "k", "v")) + " |"
+        )
         lines.append("|---" * 7 + "|")
         for model, relations in distortion.items():
             cells = []

@@ -5,17 +5,19 @@ length, a held-out cloze accuracy (short multiple-choice-style), passkey / NIAH 
 chosen lengths, and any lm-evaluation-harness JSONL tasks the user brings. `relation_distortion_vs`
 gives the per-layer/head Q/K/V relation KL of a student against the teacher.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lard_jax.evaluation import distortion as distortion_lib
-from lard_jax.evaluation import multiple_choice, perplexity, synthetic
+from lard_jax.evaluation import multiple_choice, synthetic
 from lard_jax.evaluation import tasks as tasks_lib
 from lard_jax.model import LlamaForCausalLM, relation_inputs
 
@@ -42,6 +44,7 @@ def logits_fn_for(model: LlamaForCausalLM, params) -> Callable[[np.ndarray], np.
         padded = np.zeros((input_ids.shape[0], width), np.int32)
         padded[:, :t] = input_ids
         return np.asarray(apply(params, padded))[:, :t]
+
     fn.max_length = model.config.max_position_embeddings  # harness-style scoring truncates to it
     return fn
 
@@ -51,10 +54,12 @@ def generate_fn_for(model: LlamaForCausalLM, params) -> Callable[[list[int], int
     cached step per new token; one compile per (prompt, cache) length bucket. Token for token the
     same as transformers' generate(do_sample=False) (tests/test_generate.py)."""
     from lard_jax.generate import greedy_generate, linear_memory_model
+
     model = linear_memory_model(model)  # long prompts: no [T, T] attention matrix in the prefill
 
     def fn(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         return greedy_generate(model, params, [prompt_ids], max_new_tokens)[0]
+
     return fn
 
 
@@ -63,28 +68,44 @@ def qkv_fn_for(model: LlamaForCausalLM, params):
     return lambda ids: fn(params, jnp.asarray(ids, jnp.int32))
 
 
-def cloze_examples(token_docs: Sequence[Sequence[int]], tokenizer, *, context_len: int, cont_len: int,
-                   n: int, choices: int = 4, seed: int = 0) -> list[multiple_choice.Example]:
+def cloze_examples(
+    token_docs: Sequence[Sequence[int]],
+    tokenizer,
+    *,
+    context_len: int,
+    cont_len: int,
+    n: int,
+    choices: int = 4,
+    seed: int = 0,
+) -> list[multiple_choice.Example]:
     """Held-out multiple choice: a context from a document, its true continuation and
     `choices - 1` continuations taken from other documents (chance = 1 / choices)."""
     rng = np.random.default_rng(seed)
     docs = [np.asarray(d) for d in token_docs if len(d) >= context_len + cont_len]
     if len(docs) < choices:
-        raise ValueError(f"cloze: need {choices} held-out documents of >= {context_len + cont_len} tokens, "
-                         f"found {len(docs)}")
+        raise ValueError(
+            f"cloze: need {choices} held-out documents of >= {context_len + cont_len} tokens, found {len(docs)}"
+        )
     examples = []
     for _ in range(n):
         picks = rng.choice(len(docs), choices, replace=False)
         spans = []
-        for j, d in enumerate(picks):
+        for d in picks:
             start = int(rng.integers(0, len(docs[d]) - context_len - cont_len + 1))
-            spans.append((docs[d][start:start + context_len], docs[d][start + context_len:start + context_len + cont_len]))
+            spans.append(
+                (docs[d][start : start + context_len], docs[d][start + context_len : start + context_len + cont_len])
+            )
         context = tokenizer.decode(spans[0][0].tolist())
         conts = [tokenizer.decode(c.tolist()) for _, c in spans]
         order = rng.permutation(choices)
         requests = [(context, conts[k]) for k in order]
-        examples.append(multiple_choice.Example(requests=requests, gold=int(np.where(order == 0)[0][0]),
-                                                norm_lengths=[max(len(conts[k]), 1) for k in order]))
+        examples.append(
+            multiple_choice.Example(
+                requests=requests,
+                gold=int(np.where(order == 0)[0][0]),
+                norm_lengths=[max(len(conts[k]), 1) for k in order],
+            )
+        )
     return examples
 
 
@@ -120,8 +141,9 @@ def check_spec(spec: EvalSpec, tokenizer) -> None:
                 raise ValueError(f"eval: {task} at length {length}: {e}") from None
 
 
-def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec, *, filler=None,
-                   progress: bool = True) -> dict[str, Any]:
+def evaluate_model(
+    model, params, tokenizer, heldout_token_docs, spec: EvalSpec, *, filler=None, progress: bool = True
+) -> dict[str, Any]:
     """Run the registered evaluation tasks named in `spec.tasks` (lard_jax.evaluation.tasks)."""
     ctx = tasks_lib.TaskContext(model, params, tokenizer, heldout_token_docs, spec, filler, progress)
     out: dict[str, Any] = {}
@@ -134,17 +156,31 @@ def evaluate_model(model, params, tokenizer, heldout_token_docs, spec: EvalSpec,
     return out
 
 
-def relation_distortion_vs(teacher, teacher_params, student, student_params, heldout_token_docs, *, seq_len: int,
-                           rows: int = 4, progress: bool = True) -> dict[str, np.ndarray]:
+def relation_distortion_vs(
+    teacher,
+    teacher_params,
+    student,
+    student_params,
+    heldout_token_docs,
+    *,
+    seq_len: int,
+    rows: int = 4,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     windows = [np.asarray(d[:seq_len]) for d in heldout_token_docs if len(d) >= seq_len][:rows]
     if not windows:
         raise ValueError(f"relation distortion: no held-out document has {seq_len} tokens")
-    return distortion_lib.relation_distortion(qkv_fn_for(teacher, teacher_params), qkv_fn_for(student, student_params),
-                                              np.stack(windows), batch_size=2, progress=progress)
+    return distortion_lib.relation_distortion(
+        qkv_fn_for(teacher, teacher_params),
+        qkv_fn_for(student, student_params),
+        np.stack(windows),
+        batch_size=2,
+        progress=progress,
+    )
 
 
 def parse_pairs(text: str, what: str) -> dict[str, str]:
-    """"a=/x,b=/y" -> {"a": "/x", "b": "/y"}, with an error naming `what` on a malformed item."""
+    """ "a=/x,b=/y" -> {"a": "/x", "b": "/y"}, with an error naming `what` on a malformed item."""
     out = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         if "=" not in item:
@@ -156,30 +192,50 @@ def parse_pairs(text: str, what: str) -> dict[str, str]:
 
 def eval_spec_from_config(eval_cfg, native_len: int) -> EvalSpec:
     native = eval_cfg.native_len or native_len
-    return EvalSpec(native_len=native, ppl_lengths=tuple(eval_cfg.ppl_lengths), max_windows=eval_cfg.max_windows,
-                    passkey_lengths=tuple(eval_cfg.passkey_lengths) or (4 * native,),
-                    passkey_samples=eval_cfg.passkey_samples, depths=tuple(eval_cfg.depths),
-                    niah_lengths=tuple(eval_cfg.niah_lengths), cloze_samples=eval_cfg.cloze_samples,
-                    harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"),
-                    add_bos=multiple_choice.bos_mode(eval_cfg.get("add_bos", "tokenizer")),
-                    max_length=int(eval_cfg.get("max_length", 0) or 0),
-                    tasks=tuple(eval_cfg.get("tasks", ()) or tasks_lib.DEFAULT_TASKS))
+    return EvalSpec(
+        native_len=native,
+        ppl_lengths=tuple(eval_cfg.ppl_lengths),
+        max_windows=eval_cfg.max_windows,
+        passkey_lengths=tuple(eval_cfg.passkey_lengths) or (4 * native,),
+        passkey_samples=eval_cfg.passkey_samples,
+        depths=tuple(eval_cfg.depths),
+        niah_lengths=tuple(eval_cfg.niah_lengths),
+        cloze_samples=eval_cfg.cloze_samples,
+        harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"),
+        add_bos=multiple_choice.bos_mode(eval_cfg.get("add_bos", "tokenizer")),
+        max_length=int(eval_cfg.get("max_length", 0) or 0),
+        tasks=tuple(eval_cfg.get("tasks", ()) or tasks_lib.DEFAULT_TASKS),
+    )
 
 
 def heldout_token_docs(source: str, tokenizer, text_field: str = "text") -> list[list[int]]:
     from lard_jax import data as data_lib
-    docs = [tokenizer.encode(t, add_bos=getattr(tokenizer, "bos_id", None) is not None)
-            for t in data_lib.read_documents(source, text_field=text_field)]
+
+    docs = [
+        tokenizer.encode(t, add_bos=getattr(tokenizer, "bos_id", None) is not None)
+        for t in data_lib.read_documents(source, text_field=text_field)
+    ]
     if not docs:
         raise ValueError(f"eval.source {source}: no documents")
     return docs
 
 
-def evaluate_suite(models: dict[str, tuple], tokenizer, token_docs, spec: EvalSpec, run_dir: str, *,
-                   teacher_name: str = "teacher", distortion: bool = True, title: str = "LinearARD evaluation",
-                   meta: dict | None = None, results: dict | None = None) -> dict:
+def evaluate_suite(
+    models: dict[str, tuple],
+    tokenizer,
+    token_docs,
+    spec: EvalSpec,
+    run_dir: str,
+    *,
+    teacher_name: str = "teacher",
+    distortion: bool = True,
+    title: str = "LinearARD evaluation",
+    meta: dict | None = None,
+    results: dict | None = None,
+) -> dict:
     """Evaluate every (model, params) in `models`, add distortion vs the teacher, write the report."""
     from lard_jax.evaluation import report as report_lib
+
     results = dict(results or {})
     dist = {}
     for name, (model, params) in models.items():
@@ -189,8 +245,9 @@ def evaluate_suite(models: dict[str, tuple], tokenizer, token_docs, spec: EvalSp
         teacher, t_params = models[teacher_name]
         for name, (model, params) in models.items():
             if name != teacher_name:
-                dist[name] = relation_distortion_vs(teacher, t_params, model, params, token_docs,
-                                                    seq_len=spec.native_len)
+                dist[name] = relation_distortion_vs(
+                    teacher, t_params, model, params, token_docs, seq_len=spec.native_len
+                )
     report_lib.write_report(run_dir, results, distortion=dist or None, title=title, meta=meta)
     return results
 
@@ -201,12 +258,15 @@ def print_table(results: dict[str, dict]) -> None:
     lines = [f"{'metric':24}" + "".join(f"{c:>14}" for c in cols)]
     rows = [(k, lambda r, k=k: r.get(k)) for k in keys]
     lengths = sorted({int(l) for r in results.values() for l in (r.get("passkey") or {})})
-    rows += [(f"passkey@{l}", lambda r, l=l: (r.get("passkey") or {}).get(l, (r.get("passkey") or {}).get(str(l))))
-             for l in lengths]
+    rows += [
+        (f"passkey@{l}", lambda r, l=l: (r.get("passkey") or {}).get(l, (r.get("passkey") or {}).get(str(l))))
+        for l in lengths
+    ]
     for name, get in rows:
         vals = [get(results[c]) for c in cols]
         if all(v is None for v in vals):
             continue
-        lines.append(f"{name:24}" + "".join(f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{'-':>14}"
-                                            for v in vals))
+        lines.append(
+            f"{name:24}" + "".join(f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{'-':>14}" for v in vals)
+        )
     print("\n".join(lines))

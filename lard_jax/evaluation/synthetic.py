@@ -15,7 +15,8 @@ Differences from RULER, on purpose: the haystack is the repeated noise text or s
 caller passes as `filler` (RULER's essay haystack is Paul Graham essays we do not ship); for
 NIAH the first answer needle sits at `depth` and the other needles at random depths (RULER
 draws all depths at random); niah_multikey_2 / _3 build the haystack from distractor needles
-of the same type (RULER's "needle" haystack), so there `filler` is unused; cwe uses pronounceable pseudo-words instead of the wonderwords list.
+of the same type (RULER's "needle" haystack), so there `filler` is unused; cwe uses pronounceable
+pseudo-words instead of the wonderwords list.
 
 `length` counts the prompt (with bos) plus the tokens the task is allowed to generate, as in
 RULER's `max_seq_length`. Each generator returns a dict with `prompt_ids`, `answers`,
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -303,8 +305,18 @@ def make_niah_multikey_2(rng, tokenizer, length, depth=0.5, filler=None, *, add_
 def make_niah_multikey_3(rng, tokenizer, length, depth=0.5, filler=None, *, add_bos=True) -> dict:
     """RULER niah_multikey_3: like multikey_2 with UUID keys and UUID values. `filler` is unused."""
     del filler
-    return _make_niah("niah_multikey_3", rng, tokenizer, length, depth, None, key_type="uuids", value_type="uuids",
-                      haystack="needles", add_bos=add_bos)
+    return _make_niah(
+        "niah_multikey_3",
+        rng,
+        tokenizer,
+        length,
+        depth,
+        None,
+        key_type="uuids",
+        value_type="uuids",
+        haystack="needles",
+        add_bos=add_bos,
+    )
 
 
 class _DistractorNeedles:
@@ -335,13 +347,17 @@ def make_niah_multivalue(rng, tokenizer, length, depth=0.5, filler=None, *, num_
 
 def make_niah_multiquery(rng, tokenizer, length, depth=0.5, filler=None, *, num_queries=4, add_bos=True) -> dict:
     """RULER niah_multiquery: four keys asked for at once."""
-    return _make_niah("niah_multiquery", rng, tokenizer, length, depth, filler, num_queries=num_queries, add_bos=add_bos)
+    return _make_niah(
+        "niah_multiquery", rng, tokenizer, length, depth, filler, num_queries=num_queries, add_bos=add_bos
+    )
 
 
 # ----------------------------------------------------------------------------- aggregation tasks
 
 
-def _variable_chain(rng: np.random.Generator, num_hops: int, name_length: int, value: str) -> tuple[list[str], list[str]]:
+def _variable_chain(
+    rng: np.random.Generator, num_hops: int, name_length: int, value: str
+) -> tuple[list[str], list[str]]:
     letters = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     names = _distinct(num_hops + 1, lambda: "".join(rng.choice(letters, size=name_length)))
     statements = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
@@ -545,5 +561,9 @@ def depth_length_grid(
 ) -> dict[str, dict]:
     """The standard NIAH sweep: every task at every (length, depth), `n` examples per cell.
     {task: evaluate_synthetic's result}; "by_length_depth" is what report.py draws as a heatmap."""
-    return {task: evaluate_synthetic(generate_fn, tokenizer, task, lengths, depths, n, seed, filler=filler,
-                                     progress=progress) for task in tasks}
+    return {
+        task: evaluate_synthetic(
+            generate_fn, tokenizer, task, lengths, depths, n, seed, filler=filler, progress=progress
+        )
+        for task in tasks
+    }

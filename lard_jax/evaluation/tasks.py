@@ -5,13 +5,15 @@ a task whose settings are empty (no lengths, no samples, no files) returns nothi
 is one function here with `@register("name")` and its settings in `EvalSpec` / configs/base.py's
 eval block; the scorers themselves live in perplexity.py, multiple_choice.py and synthetic.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-EVAL_TASKS: dict[str, Callable[["TaskContext"], dict[str, Any]]] = {}
+EVAL_TASKS: dict[str, Callable[[TaskContext], dict[str, Any]]] = {}
 
 
 def register(name: str):
@@ -20,6 +22,7 @@ def register(name: str):
             raise ValueError(f"evaluation task {name!r} is registered twice")
         EVAL_TASKS[name] = fn
         return fn
+
     return wrap
 
 
@@ -32,6 +35,7 @@ def get(name: str):
 @dataclasses.dataclass
 class TaskContext:
     """What a task sees. The jitted closures are built on first use and shared between tasks."""
+
     model: Any
     params: Any
     tokenizer: Any
@@ -43,20 +47,29 @@ class TaskContext:
     @functools.cached_property
     def logits_fn(self):
         from lard_jax.evaluation.runner import logits_fn_for
+
         return logits_fn_for(self.model, self.params)
 
     @functools.cached_property
     def generate(self):
         from lard_jax.evaluation.runner import generate_fn_for
+
         return generate_fn_for(self.model, self.params)
 
 
 @register("short_ppl")
 def short_perplexity(ctx: TaskContext) -> dict:
     from lard_jax.evaluation import perplexity
+
     s = ctx.spec
-    res = perplexity.perplexity_vs_length(ctx.logits_fn, ctx.docs, [s.native_len], max_windows=s.max_windows,
-                                          batch_size=s.batch_size, progress=ctx.progress)
+    res = perplexity.perplexity_vs_length(
+        ctx.logits_fn,
+        ctx.docs,
+        [s.native_len],
+        max_windows=s.max_windows,
+        batch_size=s.batch_size,
+        progress=ctx.progress,
+    )
     return {"short_ppl": res.get(s.native_len)}
 
 
@@ -68,11 +81,19 @@ def perplexity_vs_length(ctx: TaskContext) -> dict:
     from lard_jax.evaluation import perplexity
     from lard_jax.evaluation.runner import logits_fn_for
     from lard_jax.generate import linear_memory_model
+
     # one forward per window at every length, through attention that never forms [T, T]
     fn = logits_fn_for(linear_memory_model(ctx.model), ctx.params)
-    return {"ppl_vs_length": perplexity.perplexity_vs_length(
-        fn, ctx.docs, list(s.ppl_lengths), max_windows=s.max_windows, batch_size=max(1, s.batch_size // 4),
-        progress=ctx.progress)}
+    return {
+        "ppl_vs_length": perplexity.perplexity_vs_length(
+            fn,
+            ctx.docs,
+            list(s.ppl_lengths),
+            max_windows=s.max_windows,
+            batch_size=max(1, s.batch_size // 4),
+            progress=ctx.progress,
+        )
+    }
 
 
 @register("cloze")
@@ -82,11 +103,27 @@ def cloze(ctx: TaskContext) -> dict:
         return {}
     from lard_jax.evaluation import multiple_choice
     from lard_jax.evaluation.runner import cloze_examples
-    examples = cloze_examples(ctx.docs, ctx.tokenizer, context_len=s.native_len // 2,
-                              cont_len=max(8, s.native_len // 8), n=s.cloze_samples, seed=s.seed)
-    return {"cloze_acc": multiple_choice.score_examples(
-        "cloze", examples, ctx.logits_fn, ctx.tokenizer, batch_size=s.batch_size, progress=ctx.progress,
-        add_bos=s.add_bos, max_length=s.max_length)["acc"]}
+
+    examples = cloze_examples(
+        ctx.docs,
+        ctx.tokenizer,
+        context_len=s.native_len // 2,
+        cont_len=max(8, s.native_len // 8),
+        n=s.cloze_samples,
+        seed=s.seed,
+    )
+    return {
+        "cloze_acc": multiple_choice.score_examples(
+            "cloze",
+            examples,
+            ctx.logits_fn,
+            ctx.tokenizer,
+            batch_size=s.batch_size,
+            progress=ctx.progress,
+            add_bos=s.add_bos,
+            max_length=s.max_length,
+        )["acc"]
+    }
 
 
 @register("harness")
@@ -95,20 +132,42 @@ def harness_tasks(ctx: TaskContext) -> dict:
     if not s.harness_tasks:
         return {}
     from lard_jax.evaluation import multiple_choice
-    return {"tasks": {task: multiple_choice.score_task(task, path, ctx.logits_fn, ctx.tokenizer,
-                                                       batch_size=s.batch_size, progress=ctx.progress,
-                                                       add_bos=s.add_bos, max_length=s.max_length)
-                      for task, path in s.harness_tasks.items()}}
+
+    return {
+        "tasks": {
+            task: multiple_choice.score_task(
+                task,
+                path,
+                ctx.logits_fn,
+                ctx.tokenizer,
+                batch_size=s.batch_size,
+                progress=ctx.progress,
+                add_bos=s.add_bos,
+                max_length=s.max_length,
+            )
+            for task, path in s.harness_tasks.items()
+        }
+    }
 
 
 def _synthetic(ctx: TaskContext, key: str, task: str, lengths) -> dict:
     if not lengths:
         return {}
     from lard_jax.evaluation import synthetic
+
     s = ctx.spec
     n_per_depth = max(1, s.passkey_samples // len(s.depths))
-    res = synthetic.evaluate_synthetic(ctx.generate, ctx.tokenizer, task, list(lengths), list(s.depths),
-                                       n_per_depth, s.seed, filler=ctx.filler, progress=ctx.progress)
+    res = synthetic.evaluate_synthetic(
+        ctx.generate,
+        ctx.tokenizer,
+        task,
+        list(lengths),
+        list(s.depths),
+        n_per_depth,
+        s.seed,
+        filler=ctx.filler,
+        progress=ctx.progress,
+    )
     return {key: res["by_length"], "synthetic": {task: res}}
 
 

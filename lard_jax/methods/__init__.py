@@ -13,11 +13,13 @@ Adding a method = one module here plus its line in BUILTIN below. `trainer.LossS
 builder up. `Context` carries what every method needs: the teacher and student models, the LoRA
 spec, the student's parameter tree, apply-with-intermediates and the LoRA-dropout keys.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -43,6 +45,7 @@ def register(name: str, config: type, *, teacher_forward: bool = True):
     def deco(build):
         REGISTRY[name] = Method(name, config, build, teacher_forward)
         return build
+
     return deco
 
 
@@ -55,7 +58,8 @@ def get(name: str) -> Method:
         raise ValueError(
             f"method {name!r} was renamed to {RENAMED[name]!r}: it is a simplified LongReD "
             "(short-text hidden-state cosine + short-to-long logit distillation with skipped position ids; "
-            "no long-text LM term, CREAM positions or layer selection of the LongReD paper), not LongReD itself")
+            "no long-text LM term, CREAM positions or layer selection of the LongReD paper), not LongReD itself"
+        )
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; expected one of {names()}")
     return REGISTRY[name]
@@ -85,12 +89,13 @@ def options_from_block(config_cls: type, block, **extra) -> dict:
 class Context:
     """What a loss builder gets besides its config. `student` is already built with the LoRA
     dropout rate when the LoRA path runs unmerged (`dropout`)."""
+
     teacher: LlamaForCausalLM
     student: LlamaForCausalLM
     lora: LoraSpec
 
     @classmethod
-    def create(cls, teacher, student, lora: LoraSpec) -> "Context":
+    def create(cls, teacher, student, lora: LoraSpec) -> Context:
         if lora.enabled and not lora.merged:
             student = type(student)(student.config.replace(lora_dropout=lora.dropout))
         return cls(teacher, student, lora)
@@ -109,8 +114,14 @@ class Context:
     @staticmethod
     def apply(model, params, batch, **kw) -> tuple[Any, Any]:
         """(output, intermediates) of one forward on batch (input_ids, segment_ids, mask)."""
-        out, state = model.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),
-                                 attention_mask=batch.get("mask"), mutable=["intermediates"], **kw)
+        out, state = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            segment_ids=batch.get("segment_ids"),
+            attention_mask=batch.get("mask"),
+            mutable=["intermediates"],
+            **kw,
+        )
         return out, state["intermediates"]
 
 

@@ -1,4 +1,5 @@
 """Continued pre-training: next-token cross entropy of the student alone (no teacher)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,4 +19,5 @@ def build(ctx: Context, cfg: Config):
         s_logits, _ = ctx.apply(ctx.student, ctx.student_params(frozen, trainable), batch, **ctx.dropout_kw(rng, 0x10))
         loss = losses.lm_loss(s_logits, batch["input_ids"], batch.get("mask"), batch.get("segment_ids"))
         return loss, {"lm": loss}
+
     return loss_fn

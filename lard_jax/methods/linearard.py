@@ -1,6 +1,7 @@
 """LinearARD (paper sec. 3): the relation KL of Q·Qᵀ, K·Kᵀ, V·Vᵀ per layer (losses.relation_loss),
 optionally plus logit KD. `fused` (default): teacher and student run layer by layer in one paired
 pass and each layer's KL is computed there (losses.fused_relation_loss); the same value."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,18 +43,38 @@ def build(ctx: Context, cfg: Config):
         mask, seg = batch.get("mask"), batch.get("segment_ids")
         if cfg.fused:
             attn, parts, hidden = losses.fused_relation_loss(
-                teacher.config, student.config, t_frozen, s_params, batch["input_ids"], mask=mask, segment_ids=seg,
-                relations=cfg.relations, layers=cfg.layers, impl=cfg.kernel_impl, normalize=cfg.normalize,
-                dropout_rng=drop.get("dropout_rng"), return_hidden=bool(cfg.lambda_logit))
-            logits = (lambda: (final_logits(teacher.config, t_frozen, hidden[0]),  # noqa: E731
-                               final_logits(student.config, s_params, hidden[1])))
+                teacher.config,
+                student.config,
+                t_frozen,
+                s_params,
+                batch["input_ids"],
+                mask=mask,
+                segment_ids=seg,
+                relations=cfg.relations,
+                layers=cfg.layers,
+                impl=cfg.kernel_impl,
+                normalize=cfg.normalize,
+                dropout_rng=drop.get("dropout_rng"),
+                return_hidden=bool(cfg.lambda_logit),
+            )
+            logits = lambda: (
+                final_logits(teacher.config, t_frozen, hidden[0]),  # noqa: E731
+                final_logits(student.config, s_params, hidden[1]),
+            )
         else:
             t_logits, t_inter = ctx.apply(teacher, t_frozen, batch)
             s_logits, s_inter = ctx.apply(student, s_params, batch, **drop)
-            attn, parts = losses.relation_loss(collect_qkv(s_inter), collect_qkv(t_inter), mask=mask,
-                                               segment_ids=seg, relations=cfg.relations, layers=cfg.layers,
-                                               impl=cfg.kernel_impl, normalize=cfg.normalize,
-                                               num_query_heads=student.config.num_attention_heads)
+            attn, parts = losses.relation_loss(
+                collect_qkv(s_inter),
+                collect_qkv(t_inter),
+                mask=mask,
+                segment_ids=seg,
+                relations=cfg.relations,
+                layers=cfg.layers,
+                impl=cfg.kernel_impl,
+                normalize=cfg.normalize,
+                num_query_heads=student.config.num_attention_heads,
+            )
             logits = lambda: (t_logits, s_logits)  # noqa: E731
         loss = cfg.lambda_attn * attn
         metrics = {**{f"relation_{r}": v for r, v in parts.items()}, "relation": attn}

@@ -1,4 +1,5 @@
 """Logit distillation: T² · KL(teacher ‖ student) of the temperature-softened next-token distributions."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,4 +22,5 @@ def build(ctx: Context, cfg: Config):
         s_logits, _ = ctx.apply(ctx.student, ctx.student_params(frozen, trainable), batch, **ctx.dropout_kw(rng, 0x10))
         kd = losses.logit_kd_loss(s_logits, t_logits, batch.get("mask"), cfg.temperature)
         return kd, {"logit_kd": kd}
+
     return loss_fn

@@ -2,6 +2,7 @@
 distillation (the student at skipped position ids spanning long_factor x T, against the teacher's
 short-text logits). Not the full LongReD recipe (no long-text LM term, CREAM positions or layer
 selection)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,11 @@ class Config:
 def skipped_positions(rng, batch: int, seq_len: int, span: int):
     """Short-to-long positions: a sorted random subset of [0, span) of size seq_len that always
     starts at 0 (the model sees long-range position gaps on short text)."""
+
     def one(key):
         rest = jax.random.choice(key, jnp.arange(1, span), (seq_len - 1,), replace=False)
         return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.sort(rest).astype(jnp.int32)])
+
     return jax.vmap(one)(jax.random.split(rng, batch))
 
 
@@ -43,9 +46,15 @@ def build(ctx: Context, cfg: Config):
         hid = losses.hidden_cosine_loss([s_hidden[i] for i in idx], [t_hidden[i] for i in idx], mask)
         b, t = batch["input_ids"].shape
         pos = skipped_positions(rng, b, t, int(cfg.long_factor * t))
-        s_long, _ = ctx.apply(ctx.student, s_params, {k: v for k, v in batch.items() if k != "segment_ids"},
-                              positions=pos, **ctx.dropout_kw(rng, 0x11))
+        s_long, _ = ctx.apply(
+            ctx.student,
+            s_params,
+            {k: v for k, v in batch.items() if k != "segment_ids"},
+            positions=pos,
+            **ctx.dropout_kw(rng, 0x11),
+        )
         s2l = losses.logit_kd_loss(s_long, t_logits, mask, 1.0)
         loss = cfg.lambda_hidden * hid + cfg.lambda_short_to_long * s2l
         return loss, {"hidden": hid, "short_to_long": s2l}
+
     return loss_fn
