@@ -22,12 +22,8 @@ def get_config():
     c.model.trainable_dtype = "float32"  # the student's trainable projections (AdamW in float32)
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.scan_layers = True  # decoder layers under nn.scan, parameters stacked (False: a Python loop per layer)
-    c.model.attention_impl = (
-        "xla"  # xla (dense) | cudnn | blockwise (linear memory) | pallas_tpu | auto (lard_jax.attention)
-    )
-    c.model.export_dtype = (
-        "checkpoint"  # hf_student/ trained tensors: "checkpoint" (each tensor's own dtype) | "float32"
-    )
+    c.model.attention_impl = "xla"  # xla (dense) | cudnn | blockwise (linear memory) | pallas_tpu | auto
+    c.model.export_dtype = "checkpoint"  # hf_student/ trained tensors: "checkpoint" (their own dtype) | "float32"
 
     c.student = ml_collections.ConfigDict()  # the scaled-RoPE model being restored
     c.student.rope_scaling = ml_collections.ConfigDict({"rope_type": "linear", "factor": 8.0})  # transformers' dict

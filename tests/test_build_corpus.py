@@ -7,6 +7,7 @@ import json
 import os
 
 from experiments import build_corpus as bc
+from lard_jax import sources
 
 
 def test_clean_text_is_ascii_and_collapses_whitespace():
@@ -61,7 +62,7 @@ def test_signature_hides_non_literal_defaults():
     def f(a, b=3, c="x", env=os.environ, *args, key: int = None, **kw) -> int:
         """Doc."""
 
-    assert bc._signature(f) == "(a, b=3, c='x', env=..., *args, key=None, **kw)"
+    assert sources._signature(f) == "(a, b=3, c='x', env=..., *args, key=None, **kw)"
 
 
 def test_builtin_documents_are_deterministic_and_split():
