@@ -41,27 +41,11 @@ from lard_jax import flops as flops_lib
 from lard_jax import losses, trainer
 from lard_jax import sharding as sharding_lib
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv
+from lard_jax.presets import MODEL_SHAPES
 
 SHAPES = {
-    "llama2_7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    ),
-    "llama3_8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
+    "llama2_7b": MODEL_SHAPES["llama2_7b"],
+    "llama3_8b": MODEL_SHAPES["llama3_8b"],
     "tiny": dict(
         vocab_size=512,
         hidden_size=256,
