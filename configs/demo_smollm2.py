@@ -27,7 +27,7 @@ def get_config():
     c.data.source = "builtin:train"
     c.data.seq_len = 256
     c.data.pad_short = False
-    c.train.steps = 80
+    c.train.steps = 100
     c.train.batch_size = 4
     c.train.grad_accum = 1
     c.train.lr = 3e-4
@@ -37,10 +37,10 @@ def get_config():
     c.train.log_every = 5
     c.eval.enabled = True
     c.eval.source = "builtin:heldout"
-    c.eval.max_windows = 24
+    c.eval.max_windows = 16
     c.eval.ppl_lengths = (1024,)
     c.eval.passkey_lengths = (2048,)  # within the teacher's 8K: does restoration keep retrieval?
-    c.eval.passkey_samples = 6
+    c.eval.passkey_samples = 3
     c.eval.depths = (0.1, 0.5, 0.9)
     c.eval.cloze_samples = 40
     c.eval.distortion = True
