@@ -103,6 +103,7 @@ def get_config():
     c.eval.passkey_lengths = ()  # () = 4x native
     c.eval.passkey_samples = 20  # passkey prompts per length, split over the depths
     c.eval.ppl_lengths = ()  # extra perplexity lengths (() = native only)
+    c.eval.niah_tasks = ("niah_single",)  # needle variants: niah_single | niah_multikey | niah_multikey_2 | ...
     c.eval.niah_lengths = ()  # needle-in-a-haystack lengths (() = none)
     c.eval.depths = (0.1, 0.5, 0.9)  # needle depths, as fractions of the context
     c.eval.cloze_samples = 0  # held-out 4-way cloze questions (0 = none)

@@ -1,6 +1,7 @@
 """Evaluation scorers against hand-computed cases, generated tasks against an oracle, and the report."""
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -436,3 +437,33 @@ def test_report_files_written_and_parse(tmp_path):
     for name in pngs:
         assert (tmp_path / "run" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".")]  # no temp files left
+
+
+def test_niah_task_runs_every_configured_variant_and_rejects_unknown_names():
+    from lard_jax.evaluation import runner, tasks
+
+    spec = runner.EvalSpec(
+        native_len=256,
+        niah_lengths=(2300,),
+        depths=(0.5,),
+        passkey_samples=1,
+        niah_tasks=("niah_single", "niah_multikey_2"),
+        tasks=("niah",),
+    )
+    ctx = tasks.TaskContext(model=None, params=None, tokenizer=TOK, docs=[], spec=spec, progress=False)
+
+    def generate(prompt_ids, max_new_tokens):  # answers whichever variant the prompt is
+        text = TOK.decode(prompt_ids)
+        task = "niah_multikey_2" if ctx.__dict__.get("_now") == "niah_multikey_2" else "niah_single"
+        return TOK.encode(" " + _solve(task, text))[:max_new_tokens]
+
+    ctx.__dict__["generate"] = generate
+    out = {}
+    for variant in spec.niah_tasks:  # one variant at a time, so the oracle knows which one it answers
+        ctx.__dict__["_now"] = variant
+        sub = dataclasses.replace(spec, niah_tasks=(variant,))
+        ctx.spec = sub
+        out.update({k: v for k, v in tasks.get("niah")(ctx).items() if k != "synthetic"})
+    assert out == {"niah": {2300: 1.0}, "niah_multikey_2": {2300: 1.0}}
+    with pytest.raises(ValueError, match="eval.niah_tasks: unknown"):
+        runner.check_spec(dataclasses.replace(spec, niah_tasks=("niah_nope",)), TOK)

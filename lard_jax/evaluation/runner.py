@@ -118,6 +118,7 @@ class EvalSpec:
     passkey_samples: int = 20
     depths: Sequence[float] = (0.1, 0.5, 0.9)
     niah_lengths: Sequence[int] = ()
+    niah_tasks: Sequence[str] = ("niah_single",)  # RULER needle variants (synthetic.TASKS) run at niah_lengths
     cloze_samples: int = 0
     harness_tasks: dict = dataclasses.field(default_factory=dict)  # task name -> JSONL path
     seed: int = 0
@@ -133,7 +134,11 @@ def check_spec(spec: EvalSpec, tokenizer) -> None:
     for name in spec.tasks:
         tasks_lib.get(name)  # an unknown task name fails here, before any model runs
     rng = np.random.default_rng(0)
-    for task, lengths in (("passkey", spec.passkey_lengths), ("niah_single", spec.niah_lengths)):
+    unknown = [t for t in spec.niah_tasks if t not in synthetic.TASKS]
+    if unknown:
+        raise ValueError(f"eval.niah_tasks: unknown task(s) {unknown}; expected names from {sorted(synthetic.TASKS)}")
+    checks = [("passkey", spec.passkey_lengths)] + [(t, spec.niah_lengths) for t in spec.niah_tasks]
+    for task, lengths in checks:
         for length in lengths:
             try:
                 synthetic.TASKS[task](rng, tokenizer, int(length), 0.5, None)
@@ -200,6 +205,7 @@ def eval_spec_from_config(eval_cfg, native_len: int) -> EvalSpec:
         passkey_samples=eval_cfg.passkey_samples,
         depths=tuple(eval_cfg.depths),
         niah_lengths=tuple(eval_cfg.niah_lengths),
+        niah_tasks=tuple(eval_cfg.get("niah_tasks", ()) or ("niah_single",)),
         cloze_samples=eval_cfg.cloze_samples,
         harness_tasks=parse_pairs(eval_cfg.harness_tasks, "eval.harness_tasks"),
         add_bos=multiple_choice.bos_mode(eval_cfg.get("add_bos", "tokenizer")),

@@ -178,7 +178,17 @@ def passkey(ctx: TaskContext) -> dict:
 
 @register("niah")
 def niah(ctx: TaskContext) -> dict:
-    return _synthetic(ctx, "niah", "niah_single", ctx.spec.niah_lengths)
+    """Every needle variant in `spec.niah_tasks` at `spec.niah_lengths` x `spec.depths`; niah_single's
+    accuracy by length is `niah`, another variant's is `niah_<variant>` (e.g. `niah_multikey_2`)."""
+    out: dict = {}
+    for task in ctx.spec.niah_tasks:
+        key = "niah" if task == "niah_single" else task
+        for k, v in _synthetic(ctx, key, task, ctx.spec.niah_lengths).items():
+            if k == "synthetic":
+                out.setdefault("synthetic", {}).update(v)
+            else:
+                out[k] = v
+    return out
 
 
 DEFAULT_TASKS = ("short_ppl", "ppl_vs_length", "cloze", "harness", "passkey", "niah")
