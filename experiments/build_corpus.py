@@ -385,8 +385,10 @@ def build(out_dir: str, sources: Iterable[str] = ALL_SOURCES, max_mb_per_source:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="ascii") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every record of a JSONL file, through the library's one JSONL reader (errors name file and line)."""
+    from lard_jax.data import jsonl_records
+
+    return [record for _, record in jsonl_records(path)]
 
 
 def main(argv=None):
