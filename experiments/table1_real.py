@@ -30,8 +30,9 @@ import time
 import traceback
 
 from lard_jax import hf, pipeline
-from lard_jax.evaluation import perplexity, synthetic
+from lard_jax.evaluation import multiple_choice, perplexity, synthetic
 from lard_jax.evaluation import runner as eval_runner
+from lard_jax.generate import linear_memory_model
 from lard_jax.model import LlamaForCausalLM, dtype_of
 from lard_jax.tokenizer import load_tokenizer
 
@@ -132,9 +133,7 @@ def long_stream(token_docs, eos_id) -> list[list[int]]:
 
 
 def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
-    # linear-memory attention for every length (cuDNN on a GPU, blockwise elsewhere): dense XLA
-    # attention at 32K would hold 9 x 32768^2 float32 scores per layer
-    model = LlamaForCausalLM(model.config.replace(attention_impl="auto"))
+    model = linear_memory_model(model)  # no [T, T] scores at 32K: cuDNN on a GPU, blockwise elsewhere
     logits_fn = eval_runner.logits_fn_for(model, params)
     res: dict = {}
     short = perplexity.perplexity_vs_length(
@@ -145,12 +144,9 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
     res[f"stream_ppl@{long_len}"] = perplexity.perplexity_vs_length(
         logits_fn, stream, [long_len], max_windows=args.long_windows, batch_size=1, progress=False
     ).get(long_len)
-    spec = eval_runner.EvalSpec(native_len=native, cloze_samples=args.cloze_samples, batch_size=8)
     examples = eval_runner.cloze_examples(docs, tokenizer, context_len=512, cont_len=32, n=args.cloze_samples, seed=0)
-    from lard_jax.evaluation import multiple_choice
-
     res["cloze_acc"] = multiple_choice.score_examples(
-        "cloze", examples, logits_fn, tokenizer, batch_size=spec.batch_size, progress=False
+        "cloze", examples, logits_fn, tokenizer, batch_size=8, progress=False
     )["acc"]
     generate = eval_runner.generate_fn_for(model, params)
     lengths = [int(x) for x in args.lengths.split(",")]
