@@ -87,9 +87,10 @@ def print_table(rows: dict) -> None:
         lengths = sorted({k for m in (row.get("ppl_vs_length") or {}).values() if m for k in m}, key=int)
         per_len = ", ".join(f"{k}: {recovery_at(row, k):.3f}" for k in lengths if recovery_at(row, k) is not None)
         rec = row.get("recovery")
+        rec = "" if rec is None else f"{rec:.3f}"
         print(
             f"{name:<24} {row['overrides'].get('train.steps', ''):>5} {row['overrides'].get('train.lr', ''):>8} "
-            f"{ppl.get('restored', float('nan')):>12.3f} {rec if rec is None else f'{rec:.3f}':>9} "
+            f"{ppl.get('restored') or float('nan'):>12.3f} {rec:>9} "
             f"{row['wall_s']:>7.0f}  {per_len}"
         )
 
