@@ -95,6 +95,7 @@ def get_config():
     c.mesh.fsdp = 1  # parameter-sharding (FSDP) axis size
     c.mesh.tensor = 1  # tensor-parallel axis size
     c.mesh.num_devices = 0  # 0 = all devices; n = only the first n (debugging, equivalence tests)
+    c.mesh.rules = ()  # (("embed", None), ("mlp", "tensor")): replaces those logical axes' rules; () = DEFAULT_RULES
 
     c.eval = ml_collections.ConfigDict()  # held-out evaluation after training
     c.eval.enabled = False  # evaluate teacher / scaled / restored and write the report

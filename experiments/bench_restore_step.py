@@ -4,10 +4,12 @@
 
 Measures, per model shape: the full jitted step (teacher forward; student forward+backward;
 Q/Q, K/K, V/V relation KL over all layers; AdamW update of q/k/v) as tokens/s, median step time
-and peak device memory; and a split of the step into SEPARATELY JITTED parts (teacher forward,
-student forward+backward of a loss that only sums the student's q/k/v, the relation loss with its
-own backward, the optimizer update). The parts are timed alone, so their sum differs from the
-fused step by whatever XLA overlaps or fuses across them.
+and peak device memory. The step is the library's, placed as the pipeline places it: weights with
+lard_jax.sharding's shardings, `trainer.init_trainable_sharded` / `init_state` /
+`jit_train_step` (state donated, kept in its shardings). Also a split of the step into
+SEPARATELY JITTED parts (teacher forward, student forward+backward of a loss that only sums the
+student's q/k/v, the relation loss with its own backward, the optimizer update). The parts are
+timed alone, so their sum differs from the fused step by whatever XLA overlaps or fuses across them.
 With several devices, `--mesh data` shards the batch (per-device batch fixed) and reports scaling.
 
 FLOPs come from `lard_jax.flops.executed_flops_per_token`, convention "executed model FLOPs (no
@@ -115,17 +117,12 @@ def bench_one(
         )
 
     frozen = jax.jit(random_params, out_shardings=shardings)(jax.random.PRNGKey(1))
+    # The library's step as the pipeline runs it: trainable tree and state placed on the mesh,
+    # the jitted step donating the state and returning it in the same shardings.
     mask = trainer.trainable_mask(frozen)
-    trainable = jax.jit(
-        lambda f: jax.tree_util.tree_map(
-            lambda x: x.astype(jnp.float32), trainer.init_trainable(f, mask, lora, jax.random.PRNGKey(3))
-        ),
-        out_shardings=None if lora.enabled else trainer.select(shardings, mask),
-    )(frozen)
+    trainable = trainer.init_trainable_sharded(frozen, mask, lora, jax.random.PRNGKey(3), mesh, jnp.float32)
     optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
-    state = trainer.TrainState(
-        jnp.zeros((), jnp.int32), trainable, jax.jit(optimizer.init)(trainable), jax.random.PRNGKey(0)
-    )
+    state = trainer.init_state(trainable, optimizer, jax.random.PRNGKey(0), mesh)
     spec = trainer.LossSpec(kernel_impl=kernel_impl)
     batch_size = batch_per_device * mesh_data
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
@@ -133,7 +130,7 @@ def bench_one(
         jax.random.randint(jax.random.PRNGKey(2), (1, batch_size, seq_len), 0, shape["vocab_size"]), bsh
     )
     batch = {"input_ids": ids}
-    step = jax.jit(trainer.make_train_step(teacher, student, spec, lora, optimizer, schedule), donate_argnums=(0,))
+    step = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
     result = {
         "model": name,
         "seq_len": seq_len,
@@ -145,9 +142,9 @@ def bench_one(
         "lora": dataclasses.asdict(lora) if lora.enabled else None,
         "params_b": sum(x.size for x in jax.tree_util.tree_leaves(frozen)) / 1e9,
     }
-    with mesh:
+    with sharding_lib.use_mesh(mesh):
         t0 = time.perf_counter()
-        for _ in range(2):  # the second call sees committed outputs of the first: may retrace once
+        for _ in range(2):  # compile, then one more warm-up call (compile_s covers both, as before)
             state, m = step(state, frozen, batch)
             jax.block_until_ready(m)
         result["compile_s"] = time.perf_counter() - t0

@@ -8,16 +8,30 @@ plus a little synthetic passkey retrieval. The checkpoint is written in Hugging 
     python -m experiments.build_corpus --out .corpus
     python -m experiments.pretrain_teacher --corpus .corpus --out /tmp/teacher --minutes 5
 
+Training is the library's: method `lm` (lard_jax.methods.lm: next-token cross entropy, no
+teacher) with every parameter trainable (projection set "all", an empty frozen tree),
+`trainer.make_train_step` / `TrainState` / `make_optimizer`, the state placed and the step jitted
+on a lard_jax.sharding mesh (`trainer.init_state`, `trainer.jit_step`; data parallel over all
+devices). Batches are sampled on the device (random windows of the packed training stream, rows of
+a pre-built passkey pool, lard_jax.evaluation.synthetic.passkey_windows) inside a `lax.scan` of
+`--steps-per-call` library steps, so a ~4M-parameter model is not starved by the host. A window of
+T + 1 tokens trains at exactly T positions (input_ids = window[:-1], targets = window[1:]).
+
 Training is sized by wall-clock time: after compiling, one chunk of steps is timed and the cosine
-schedule is fixed to the number of steps that fit in `--minutes`. Batches are sampled on the device
-(random windows of the packed training stream, rows of a pre-built passkey pool) inside a
-`lax.scan` of `--steps-per-call` steps, so a ~4M-parameter model is not starved by the host.
+schedule is fixed to the number of steps that fit in `--minutes`. The library's schedule closes
+over its length, so the step is then rebuilt with it and compiled once more (not timed).
+
+Schedule: `trainer.make_optimizer` (global-norm clipping at 1.0, AdamW b1 0.9, b2 0.95, decoupled
+weight decay scaled by the learning rate), warmup lr * step / warmup, i.e. 0 at step 0, then cosine
+to `--final-lr-fraction` of the peak. The shipped teacher (lard_jax/assets/tiny_teacher) was
+trained by this script's earlier, hand-written loop, whose warmup was lr * (step + 1) / warmup:
+the same schedule one step earlier during warmup, identical after it; everything else (data,
+initialisation, optimizer, loss) is the same.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -30,8 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.build_corpus import read_jsonl
-from lard_jax import hf
+from lard_jax import hf, trainer
+from lard_jax import sharding as sharding_lib
+from lard_jax.data import jsonl_records
+from lard_jax.evaluation.synthetic import passkey_windows
 from lard_jax.model import LlamaConfig, LlamaForCausalLM
 from lard_jax.sources import BUILTIN_SOURCES  # the held-out documents the demo can rebuild anywhere
 from lard_jax.tokenizer import ByteTokenizer
@@ -44,53 +60,22 @@ _prng_key = getattr(jax.random, "PRNGKey", None) or jax.random.key
 # The demo measures passkey retrieval at 4x the native length (Mohtashami & Jaggi 2023's test, as
 # the LinearARD paper uses): with unscaled RoPE the far positions are unseen, with scaled RoPE they
 # map back into range. A model this small learns no retrieval from prose alone, so ~8% of each
-# batch is the same task at the native length; the scaled student then has something to keep.
-PASSKEY_FILLER = (
-    "The grass is green.",
-    "The sky is blue.",
-    "The sun is yellow.",
-    "Here we go.",
-    "There and back again.",
-)
-
-
-def _filler(n_chars: int, from_end: bool) -> str:
-    """Exactly n_chars of repeated filler sentences; ends (from_end) or starts on a sentence boundary."""
-    block = " ".join(PASSKEY_FILLER) + " "
-    text = block * (n_chars // len(block) + 1)
-    return text[len(text) - n_chars :] if from_end else text[:n_chars]
-
-
-def passkey_example(rng: np.random.Generator, n_tokens: int, tokenizer=None) -> tuple[np.ndarray, np.ndarray, str]:
-    """One passkey prompt of exactly `n_tokens` byte tokens (bos first), answer at the end.
-
-    Returns (ids, answer_positions, key): ids[answer_positions] are the key's five digits, and a
-    model retrieves the key when its argmax at positions answer_positions - 1 predicts them."""
-    tokenizer = tokenizer or ByteTokenizer()
-    key = f"{rng.integers(10_000, 100_000)}"
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    question = f"What is the pass key? The pass key is {key}."
-    budget = n_tokens - 1 - len(needle) - len(question)
-    if budget < 0:
-        raise ValueError(f"n_tokens={n_tokens} is too short for a passkey prompt ({n_tokens - budget})")
-    # Whole sentences after the needle, a sentence-aligned tail of filler before it: the key's
-    # depth is uniform over the prompt.
-    suffix = _filler(int(rng.integers(0, budget + 1)), from_end=False)
-    suffix = suffix[: suffix.rfind(". ") + 2] if ". " in suffix else ""
-    text = _filler(budget - len(suffix), from_end=True) + needle + suffix + question
-    ids = np.asarray(tokenizer.encode(text, add_bos=True), np.int32)
-    assert len(ids) == n_tokens, (len(ids), n_tokens)
-    answer = np.arange(n_tokens - 1 - len(key), n_tokens - 1)  # the final "." follows the key
-    return ids, answer, key
+# batch is the same task at the native length (synthetic.make_passkey_window: noise sentences, the
+# needle at a random depth, the question and its answer at the end); the scaled student then has
+# something to keep.
 
 
 def passkey_batch(seed: int, count: int, n_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    examples = [passkey_example(rng, n_tokens) for _ in range(count)]
-    return np.stack([e[0] for e in examples]), np.stack([e[1] for e in examples])
+    """(ids [count, n_tokens], answer positions [count, 5]) of byte-token passkey windows."""
+    return passkey_windows(seed, count, n_tokens, ByteTokenizer())
 
 
 # ----------------------------------------------------------------------------- data
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Every record of a JSONL file (lard_jax.data.jsonl_records: errors name the file and line)."""
+    return [record for _, record in jsonl_records(path)]
 
 
 def token_stream(docs: list[dict], tokenizer: ByteTokenizer) -> np.ndarray:
@@ -112,63 +97,58 @@ def eval_windows(stream: np.ndarray, seq_len: int, max_windows: int | None = Non
 
 
 # ----------------------------------------------------------------------------- training
+LOSS = trainer.LossSpec(method="lm")  # next-token cross entropy of the model alone
+LORA = trainer.LoraSpec()  # no LoRA: full weights
+ADAM_B1, ADAM_B2, CLIP = 0.9, 0.95, 1.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    peak_lr: float
-    warmup_steps: int
-    final_lr_fraction: float  # cosine decays to peak * this
+def make_optimizer(args, total_steps: int):
+    """The library's optimizer and schedule (trainer.make_optimizer) for `total_steps` steps."""
+    return trainer.make_optimizer(
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        total_steps=total_steps,
+        min_lr_ratio=args.final_lr_fraction,
+        clip=CLIP,
+        weight_decay=args.weight_decay,
+        b1=ADAM_B1,
+        b2=ADAM_B2,
+    )
 
 
-def learning_rate(schedule: Schedule, step, total_steps):
-    """Linear warmup, then cosine to a floor; `total_steps` is traced, so it is fixed after timing
-    without recompiling."""
-    step = step.astype(jnp.float32)
-    warm = schedule.peak_lr * (step + 1) / schedule.warmup_steps
-    progress = jnp.clip((step - schedule.warmup_steps) / jnp.maximum(total_steps - schedule.warmup_steps, 1), 0, 1)
-    floor = schedule.final_lr_fraction
-    cosine = schedule.peak_lr * (floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress)))
-    return jnp.where(step < schedule.warmup_steps, warm, cosine)
-
-
-def next_token_loss(model, params, windows):
-    logits = model.apply({"params": params}, windows[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:])
-    return nll.mean()
-
-
-def make_train_chunk(model, optimizer, schedule: Schedule, *, steps: int, batch: int, seq_len: int, passkey_rows: int):
-    """A jitted function running `steps` optimizer steps with batches sampled on the device."""
+def make_train_chunk(
+    model, optimizer, schedule, state, mesh, *, steps: int, batch: int, seq_len: int, passkey_rows: int
+):
+    """chunk(state, frozen, key, stream, pool) -> (state, metrics): `steps` library train steps
+    (trainer.make_train_step, method `lm`) in one jitted call, batches sampled on the device;
+    jitted by trainer.jit_step (the state donated, kept in its shardings)."""
     text_rows = batch - passkey_rows
+    train_step = trainer.make_train_step(model, model, LOSS, LORA, optimizer, schedule)  # no teacher runs
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
 
     def sample(key, stream, pool):
+        """One micro-batch [1, batch, seq_len]: random text windows, then passkey rows."""
         k_text, k_pool = jax.random.split(key)
         starts = jax.random.randint(k_text, (text_rows,), 0, stream.shape[0] - seq_len - 1)
         windows = stream[starts[:, None] + jnp.arange(seq_len + 1)[None]]
         if passkey_rows:
-            rows = jax.random.randint(k_pool, (passkey_rows,), 0, pool.shape[0])
-            windows = jnp.concatenate([windows, pool[rows]], axis=0)
-        return windows
+            picked = jax.random.randint(k_pool, (passkey_rows,), 0, pool.shape[0])
+            windows = jnp.concatenate([windows, pool[picked]], axis=0)
+        windows = jax.lax.with_sharding_constraint(windows[None], rows)
+        return {"input_ids": windows[..., :-1], "targets": windows[..., 1:]}
 
-    def one_step(carry, key, stream, pool, total_steps):
-        params, opt_state, step = carry
-        windows = sample(key, stream, pool)
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(model, p, windows))(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        lr = learning_rate(schedule, step, total_steps)
-        params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: lr * u, updates))
-        return (params, opt_state, step + 1), (loss, optax.global_norm(grads), lr)
+    def chunk(state, frozen, key, stream, pool):
+        def one(state, k):
+            return train_step(state, frozen, sample(k, stream, pool))
 
-    @jax.jit
-    def chunk(params, opt_state, step, key, stream, pool, total_steps):
-        keys = jax.random.split(key, steps)
-        (params, opt_state, step), (loss, gnorm, lr) = jax.lax.scan(
-            lambda c, k: one_step(c, k, stream, pool, total_steps), (params, opt_state, step), keys
-        )
-        return params, opt_state, step, {"loss": loss.mean(), "grad_norm": gnorm.mean(), "lr": lr[-1]}
+        state, metrics = jax.lax.scan(one, state, jax.random.split(key, steps))
+        return state, {
+            "loss": metrics["loss"].mean(),
+            "grad_norm": metrics["grad_norm"].mean(),
+            "lr": metrics["lr"][-1],
+        }
 
-    return chunk
+    return trainer.jit_step(chunk, state)
 
 
 def make_evaluators(model, batch: int):
@@ -239,9 +219,9 @@ by a hash of their id, training paragraphs that repeat held-out text removed.
 {splits}
 
 About {info["passkey_fraction"]:.0%} of each batch is synthetic passkey retrieval at the native length
-(`passkey_example`: filler sentences, "The pass key is NNNNN. Remember it. NNNNN is the pass key.",
-then "What is the pass key? The pass key is NNNNN."), so that the demo's passkey test at 4x the native
-length has a skill to lose and to restore.
+(`lard_jax.evaluation.synthetic.make_passkey_window`: filler sentences, "The pass key is NNNNN.
+Remember it. NNNNN is the pass key.", then "What is the pass key? The pass key is NNNNN."), so that
+the demo's passkey test at 4x the native length has a skill to lose and to restore.
 
 ## Training
 AdamW (b1 {info["adam_b1"]}, b2 {info["adam_b2"]}, weight decay {info["weight_decay"]}), peak learning rate
@@ -354,48 +334,43 @@ def main(argv=None):
         param_dtype="float32",
     )
     model = LlamaForCausalLM(config)
+    mesh = sharding_lib.make_mesh(data=-1)  # data parallel over every device (one, usually)
+    if args.batch % mesh.shape["data"]:
+        raise SystemExit(f"--batch {args.batch} must be a multiple of the {mesh.shape['data']} devices")
     params = model.init(_prng_key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))["params"]
+    params = jax.device_put(params, sharding_lib.param_shardings(params, mesh))
     num_params = hf.num_params(params)
     print(f"model: {num_params:,} parameters ({num_params * 4 / 2**20:.1f} MiB in float32)", flush=True)
+    # Every parameter trains: the trainable tree is the whole model, the frozen tree is empty.
+    mask = trainer.trainable_mask(params, trainer.PROJECTION_SETS["all"])
+    frozen = trainer.frozen_part(params, mask, LORA)
+    trainable = trainer.init_trainable_sharded(params, mask, LORA, _prng_key(args.seed + 3), mesh)
+    del params
 
     passkey_rows = int(round(args.batch * args.passkey_fraction))
     pool, _ = passkey_batch(args.seed + 1, args.passkey_pool if passkey_rows else 1, args.seq_len + 1)
-    schedule = Schedule(args.lr, args.warmup, args.final_lr_fraction)
-    adam_b1, adam_b2 = 0.9, 0.95
-    # learning_rate=1: the schedule multiplies the whole update (weight decay included) in the step.
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(1.0, b1=adam_b1, b2=adam_b2, weight_decay=args.weight_decay)
-    )
-    opt_state = optimizer.init(params)
+    total_steps = args.steps or 10**9  # provisional until the first chunks are timed
+    optimizer, schedule = make_optimizer(args, total_steps)
+    state = trainer.init_state(trainable, optimizer, _prng_key(args.seed + 3), mesh)
     steps_per_call = min(args.steps_per_call, args.steps) if args.steps else args.steps_per_call
-    chunk = make_train_chunk(
-        model,
-        optimizer,
-        schedule,
-        steps=steps_per_call,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        passkey_rows=passkey_rows,
-    )
+    chunk_kw = dict(steps=steps_per_call, batch=args.batch, seq_len=args.seq_len, passkey_rows=passkey_rows)
+    chunk = make_train_chunk(model, optimizer, schedule, state, mesh, **chunk_kw)
     mean_nll, passkey_accuracy = make_evaluators(model, args.eval_batch)
 
-    stream_dev, pool_dev = jnp.asarray(train_stream), jnp.asarray(pool)
-    step = jnp.zeros((), jnp.int32)
+    def model_params(state):
+        return trainer.student_params(frozen, state.trainable, LORA)
+
+    stream_dev, pool_dev = jax.device_put((train_stream, pool), sharding_lib.replicated(mesh))
     key = _prng_key(args.seed + 2)
-    total_steps = args.steps or 10**9  # provisional until the first chunks are timed
     log, calls, train_seconds = [], 0, 0.0
     t_compile = time.time()
-    jax.block_until_ready(
-        chunk.lower(params, opt_state, step, key, stream_dev, pool_dev, jnp.int32(total_steps)).compile()
-    )
+    jax.block_until_ready(chunk.lower(state, frozen, key, stream_dev, pool_dev).compile())
     print(f"compiled in {time.time() - t_compile:.1f} s", flush=True)
 
-    while int(step) < total_steps:
+    while int(state.step) < total_steps:
         key, sub = jax.random.split(key)
         t0 = time.time()
-        params, opt_state, step, metrics = chunk(
-            params, opt_state, step, sub, stream_dev, pool_dev, jnp.int32(total_steps)
-        )
+        state, metrics = chunk(state, frozen, sub, stream_dev, pool_dev)
         metrics = {k: float(v) for k, v in metrics.items()}
         elapsed = time.time() - t0
         calls += 1
@@ -410,14 +385,21 @@ def main(argv=None):
                 f"-> {total_steps} steps in {args.minutes:g} min",
                 flush=True,
             )
-        entry = {"step": int(step), "seconds": round(train_seconds, 2), **metrics}
-        if calls % args.eval_every == 0 or int(step) >= total_steps:
-            entry["heldout_probe_nll"] = mean_nll(params, probe)
+            # The schedule's length is now known: the same optimizer (its state carries over) with
+            # the final cosine, compiled before the next timed call.
+            optimizer, schedule = make_optimizer(args, total_steps)
+            chunk = make_train_chunk(model, optimizer, schedule, state, mesh, **chunk_kw)
+            jax.block_until_ready(chunk.lower(state, frozen, key, stream_dev, pool_dev).compile())
+        step = int(state.step)
+        entry = {"step": step, "seconds": round(train_seconds, 2), **metrics}
+        if calls % args.eval_every == 0 or step >= total_steps:
+            entry["heldout_probe_nll"] = mean_nll(model_params(state), probe)
         log.append(entry)
-        if calls % args.eval_every == 0 or calls <= 3 or int(step) >= total_steps:
+        if calls % args.eval_every == 0 or calls <= 3 or step >= total_steps:
             print(json.dumps(entry), flush=True)
 
-    steps_done = int(step)
+    params = model_params(state)
+    steps_done = int(state.step)
     tokens_seen = steps_done * args.batch * args.seq_len
     measured_seconds = train_seconds * steps_done / max(steps_done - (0 if args.steps else steps_per_call), 1)
     results = {}
@@ -456,8 +438,8 @@ def main(argv=None):
         "warmup_steps": args.warmup,
         "final_lr_fraction": args.final_lr_fraction,
         "weight_decay": args.weight_decay,
-        "adam_b1": adam_b1,
-        "adam_b2": adam_b2,
+        "adam_b1": ADAM_B1,
+        "adam_b2": ADAM_B2,
         "passkey_fraction": passkey_rows / args.batch,
         "passkey_pool": len(pool),
         "seed": args.seed,

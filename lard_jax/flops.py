@@ -56,6 +56,9 @@ CONVENTION = "executed model FLOPs (no remat recompute)"
 ATTENTION_CONVENTIONS = {"xla": (False, 0), "cudnn": (True, 1), "blockwise": (True, 2), "pallas_tpu": (True, 3)}
 RELATION_TO_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
 _METHODS = ("linearard", "cpt", "logit_kd", "longred_simplified", "longred")
+# Steps this FLOP model does not describe (every parameter trainable: embedding and head weight
+# gradients, dX down to the embeddings); callers that estimate MFU catch the ValueError.
+_NOT_MODELLED = {"lm": "pretraining (every parameter trainable)"}
 
 
 def _proj_shapes(cfg) -> dict[str, tuple[int, int]]:
@@ -131,6 +134,10 @@ def executed_flops_per_token(
     `model_total` = teacher_forward + student_forward + student_backward_activations +
     student_backward_weights + lora_factors, and the convention named under "convention".
     """
+    if method in _NOT_MODELLED:
+        raise ValueError(
+            f"method {method!r}: {_NOT_MODELLED[method]} is not in the FLOP model; expected one of {_METHODS}"
+        )
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {_METHODS}")
     attention_impl = attention_impl or getattr(cfg, "attention_impl", "xla")
@@ -144,6 +151,8 @@ def executed_flops_per_token(
     if bad:
         raise ValueError(f"unknown relations {bad}")
     shapes = _proj_shapes(cfg)
+    if "*" in trainable:  # lard_jax.trainable.ALL: the projection set "all"
+        raise ValueError("trainable 'all' (every parameter) is not in the FLOP model; pass attention/MLP projections")
     bad = [p for p in trainable if p not in shapes]
     if bad:
         raise ValueError(f"unknown projections {bad}; expected some of {sorted(shapes)}")

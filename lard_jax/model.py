@@ -10,6 +10,12 @@ writes) and stacked (`LlamaConfig.scan_layers`: `model/layers/...` with a leadin
 nn.scan over a remat'd block); `stack_layers` / `unstack_layers` convert any tree holding them.
 `paired_decoder` runs teacher and student layer by layer in one pass (the fused relation loss).
 
+Sharding: each parameter declares its logical axis names where it is created (`_declare`), and
+`param_logical_axes` reads those declarations for any parameter tree (lard_jax.sharding turns them
+into NamedShardings); `LlamaForCausalLM.init` still returns plain arrays. The hidden states between
+decoder blocks (embedding output, each block's output, the final norm's input) are constrained to
+HIDDEN_AXES inside `lard_jax.sharding.use_mesh(mesh, rules)`; elsewhere the constraints are no-ops.
+
 Parameter names mirror Hugging Face's (`model/layers_0/self_attn/q_proj/kernel`), with kernels
 stored as [in, out] (Hugging Face stores [out, in]); `lard_jax.hf` converts between the two.
 Mistral's sliding window is not implemented: at the lengths LinearARD trains (4096) Mistral-7B's
@@ -31,6 +37,7 @@ import numpy as np
 
 from lard_jax import attention as attn_lib
 from lard_jax import rope as rope_lib
+from lard_jax import sharding as sharding_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -151,51 +158,26 @@ class LlamaConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Logical axis names, keyed by the parameter's name inside its module. One table, read by
-# lard_jax.sharding to build NamedShardings; kept here because it is a fact about this model.
-PARAM_LOGICAL_AXES = {
-    ("embed_tokens", "embedding"): ("vocab", "embed"),
-    ("q_proj", "kernel"): ("embed", "q_heads"),
-    ("k_proj", "kernel"): ("embed", "kv_heads"),
-    ("v_proj", "kernel"): ("embed", "kv_heads"),
-    ("o_proj", "kernel"): ("q_heads", "embed"),
-    ("q_proj", "bias"): ("q_heads",),
-    ("k_proj", "bias"): ("kv_heads",),
-    ("v_proj", "bias"): ("kv_heads",),
-    ("o_proj", "bias"): ("embed",),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
-    ("down_proj", "kernel"): ("mlp", "embed"),
-    ("gate_proj", "bias"): ("mlp",),
-    ("up_proj", "bias"): ("mlp",),
-    ("down_proj", "bias"): ("embed",),
-    ("input_layernorm", "weight"): ("norm",),
-    ("post_attention_layernorm", "weight"): ("norm",),
-    ("norm", "weight"): ("norm",),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-}
-
-
+# Logical axis names. Each parameter declares its axes where it is created (`_declare`, e.g.
+# q_proj/kernel ("embed", "q_heads")); nn.scan puts LAYER_AXIS in front of the stacked ones.
+# lard_jax.sharding maps the names to mesh axes by rules. LlamaForCausalLM.init hands out plain
+# arrays; `declared_axes` reads the declarations, `param_logical_axes` applies them to any tree.
 LAYER_AXIS = "layers"  # logical name of the leading axis of stacked (scan_layers) parameters; never sharded
+LORA_FACTORS = ("lora_a", "lora_b")  # made by lard_jax.trainable, not by the model: replicated
+HIDDEN_AXES = ("batch", "length", "activation_embed")  # the hidden states between decoder blocks
 
 
-def param_logical_axes(params) -> Any:
-    """A tree like `params` whose leaves are tuples of logical axis names. Stacked layer parameters
-    (`model/layers/...`, scan_layers) get the unsharded logical axis LAYER_AXIS in front."""
+def _declare(init, axes: tuple[str | None, ...]):
+    """`init` with the parameter's logical axis names attached (flax boxes the value at init).
+    rules=() keeps flax from constraining the value while unboxing it: lard_jax.sharding places
+    parameters, and init stays independent of whatever mesh or rules are in effect."""
+    return nn.with_logical_partitioning(init, axes, rules=())
 
-    def axes(path, leaf):
-        names = tuple(getattr(p, "key", str(p)) for p in path)
-        key = names[-2:]
-        if key in PARAM_LOGICAL_AXES:
-            out = PARAM_LOGICAL_AXES[key]
-            if STACKED in names and np.ndim(leaf) == len(out) + 1:
-                out = (LAYER_AXIS,) + out
-            return out
-        if names[-1] in ("lora_a", "lora_b"):
-            return (None,) * np.ndim(leaf)
-        raise KeyError(f"no logical axes known for parameter {'/'.join(names)}")
 
-    return jax.tree_util.tree_map_with_path(axes, params)
+def constrain_hidden(x):
+    """Hidden states [B, T, E] constrained to HIDDEN_AXES under the mesh and rules in effect
+    (lard_jax.sharding.use_mesh); a no-op outside them (one device, eager, a plain jit)."""
+    return sharding_lib.constrain(x, HIDDEN_AXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +188,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        weight = self.param("weight", _declare(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # transformers casts back to the input dtype before the weight multiply; do the same.
@@ -245,16 +227,30 @@ def lora_dropout(x, key, rate: float):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _dense(features, use_bias, cfg: LlamaConfig, name):
+def _dense(features, use_bias, cfg: LlamaConfig, name, axes: tuple[str, str]):
+    """A projection whose kernel [in, out] has logical `axes` and whose bias has axes[-1]."""
     return LoraDense(
         features,
         use_bias=use_bias,
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
-        kernel_init=nn.initializers.normal(0.02),
+        kernel_init=_declare(nn.initializers.normal(0.02), axes),
+        bias_init=_declare(nn.initializers.zeros_init(), axes[-1:]),
         lora_dropout=cfg.lora_dropout,
         name=name,
     )
+
+
+class TokenEmbed(nn.Embed):
+    """nn.Embed (same parameter, same values) whose lookup gathers the table's embed axis first, as
+    FSDP gathers a weight before its use, and returns hidden states constrained to HIDDEN_AXES:
+    looked up from a table sharded over embed, they would need a full reshuffle to the batch
+    sharding (XLA's partitioner replicates them first). Both constraints are no-ops outside a mesh."""
+
+    def __call__(self, inputs):
+        table = sharding_lib.constrain(self.embedding, ("vocab", None))
+        (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)  # as nn.Embed
+        return constrain_hidden(jnp.take(table, inputs, axis=0))
 
 
 def _sub_key(key, i: int):
@@ -285,9 +281,10 @@ class LlamaAttention(nn.Module):
         b, t, _ = x.shape
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias or cfg.qkv_bias
-        q = _dense(h * d, bias, cfg, "q_proj")(x, _sub_key(dropout_key, 0)).reshape(b, t, h, d)
-        k = _dense(kv * d, bias, cfg, "k_proj")(x, _sub_key(dropout_key, 1)).reshape(b, t, kv, d)
-        v = _dense(kv * d, bias, cfg, "v_proj")(x, _sub_key(dropout_key, 2)).reshape(b, t, kv, d)
+        q_heads, kv_heads = ("embed", "q_heads"), ("embed", "kv_heads")
+        q = _dense(h * d, bias, cfg, "q_proj", q_heads)(x, _sub_key(dropout_key, 0)).reshape(b, t, h, d)
+        k = _dense(kv * d, bias, cfg, "k_proj", kv_heads)(x, _sub_key(dropout_key, 1)).reshape(b, t, kv, d)
+        v = _dense(kv * d, bias, cfg, "v_proj", kv_heads)(x, _sub_key(dropout_key, 2)).reshape(b, t, kv, d)
         q = rope_lib.apply_rope(q, cos, sin)
         k = rope_lib.apply_rope(k, cos, sin)
         self.sow("intermediates", "q", q)
@@ -297,7 +294,7 @@ class LlamaAttention(nn.Module):
             out = attn_lib.decode_attention(q, k, v, cache[0], cache[1], cache_index)
         else:
             out = attn_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl)
-        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj")(
+        out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj", ("q_heads", "embed"))(
             out.reshape(b, t, h * d), _sub_key(dropout_key, 3)
         )
         return out if cache is None else (out, (k, v))
@@ -309,9 +306,9 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "up_proj")(x)
-        return _dense(cfg.hidden_size, cfg.mlp_bias, cfg, "down_proj")(nn.silu(gate) * up)
+        gate = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "gate_proj", ("embed", "mlp"))(x)
+        up = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "up_proj", ("embed", "mlp"))(x)
+        return _dense(cfg.hidden_size, cfg.mlp_bias, cfg, "down_proj", ("mlp", "embed"))(nn.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -330,7 +327,7 @@ class LlamaDecoderLayer(nn.Module):
         )
         attn, new_kv = attn if cache is not None else (attn, None)
         x = x + attn
-        x = x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        x = constrain_hidden(x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x)))
         self.sow("intermediates", "hidden", x)  # LongReD's hidden-state distillation reads these
         if self.scanned:
             if cache is None:
@@ -366,6 +363,7 @@ def _scanned_layers(cfg: LlamaConfig):
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         length=cfg.num_hidden_layers,
+        metadata_params={nn.PARTITION_NAME: LAYER_AXIS},  # stacked parameters' axes: ("layers", ...)
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
     )
 
@@ -438,12 +436,12 @@ class LlamaModel(nn.Module):
     ):
         cfg = self.config
         b, t = input_ids.shape
-        embed = nn.Embed(
+        embed = TokenEmbed(
             cfg.vocab_size,
             cfg.hidden_size,
             dtype=dtype_of(cfg.dtype),
             param_dtype=dtype_of(cfg.param_dtype),
-            embedding_init=nn.initializers.normal(0.02),
+            embedding_init=_declare(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="embed_tokens",
         )
         x = embed(input_ids)
@@ -471,7 +469,7 @@ class LlamaModel(nn.Module):
                     "k": _cache_write(cache["k"], i, k, cache_index),
                     "v": _cache_write(cache["v"], i, v, cache_index),
                 }
-        x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="norm")(x)
+        x = RMSNorm(cfg.rms_norm_eps, dtype_of(cfg.dtype), dtype_of(cfg.param_dtype), name="norm")(constrain_hidden(x))
         return (x, embed) if cache is None else (x, embed, cache)
 
 
@@ -496,6 +494,14 @@ class LlamaForCausalLM(nn.Module):
     """`apply({"params": p}, input_ids)` -> float32 logits [batch, seq, vocab]."""
 
     config: LlamaConfig
+
+    @nn.nowrap
+    def init_with_output(self, *args, **kwargs):
+        """nn.Module.init_with_output (what `init` and `lazy_init` call) with the logical-axis boxes
+        of the parameters taken off: every parameter tree in lard_jax is plain arrays. The
+        declarations stay readable through `declared_axes`."""
+        out, variables = super().init_with_output(*args, **kwargs)
+        return out, nn.unbox(variables)
 
     @nn.compact
     def __call__(
@@ -546,7 +552,8 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, embed_dim):
-        return self.param("kernel", nn.initializers.normal(0.02), (embed_dim, self.vocab_size), self.param_dtype)
+        init = _declare(nn.initializers.normal(0.02), ("embed", "vocab"))
+        return self.param("kernel", init, (embed_dim, self.vocab_size), self.param_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +588,78 @@ def relation_inputs(model: LlamaForCausalLM, params, input_ids, **kwargs):
 def init_params(config: LlamaConfig, rng, seq_len: int = 8):
     model = LlamaForCausalLM(config)
     return model, model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+
+
+# ----------------------------------------------------------------------------------------------
+# logical axes of parameter trees, from the declarations (`_declare`) made where parameters are created
+# A tiny model with every optional parameter switched on (q/k/v/o and MLP biases, an untied lm_head):
+# its parameters are every name the model can create. A new optional parameter needs its flag here.
+_AXES_PROBE = LlamaConfig(
+    vocab_size=8,
+    hidden_size=8,
+    intermediate_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=8,
+    attention_bias=True,
+    mlp_bias=True,
+)
+_LAYER_KEY = "layers_0"  # per-layer paths are looked up with their layer index replaced by 0
+
+
+@functools.lru_cache(maxsize=1)
+def declared_axes() -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Parameter path (`("model", "layers_0", "self_attn", "q_proj", "kernel")`) -> the logical axes
+    it is created with, for both layouts (per layer `layers_0`, stacked `layers`). Read off an
+    abstract init that keeps flax's boxes (nothing is computed); cached: it is a fact about the code.
+    Raises ValueError for a parameter created without `_declare`."""
+    table = {}
+    ids = jnp.zeros((1, 1), jnp.int32)
+    for scan in (False, True):
+        model = LlamaForCausalLM(_AXES_PROBE.replace(scan_layers=scan))
+        # nn.Module's own init_with_output: LlamaForCausalLM's drops the boxes this reads
+        boxed = jax.eval_shape(lambda m=model: nn.Module.init_with_output(m, jax.random.PRNGKey(0), ids)[1])
+        for path, box in flax.traverse_util.flatten_dict(flax.core.unfreeze(boxed["params"])).items():
+            if not isinstance(box, nn.Partitioned):
+                raise ValueError(
+                    f"parameter {'/'.join(path)} is created without logical axes; wrap its init in _declare"
+                )
+            table[path] = tuple(box.names)
+    return table
+
+
+def _normalized_path(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_LAYER_KEY if n.startswith("layers_") and n[7:].isdigit() else n for n in names)
+
+
+def _axes_of(names: tuple[str, ...], leaf) -> tuple[str | None, ...]:
+    """The declared axes of the parameter at path `names` (matched by path suffix, so sub-trees and
+    trees with extra outer keys work; the leaf's rank picks the layout when the path cannot)."""
+    ndim = len(leaf.shape) if _is_array(leaf) else None
+    if names and names[-1] in LORA_FACTORS:
+        return (None,) * (np.ndim(leaf) if ndim is None else ndim)
+    key = _normalized_path(names)
+    found = {
+        axes
+        for path, axes in declared_axes().items()
+        if key and (path[-len(key) :] == key or key[-len(path) :] == path) and (ndim is None or len(axes) == ndim)
+    }
+    if len(found) != 1:
+        why = "no parameter of the model" if not found else f"ambiguous: {sorted(found, key=str)}"
+        raise KeyError(f"no logical axes for parameter {'/'.join(names)} ({why})")
+    return found.pop()
+
+
+def param_logical_axes(params) -> Any:
+    """A tree like `params` whose leaves are tuples of logical axis names, as the model declares them
+    (stacked `model/layers/...` parameters get LAYER_AXIS in front). `params` may hold arrays or
+    ShapeDtypeStructs, be either layout, a sub-tree (the trainable projections) or hold LoRA factors
+    (`lora_a`/`lora_b`: every axis None, i.e. replicated). An unknown parameter is a KeyError."""
+
+    def axes(path, leaf):
+        return _axes_of(tuple(getattr(p, "key", str(p)) for p in path), leaf)
+
+    return jax.tree_util.tree_map_with_path(axes, params)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -757,7 +836,7 @@ def paired_decoder(
         raise ValueError("no layers selected")
     top = n if return_hidden else max(i for i, c in enumerate(counts) if c) + 1
     b, t = input_ids.shape
-    embed = lambda cfg, p: nn.Embed(
+    embed = lambda cfg, p: TokenEmbed(
         cfg.vocab_size,
         cfg.hidden_size,
         dtype=dtype_of(cfg.dtype),  # noqa: E731

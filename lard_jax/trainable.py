@@ -10,6 +10,10 @@ Two trees:
   trainable        only the student's trainable attention projections, either full copies of
                    their kernels/biases or LoRA factors `lora_a` [in, r] / `lora_b` [r, out].
 
+The projection set "all" (`ALL`) trains every parameter (pretraining, method `lm`). A run without
+a teacher then passes `frozen_part(params, mask, lora)` as the frozen tree ({} when everything
+trains), so no weight is held twice; `student_params` fills every leaf from `trainable`.
+
 LoRA follows PEFT (what the authors train: r 1024, alpha 2048, dropout 0.05, bias "none", on
 q/k/v): y = x W + b + (dropout(x) A B) * alpha / r, A kaiming-uniform(a=sqrt(5)) i.e.
 U(-1/sqrt(in), 1/sqrt(in)), B = 0 (the student starts exactly at the scaled, unrestored model).
@@ -30,11 +34,21 @@ import numpy as np
 
 from lard_jax import model as model_lib
 
-PROJECTION_SETS = {"qkv": ("q_proj", "k_proj", "v_proj"), "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj")}
+ALL = "*"  # in a projection tuple: every parameter of the model trains (embeddings, norms, MLP, head)
+PROJECTION_SETS = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "qkvo": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "all": (ALL,),
+}
 
 
 def trainable_mask(params, projections: Sequence[str] = PROJECTION_SETS["qkv"]):
-    """Boolean tree: True for the kernels and biases of the given attention projections."""
+    """Boolean tree: True for the kernels and biases of the given attention projections, or for
+    every leaf when `projections` holds `ALL` (PROJECTION_SETS["all"])."""
+    if isinstance(projections, str):
+        raise TypeError(f"projections must be a sequence of names, got the string {projections!r}")
+    if ALL in projections:
+        return jax.tree_util.tree_map(lambda _: True, params)
 
     def is_trainable(path, _):
         names = [getattr(p, "key", str(p)) for p in path]
@@ -101,6 +115,17 @@ def init_trainable(frozen_params, mask, lora: LoraSpec, rng):
         out[path[:-1] + ("lora_b",)] = jnp.zeros((lora.rank, w.shape[1]), jnp.float32)
     out = flax.traverse_util.unflatten_dict(out)
     return model_lib.stack_layers(out) if stacked else out
+
+
+def frozen_part(params, mask, lora: LoraSpec | None = None):
+    """The part of `params` the student still reads from the frozen tree: everything under LoRA
+    (the factors adapt frozen kernels), else the leaves outside `mask` ({} for the "all" set).
+    For runs without a teacher (method `lm`): pass it as the step's frozen tree instead of
+    `params`, so the trained weights are not held on device twice. Methods with a teacher need
+    the whole checkpoint as the frozen tree (the teacher runs on it)."""
+    if lora is not None and lora.enabled:
+        return params
+    return select(params, jax.tree_util.tree_map(lambda m: not m, mask))
 
 
 def merge_student(frozen_params, trainable, lora: LoraSpec):

@@ -2,10 +2,20 @@
 
 Parameters live in two trees (lard_jax.trainable, re-exported here):
   frozen_params    the checkpoint's weights, shared by teacher and student (one copy on device);
-  trainable        only the student's trainable attention projections (or their LoRA factors).
+  trainable        only the student's trainable attention projections (or their LoRA factors);
+                   every parameter under the projection set "all" (pretraining, method `lm`,
+                   whose frozen tree is then `frozen_part(...)` = {}).
 The student's tree is `student_params(frozen_params, trainable, lora)` inside the jitted step, so
 the frozen weights are never duplicated and never enter the optimizer: they carry no optimizer state
 and stay bitwise unchanged. `trainable_mask` is the optax-style boolean mask that selects them.
+
+On a mesh (lard_jax.sharding), what the pipeline and the experiments run:
+    trainable = init_trainable_sharded(frozen, mask, lora, rng, mesh, dtype)
+    state = init_state(trainable, optimizer, rng, mesh)      # (restore a checkpoint into it here)
+    step = jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
+    state, metrics = step(state, frozen, batch)              # batch leaves [accum, micro, T]
+`jit_step` jits any step(state, ...) -> (state, metrics) the same way (e.g. several train steps
+scanned in one call).
 
 Optimizer and schedule follow the authors' train.py (github.com/gracefulning/LinearARD, 23866f6):
 torch.optim.AdamW defaults (betas 0.9/0.999, eps 1e-8, weight decay 0.01 on every trainable
@@ -24,11 +34,14 @@ import jax.numpy as jnp
 import optax
 
 from lard_jax import methods
+from lard_jax import sharding as sharding_lib
 from lard_jax.methods import longred_simplified
 from lard_jax.model import LlamaForCausalLM, is_stacked, stack_layers, unstack_layers
 from lard_jax.trainable import (  # noqa: F401  (re-exported: existing imports use trainer.X)
+    ALL,
     PROJECTION_SETS,
     LoraSpec,
+    frozen_part,
     init_trainable,
     merge_student,
     select,
@@ -203,6 +216,65 @@ def make_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer,
         return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
 
     return step
+
+
+# ----------------------------------------------------------------------------------------------
+# the jitted step on a mesh
+def init_trainable_sharded(frozen_params, mask, lora: LoraSpec, rng, mesh, dtype=None):
+    """`init_trainable` on the device: full copies keep the shardings of the weights they copy;
+    LoRA factors (small) are replicated over `mesh`. `dtype`: the trainable tree's dtype (None:
+    the weights' own; LoRA factors are float32)."""
+    selected_shardings = select(jax.tree_util.tree_map(lambda x: x.sharding, frozen_params), mask)
+
+    def init(frozen, key):
+        tree = init_trainable(frozen, mask, lora, key)
+        return tree if dtype is None else jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+
+    trainable = jax.jit(init, out_shardings=None if lora.enabled else selected_shardings)(frozen_params, rng)
+    return jax.device_put(trainable, sharding_lib.replicated(mesh)) if lora.enabled else trainable
+
+
+def place_state(state: TrainState, mesh) -> TrainState:
+    """`state` with fixed shardings: leaves sharded over several devices (trainable weights, Adam
+    moments) keep their sharding; scalars and leaves on one device (step, rng, Adam count) are
+    replicated over `mesh`. The jitted step then returns the state in the same shardings."""
+    return jax.device_put(
+        state,
+        jax.tree_util.tree_map(
+            lambda x: (
+                x.sharding
+                if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
+                else sharding_lib.replicated(mesh)
+            ),
+            state,
+        ),
+    )
+
+
+def init_state(trainable, optimizer, rng, mesh) -> TrainState:
+    """Step 0: `trainable` (placed, e.g. by `init_trainable_sharded`), the optimizer's state
+    initialised on the device next to it, and the step's base key `rng`; see `place_state`."""
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=jax.jit(optimizer.init)(trainable), rng=rng
+    )
+    return place_state(state, mesh)
+
+
+def state_shardings(state: TrainState):
+    """The sharding of every leaf of `state` (what the jitted step returns it in)."""
+    return jax.tree_util.tree_map(lambda x: x.sharding, state)
+
+
+def jit_step(step_fn, state: TrainState):
+    """`jax.jit` of step_fn(state, *args) -> (state, metrics) that donates the state (updated in
+    place) and returns it in the shardings `state` has now (placed by `init_state`, or restored)."""
+    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings(state), None))
+
+
+def jit_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer, schedule, state: TrainState):
+    """The jitted `make_train_step`: step(state, frozen_params, batch) -> (state, metrics), the
+    state donated and kept in its shardings (`jit_step`)."""
+    return jit_step(make_train_step(teacher, student, spec, lora, optimizer, schedule), state)
 
 
 def model_flops_per_token(cfg, seq_len: int, *, teacher_forward: bool = True) -> float:

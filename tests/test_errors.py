@@ -37,6 +37,15 @@ def assets(tmp_path_factory):
     return d
 
 
+@pytest.fixture(autouse=True)
+def _checks_before_weights(request, monkeypatch):
+    """Every case here must fail in lard_jax.plan.resolve, before a weight is read: loading weights
+    is refused unless a test is marked `reads_weights` (the cases about the weights themselves, or
+    that run a whole training first)."""
+    if request.node.get_closest_marker("reads_weights") is None:
+        monkeypatch.setattr(hf, "load_pretrained", _refuse_weights)
+
+
 def _ckpt(assets, tmp_path, name="ckpt"):
     """A private copy of the tiny checkpoint to break."""
     out = tmp_path / name
@@ -157,6 +166,7 @@ def test_truncated_safetensors(assets, tmp_path, capsys):
     )
 
 
+@pytest.mark.reads_weights  # NaN is found while the tensors are read
 def test_nan_in_checkpoint_named_while_loading(assets, tmp_path, capsys):
     ck = _ckpt(assets, tmp_path)
     tensors = {k: np.asarray(v) for k, v in safetensors_io.open_tensors(str(ck / "model.safetensors")).items()}

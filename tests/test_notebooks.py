@@ -114,7 +114,13 @@ def test_tpu_vm_multihost(tmp_path):
     one, two = workdir / "one_process", workdir / "two_processes"
     for run in (one, two):
         config = json.loads((run / "config.json").read_text())
-        assert config["mesh"] | {"num_devices": 0} == {"data": 2, "fsdp": 2, "tensor": 2, "num_devices": 0}
+        assert config["mesh"] | {"num_devices": 0, "rules": []} == {
+            "data": 2,
+            "fsdp": 2,
+            "tensor": 2,
+            "num_devices": 0,
+            "rules": [],
+        }
         assert len((run / "metrics_stage1.jsonl").read_text().splitlines()) == 4
     a, b = _tensors(one / "hf_student"), _tensors(two / "hf_student")
     assert a.keys() == b.keys()

@@ -21,6 +21,10 @@ pseudo-words instead of the wonderwords list.
 `length` counts the prompt (with bos) plus the tokens the task is allowed to generate, as in
 RULER's `max_seq_length`. Each generator returns a dict with `prompt_ids`, `answers`,
 `max_new_tokens`, `task`, `depth` and `length` (the prompt's actual token count).
+
+`make_passkey_window` / `passkey_windows` are the same passkey text as a teacher-forced example
+of exactly `length` byte tokens that ends with its answer: what the tiny teacher trains on and is
+scored by (argmax at the answer positions) in experiments/pretrain_teacher.py.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ __all__ = [
     "NOISE_HAYSTACK",
     "TASKS",
     "make_passkey",
+    "make_passkey_window",
+    "passkey_windows",
     "make_niah_single",
     "make_niah_multikey",
     "make_niah_multikey_2",
@@ -207,6 +213,13 @@ def _result(task: str, prompt_ids: list[int], answers: list[str], max_new_tokens
 # ----------------------------------------------------------------------------- passkey
 
 
+_PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def _passkey_needle(key: str) -> str:
+    return f"The pass key is {key}. Remember it. {key} is the pass key."
+
+
 def make_passkey(
     rng: np.random.Generator,
     tokenizer: Any,
@@ -219,8 +232,8 @@ def make_passkey(
 ) -> dict:
     """A pass key of `num_digits` random digits hidden at `depth` of a haystack of `length` tokens."""
     key = _random_number(rng, num_digits)
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
-    question = "What is the pass key? The pass key is"
+    needle = _passkey_needle(key)
+    question = _PASSKEY_QUESTION
     max_new_tokens = num_digits + 10
 
     def render(n: int) -> str:
@@ -230,6 +243,56 @@ def make_passkey(
 
     _, prompt_ids = _fit(render, tokenizer, length - max_new_tokens, add_bos, "passkey")
     return _result("passkey", prompt_ids, [key], max_new_tokens, depth)
+
+
+def _noise_chars(n_chars: int, from_end: bool) -> str:
+    """Exactly n_chars of the repeated NOISE_HAYSTACK; ends (from_end) or starts on a sentence boundary."""
+    block = NOISE_HAYSTACK + " "
+    text = block * (n_chars // len(block) + 1)
+    return text[len(text) - n_chars :] if from_end else text[:n_chars]
+
+
+def make_passkey_window(
+    rng: np.random.Generator, tokenizer: Any, length: int, *, num_digits: int = 5, add_bos: bool = True
+) -> dict:
+    """A passkey example of exactly `length` tokens that ends with its answer, for training and
+    teacher-forced scoring: noise sentences, the needle at a uniformly random depth (whole
+    sentences after it), then "What is the pass key? The pass key is NNNNN." (no intro).
+
+    Needs a tokenizer with one token per ASCII character (lard_jax.tokenizer.ByteTokenizer): the
+    haystack is cut to the character. Returns `_result`'s dict (task "passkey_window", no tokens to
+    generate; `depth`: the fraction of the noise before the needle) plus `answer_positions`:
+    prompt_ids[answer_positions] are the key's digits, and a model retrieves the key when its
+    argmax at answer_positions - 1 predicts them all."""
+    key = _random_number(rng, num_digits)
+    needle = _passkey_needle(key) + " "
+    question = f"{_PASSKEY_QUESTION} {key}."
+    budget = length - int(add_bos) - len(needle) - len(question)
+    if budget < 0:
+        raise ValueError(f"passkey_window: length={length} is too short for a passkey prompt ({length - budget})")
+    # Whole sentences after the needle, a sentence-aligned tail of noise before it: the key's
+    # depth is uniform over the prompt.
+    suffix = _noise_chars(int(rng.integers(0, budget + 1)), from_end=False)
+    suffix = suffix[: suffix.rfind(". ") + 2] if ". " in suffix else ""
+    prefix = _noise_chars(budget - len(suffix), from_end=True)
+    ids = list(tokenizer.encode(prefix + needle + suffix + question, add_bos=add_bos))
+    if len(ids) != length:
+        raise ValueError(
+            f"passkey_window: {len(ids)} tokens instead of {length}; it needs a tokenizer with one token "
+            "per ASCII character (lard_jax.tokenizer.ByteTokenizer)"
+        )
+    out = _result("passkey_window", ids, [key], 0, len(prefix) / max(budget, 1))
+    out["answer_positions"] = list(range(length - 1 - num_digits, length - 1))  # the final "." follows the key
+    return out
+
+
+def passkey_windows(seed: int, count: int, length: int, tokenizer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """`count` passkey windows (`make_passkey_window`, drawn in turn from one generator seeded by
+    `seed`): (ids [count, length] int32, answer_positions [count, num_digits])."""
+    rng = np.random.default_rng(seed)
+    examples = [make_passkey_window(rng, tokenizer, length) for _ in range(count)]
+    ids = np.asarray([e["prompt_ids"] for e in examples], np.int32).reshape(count, length)
+    return ids, np.asarray([e["answer_positions"] for e in examples]).reshape(count, -1)
 
 
 # ----------------------------------------------------------------------------- needle in a haystack

@@ -27,7 +27,7 @@ from lard_jax.model import LlamaForCausalLM
 from lard_jax.trainable import LoraSpec, student_params
 
 RENAMED = {"longred": "longred_simplified"}
-BUILTIN = ("linearard", "cpt", "logit_kd", "longred_simplified")  # module names under lard_jax.methods
+BUILTIN = ("linearard", "cpt", "logit_kd", "longred_simplified", "lm")  # module names under lard_jax.methods
 
 
 @dataclasses.dataclass(frozen=True)
