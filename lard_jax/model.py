@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lard_jax import attention as attn_lib
+from lard_jax import partitioning
 from lard_jax import rope as rope_lib
-from lard_jax import sharding as sharding_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -177,7 +177,7 @@ def _declare(init, axes: tuple[str | None, ...]):
 def constrain_hidden(x):
     """Hidden states [B, T, E] constrained to HIDDEN_AXES under the mesh and rules in effect
     (lard_jax.sharding.use_mesh); a no-op outside them (one device, eager, a plain jit)."""
-    return sharding_lib.constrain(x, HIDDEN_AXES)
+    return partitioning.constrain(x, HIDDEN_AXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ class TokenEmbed(nn.Embed):
     sharding (XLA's partitioner replicates them first). Both constraints are no-ops outside a mesh."""
 
     def __call__(self, inputs):
-        table = sharding_lib.constrain(self.embedding, ("vocab", None))
+        table = partitioning.constrain(self.embedding, ("vocab", None))
         (table,) = nn.dtypes.promote_dtype(table, dtype=self.dtype, inexact=False)  # as nn.Embed
         return constrain_hidden(jnp.take(table, inputs, axis=0))
 

@@ -129,9 +129,9 @@ def export_student(config, student, student_params, mask, tokenizer, out: str) -
         cast = jnp.float32 if export_dtype == "float32" else dtype_of(config.model.param_dtype)
         hf.save_pretrained(out, student, jax.tree_util.tree_map(lambda x: x.astype(cast), student_params))
         if main:
-            from lard_jax import gguf as gguf_lib
+            from lard_jax.tokenizer import write_gguf_side_files
 
-            gguf_lib.write_hf_side_files(_gguf_path(ckpt), out)
+            write_gguf_side_files(_gguf_path(ckpt), out)
         return
     names = hf.hf_tensor_names(student.config)
     trained = {n: v for n, v in names.items() if bool(hf._get_path(mask, v[0]))}

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from lard_jax import gguf as gguf_lib
+from lard_jax.errors import UserError
+
 __all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer"]
 
 # Key written into tokenizer_config.json so `load_tokenizer` can recognise a saved ByteTokenizer
@@ -144,10 +147,9 @@ def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
     checkpoint spec (see lard_jax.hf.resolve_checkpoint) -> the tokenizer in its metadata."""
     if str(spec) == "byte":
         return ByteTokenizer()
-    from lard_jax import gguf as gguf_lib  # a .gguf, a folder with one, or pkg:DIST: the GGUF's own tokenizer
-
+    # a .gguf, a folder with one, or pkg:DIST: the GGUF's own tokenizer
     if gguf_lib.is_gguf_path(resolved := gguf_lib.resolve_checkpoint(spec)):
-        return gguf_lib.load_tokenizer(resolved)
+        return load_gguf_tokenizer(resolved)
     path = os.fspath(spec)
     if not os.path.isdir(path):
         raise FileNotFoundError(
@@ -200,3 +202,88 @@ def _write_json(path: str, obj: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF checkpoints: the tokenizer in their metadata (lard_jax.gguf reads the file)
+class GGUFTokenizer(HFTokenizer):
+    """The GGUF's own tokenizer (transformers' GGUF conversion) behind the HFTokenizer interface."""
+
+    def __init__(self, hf_tokenizer, fingerprint: str, gguf_path: str, file_vocab_size: int):
+        super().__init__(hf_tokenizer, fingerprint)
+        self.gguf_path = gguf_path
+        # transformers' byte-level class may add a default "<|endoftext|>" the file does not have
+        # (an id past the model's embedding); the vocabulary is the file's.
+        self.vocab_size = min(self.vocab_size, file_vocab_size)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = super().encode(text, add_bos=add_bos)
+        if ids and max(ids) >= self.vocab_size:
+            bad = self.hf_tokenizer.convert_ids_to_tokens(max(ids))
+            raise ValueError(
+                f"{self.gguf_path}: the text contains {bad!r}, which transformers' GGUF tokenizer "
+                f"adds as id {max(ids)} past the file's {self.vocab_size} tokens"
+            )
+        return ids
+
+    def save_pretrained(self, path) -> None:
+        """tokenizer.json, tokenizer_config.json, special_tokens_map.json for a HF export."""
+        _save_tokenizer_files(self.hf_tokenizer, os.fspath(path))
+
+
+def _gguf_hf_tokenizer(path: str):
+    f = gguf_lib._open(path)
+    gguf_lib._architecture(f)
+    model = f.get("tokenizer.ggml.model")
+    if model is None or f.array_len("tokenizer.ggml.tokens") is None:
+        raise UserError(
+            f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing; the file carries "
+            "no tokenizer, pass --config.data.tokenizer=<a tokenizer directory>"
+        )
+    from transformers import AutoTokenizer
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except Exception as e:
+        raise UserError(
+            f"{path}: transformers cannot build a tokenizer from this GGUF "
+            f"(tokenizer.ggml.model={model!r}; {type(e).__name__}: {gguf_lib._one_line(e)})"
+        ) from None
+
+
+def load_gguf_tokenizer(path):
+    """The GGUF's tokenizer as an HFTokenizer (ids as AutoTokenizer(gguf_file=...))."""
+    path = gguf_lib.resolve_checkpoint(path)
+    hf_tok = _gguf_hf_tokenizer(path)
+    digest = hashlib.sha256(hf_tok.backend_tokenizer.to_str().encode())
+    digest.update(json.dumps([hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id]).encode())
+    return GGUFTokenizer(
+        hf_tok, f"gguf:{digest.hexdigest()[:16]}", path, gguf_lib._open(path).array_len("tokenizer.ggml.tokens")
+    )
+
+
+def _save_tokenizer_files(hf_tok, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    hf_tok.save_pretrained(out_dir)
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = getattr(hf_tok, key, None)
+        if value is not None:
+            special[key] = str(value)
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as fh:
+        json.dump(special, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+
+
+def write_gguf_side_files(gguf_path, out_dir) -> None:
+    """Everything a HF export of a GGUF checkpoint needs besides config.json and the weights:
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json."""
+    gguf_path = gguf_lib.resolve_checkpoint(gguf_path)
+    out_dir = os.fspath(out_dir)
+    _save_tokenizer_files(_gguf_hf_tokenizer(gguf_path), out_dir)
+    cfg = gguf_lib.hf_config(gguf_path)
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(gen, fh, indent=2)
+        fh.write("\n")

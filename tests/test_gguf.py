@@ -19,6 +19,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from lard_jax import gguf as lgguf  # noqa: E402
 from lard_jax import hf  # noqa: E402
+from lard_jax import tokenizer as tokenizer_lib  # noqa: E402
 from lard_jax.errors import UserError  # noqa: E402
 from lard_jax.model import LlamaConfig, init_params  # noqa: E402
 from lard_jax.tokenizer import load_tokenizer  # noqa: E402
@@ -290,7 +291,7 @@ def test_round_trip_through_save_pretrained(tiny, tmp_path):
     model, params = hf.load_pretrained(tiny["path"])
     out = str(tmp_path / "hf")
     hf.save_pretrained(out, model, params)
-    lgguf.write_hf_side_files(tiny["path"], out)
+    tokenizer_lib.write_gguf_side_files(tiny["path"], out)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     with open(os.path.join(out, "generation_config.json")) as fh:

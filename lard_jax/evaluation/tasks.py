@@ -13,6 +13,8 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from lard_jax.evaluation.adapters import cloze_examples, generate_fn_for, logits_fn_for
+
 EVAL_TASKS: dict[str, Callable[[TaskContext], dict[str, Any]]] = {}
 
 
@@ -46,14 +48,10 @@ class TaskContext:
 
     @functools.cached_property
     def logits_fn(self):
-        from lard_jax.evaluation.runner import logits_fn_for
-
         return logits_fn_for(self.model, self.params)
 
     @functools.cached_property
     def generate(self):
-        from lard_jax.evaluation.runner import generate_fn_for
-
         return generate_fn_for(self.model, self.params)
 
 
@@ -79,7 +77,6 @@ def perplexity_vs_length(ctx: TaskContext) -> dict:
     if not s.ppl_lengths:
         return {}
     from lard_jax.evaluation import perplexity
-    from lard_jax.evaluation.runner import logits_fn_for
     from lard_jax.generate import linear_memory_model
 
     # one forward per window at every length, through attention that never forms [T, T]
@@ -102,7 +99,6 @@ def cloze(ctx: TaskContext) -> dict:
     if not s.cloze_samples:
         return {}
     from lard_jax.evaluation import multiple_choice
-    from lard_jax.evaluation.runner import cloze_examples
 
     examples = cloze_examples(
         ctx.docs,
