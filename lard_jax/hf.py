@@ -301,12 +301,7 @@ def load_pretrained(
         raise CheckpointError(
             f"{path}: tensor(s) not part of a {cfg.num_hidden_layers}-layer LLaMA model, e.g. {unexpected[:3]}"
         )
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shardings = None
-    if mesh is not None:
-        from lard_jax import sharding as sharding_lib
-
-        shardings = sharding_lib.param_shardings(shapes, mesh, rules)
+    shapes, shardings = _shapes_and_shardings(model, mesh, rules)
     store_dtype = dtype_of(cfg.param_dtype)
     opened: dict[str, dict] = {}
     params: dict = {}
@@ -418,12 +413,7 @@ def _load_gguf(
             f"{path}: tensor {gguf_lib._gguf_name(unexpected[0])} is not part of a "
             f"{cfg.num_hidden_layers}-layer Llama model as the metadata describes it"
         )
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shardings = None
-    if mesh is not None:
-        from lard_jax import sharding as sharding_lib
-
-        shardings = sharding_lib.param_shardings(shapes, mesh, rules)
+    shapes, shardings = _shapes_and_shardings(model, mesh, rules)
     store = dtype_of(cfg.param_dtype)
     params: dict = {}
     for name, tensor in gguf_lib.iter_tensors(path):
@@ -441,3 +431,14 @@ def _load_gguf(
         del tensor  # the float32 copy goes before the next tensor is dequantized
         _set_path(params, our_path, leaf)
     return model, params
+
+
+def _shapes_and_shardings(model: LlamaForCausalLM, mesh, rules):
+    """The parameter tree's shapes (nothing allocated) and, with a mesh, each parameter's
+    NamedSharding from its declared logical axes and `rules` (else None)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    if mesh is None:
+        return shapes, None
+    from lard_jax import sharding as sharding_lib
+
+    return shapes, sharding_lib.param_shardings(shapes, mesh, rules)
