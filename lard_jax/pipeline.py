@@ -202,7 +202,9 @@ class MetricsLog:
     """JSONL + TensorBoard event files in the workdir (process 0 only).
 
     A run resumed at `resume_step` first drops the JSONL records past that step (written after the
-    last checkpoint, before a crash) so that every step appears once."""
+    last checkpoint, before a crash) so that every step appears once. Its TensorBoard writer opens
+    with purge_step = resume_step + 1: TensorBoard then hides the earlier event files' values from
+    that step on (written before the crash), so each step shows once there too."""
 
     def __init__(self, workdir: str, name: str, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
@@ -214,7 +216,10 @@ class MetricsLog:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+                self.writer = SummaryWriter(
+                    os.path.join(workdir, "tensorboard", name),
+                    purge_step=None if resume_step is None else int(resume_step) + 1,
+                )
             except ImportError:  # TensorBoard is optional; the JSONL log is always written
                 self.writer = None
 

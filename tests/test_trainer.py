@@ -1,5 +1,6 @@
 """Restoration training on tiny models: masked update, loss behaviour, sharding, resume, config errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -219,3 +220,61 @@ def test_config_errors(assets, tmp_path):
     assert not os.path.exists(tmp_path / "x" / "checkpoints")  # failed before any training
     bad = _cli(assets, tmp_path / "cli", "--config.train.stepz=3")
     assert bad.returncode != 0 and "stepz" in bad.stderr
+
+
+def _tb_events(folder):
+    """(file, Event) for every record of every TensorBoard event file in `folder` (TFRecord framing:
+    length u64, crc u32, payload, crc u32), oldest file first."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12 : i + 12 + n])
+            out.append((name, event))
+            i += 12 + n + 4
+    return out
+
+
+def test_metrics_log_resume_purges_tensorboard_and_jsonl(tmp_path):
+    """A resumed stage logs each step once: JSONL records past the checkpoint are dropped, and the
+    new TensorBoard file starts with a purge marker (SessionLog START at resume + 1), which makes
+    TensorBoard hide the older files' values from that step on (TensorBoard's purge_step rule,
+    applied here by hand)."""
+    import time
+
+    from tensorboardX.proto import event_pb2
+
+    first = pipeline.MetricsLog(str(tmp_path), "stage1")
+    for step in range(1, 7):
+        first.write(step, {"loss": 10.0 + step})
+    first.writer.close()
+    time.sleep(1.1)  # a new event file name (tensorboardX names files by the second)
+    resumed = pipeline.MetricsLog(str(tmp_path), "stage1", resume_step=4)
+    for step in (5, 6):
+        resumed.write(step, {"loss": 20.0 + step})
+    resumed.writer.close()
+
+    records = [json.loads(line) for line in open(tmp_path / "metrics_stage1.jsonl")]
+    want = [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 25.0), (6, 26.0)]
+    assert [(r["step"], r["loss"]) for r in records] == want
+
+    events = _tb_events(tmp_path / "tensorboard" / "stage1")
+    files = sorted({f for f, _ in events})
+    assert len(files) == 2
+    starts = [e.step for f, e in events if f == files[1] and e.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [5]
+    shown = {}
+    for _, e in events:
+        if e.session_log.status == event_pb2.SessionLog.START:
+            shown = {s: v for s, v in shown.items() if s < e.step}  # the purge: later steps of older files go
+        for v in e.summary.value:
+            if v.tag == "loss":
+                shown[e.step] = v.simple_value
+    assert sorted(shown.items()) == want
