@@ -5,8 +5,8 @@
         --run 'lr3e-4:train.lr=3e-4' --run 'lr1e-3_60:train.lr=1e-3;train.steps=60'
 
 Each `--run NAME:key=value;key=value` is the config file's get_config() with the `--common`
-overrides and then its own (dotted keys, values parsed as JSON or Python literals, as on the
-command line of experiments.restore). Every run gets its own workdir under --root, so a sweep that
+overrides and then its own, parsed exactly as `--config.key=value` on experiments.restore's
+command line (lard_jax.cli.parse). Every run gets its own workdir under --root, so a sweep that
 is stopped resumes: a finished run (its name in --out) is skipped, an unfinished one resumes from
 its last checkpoint. After every run --out is rewritten with what each run reported (summary.json:
 short-text perplexity of teacher / scaled / restored and the recovery; report.json's perplexity at
@@ -29,34 +29,29 @@ from lard_jax import cli
 
 
 def parse_overrides(text: str) -> dict:
+    """ "key=value;key=value" -> {key: value text}; values are parsed by the CLI (lard_jax.cli.parse)."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(";"))):
         key, sep, value = part.partition("=")
         if not sep:
             raise SystemExit(f"error: override {part!r} is not key=value")
-        out[key.strip()] = cli._parse_value(value.strip())
+        out[key.strip()] = value.strip()
     return out
 
 
-def apply_overrides(config, overrides: dict):
-    with config.unlocked():
-        for key, value in overrides.items():
-            *path, leaf = key.split(".")
-            node = config
-            for p in path:
-                node = node[p]
-            if leaf not in node:
-                raise SystemExit(f"error: unknown config key {key!r}")
-            node[leaf] = tuple(value) if isinstance(value, list) else value
+def load_config(config_path: str, *overrides: dict):
+    """The config as `python -m experiments.restore --config=PATH --config.key=value ...` builds it
+    (same parsing, same errors for an unknown key)."""
+    argv = ["experiments.sweep", f"--config={config_path}"]
+    argv += [f"--config.{k}={v}" for o in overrides for k, v in o.items()]
+    config, _ = cli.parse(argv, config_required_hint="")
     return config
 
 
 def run_one(config_path: str, common: dict, own: dict, workdir: str) -> dict:
     from lard_jax.pipeline import run_restoration
 
-    config = apply_overrides(apply_overrides(cli.load_config_file(config_path), common), own)
-    with config.unlocked():
-        config.workdir = workdir
+    config = load_config(config_path, common, own, {"workdir": workdir})
     t0 = time.perf_counter()
     summary = run_restoration(config)
     row = {"overrides": own, "wall_s": time.perf_counter() - t0, **summary}

@@ -433,10 +433,15 @@ def _load_gguf(
     return model, params
 
 
+def param_shapes(model: LlamaForCausalLM):
+    """The model's parameter tree as ShapeDtypeStructs (nothing allocated)."""
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
 def _shapes_and_shardings(model: LlamaForCausalLM, mesh, rules):
     """The parameter tree's shapes (nothing allocated) and, with a mesh, each parameter's
     NamedSharding from its declared logical axes and `rules` (else None)."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shapes = param_shapes(model)
     if mesh is None:
         return shapes, None
     from lard_jax import sharding as sharding_lib

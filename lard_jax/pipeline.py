@@ -73,12 +73,6 @@ def build_models(plan: plan_lib.Plan, mesh):
     return teacher, student, frozen
 
 
-def loss_spec(config) -> LossSpec:
-    """config.loss as a LossSpec (what the plan's first stage uses)."""
-    rope = rope_lib.normalize_rope_scaling(_rope_dict(config))
-    return LossSpec.from_config(config.loss, long_factor=plan_lib._factor(rope))
-
-
 # ----------------------------------------------------------------------------------------------
 # data
 def device_batch(host_batch: dict, grad_accum: int, mesh) -> dict:

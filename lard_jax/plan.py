@@ -23,7 +23,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from lard_jax import hf, safetensors_io, trainer
 from lard_jax import rope as rope_lib
@@ -82,8 +81,13 @@ class Plan:
         return sum(s.tokens for s in self.stages)
 
     def make_mesh(self):
-        c = self.config.mesh
-        return sharding_lib.make_mesh(c.data, c.fsdp, c.tensor, devices=jax.devices()[: c.num_devices or None])
+        return _mesh(self.config)
+
+
+def _mesh(config):
+    """The run's (data, fsdp, tensor) mesh over the first config.mesh.num_devices devices (0 = all)."""
+    c = config.mesh
+    return sharding_lib.make_mesh(c.data, c.fsdp, c.tensor, devices=jax.devices()[: c.num_devices or None])
 
 
 def optimizer_kwargs(train_block, **overrides) -> dict:
@@ -129,9 +133,7 @@ def resolve(config, *, build_loaders: bool = True) -> Plan:
             f"{teacher_cfg.vocab_size}; use the checkpoint's own tokenizer"
         )
     rules = _mesh_rules(config)
-    plan_mesh = sharding_lib.make_mesh(
-        config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=jax.devices()[: config.mesh.num_devices or None]
-    )
+    plan_mesh = _mesh(config)
     check_against_model(config, teacher_cfg, plan_mesh, rope)
     student_max = student_max_positions(config, teacher_cfg, rope)
     eval_spec, eval_docs = None, None
@@ -368,7 +370,7 @@ def check_checkpoint(path: str, *, what: str = "config.model.checkpoint"):
             f"weights, e.g. {missing[:3]}; the weights and config.json do not match"
         )
     model = LlamaForCausalLM(cfg)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shapes = hf.param_shapes(model)
     headers = {}
     for name, (our_path, transpose) in expected.items():
         fname = files[name]
