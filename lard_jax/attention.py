@@ -4,13 +4,23 @@
 reads kv head h // (H // KV)) returns [B, T, H, D] in q's dtype. `mask` is None (plain causal), a
 `MaskInfo(segment_ids, attention_mask)` (packed rows and/or key padding) or, for backward
 compatibility, a dense boolean [B, 1, T, S] matrix. With a MaskInfo every implementation keeps the
-diagonal, as `model.attention_mask_matrix` does, so padded query rows stay finite.
+diagonal, as `model.attention_mask_matrix` does, so padded query rows stay finite. Rows of padded
+queries (attention_mask False) are outside the contract: finite, but each implementation fills
+them its own way (dense: the valid keys of their segment plus themselves; cuDNN: their own value;
+pallas_tpu: the other padded tokens); no loss or metric reads them.
 
 Implementations (`LlamaConfig.attention_impl`):
 
 * ``xla``       -- dense: `jax.nn.dot_product_attention` with an explicit [T, T] mask (O(T^2) memory).
 * ``cudnn``     -- cuDNN flash attention through `jax.nn.dot_product_attention(implementation=
-  "cudnn")` (GPU, fp16/bf16). Segment ids / padding go in as a dense mask (cuDNN's own limit).
+  "cudnn")` (GPU, fp16/bf16). A MaskInfo never becomes a [T, T] mask: `cudnn_masked_attention`
+  reads the rows' segments (`segment_runs`) on the device and picks, per call, the exact path:
+  one document per row starting at token 0 (padding only) -> cuDNN with per-row sequence lengths
+  (public API, GQA native); up to `max_segments` contiguous documents per row (packing) ->
+  cuDNN's packed (THD) layout with per-segment lengths and offsets (Hopper or newer; K/V heads
+  repeated for GQA, see `_packed_attention`); anything else (an id split into several runs,
+  more documents than `max_segments`, an empty row) -> `blockwise`. A dense legacy matrix goes in
+  as cuDNN's dense mask.
 * ``blockwise`` -- chunked online-softmax attention in plain XLA (`blockwise_attention`): a
   `lax.map` over query blocks, a `lax.scan` over key blocks, key blocks above the diagonal skipped
   by `lax.cond`. Memory is linear in T (no [T, T] buffer; see tests/test_attention.py), GQA reads
@@ -19,8 +29,9 @@ Implementations (`LlamaConfig.attention_impl`):
 * ``pallas_tpu`` -- `jax.experimental.pallas.ops.tpu.flash_attention` (Mosaic TPU kernel): causal
   and segment ids; padding goes in as segment ids, GQA by repeating K/V heads (the kernel has no
   GQA), T padded to a multiple of 128.
-* ``auto``      -- cuDNN on GPU when it supports the call (no mask info, fp16/bf16, head_dim <= 128
-  and a multiple of 8), Pallas flash attention on TPU, blockwise everywhere else.
+* ``auto``      -- cuDNN on GPU when it supports the call (fp16/bf16, head_dim <= 128 and a multiple
+  of 8; with or without a MaskInfo, which takes the paths above), Pallas flash attention on TPU,
+  blockwise everywhere else.
 
 `decode_attention` is the KV-cache step (a few new queries against a cache plus themselves).
 """
@@ -64,9 +75,9 @@ def resolve_impl(impl: str, *, dtype=None, head_dim: int | None = None, has_mask
     if impl != "auto":
         return impl
     backend = jax.default_backend()
+    del has_mask  # a MaskInfo no longer rules cuDNN out (cudnn_masked_attention)
     if (
         backend == "gpu"
-        and not has_mask
         and dtype is not None
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim is not None
@@ -80,9 +91,20 @@ def resolve_impl(impl: str, *, dtype=None, head_dim: int | None = None, has_mask
 
 
 def attention(
-    q, k, v, *, mask=None, impl: str = "xla", scale: float | None = None, block_q: int = 512, block_k: int = 512
+    q,
+    k,
+    v,
+    *,
+    mask=None,
+    impl: str = "xla",
+    scale: float | None = None,
+    block_q: int = 512,
+    block_k: int = 512,
+    max_segments: int = 64,
 ):
-    """Causal attention q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D]; see the module doc."""
+    """Causal attention q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D]; see the module doc.
+    `max_segments`: the most documents per row that cuDNN's packed path takes (cudnn with a
+    MaskInfo); rows with more go through blockwise attention."""
     b, t, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     info = mask if isinstance(mask, MaskInfo) else None
@@ -97,6 +119,10 @@ def attention(
         implementation = "cudnn" if impl == "cudnn" else None
         if mask is None:
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
+        if dense is None and impl == "cudnn":
+            return cudnn_masked_attention(
+                q, k, v, info, scale=scale, max_segments=max_segments, block_q=block_q, block_k=block_k
+            )
         if dense is None:
             dense = dense_mask(info.segment_ids, info.attention_mask, t)
         return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation=implementation)
@@ -118,6 +144,176 @@ def attention(
     if impl == "pallas_tpu":
         return pallas_tpu_attention(q, k, v, mask=info, scale=scale, block=min(block_q, block_k))
     raise AssertionError(impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN with a MaskInfo: sequence lengths (padding) or the packed layout (documents), never a [T, T] mask
+
+
+class SegmentRuns(NamedTuple):
+    """What cuDNN's length-based masks need, read from a MaskInfo on the device.
+
+    starts, lengths: [B, M] int32, the first position and the length of each row's m-th run of
+    valid tokens with one segment id (-1 past the row's last run); count: [B] runs per row;
+    exact: [B] bool, True where the runs describe the MaskInfo exactly (every segment id of the
+    row's valid tokens forms ONE contiguous run, 1 <= count <= M); valid: [B, T] the valid tokens.
+    """
+
+    starts: jax.Array
+    lengths: jax.Array
+    count: jax.Array
+    exact: jax.Array
+    valid: jax.Array
+
+
+def segment_runs(info: MaskInfo, seq_len: int, max_segments: int) -> SegmentRuns:
+    """The runs of equal segment id among the valid tokens of each row (see SegmentRuns)."""
+    seg, pad = info.segment_ids, info.attention_mask
+    b = (seg if seg is not None else pad).shape[0]
+    valid = jnp.ones((b, seq_len), bool) if pad is None else pad.astype(bool)
+    ids = jnp.zeros((b, seq_len), jnp.int32) if seg is None else seg.astype(jnp.int32)
+    prev_valid = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    prev_ids = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)))
+    first = valid & (~prev_valid | (ids != prev_ids))  # a run starts here
+    count = first.sum(axis=1, dtype=jnp.int32)
+    run = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # run index of every token (valid ones matter)
+    m = int(max_segments)
+    slot = jnp.where(valid, jnp.minimum(run, m), m)  # runs past M and invalid tokens land in slot M
+    pos = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
+
+    def per_row(slot_r, valid_r, first_r, pos_r):
+        lengths = jax.ops.segment_sum(valid_r.astype(jnp.int32), slot_r, num_segments=m + 1)[:m]
+        starts = jnp.full((m + 1,), -1, jnp.int32).at[jnp.where(first_r, slot_r, m)].set(pos_r)[:m]
+        return starts, lengths
+
+    starts, lengths = jax.vmap(per_row)(slot, valid, first, pos)
+    used = jnp.arange(m)[None, :] < count[:, None]
+    lengths = jnp.where(used, lengths, -1)
+    starts = jnp.where(used, starts, -1)
+    # distinct ids among the valid tokens: equal to the run count iff no id is split into two runs
+    big = jnp.iinfo(jnp.int32).max
+    sorted_ids = jnp.sort(jnp.where(valid, ids, big), axis=1)
+    changes = (sorted_ids[:, 1:] != sorted_ids[:, :-1]) & (sorted_ids[:, 1:] != big)
+    distinct = jnp.where(valid.any(axis=1), 1 + changes.sum(axis=1, dtype=jnp.int32), 0)
+    exact = (count >= 1) & (count <= m) & (distinct == count)
+    return SegmentRuns(starts, lengths, count, exact, valid)
+
+
+def _repeat_kv(x, groups: int):
+    return x if groups == 1 else jnp.repeat(x, groups, axis=2)
+
+
+def _keep_invalid_rows(out, v, valid, groups: int):
+    """Rows of invalid (padded) queries attend to their own key only (the kept diagonal): v."""
+    return jnp.where(valid[:, :, None, None], out, _repeat_kv(v, groups).astype(out.dtype))
+
+
+def _lengths_attention(q, k, v, lengths, scale, implementation):
+    """Causal attention over each row's first `lengths` tokens: cuDNN's padding-causal mask
+    (GQA native). Rows past a length are left to the caller."""
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
+
+
+def packed_layout_available() -> bool:
+    """cuDNN's packed (THD) layout through jax's cuDNN attention: a GPU of compute capability >= 9.0."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa  # noqa: F401
+    except ImportError:  # pragma: no cover - a jax without the cuDNN module
+        return False
+    devices = jax.devices()
+    if devices[0].platform != "gpu":
+        return False
+    cc = getattr(devices[0], "compute_capability", "0")
+    try:
+        return float(cc) >= 9.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _packed_attention(q, k, v, runs: SegmentRuns, scale):
+    """cuDNN's packed layout: every run is its own causal sequence (positions restart with it).
+
+    jax's wrapper (jax._src.cudnn.fused_attention_stablehlo, private) scales the key offsets by
+    the QUERY head count (jax 0.10/0.11), so with GQA the K/V heads are repeated here to keep the
+    offsets right; padding-causal so tokens outside every run are not read."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    g = q.shape[2] // k.shape[2]
+    offsets = jnp.pad(runs.starts, ((0, 0), (0, 1)), constant_values=-1)
+    return fa.dot_product_attention(
+        q,
+        _repeat_kv(k, g),
+        _repeat_kv(v, g),
+        q_seqlen=runs.lengths,
+        kv_seqlen=runs.lengths,
+        q_offsets=offsets,
+        kv_offsets=offsets,
+        scale=scale,
+        mask_type=fa.MaskType.PADDING_CAUSAL,
+    )
+
+
+def cudnn_masked_attention(
+    q,
+    k,
+    v,
+    info: MaskInfo,
+    *,
+    scale: float,
+    max_segments: int = 64,
+    block_q: int = 512,
+    block_k: int = 512,
+    implementation: str | None = "cudnn",
+    packed: bool | None = None,
+):
+    """Exact causal attention under a MaskInfo with cuDNN's length-based masks (module doc).
+
+    The path is chosen on the device per call (`lax.switch`; every branch compiled once):
+    0 = per-row sequence lengths (every row one run starting at 0), 1 = packed layout (every row
+    exact under `segment_runs`), 2 = blockwise (the general case). `implementation` goes to
+    `jax.nn.dot_product_attention` (None: XLA, what the CPU tests run); `packed`: use the packed
+    layout (default: when `packed_layout_available()`). Invalid query rows return v (their own
+    key), as every other implementation does."""
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    runs = segment_runs(info, t, max_segments)
+    use_packed = packed_layout_available() if packed is None else packed
+
+    def lengths_path(q, k, v):
+        out = _lengths_attention(q, k, v, jnp.maximum(runs.lengths[:, 0], 1), scale, implementation)
+        return _keep_invalid_rows(out, v, runs.valid, g)
+
+    def packed_path(q, k, v):
+        return _keep_invalid_rows(_packed_attention(q, k, v, runs, scale), v, runs.valid, g)
+
+    def general_path(q, k, v):
+        return blockwise_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            segment_ids=info.segment_ids,
+            kv_mask=info.attention_mask,
+            keep_diagonal=True,
+            scale=scale,
+            block_q=block_q,
+            block_k=block_k,
+        )
+
+    one_prefix_run = jnp.all(runs.exact & (runs.count == 1) & (runs.starts[:, 0] == 0))
+    if use_packed:
+        branch = jnp.where(one_prefix_run, 0, jnp.where(jnp.all(runs.exact), 1, 2))
+        return lax.switch(branch, (lengths_path, packed_path, general_path), q, k, v)
+    return lax.cond(one_prefix_run, lengths_path, general_path, q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,3 +156,153 @@ def test_blockwise_memory_is_linear_at_16k():
     # and the dense attention really needs one: the test would catch a [T, T] buffer
     dense = _temp_bytes(lambda q, k, v: attn.attention(q, k, v, impl="xla"), q, k, k)
     assert dense >= tt_bytes * 4, dense
+
+
+# ----------------------------------------------------------------------------------------------
+# cuDNN with a MaskInfo (cudnn_masked_attention): the run metadata and every branch, on CPU
+
+
+def _runs_reference(seg, pad, m):
+    """numpy: the runs of equal id among valid tokens, and whether they describe the mask."""
+    b, t = pad.shape
+    out = []
+    for r in range(b):
+        runs, cur = [], None
+        for i in range(t):
+            if not pad[r, i]:
+                cur = None
+                continue
+            if cur is None or seg[r, i] != seg[r, i - 1]:
+                runs.append([i, 0, seg[r, i]])
+            runs[-1][1] += 1
+            cur = True
+        ids = [x[2] for x in runs]
+        exact = 1 <= len(runs) <= m and len(set(ids)) == len(ids)
+        out.append((runs, exact))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_segment_runs_match_numpy(seed):
+    rng = np.random.default_rng(seed)
+    b, t, m = 3, int(rng.integers(5, 40)), int(rng.integers(1, 6))
+    seg = np.sort(rng.integers(0, 4, (b, t)), axis=1) if seed % 2 else rng.integers(0, 3, (b, t))
+    pad = rng.random((b, t)) > (0.1 if seed % 3 else 0.0)
+    pad[0, : t // 3] = False
+    if seed == 5:
+        pad[2] = False  # an empty row
+    runs = jax.jit(lambda s, p: attn.segment_runs(attn.MaskInfo(s, p), t, m))(jnp.asarray(seg), jnp.asarray(pad))
+    for r, (ref_runs, ref_exact) in enumerate(_runs_reference(seg, pad, m)):
+        assert int(runs.count[r]) == len(ref_runs)
+        assert bool(runs.exact[r]) == ref_exact
+        for j in range(m):
+            if j < len(ref_runs):
+                assert (int(runs.starts[r, j]), int(runs.lengths[r, j])) == tuple(ref_runs[j][:2])
+            else:
+                assert int(runs.starts[r, j]) == -1 and int(runs.lengths[r, j]) == -1
+
+
+def _packed_reference(q, k, v, runs, scale):
+    """What cuDNN's packed layout computes, densely: each run a causal sequence of its own."""
+    t = q.shape[1]
+    pos = jnp.arange(t)
+    lo = runs.starts[:, :, None, None]
+    hi = lo + runs.lengths[:, :, None, None]
+    i, j = pos[None, None, :, None], pos[None, None, None, :]
+    allowed = ((lo <= j) & (j <= i) & (i < hi) & (runs.lengths[:, :, None, None] > 0)).any(axis=1)
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale)
+
+
+CUDNN_MASKS = {
+    "per_document": lambda rng, b, t: (
+        np.where(np.arange(t)[None] < rng.integers(t // 2, t + 1, (b, 1)), 1, 0),
+        None,
+    ),
+    "packed": lambda rng, b, t: (np.sort(rng.integers(1, 5, (b, t)), axis=1), None),
+    "packed+padding": lambda rng, b, t: (
+        np.sort(rng.integers(1, 4, (b, t)), axis=1),
+        np.arange(t)[None] < rng.integers(t // 2, t, (b, 1)),
+    ),
+    "left_padding": lambda rng, b, t: (None, np.arange(t)[None] >= rng.integers(1, t // 2, (b, 1))),
+    "split_segment": lambda rng, b, t: (np.tile(np.arange(t) // 3 % 2, (b, 1)), None),  # blockwise branch
+    "too_many_segments": lambda rng, b, t: (np.tile(np.arange(t) // 2, (b, 1)), None),  # > max_segments
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["lengths_or_blockwise", "with_packed"])
+@pytest.mark.parametrize("kind", sorted(CUDNN_MASKS))
+def test_cudnn_masked_branches_equal_dense(monkeypatch, kind, packed):
+    """Every branch of cudnn_masked_attention, with XLA standing in for cuDNN (implementation=None)
+    and a dense emulation of the packed layout: values and gradients equal dense attention."""
+    monkeypatch.setattr(attn, "_packed_attention", _packed_reference)
+    rng = np.random.default_rng(len(kind) + 7 * packed)
+    b, t, h, kv, d = 2, 23, 6, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, kv, kv))
+    if kind == "per_document" and packed:
+        pytest.skip("the lengths branch is the same with or without the packed one")
+    seg, pad = CUDNN_MASKS[kind](rng, b, t)
+    if kind == "per_document":
+        seg, pad = seg, seg.astype(bool)  # as lard_jax.data builds it: segment ids 1/0 and the same mask
+    info = attn.MaskInfo(
+        None if seg is None else jnp.asarray(seg, jnp.int32), None if pad is None else jnp.asarray(pad)
+    )
+    # Padded query rows are outside the contract (finite, but each implementation fills them its
+    # own way; every loss masks them): compared on real rows, and weighted 0 in the loss.
+    real = np.ones((b, t), bool) if pad is None else np.asarray(pad, bool)
+    w = jnp.asarray(rng.normal(size=q.shape) * real[:, :, None, None], jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * w)
+
+    masked = lambda q, k, v: attn.cudnn_masked_attention(  # noqa: E731
+        q, k, v, info, scale=0.3, max_segments=4, block_q=8, block_k=8, implementation=None, packed=packed
+    )
+    dense = lambda q, k, v: attn.attention(q, k, v, mask=info, impl="xla", scale=0.3)  # noqa: E731
+    out = np.asarray(jax.jit(masked)(q, k, v))
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[real], np.asarray(jax.jit(dense)(q, k, v))[real], atol=2e-5, rtol=1e-5)
+    got = jax.jit(jax.grad(lambda *a: loss(masked, *a), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(lambda *a: loss(dense, *a), argnums=(0, 1, 2)))(q, k, v)
+    for a, r in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=2e-5, rtol=1e-4)
+
+
+def test_cudnn_masked_has_no_square_buffer():
+    """The lengths branch (XLA standing in for cuDNN aside) and the run metadata hold no [T, T]
+    array: compile the metadata alone at T = 16384 and check its temporaries are linear in T."""
+    t = 16384
+    seg = jnp.ones((2, t), jnp.int32)
+    size = _temp_bytes(lambda s: attn.segment_runs(attn.MaskInfo(s, s.astype(bool)), t, 64), seg)
+    assert size < 64 * t * 2 * 8, size  # far below one [T, T] bool (268 MB)
+
+
+def test_auto_takes_cudnn_with_a_mask_on_gpu(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert attn.resolve_impl("auto", dtype=jnp.bfloat16, head_dim=64, has_mask=True) == "cudnn"
+    assert attn.resolve_impl("auto", dtype=jnp.float32, head_dim=64, has_mask=True) == "blockwise"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")
+@pytest.mark.parametrize("kind", sorted(CUDNN_MASKS))
+def test_cudnn_masked_equals_dense_on_gpu(kind):
+    rng = np.random.default_rng(3)
+    b, t, h, kv, d = 2, 512, 6, 2, 64
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.bfloat16) for n in (h, kv, kv))
+    seg, pad = CUDNN_MASKS[kind](rng, b, t)
+    if kind == "per_document":
+        pad = seg.astype(bool)
+    info = attn.MaskInfo(
+        None if seg is None else jnp.asarray(seg, jnp.int32), None if pad is None else jnp.asarray(pad)
+    )
+    real = np.ones((b, t), bool) if pad is None else np.asarray(pad, bool)
+    w = jnp.asarray(rng.normal(size=q.shape) * real[:, :, None, None], jnp.float32)
+    outs, grads = [], []
+    for impl in ("cudnn", "xla"):
+        f = lambda q, k, v, impl=impl: attn.attention(q, k, v, mask=info, impl=impl)  # noqa: E731
+        outs.append(np.asarray(jax.jit(f)(q, k, v), np.float32)[real])
+        g = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2)))
+        grads.append([np.asarray(x, np.float32) for x in g(q, k, v)])
+    rel = lambda a, r: np.linalg.norm(a - r) / np.linalg.norm(r)  # noqa: E731
+    assert rel(*outs) < 1e-2, rel(*outs)
+    for a, r in zip(*grads):
+        assert rel(a, r) < 2e-2, rel(a, r)
