@@ -14,8 +14,8 @@ Candidates (rows of the table):
                      (-> cudnn_masked_attention: run metadata + lax.switch -> sequence lengths)
   auto_packed        the same with the packed MaskInfo (-> cuDNN's packed layout, K/V repeated)
   packed_gqa_native  cuDNN's packed layout called without repeating K/V (checks jax's offsets)
-  cudnn_dense_mask   cuDNN with the dense [T, T] mask (8K only: a T^2 buffer)
-  blockwise          our linear-memory XLA attention with the packed MaskInfo (8K only)
+  cudnn_dense_mask   cuDNN with the dense [T, T] mask (8K, D=64 only: a T^2 buffer)
+  blockwise          our linear-memory XLA attention with the packed MaskInfo (8K, D=64 only)
 Exactness at every shape that fits: real rows against dense XLA attention on float32 copies of the
 inputs (8K only: dense needs the T^2 scores), ||out - ref|| / ||ref|| and the same for the grads.
 Timing: median of repeated calls after compile and warm-up, each sample >= 20 ms of device work.
@@ -38,7 +38,7 @@ from lard_jax import attention as attn
 SHAPES = [(4, 8192, 9, 3, 64), (1, 8192, 32, 8, 128), (1, 32768, 9, 3, 64), (1, 32768, 32, 8, 128)]
 
 
-def timeit(fn, *args, budget=1.0, max_reps=30):
+def timeit(fn, *args, budget=0.5, max_reps=20):
     jax.block_until_ready(fn(*args))
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -77,7 +77,7 @@ def fwd_bwd(fn, w):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def bench_shape(b, t, h, kv, d, rng, result, out_path):
+def bench_shape(b, t, h, kv, d, rng, result, out_path, check):
     keys = jax.random.split(jax.random.PRNGKey(t + h), 4)
     q = jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16)
     k = jax.random.normal(keys[1], (b, t, kv, d), jnp.bfloat16)
@@ -114,7 +114,7 @@ def bench_shape(b, t, h, kv, d, rng, result, out_path):
             return jnp.where(runs.valid[:, :, None, None], out, 0)
 
         cands["packed_gqa_native"] = (packed, native)
-    if t <= 8192:
+    if t <= 8192 and h < 16:
         dense = attn.dense_mask(packed.segment_ids, packed.attention_mask, t)
         cands["cudnn_dense_mask"] = (
             packed,
@@ -130,7 +130,8 @@ def bench_shape(b, t, h, kv, d, rng, result, out_path):
             if name == "cudnn_nomask":
                 base_ms = row["ms"]
             row["speed_vs_cudnn_nomask"] = base_ms / row["ms"] if base_ms else None
-            if t <= 8192 and info is not None:  # exactness on real rows against dense float32
+            if check and info is not None and name not in ("cudnn_dense_mask", "blockwise"):
+                # exactness on real rows against dense float32
                 real = np.asarray(info.attention_mask)
                 f32 = [x.astype(jnp.float32) for x in (q, k, v)]
                 ref_o = np.asarray(jax.jit(lambda q, k, v, m=info: attn.attention(q, k, v, mask=m, impl="xla"))(*f32))
@@ -174,7 +175,7 @@ def main(argv=None):
     }
     rng = np.random.default_rng(0)
     for b, t, h, kv, d in shapes:
-        bench_shape(b, t, h, kv, d, rng, result, a.out)
+        bench_shape(b, t, h, kv, d, rng, result, a.out, check=t <= 8192)
     head = ("shape (B,T,H,KV,D)", "candidate", "ms", "x nomask", "out err", "grad err")
     print("\n{:26s} {:20s} {:>8s} {:>9s} {:>9s} {:>9s}".format(*head))
     for r in result["rows"]:

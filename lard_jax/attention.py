@@ -16,7 +16,8 @@ Implementations (`LlamaConfig.attention_impl`):
   "cudnn")` (GPU, fp16/bf16). A MaskInfo never becomes a [T, T] mask: `cudnn_masked_attention`
   reads the rows' segments (`segment_runs`) on the device and picks, per call, the exact path:
   one document per row starting at token 0 (padding only) -> cuDNN with per-row sequence lengths
-  (public API, GQA native); up to `max_segments` contiguous documents per row (packing) ->
+  (public API, GQA native); up to `max_segments` runs per row (contiguous documents and padding:
+  packing) ->
   cuDNN's packed (THD) layout with per-segment lengths and offsets (Hopper or newer; K/V heads
   repeated for GQA, see `_packed_attention`); anything else (an id split into several runs,
   more documents than `max_segments`, an empty row) -> `blockwise`. A dense legacy matrix goes in
@@ -153,50 +154,56 @@ def attention(
 class SegmentRuns(NamedTuple):
     """What cuDNN's length-based masks need, read from a MaskInfo on the device.
 
-    starts, lengths: [B, M] int32, the first position and the length of each row's m-th run of
-    valid tokens with one segment id (-1 past the row's last run); count: [B] runs per row;
-    exact: [B] bool, True where the runs describe the MaskInfo exactly (every segment id of the
-    row's valid tokens forms ONE contiguous run, 1 <= count <= M); valid: [B, T] the valid tokens.
+    The runs of a row cover all its tokens: each maximal stretch of valid tokens with one segment
+    id is a run, and so is each maximal stretch of invalid (padded) tokens, so that cuDNN's packed
+    layout never meets a token outside every sequence (its backward gave NaN for those).
+    starts, lengths: [B, M] int32, first position and length of the row's m-th run (-1 past the
+    last run); count: [B] runs per row; valid_count: [B] runs of valid tokens; exact: [B] bool,
+    True where the runs describe the MaskInfo exactly (every segment id of the row's valid tokens
+    forms ONE run, at least one valid run, count <= M); valid: [B, T] the valid tokens.
     """
 
     starts: jax.Array
     lengths: jax.Array
     count: jax.Array
+    valid_count: jax.Array
     exact: jax.Array
     valid: jax.Array
 
 
 def segment_runs(info: MaskInfo, seq_len: int, max_segments: int) -> SegmentRuns:
-    """The runs of equal segment id among the valid tokens of each row (see SegmentRuns)."""
+    """The runs of each row (see SegmentRuns)."""
     seg, pad = info.segment_ids, info.attention_mask
     b = (seg if seg is not None else pad).shape[0]
     valid = jnp.ones((b, seq_len), bool) if pad is None else pad.astype(bool)
     ids = jnp.zeros((b, seq_len), jnp.int32) if seg is None else seg.astype(jnp.int32)
-    prev_valid = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)))
+    prev_valid = jnp.pad(valid[:, :-1], ((0, 0), (1, 0)), constant_values=True)
     prev_ids = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)))
-    first = valid & (~prev_valid | (ids != prev_ids))  # a run starts here
+    first = (valid != prev_valid) | (valid & (ids != prev_ids))  # a run starts here (not at 0 yet)
+    first = first.at[:, 0].set(True)
     count = first.sum(axis=1, dtype=jnp.int32)
-    run = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # run index of every token (valid ones matter)
+    valid_count = (first & valid).sum(axis=1, dtype=jnp.int32)
+    run = jnp.cumsum(first, axis=1, dtype=jnp.int32) - 1  # run index of every token
     m = int(max_segments)
-    slot = jnp.where(valid, jnp.minimum(run, m), m)  # runs past M and invalid tokens land in slot M
+    slot = jnp.minimum(run, m)  # runs past M land in slot M (the row is then not exact)
     pos = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, seq_len))
 
-    def per_row(slot_r, valid_r, first_r, pos_r):
-        lengths = jax.ops.segment_sum(valid_r.astype(jnp.int32), slot_r, num_segments=m + 1)[:m]
+    def per_row(slot_r, first_r, pos_r):
+        lengths = jax.ops.segment_sum(jnp.ones_like(slot_r), slot_r, num_segments=m + 1)[:m]
         starts = jnp.full((m + 1,), -1, jnp.int32).at[jnp.where(first_r, slot_r, m)].set(pos_r)[:m]
         return starts, lengths
 
-    starts, lengths = jax.vmap(per_row)(slot, valid, first, pos)
+    starts, lengths = jax.vmap(per_row)(slot, first, pos)
     used = jnp.arange(m)[None, :] < count[:, None]
     lengths = jnp.where(used, lengths, -1)
     starts = jnp.where(used, starts, -1)
-    # distinct ids among the valid tokens: equal to the run count iff no id is split into two runs
+    # distinct ids among the valid tokens: equal to the valid run count iff no id is split in two
     big = jnp.iinfo(jnp.int32).max
     sorted_ids = jnp.sort(jnp.where(valid, ids, big), axis=1)
     changes = (sorted_ids[:, 1:] != sorted_ids[:, :-1]) & (sorted_ids[:, 1:] != big)
     distinct = jnp.where(valid.any(axis=1), 1 + changes.sum(axis=1, dtype=jnp.int32), 0)
-    exact = (count >= 1) & (count <= m) & (distinct == count)
-    return SegmentRuns(starts, lengths, count, exact, valid)
+    exact = (valid_count >= 1) & (count <= m) & (distinct == valid_count)
+    return SegmentRuns(starts, lengths, count, valid_count, exact, valid)
 
 
 def _repeat_kv(x, groups: int):
@@ -309,7 +316,8 @@ def cudnn_masked_attention(
             block_k=block_k,
         )
 
-    one_prefix_run = jnp.all(runs.exact & (runs.count == 1) & (runs.starts[:, 0] == 0))
+    # one document per row, from token 0 (padding after it, if any): sequence lengths suffice
+    one_prefix_run = jnp.all(runs.exact & (runs.valid_count == 1) & runs.valid[:, 0])
     if use_packed:
         branch = jnp.where(one_prefix_run, 0, jnp.where(jnp.all(runs.exact), 1, 2))
         return lax.switch(branch, (lengths_path, packed_path, general_path), q, k, v)

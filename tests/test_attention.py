@@ -163,21 +163,19 @@ def test_blockwise_memory_is_linear_at_16k():
 
 
 def _runs_reference(seg, pad, m):
-    """numpy: the runs of equal id among valid tokens, and whether they describe the mask."""
+    """numpy: the runs covering each row (valid tokens of one id; stretches of padding), and
+    whether they describe the mask."""
     b, t = pad.shape
     out = []
     for r in range(b):
-        runs, cur = [], None
+        runs = []
         for i in range(t):
-            if not pad[r, i]:
-                cur = None
-                continue
-            if cur is None or seg[r, i] != seg[r, i - 1]:
-                runs.append([i, 0, seg[r, i]])
+            key = (True, seg[r, i]) if pad[r, i] else (False, None)
+            if not runs or key != runs[-1][2]:
+                runs.append([i, 0, key])
             runs[-1][1] += 1
-            cur = True
-        ids = [x[2] for x in runs]
-        exact = 1 <= len(runs) <= m and len(set(ids)) == len(ids)
+        ids = [x[2][1] for x in runs if x[2][0]]
+        exact = len(ids) >= 1 and len(runs) <= m and len(set(ids)) == len(ids)
         out.append((runs, exact))
     return out
 
