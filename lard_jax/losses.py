@@ -79,17 +79,43 @@ def _check_relation_args(relations, normalize, layers, num_layers: int) -> list[
     return layers
 
 
+def one_document_from_start(mask, segment_ids, shape):
+    """True (a traced bool) when every row is one document from token 0, padded at its end: the
+    real tokens a prefix, one segment id among them (lard_jax.data's per_document blocks). Then
+    causal order alone keeps every real row inside its document (keys j <= i are real and of its
+    segment), so the relation kernel runs without mask arithmetic (its unmasked tiles) and the
+    padded rows are zeroed afterwards: the same row KL on real rows, the same gradients."""
+    valid = _valid(mask, shape)
+    prefix = jnp.all(valid[:, :-1] >= valid[:, 1:]) & jnp.all(valid[:, 0])
+    if segment_ids is None:
+        return prefix
+    first = segment_ids[:, :1]
+    return prefix & jnp.all(jnp.where(valid, segment_ids == first, True))
+
+
 def _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normalize, num_query_heads, shape):
     """fn(teacher {q,k,v}, student {q,k,v}, relations) -> {r: one layer's summed row KL / (valid tokens x heads)}."""
     n_valid = jnp.maximum(_valid(mask, shape).sum(), 1).astype(jnp.float32)
+    prefix = None if mask is None and segment_ids is None else one_document_from_start(mask, segment_ids, shape)
+
+    def row_kl(s, te):
+        masked = lambda s, te: pallas_kernels.self_relation_kl(  # noqa: E731
+            s, te, mask=mask, segment_ids=segment_ids, causal=True, impl=impl, block_sizes=block_sizes
+        )
+        if prefix is None:
+            return masked(s, te)
+
+        def causal_only(s, te):  # exact on the real rows of such a batch (docstring of one_document_from_start)
+            kl = pallas_kernels.self_relation_kl(s, te, causal=True, impl=impl, block_sizes=block_sizes)
+            return jnp.where(_valid(mask, shape)[:, None, :], kl, 0.0)
+
+        return jax.lax.cond(prefix, causal_only, masked, s, te)
 
     def fn(teacher, student, rels=relations):
         out = {}
         for r in rels:
             s, te = student[r], jax.lax.stop_gradient(teacher[r])
-            kl = pallas_kernels.self_relation_kl(
-                s, te, mask=mask, segment_ids=segment_ids, causal=True, impl=impl, block_sizes=block_sizes
-            )
+            kl = row_kl(s, te)
             heads = num_query_heads if normalize == "query_heads" else kl.shape[1]  # kl: [B, H_r, T]
             out[r] = kl.sum() / (n_valid * heads)
         return out
