@@ -14,6 +14,7 @@ def get_config():
     c.workdir = ""  # all outputs: checkpoints, metrics, hf_student/, report
     c.seed = 0  # PRNG seed: LoRA init, data order, evaluation sampling
     c.distributed = False  # jax.distributed.initialize() (TPU pod slices, multi-node GPU)
+    c.compile_cache = True  # JAX's persistent compilation cache in <workdir>/jax_compilation_cache (reruns load)
 
     c.model = ml_collections.ConfigDict()  # the teacher checkpoint and numerics
     c.model.checkpoint = ""  # local Hugging Face directory of the teacher (required)

@@ -346,6 +346,10 @@ def run_restoration(config) -> dict:
         jax.distributed.initialize()
     plan = plan_lib.resolve(config)
     config = plan.config
+    if config.get("compile_cache", True):  # before the first compilation: a rerun or resume loads its programs
+        from lard_jax.compile_cache import enable_compilation_cache
+
+        enable_compilation_cache(config.workdir)
     if jax.process_index() == 0:
         with open(os.path.join(config.workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
