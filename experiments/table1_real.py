@@ -18,6 +18,9 @@ at 8K/16K/32K over several depths, training tokens and GPU seconds per row.
 
 Resumable: every finished row is written to <out>/table1_real.json at once and skipped on the next
 call; `--time_budget_s` stops before starting a row that would not fit (a device call is 10 minutes).
+Compiled programs are shared by every row's evaluation (lard_jax.evaluation.adapters) and kept in
+JAX's persistent compilation cache under the workdir (`--compile_cache`), so a resumed call does
+not compile them again.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 import traceback
 
 from lard_jax import hf, pipeline
+from lard_jax.compile_cache import CACHE_SUBDIR, enable_compilation_cache
 from lard_jax.evaluation import multiple_choice, perplexity, synthetic
 from lard_jax.evaluation import runner as eval_runner
 from lard_jax.generate import linear_memory_model
@@ -148,7 +152,7 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
     res["cloze_acc"] = multiple_choice.score_examples(
         "cloze", examples, logits_fn, tokenizer, batch_size=8, progress=False
     )["acc"]
-    generate = eval_runner.generate_fn_for(model, params)
+    generate = eval_runner.generate_fn_for(model, params, batch_size=args.gen_batch)  # one length's prompts at once
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
     for task in ("passkey", "niah_single", "niah_multikey"):
@@ -206,9 +210,17 @@ def main(argv=None):
     p.add_argument("--long_windows", type=int, default=2)
     p.add_argument("--cloze_samples", type=int, default=200)
     p.add_argument("--eval_dtype", default="bfloat16", help="compute dtype of every evaluated model")
+    p.add_argument("--gen_batch", type=int, default=8, help="passkey/NIAH prompts decoded together")
     p.add_argument("--time_budget_s", type=float, default=0.0, help="0 = no limit")
+    p.add_argument(
+        "--compile_cache",
+        default="",
+        help="JAX persistent compilation cache dir ('' = <workdir>/jax_compilation_cache)",
+    )
     args = p.parse_args(argv)
     t_start = time.perf_counter()
+    # every row's evaluation (and a resumed call's) reuses the programs compiled before
+    enable_compilation_cache(args.compile_cache or args.workdir, subdir="" if args.compile_cache else CACHE_SUBDIR)
 
     base = load_config(args.config)
     with base.unlocked():

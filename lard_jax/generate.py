@@ -3,12 +3,17 @@
 `greedy_generate(model, params, prompts, max_new_tokens)` batches prompts of different lengths
 (right padding: row b's prompt fills [0, P_b), its i-th new token goes at position P_b + i, so
 every row keeps its own positions and cache write index), runs the prompt once through the model
-(any `attention_impl`; only the last prompt position's logits are formed), then a `lax.scan` of
-single-token steps against the cache. Shapes are static: the prompt width and the cache length are
-rounded up to `bucket`, so one compile serves every batch in the same (batch, width, cache,
-max_new_tokens) bucket. The cache is {"k", "v"} of [layers, batch, kv_heads, cache_len, head_dim]
-in the compute dtype (GQA: kv_heads, not query heads). Generation runs max_new_tokens steps; with
-`eos_id` each row's output is cut after its first eos.
+(any `attention_impl`; only the last prompt position's logits are formed), then a loop of
+single-token steps against the cache. Shapes are static and few: the prompt width and the cache
+length are rounded up to a fixed ladder of lengths (`bucket_length`: powers of two and 1.5 x
+powers of two), the decode loop's trip count is an argument (one compiled loop serves every
+max_new_tokens up to its output cap), and parameters and RoPE frequencies are arguments of programs
+cached per `program_config` -- so the prefill compiles once per (batch, width, cache) bucket and the
+decode loop once per (batch, cache) bucket, shared by every model with an equal program config
+(teacher, RoPE-scaled and restored students of one architecture). The cache is {"k", "v"} of
+[layers, batch, kv_heads, cache_len, head_dim] in the compute dtype (GQA: kv_heads, not query
+heads). Generation runs max_new_tokens steps; with `eos_id` each row's output is cut after its
+first eos.
 
 RoPE whose frequencies depend on the length (transformers' `dynamic_rope_update`, 5.x): HF's
 cached generate recomputes the frequencies from max(position_ids) + 1 of each forward and only
@@ -39,6 +44,8 @@ import numpy as np
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of
 
 __all__ = [
+    "bucket_length",
+    "program_config",
     "greedy_generate",
     "greedy_generate_recompute",
     "linear_memory_model",
@@ -86,35 +93,87 @@ def _decoding_config(cfg: LlamaConfig) -> LlamaConfig:
     return cfg.replace(remat="none") if cfg.remat != "none" else cfg
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled_generate(cfg: LlamaConfig, batch: int, width: int, cache_len: int, new_tokens: int):
-    model = LlamaForCausalLM(cfg)
-    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cache_len, cfg.head_dim)
+# ------------------------------------------------------------------------------ compiled programs
+# Evaluation compiles few programs and reuses them across models: parameters and RoPE frequencies
+# are arguments (never constants baked into the executable), programs are cached per
+# `program_config(config)` and the sequence lengths are rounded up to a fixed ladder of buckets.
 
-    def run(params, tokens, lengths, freq_prefill, freq_decode):
+MIN_BUCKET = 64
+
+
+def bucket_length(n: int, multiple: int | None = None, *, minimum: int = MIN_BUCKET) -> int:
+    """The padded width for `n` tokens. `multiple` None: the fixed ladder minimum * {1, 1.5, 2, 3,
+    4, 6, ...} (powers of two and 1.5 x powers of two: 64, 96, 128, 192, ..., 8192, 12288, 16384,
+    ...): every length maps to one of few shapes (at most 2 per octave), at most 50% of padding,
+    and a power of two (the usual evaluation lengths) is its own bucket. An int: round up to a
+    multiple of it (the older behaviour)."""
+    n = int(n)
+    if multiple is not None:
+        return _round_up(max(n, 1), int(multiple))
+    size = int(minimum)
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def program_config(cfg: LlamaConfig) -> LlamaConfig:
+    """The key of the compiled evaluation programs of a model: its config with everything that
+    does not change an inference forward whose RoPE inverse frequencies come in as an argument set
+    to fixed values. Remat and LoRA dropout are training-only; with the frequencies passed in
+    (`rope_inv_freq`), the rope type, theta and max_position_embeddings enter the forward only
+    through the attention scaling (yarn's / longrope's temperature, independent of the length),
+    so every rope whose scaling is 1 (default, linear, dynamic, llama3) maps to the same program:
+    teacher, scaled and restored student share executables. A config with scaling != 1 keeps its
+    rope fields (its own programs). Hashable (a frozen dataclass), equal only when the programs are."""
+    cfg = cfg.replace(remat="none", lora_dropout=0.0)
+    _, scaling = cfg.rope_frequencies(seq_len=None)
+    if scaling == 1.0:
+        cfg = cfg.replace(rope_scaling=None, rope_theta=10000.0, max_position_embeddings=4096)
+    return cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _decoding_programs(cfg: LlamaConfig):
+    """(prefill, decode), jitted once per program config; jax compiles each per argument shape:
+    prefill per (batch, prompt width, cache length), decode per (batch, cache length, output cap)."""
+    model = LlamaForCausalLM(cfg)
+
+    def prefill(params, tokens, lengths, freq, *, cache_len: int):
+        shape = (cfg.num_hidden_layers, tokens.shape[0], cfg.num_key_value_heads, cache_len, cfg.head_dim)
         cache = {"k": jnp.zeros(shape, dtype_of(cfg.dtype)), "v": jnp.zeros(shape, dtype_of(cfg.dtype))}
         logits, cache = model.apply(
-            {"params": params}, tokens, cache=cache, rope_inv_freq=freq_prefill, logits_at=(lengths - 1)[:, None]
+            {"params": params}, tokens, cache=cache, rope_inv_freq=freq, logits_at=(lengths - 1)[:, None]
         )
-        first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
-        def step(carry, freq):
-            token, cache, index = carry  # token goes to position `index` (= valid cache entries)
+    def decode(params, first, cache, lengths, freq_decode, steps):
+        # freq_decode [cap - 1, B, D/2]: row i - 1 for the token fed at step i; `steps` (traced):
+        # the tokens wanted, so one program serves every max_new_tokens up to cap
+        out = jnp.zeros((freq_decode.shape[0] + 1, first.shape[0]), jnp.int32).at[0].set(first)
+
+        def step(i, carry):
+            token, cache, out = carry
+            index = lengths + i - 1  # the token fed goes to position P + i - 1 (= valid cache entries)
             logits, cache = model.apply(
                 {"params": params},
                 token[:, None],
                 positions=index[:, None],
                 cache=cache,
                 cache_index=index,
-                rope_inv_freq=freq,
+                rope_inv_freq=freq_decode[i - 1],
             )
             nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-            return (nxt, cache, index + 1), nxt
+            return nxt, cache, out.at[i].set(nxt)
 
-        _, rest = jax.lax.scan(step, (first, cache, lengths), freq_decode)
-        return jnp.concatenate([first[None], rest], axis=0).T  # [B, new_tokens]
+        _, _, out = jax.lax.fori_loop(1, steps, step, (first, cache, out))
+        return out.T  # [B, cap]
 
-    return jax.jit(run)
+    donate = () if jax.default_backend() == "cpu" else (2,)  # the cache is updated in place
+    return jax.jit(prefill, static_argnames=("cache_len",)), jax.jit(decode, donate_argnums=donate)
 
 
 def greedy_generate(
@@ -125,38 +184,44 @@ def greedy_generate(
     *,
     eos_id: int | None = None,
     batch_size: int = 8,
-    bucket: int = 64,
+    bucket: int | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of every prompt: a list of max_new_tokens new ids per prompt (cut after
     the first `eos_id` if given). Prompts run `batch_size` at a time (a short last batch is padded
-    with copies so the compiled shape repeats)."""
+    with copies so the compiled shape repeats; a single short batch to a power of two).
+
+    Shapes: the prompt width and the cache length are `bucket_length(..., bucket)` (the fixed
+    ladder by default, or multiples of an int `bucket`); the prefill compiles once per (rows,
+    width, cache) and the decode loop once per (rows, cache, output cap = max(128, next power of
+    two of max_new_tokens)), for any model whose `program_config` is equal (parameters and RoPE
+    frequencies are arguments)."""
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     prompts = [list(map(int, p)) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")
     cfg = _decoding_config(model.config)
+    prefill, decode = _decoding_programs(program_config(cfg))
+    cap = max(128, _pow2_at_least(max_new_tokens))
     out: list[list[int]] = []
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first : first + batch_size]
-        rows = len(chunk) if len(prompts) <= batch_size else batch_size
+        rows = batch_size if len(prompts) > batch_size else min(batch_size, _pow2_at_least(len(chunk)))
         chunk_rows = chunk + [chunk[0]] * (rows - len(chunk))
         lengths = np.array([len(p) for p in chunk_rows], np.int32)
-        width = _round_up(int(lengths.max()), bucket)
-        cache_len = _round_up(int(lengths.max()) + max_new_tokens, bucket)
+        width = bucket_length(int(lengths.max()), bucket)
+        cache_len = bucket_length(int(lengths.max()) + max_new_tokens, bucket)
         tokens = np.zeros((rows, width), np.int32)
         for r, p in enumerate(chunk_rows):
             tokens[r, : len(p)] = p
         freq_prefill = rope_inv_freq_for_lengths(cfg, lengths)
         # the token fed at step i sits at position P + i: HF's length for that forward is P + i + 1
-        steps = lengths[None, :] + np.arange(max_new_tokens - 1)[:, None] + 1
-        freq_decode = rope_inv_freq_for_lengths(cfg, steps)
-        fn = _compiled_generate(cfg, rows, width, cache_len, max_new_tokens)
-        new = np.asarray(
-            fn(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(freq_prefill), jnp.asarray(freq_decode))
-        )
+        steps = lengths[None, :] + np.arange(cap - 1)[:, None] + 1
+        freq_decode = rope_inv_freq_for_lengths(cfg, np.minimum(steps, lengths[None, :] + max_new_tokens))
+        token, cache = prefill(params, tokens, lengths, freq_prefill, cache_len=cache_len)
+        new = np.asarray(decode(params, token, cache, lengths, freq_decode, np.int32(max_new_tokens)))
         for r in range(len(chunk)):
-            ids = new[r].tolist()
+            ids = new[r, :max_new_tokens].tolist()
             if eos_id is not None and eos_id in ids:
                 ids = ids[: ids.index(eos_id) + 1]
             out.append(ids)

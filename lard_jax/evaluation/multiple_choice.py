@@ -308,7 +308,24 @@ BatchScorer = Callable[[np.ndarray, list[tuple[int, int, int, np.ndarray]]], lis
 
 
 def scorer_from_logits(logits_fn: LogitsFn) -> BatchScorer:
-    """A BatchScorer over a `logits_fn`: log-probs in float64 on the host, scored positions only."""
+    """A BatchScorer over a `logits_fn`: log-probs in float64 on the host, scored positions only;
+    with the function's `token_scores(input_ids, targets)` (lard_jax.evaluation.adapters'
+    logits_fn_for) the log-probs and greedy matches are formed on the device (float32 log softmax)
+    and only [B, W] numbers come back instead of [B, W, V] logits."""
+    token_scores = getattr(logits_fn, "token_scores", None)
+
+    def score_on_device(input_ids, spans):
+        targets = np.zeros(np.shape(input_ids), np.int32)
+        for row, first, last, span_targets in spans:
+            targets[row, first:last] = span_targets
+        log_probs, greedy = token_scores(input_ids, targets)
+        return [
+            (float(np.asarray(log_probs[row, first:last], np.float64).sum()), bool(np.all(greedy[row, first:last])))
+            for row, first, last, _ in spans
+        ]
+
+    if token_scores is not None:
+        return score_on_device
 
     def score(input_ids, spans):
         logits = logits_fn(input_ids)

@@ -55,7 +55,9 @@ def perplexity_vs_length(
     """{length: perplexity}; a length no document reaches is left out (with a warning).
 
     Windows are taken in document order, at most `max_windows` per length, so every model of a
-    comparison sees the same tokens.
+    comparison sees the same tokens. A `logits_fn` with a `token_scores(input_ids, targets)`
+    attribute (`lard_jax.evaluation.adapters.logits_fn_for`) is asked for the targets' log-probs
+    (float32 log softmax on the device) instead of the whole logits (float64 on the host).
     """
     results = {}
     for length in lengths:
@@ -69,8 +71,16 @@ def perplexity_vs_length(
             continue
         total_nll, total_tokens = 0.0, 0
         batches = range(0, len(windows), batch_size)
+        token_scores = getattr(logits_fn, "token_scores", None)
         for first in tqdm(batches, desc=f"ppl@{length}", disable=not progress):
             input_ids = np.stack(windows[first : first + batch_size])
+            if token_scores is not None:  # log-probs formed on the device: [B, T] to the host, not [B, T, V]
+                targets = np.zeros_like(input_ids)
+                targets[:, :-1] = input_ids[:, 1:]
+                log_probs = np.asarray(token_scores(input_ids, targets)[0], np.float64)[:, : length - 1]
+                total_nll -= float(log_probs.sum())
+                total_tokens += log_probs.size
+                continue
             logits = logits_fn(input_ids)
             # In slices of positions: at 32K tokens x 32K vocab a whole row in float64 is 8 GB.
             for row in range(input_ids.shape[0]):

@@ -4,6 +4,10 @@
 length, a held-out cloze accuracy (short multiple-choice-style), passkey / NIAH retrieval at
 chosen lengths, and any lm-evaluation-harness JSONL tasks the user brings. `relation_distortion_vs`
 gives the per-layer/head Q/K/V relation KL of a student against the teacher.
+
+Compiled programs are shared between the models evaluated (parameters and RoPE frequencies are
+arguments; adapters.py); `enable_compilation_cache(workdir)` (lard_jax.compile_cache) keeps them on
+disk for the next process -- call it once, before the first model runs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from lard_jax.compile_cache import enable_compilation_cache  # noqa: F401  (re-exported for entry points)
 from lard_jax.evaluation import distortion as distortion_lib
 from lard_jax.evaluation import multiple_choice, synthetic
 from lard_jax.evaluation import tasks as tasks_lib

@@ -576,7 +576,9 @@ def evaluate_synthetic(
     filler: Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Scores `n` generated examples per (length, depth) with the caller's greedy decoder.
+    """Scores `n` generated examples per (length, depth) with the caller's greedy decoder:
+    `generate_fn(prompt_ids, max_new_tokens)`, or, when it has one, its `batch(prompts,
+    max_new_tokens)` with every prompt of a length at once (adapters.generate_fn_for).
 
     Returns {"task", "n", "mean", "by_length": {length: score}, "by_length_depth": {length: {depth:
     score}}}; tasks without a depth (vt, cwe, fwe) have an empty "by_length_depth". Example i at
@@ -588,13 +590,33 @@ def evaluate_synthetic(
     task_index = list(TASKS).index(task)
     grid = [(length, depth, i) for length in lengths for depth in task_depths for i in range(n)]
     scores: dict[int, dict[Any, list[float]]] = {}
-    for length, depth, i in tqdm(grid, desc=task, disable=not progress):
+
+    def example_at(length, depth, i):
         depth_key = -1 if depth is None else int(round(depth * 1000))
         rng = np.random.default_rng([seed, task_index, length, depth_key + 1, i])
-        example = TASKS[task](rng, tokenizer, length, depth, filler)
-        generated = generate_fn(list(example["prompt_ids"]), example["max_new_tokens"])
+        return TASKS[task](rng, tokenizer, length, depth, filler)
+
+    def record(length, depth, example, generated):
         score = score_prediction(task, tokenizer.decode(generated), example["answers"])
         scores.setdefault(int(length), {}).setdefault(depth, []).append(score)
+
+    batch = getattr(generate_fn, "batch", None)
+    if batch is None:
+        for length, depth, i in tqdm(grid, desc=task, disable=not progress):
+            example = example_at(length, depth, i)
+            record(length, depth, example, generate_fn(list(example["prompt_ids"]), example["max_new_tokens"]))
+    else:  # all prompts of one length together (the same results: every row decodes as it would alone)
+        bar = tqdm(total=len(grid), desc=task, disable=not progress)
+        for length in lengths:
+            cells = [(d, i) for ln, d, i in grid if ln == length]
+            examples = [example_at(length, d, i) for d, i in cells]
+            for new_tokens in sorted({e["max_new_tokens"] for e in examples}):
+                chosen = [k for k, e in enumerate(examples) if e["max_new_tokens"] == new_tokens]
+                outputs = batch([list(examples[k]["prompt_ids"]) for k in chosen], new_tokens)
+                for k, generated in zip(chosen, outputs):
+                    record(length, cells[k][0], examples[k], generated)
+                bar.update(len(chosen))
+        bar.close()
     by_length_depth = {
         length: {float(d): float(np.mean(s)) for d, s in per_depth.items()}
         for length, per_depth in scores.items()

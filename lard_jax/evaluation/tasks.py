@@ -36,7 +36,8 @@ def get(name: str):
 
 @dataclasses.dataclass
 class TaskContext:
-    """What a task sees. The jitted closures are built on first use and shared between tasks."""
+    """What a task sees. The model functions are built on first use and shared between tasks; their
+    compiled programs are shared between models too (adapters: parameters are arguments)."""
 
     model: Any
     params: Any
@@ -52,7 +53,7 @@ class TaskContext:
 
     @functools.cached_property
     def generate(self):
-        return generate_fn_for(self.model, self.params)
+        return generate_fn_for(self.model, self.params, batch_size=self.spec.batch_size)
 
 
 @register("short_ppl")
@@ -79,7 +80,9 @@ def perplexity_vs_length(ctx: TaskContext) -> dict:
     from lard_jax.evaluation import perplexity
     from lard_jax.generate import linear_memory_model
 
-    # one forward per window at every length, through attention that never forms [T, T]
+    # one forward per window at every length, through attention that never forms [T, T]; the
+    # function splits a batch into calls of at most adapters.MAX_TOKENS_PER_CALL tokens (so the
+    # same length compiles to the same shape as short_ppl's)
     fn = logits_fn_for(linear_memory_model(ctx.model), ctx.params)
     return {
         "ppl_vs_length": perplexity.perplexity_vs_length(
@@ -87,7 +90,7 @@ def perplexity_vs_length(ctx: TaskContext) -> dict:
             ctx.docs,
             list(s.ppl_lengths),
             max_windows=s.max_windows,
-            batch_size=max(1, s.batch_size // 4),
+            batch_size=s.batch_size,
             progress=ctx.progress,
         )
     }
