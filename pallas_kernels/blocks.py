@@ -12,8 +12,9 @@ Padding (done once in `relation_kl.relation_kl`, before dispatch):
     rows and keys carry ids that mask them.
 
 Blocks (`pick_blocks`):
-  * defaults per impl: `default_blocks` (GPU: tuned on an H200, shrunk for wide
-    rows; "xla": 512 chunks; TPU: 128, untuned);
+  * defaults per impl: `default_blocks` (GPU: `GPU_TILE_TABLE`, keyed by the
+    head-dim class and the grid-size class of the call, shrunk for rows wider
+    than 256 bytes; "xla": 512 chunks; TPU: 128, untuned);
   * a dict overrides fields of the defaults, a BlockSizes replaces them;
   * clamped to T: no block larger than max(MIN_BLOCK, next_pow2(T));
   * every block a power of two;
@@ -39,8 +40,9 @@ class BlockSizes:
     """Tiles and Triton launch settings. Blocks must be powers of two (the
     per-backend minimums and multiples are in this module's docstring).
 
-    GPU defaults: the fastest of a sweep on an H200 at T=4096, D=128, bf16
+    Field defaults: the fastest of a sweep on an H200 at T=4096, D=128, bf16
     (docs/kernel_notes.md); 128x128 forward tiles were within noise of 128x64.
+    The GPU's defaults per head dim and grid size are GPU_TILE_TABLE below.
 
     block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
     block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
@@ -70,6 +72,32 @@ class BlockSizes:
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSizes) if f.name.startswith("block_"))
 
 GPU_BLOCKS = BlockSizes()
+
+# ------------------------------------------------------------ GPU tile table ---
+# Default "pallas_gpu" tiles per (head-dim class, grid-size class). Paste the
+# `table` that `python3 -m experiments.tune_relation_kl --out tune.json` prints
+# here (docs/kernel_notes.md, "Tile table"). Until an entry is measured it holds
+# the D = 128 tiles of the first sweep (GPU_BLOCKS).
+#
+# head-dim class: the row width of a 16-bit (bf16/f16) input, padded D * 2 bytes:
+#   64  = rows of <= 128 bytes (bf16 D <= 64: SmolLM2, Llama-3.2-1B ...);
+#   128 = rows of 129..256 bytes (bf16 D = 128, f32 D <= 64: Llama-2-7B ...).
+#   Wider rows (bf16 D = 256, f32 D = 128) take the 128 entry with every block
+#   divided by row_bytes // 256 and 2 stages, so shared memory stays < 227 KB.
+# grid-size class: "few" when the call has B * H <= FEW_BATCH_HEADS (batch x
+#   query heads; e.g. the K and V relations of SmolLM2, 3 KV heads x B <= 4,
+#   whose grids are T / block_q * B * H programs for 132 SMs), else "many".
+FEW_BATCH_HEADS = 16
+GPU_TILE_TABLE: dict[tuple[int, str], BlockSizes] = {
+    (64, "few"): GPU_BLOCKS,
+    (64, "many"): GPU_BLOCKS,
+    (128, "few"): GPU_BLOCKS,
+    (128, "many"): GPU_BLOCKS,
+}
+# relation_kl_multi: whether the relations of one call that share (D, dtype) go
+# through ONE launch (heads concatenated) by default, per head-dim class. Exact
+# either way; the tuner's "layer" section measures which is faster.
+GPU_MERGE_RELATIONS: dict[int, bool] = {64: True, 128: True}
 # The "xla" impl works on whole chunks per loop step: large chunks keep the
 # matmuls big and the loop short; memory stays O(block_q * block_k) per head.
 XLA_BLOCKS = BlockSizes(**{f: 512 for f in BLOCK_FIELDS})
@@ -101,36 +129,60 @@ def padded_length(T: int, blocks: BlockSizes) -> int:
     return round_up(T, max(blocks.all_blocks()))
 
 
-def default_blocks(impl: str, row_bytes: int) -> BlockSizes:
-    """Defaults of an impl for rows of `row_bytes` (padded D x itemsize)."""
+def head_dim_class(row_bytes: int) -> int:
+    """Key of GPU_TILE_TABLE / GPU_MERGE_RELATIONS for rows of `row_bytes` (padded D x itemsize)."""
+    return 64 if row_bytes <= 128 else 128
+
+
+def grid_class(batch_heads: int | None) -> str:
+    """The grid-size class of GPU_TILE_TABLE, "few" or "many"; None (not known) counts as "many"."""
+    return "few" if batch_heads is not None and batch_heads <= FEW_BATCH_HEADS else "many"
+
+
+def gpu_table_key(row_bytes: int, batch_heads: int | None = None) -> tuple[int, str]:
+    return head_dim_class(row_bytes), grid_class(batch_heads)
+
+
+def default_blocks(impl: str, row_bytes: int, batch_heads: int | None = None) -> BlockSizes:
+    """Defaults of an impl for rows of `row_bytes` (padded D x itemsize) and a
+    call with `batch_heads` = B x H (query heads; GPU only, None: "many")."""
     if impl == "xla":
         return XLA_BLOCKS
     if impl == "pallas_tpu":
         return TPU_BLOCKS
+    base = GPU_TILE_TABLE[gpu_table_key(row_bytes, batch_heads)]
     shrink = max(1, row_bytes // GPU_TUNED_ROW_BYTES)
     if shrink == 1:
-        return GPU_BLOCKS
+        return base
     return dataclasses.replace(
-        GPU_BLOCKS,
+        base,
         num_stages_fwd=2,
         num_stages_bwd=2,
-        **{f: max(MIN_BLOCK, getattr(GPU_BLOCKS, f) // shrink) for f in BLOCK_FIELDS},
+        **{f: max(MIN_BLOCK, getattr(base, f) // shrink) for f in BLOCK_FIELDS},
     )
 
 
-def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int) -> BlockSizes:
+def merge_relations(impl: str, row_bytes: int) -> bool:
+    """Default of relation_kl_multi's `merge` for rows of `row_bytes`."""
+    if impl != "pallas_gpu":
+        return True
+    return GPU_MERGE_RELATIONS[head_dim_class(row_bytes)]
+
+
+def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int | None = None) -> BlockSizes:
     """The blocks an impl runs with: defaults or overrides, clamped to T, checked.
 
     block_sizes: None, a BlockSizes, or a dict of BlockSizes fields overriding
-    the defaults. Raises ValueError (mentioning "block_sizes") on a bad choice.
+    the defaults (`default_blocks(impl, row_bytes, batch_heads)`). Raises
+    ValueError (mentioning "block_sizes") on a bad choice.
     """
     if block_sizes is None:
-        base = default_blocks(impl, row_bytes)
+        base = default_blocks(impl, row_bytes, batch_heads)
     elif isinstance(block_sizes, dict):
         unknown = set(block_sizes) - {f.name for f in dataclasses.fields(BlockSizes)}
         if unknown:
             raise ValueError(f"block_sizes: unknown fields {sorted(unknown)}")
-        base = dataclasses.replace(default_blocks(impl, row_bytes), **block_sizes)
+        base = dataclasses.replace(default_blocks(impl, row_bytes, batch_heads), **block_sizes)
     else:
         base = block_sizes
     # Short sequences: no tile larger than T rounded up to a power of two.

@@ -4,8 +4,10 @@
     p_x(i, .)   = softmax_j(scale * <x_left[b, i, h], x_right[b, j, h // G]>),
 
 over the valid keys j (causal, key mask, same segment). This file is the public
-contract: validation, padding, dispatch and the custom_vjp wiring. One module
-per impl, all named relation_kl_<impl>.py:
+contract: validation, padding, dispatch and the custom_vjp wiring (the forward
+kernel outside it, its LSEs named RESIDUALS_NAME for remat policies; see
+`_relation_kl_padded`), and `relation_kl_multi`: several relations, e.g. a
+layer's Q/K/V, as one launch. One module per impl, all named relation_kl_<impl>.py:
 
     "pallas_gpu"  relation_kl_gpu.py        Pallas -> Triton (NVIDIA GPUs)
     "pallas_tpu"  relation_kl_tpu.py        Pallas -> Mosaic (TPUs)
@@ -36,12 +38,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels import blocks as _blocks
 from pallas_kernels.blocks import BlockSizes
@@ -52,6 +56,11 @@ IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "reference")
 # INT32_MIN as a segment id (documented limitation).
 _KEY_PAD_ID = int(np.iinfo(np.int32).min)
 _ROW_PAD_ID = int(np.iinfo(np.int32).max)
+# checkpoint_name of the forward's residuals (the two [B, H, T] f32 LSEs). A
+# remat policy that saves this name (e.g. jax.checkpoint_policies.
+# save_only_these_names(RESIDUALS_NAME)) keeps them, and the backward pass then
+# needs no second forward kernel: 2 x B x H x T x 4 bytes per call.
+RESIDUALS_NAME = "relation_kl_residuals"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +174,7 @@ def relation_kl(
             s_left, s_right, t_left, t_right, mask=mask, segment_ids=segment_ids, causal=causal, scale=scale
         )
     Dp = _blocks.padded_head_dim(D)
-    blocks = _blocks.pick_blocks(block_sizes, impl, T, Dp * jnp.dtype(s_left.dtype).itemsize)
+    blocks = _blocks.pick_blocks(block_sizes, impl, T, Dp * jnp.dtype(s_left.dtype).itemsize, batch_heads=B * H)
     cfg = Config(impl=impl, causal=bool(causal), scale=scale, blocks=blocks, interpret=bool(interpret))
     _impl_module(impl)  # fail early on an unavailable impl
 
@@ -196,15 +205,131 @@ def self_relation_kl(student, teacher, **kw):
     return relation_kl(student, student, teacher, teacher, **kw)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def relation_kl_multi(
+    groups,
+    *,
+    mask=None,
+    segment_ids=None,
+    causal=True,
+    scale=None,
+    impl="auto",
+    interpret=False,
+    block_sizes=None,
+    merge=None,
+):
+    """Several relations over the same tokens, as few kernel launches as exact.
+
+    groups: a sequence of (s_left, s_right, t_left, t_right), each as
+    `relation_kl` takes them ([B, T, H_i, D_i], right sides [B, T, Hr_i, D_i]),
+    all with the same B and T. Returns a list of [B, H_i, T] float32, equal to
+    `[relation_kl(*g, **kw) for g in groups]` (same keyword arguments: mask,
+    segments, causal, scale, impl, blocks are shared by every group).
+
+    Groups with the same head dim and dtype run as ONE call: the relation is
+    per head, so their heads are concatenated ([q | k | v] of a layer: 9 + 3 + 3
+    heads -> one 15-head call) and the KL rows split back by head afterwards.
+    GQA groups with different ratios H_i / Hr_i have their right sides repeated
+    to the gcd of the ratios (exact; the repeat's transpose sums the gradient).
+    merge: True/False forces one launch per (D, dtype) / one per group; None
+    uses `blocks.merge_relations` (GPU: GPU_MERGE_RELATIONS per head-dim class).
+    Only the default blocks depend on the merge (chosen for the merged call's
+    B x H); `scale` defaults to D**-0.5 of each group, as in relation_kl.
+    """
+    groups = [tuple(g) for g in groups]
+    if not groups:
+        raise ValueError("groups must hold at least one (s_left, s_right, t_left, t_right)")
+    for i, g in enumerate(groups):
+        if len(g) != 4:
+            raise ValueError(f"groups[{i}] must be (s_left, s_right, t_left, t_right), got {len(g)} items")
+        try:
+            _validate(*g, mask, segment_ids, causal, scale, impl, block_sizes)
+        except ValueError as e:
+            raise ValueError(f"groups[{i}]: {e}") from None
+        if g[0].shape[:2] != groups[0][0].shape[:2]:
+            raise ValueError(
+                f"groups[{i}]: s_left shape {g[0].shape} differs from groups[0] {groups[0][0].shape} in batch or length"
+            )
+    kw = dict(
+        mask=mask,
+        segment_ids=segment_ids,
+        causal=causal,
+        scale=scale,
+        impl=impl,
+        interpret=interpret,
+        block_sizes=block_sizes,
+    )
+    buckets: dict[tuple, list[int]] = {}
+    for i, g in enumerate(groups):
+        buckets.setdefault((g[0].shape[3], jnp.dtype(g[0].dtype)), []).append(i)
+    resolved = _resolve_impl(impl)
+    out = [None] * len(groups)
+    for (D, dtype), idx in buckets.items():
+        row_bytes = _blocks.padded_head_dim(D) * dtype.itemsize
+        one = _blocks.merge_relations(resolved, row_bytes) if merge is None else bool(merge)
+        if len(idx) == 1 or not one:
+            for i in idx:
+                out[i] = relation_kl(*groups[i], **kw)
+            continue
+        for i, kl in zip(idx, _merged_relation_kl([groups[i] for i in idx], kw)):
+            out[i] = kl
+    return out
+
+
+def self_relation_kl_multi(pairs, **kw):
+    """relation_kl_multi of self-relations: pairs of (student, teacher), e.g. a
+    layer's [(q_s, q_t), (k_s, k_t), (v_s, v_t)] -> [kl_q, kl_k, kl_v]."""
+    return relation_kl_multi([(s, s, t, t) for s, t in pairs], **kw)
+
+
+def _merged_relation_kl(groups, kw):
+    """One relation_kl call on the heads of `groups` (same B, T, D, dtype) concatenated."""
+    ratios = [g[0].shape[2] // g[1].shape[2] for g in groups]
+    G = functools.reduce(math.gcd, ratios)
+
+    def right(x, ratio):
+        return x if ratio == G else jnp.repeat(x, ratio // G, axis=2)
+
+    cat = lambda xs: jnp.concatenate(xs, axis=2)
+    sl = cat([g[0] for g in groups])
+    tl = cat([g[2] for g in groups])
+    # Self-relations (right is left) stay one tensor: one concatenation, and the
+    # kernel's d_left + d_right reach it through one path.
+    self_rel = all(g[1] is g[0] and g[3] is g[2] for g in groups) and G == 1
+    sr = sl if self_rel else cat([right(g[1], r) for g, r in zip(groups, ratios)])
+    tr = tl if self_rel else cat([right(g[3], r) for g, r in zip(groups, ratios)])
+    kl = relation_kl(sl, sr, tl, tr, **kw)  # [B, sum H_i, T]
+    offsets = np.cumsum([0] + [g[0].shape[2] for g in groups])
+    return [kl[:, a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 def _relation_kl_padded(cfg: Config, sl, sr, tl, tr, q_ids, k_ids):
-    kl, _, _ = _impl_module(cfg.impl).forward(sl, sr, tl, tr, q_ids, k_ids, cfg=cfg)
-    return kl
+    """KL rows on padded inputs. The forward kernel runs OUTSIDE the custom_vjp,
+    on stop_gradient inputs, and the gradient enters through `_grad_carrier`
+    (zeros whose VJP is the relation KL's gradient w.r.t. sl and sr). So the
+    two LSEs are ordinary values of the caller's graph, named RESIDUALS_NAME: a
+    remat policy that saves them spares the backward pass a second forward
+    kernel, since nothing it recomputes needs the forward kernel's outputs."""
+    sg = jax.lax.stop_gradient
+    kl, lse_s, lse_t = _impl_module(cfg.impl).forward(sg(sl), sg(sr), tl, tr, q_ids, k_ids, cfg=cfg)
+    lse_s, lse_t = checkpoint_name((sg(lse_s), sg(lse_t)), RESIDUALS_NAME)
+    return sg(kl) + _grad_carrier(cfg, sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t)
 
 
-def _fwd(cfg: Config, sl, sr, tl, tr, q_ids, k_ids):
-    kl, lse_s, lse_t = _impl_module(cfg.impl).forward(sl, sr, tl, tr, q_ids, k_ids, cfg=cfg)
-    return kl, (sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t)
+def _zeros_as(x):
+    """Zeros shaped like x that stay batched under vmap as x is. (jnp.zeros_like
+    gives an unbatched output, and vmap of a custom_vjp with an unbatched output
+    sums the cotangent over the batch before the bwd rule: wrong gradients.)
+    XLA folds the select away."""
+    return jnp.where(False, x, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _grad_carrier(cfg: Config, sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t):
+    return _zeros_as(lse_s)
+
+
+def _fwd(cfg: Config, sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t):
+    return _zeros_as(lse_s), (sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t)
 
 
 def _bwd(cfg: Config, res: Any, g):
@@ -212,8 +337,10 @@ def _bwd(cfg: Config, res: Any, g):
     d_sl, d_sr = _impl_module(cfg.impl).backward(
         sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g.astype(jnp.float32), cfg=cfg
     )
-    # The teacher is frozen: its cotangent is zeros; ids are integers (None).
-    return (d_sl.astype(sl.dtype), d_sr.astype(sr.dtype), jnp.zeros_like(tl), jnp.zeros_like(tr), None, None)
+    # The LSEs are stop_gradient values and the teacher is frozen: zero
+    # cotangents; ids are integers (None).
+    z = jnp.zeros_like
+    return (d_sl.astype(sl.dtype), d_sr.astype(sr.dtype), z(tl), z(tr), None, None, z(lse_s), z(lse_t))
 
 
-_relation_kl_padded.defvjp(_fwd, _bwd)
+_grad_carrier.defvjp(_fwd, _bwd)

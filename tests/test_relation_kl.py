@@ -219,9 +219,10 @@ def test_block_policy():
     """blocks.py: defaults per impl, GPU shrink for wide rows, clamp to T, padding."""
     from pallas_kernels import blocks
 
-    assert blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 2) == BlockSizes()
+    assert blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 2) == blocks.GPU_TILE_TABLE[(128, "many")]
     wide = blocks.pick_blocks(None, "pallas_gpu", 4096, 128 * 4)  # f32 rows: half tiles
-    assert (wide.block_q, wide.block_k, wide.num_stages_fwd) == (64, 32, 2)
+    base = blocks.GPU_TILE_TABLE[(128, "many")]
+    assert (wide.block_q, wide.block_k, wide.num_stages_fwd) == (base.block_q // 2, base.block_k // 2, 2)
     assert set(blocks.pick_blocks(None, "xla", 4096, 256).all_blocks()) == {512}
     assert set(blocks.pick_blocks(None, "pallas_tpu", 4096, 256).all_blocks()) == {128}
     short = blocks.pick_blocks({"block_q": 256}, "xla", 37, 256)
@@ -232,6 +233,267 @@ def test_block_policy():
         blocks.pick_blocks({"block_k": 64}, "pallas_tpu", 300, 256)
     with pytest.raises(ValueError, match="block_sizes"):
         blocks.pick_blocks({"block_kk": 64}, "xla", 300, 256)
+
+
+def test_gpu_tile_table_keys(monkeypatch):
+    """GPU defaults come from GPU_TILE_TABLE by head-dim class (16-bit row width) and
+    grid size (B x H <= FEW_BATCH_HEADS: "few"); relation_kl passes B x H of the call."""
+    from pallas_kernels import blocks, relation_kl_gpu
+
+    assert set(blocks.GPU_TILE_TABLE) == {(64, "few"), (64, "many"), (128, "few"), (128, "many")}
+    assert set(blocks.GPU_MERGE_RELATIONS) == {64, 128}
+    marks = {key: BlockSizes(block_q=16 << i, block_k=16) for i, key in enumerate(sorted(blocks.GPU_TILE_TABLE))}
+    monkeypatch.setattr(blocks, "GPU_TILE_TABLE", marks)
+    few = blocks.FEW_BATCH_HEADS
+    for D, bh, key in [
+        (64, few, (64, "few")),
+        (32, few + 1, (64, "many")),
+        (128, 1, (128, "few")),
+        (80, 64, (128, "many")),
+    ]:
+        row_bytes = blocks.padded_head_dim(D) * 2
+        assert blocks.pick_blocks(None, "pallas_gpu", 4096, row_bytes, batch_heads=bh) == marks[key], (D, bh)
+    assert blocks.pick_blocks(None, "pallas_gpu", 4096, 128) == marks[(64, "many")]  # B x H unknown
+    # A dict overrides fields of the table entry.
+    assert blocks.pick_blocks({"block_k": 32}, "pallas_gpu", 4096, 128, 4).block_q == marks[(64, "few")].block_q
+    # relation_kl looks the entry up with its own B x H (the forward grid shows block_q).
+    seen = []
+    real = relation_kl_gpu.forward
+    monkeypatch.setattr(relation_kl_gpu, "forward", lambda *a, cfg: seen.append(cfg.blocks) or real(*a, cfg=cfg))
+    x = jnp.zeros((2, 256, 3, 64), jnp.bfloat16)
+    jax.eval_shape(lambda x: relation_kl(x, x, x, x, impl="pallas_gpu", interpret=True), x)
+    y = jnp.zeros((2, 256, 9, 64), jnp.bfloat16)
+    jax.eval_shape(lambda y: relation_kl(y, y, y, y, impl="pallas_gpu", interpret=True), y)
+    assert [b.block_q for b in seen] == [marks[(64, "few")].block_q, marks[(64, "many")].block_q]
+    monkeypatch.setattr(blocks, "GPU_MERGE_RELATIONS", {64: False, 128: True})
+    assert not blocks.merge_relations("pallas_gpu", 128) and blocks.merge_relations("pallas_gpu", 256)
+    assert blocks.merge_relations("xla", 128)
+
+
+# ------------------------------------------------------- several relations ---
+
+# heads of the three relations of a layer (SmolLM2: 9 query heads, 3 KV heads)
+QKV_HEADS = (6, 2, 2)
+MULTI_CASES = {
+    # name: (B, T, D, options)
+    "causal": (2, 40, 16, {}),
+    "noncausal_scale": (1, 33, 24, {"causal": False, "scale": 0.3}),
+    "padding_mask": (3, 37, 16, {"mask": True}),
+    "segments_and_mask": (2, 50, 32, {"mask": True, "segments": True}),
+}
+
+
+def _qkv(rng, B, T, D, heads=QKV_HEADS, dtype=jnp.float32):
+    draw = lambda h: jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32).astype(dtype)
+    students = [draw(h) for h in heads]
+    teachers = [draw(h) for h in heads]
+    weights = [jnp.asarray(rng.standard_normal((B, h, T)), jnp.float32) for h in heads]
+    return students, teachers, weights
+
+
+def _multi_kl_and_grads(students, teachers, weights, **kw):
+    def loss(s):
+        kls = pallas_kernels.self_relation_kl_multi(list(zip(s, teachers)), **kw)
+        return sum(jnp.sum(w * kl) for w, kl in zip(weights, kls)), kls
+
+    (_, kls), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(students)
+    return kls, grads
+
+
+@pytest.mark.parametrize(
+    "impl,case", [("pallas_gpu", c) for c in MULTI_CASES] + [("xla", "segments_and_mask")]
+)  # the merge is impl-agnostic (concatenate, one relation_kl, split): one "xla" case
+def test_multi_one_launch_equals_separate_launches(rng, impl, case):
+    """A layer's q/k/v self-relations in one call (heads concatenated) give the KL rows
+    and gradients of three calls, and of the float64 reference."""
+    B, T, D, opts = MULTI_CASES[case]
+    students, teachers, weights = _qkv(rng, B, T, D)
+    kw = dict(case_kwargs(rng, B, T, opts), **_kw(impl))
+    one, g_one = _multi_kl_and_grads(students, teachers, weights, merge=True, **kw)
+    three, g_three = _multi_kl_and_grads(students, teachers, weights, merge=False, **kw)
+    for r in range(3):
+        assert one[r].shape == (B, QKV_HEADS[r], T)
+        # Same per-head arithmetic; XLA may block the "xla" impl's sums differently.
+        assert rel_err(one[r], three[r]) <= 1e-5
+        assert rel_err(g_one[r], g_three[r]) <= 1e-5
+        ref, (r_l, r_r) = reference64(
+            students[r], students[r], teachers[r], teachers[r], weights[r], **case_kwargs_only(kw)
+        )
+        assert rel_err(one[r], ref) <= 1e-5
+        assert rel_err(g_one[r], r_l + r_r) <= 1e-4
+
+
+def case_kwargs_only(kw):
+    return {k: v for k, v in kw.items() if k in ("mask", "segment_ids", "causal", "scale")}
+
+
+def _count_kernels(fn, *args):
+    names = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                meta = eqn.params.get("name_and_src_info")
+                names.append(getattr(meta, "name", None) or eqn.params.get("name"))
+                continue
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return {n: names.count(n) for n in set(names)}
+
+
+@pytest.mark.parametrize("merge,launches", [(True, 1), (False, 3), (None, 1)])
+def test_multi_launch_count(rng, merge, launches, monkeypatch):
+    from pallas_kernels import blocks
+
+    monkeypatch.setattr(blocks, "GPU_MERGE_RELATIONS", {64: True, 128: True})
+    students, teachers, weights = _qkv(rng, 2, 64, 64, heads=(9, 3, 3), dtype=jnp.bfloat16)
+
+    def fwd_bwd(s):
+        loss = lambda s: sum(
+            kl.sum()
+            for kl in pallas_kernels.self_relation_kl_multi(
+                list(zip(s, teachers)), impl="pallas_gpu", interpret=True, merge=merge
+            )
+        )
+        return jax.value_and_grad(loss)(s)
+
+    counts = _count_kernels(fwd_bwd, students)
+    assert counts == {"relation_kl_fwd": launches, "relation_kl_dleft": launches, "relation_kl_dright": launches}
+
+
+def test_multi_general_groups(rng):
+    """Cross relations with GQA ratios 1, 2 and 4 (right sides repeated to the gcd inside)
+    and two head dims (one launch per head dim) match separate relation_kl calls."""
+    B, T = 2, 33
+    spec = [(4, 4, 16), (4, 2, 16), (8, 2, 16), (2, 1, 32), (2, 2, 32)]  # (H, Hr, D)
+    groups, weights = [], []
+    for H, Hr, D in spec:
+        sl, sr, tl, tr, w = make_inputs(rng, B, T, H, Hr, D)
+        groups.append((sl, sr, tl, tr))
+        weights.append(w)
+    kw = dict(case_kwargs(rng, B, T, {"mask": True, "segments": True}), **_kw("pallas_gpu"))
+
+    def loss(lefts, rights, merge):
+        gs = [(a, b, g[2], g[3]) for a, b, g in zip(lefts, rights, groups)]
+        kls = pallas_kernels.relation_kl_multi(gs, merge=merge, **kw)
+        return sum(jnp.sum(w * kl) for w, kl in zip(weights, kls)), kls
+
+    lefts, rights = [g[0] for g in groups], [g[1] for g in groups]
+    vg = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True), static_argnums=2)
+    (_, one), (dl1, dr1) = vg(lefts, rights, True)
+    (_, sep), (dl3, dr3) = vg(lefts, rights, False)
+    for i, (H, _, _) in enumerate(spec):
+        assert one[i].shape == (B, H, T)
+        assert rel_err(one[i], sep[i]) <= 1e-6
+        assert rel_err(dl1[i], dl3[i]) <= 1e-5
+        assert rel_err(dr1[i], dr3[i]) <= 1e-5
+    counts = _count_kernels(lambda l, r: loss(l, r, True)[0], lefts, rights)
+    assert counts == {"relation_kl_fwd": 2}  # D = 16 and D = 32
+
+
+def test_multi_under_vmap_over_layers(rng):
+    L, B, T, D = 2, 1, 24, 16
+    students, teachers, weights = _qkv(rng, L * B, T, D)
+    split = lambda x: x.reshape((L, B) + x.shape[1:])
+    students, teachers, weights = [list(map(split, xs)) for xs in (students, teachers, weights)]
+
+    def loss(s, merge):
+        kls = jax.vmap(
+            lambda s, t: pallas_kernels.self_relation_kl_multi(list(zip(s, t)), merge=merge, **_kw("pallas_gpu"))
+        )(s, teachers)
+        return sum(jnp.sum(w * kl) for w, kl in zip(weights, kls))
+
+    g1 = jax.jit(jax.grad(lambda s: loss(s, True)))(students)
+    g3 = jax.jit(jax.grad(lambda s: loss(s, False)))(students)
+    for r in range(3):
+        assert rel_err(g1[r], g3[r]) <= 1e-5
+        for l in range(L):
+            _, (r_l, r_r) = reference64(students[r][l], students[r][l], teachers[r][l], teachers[r][l], weights[r][l])
+            assert rel_err(g1[r][l], r_l + r_r) <= 1e-4
+
+
+def test_multi_bad_groups_raise():
+    x = jnp.ones((2, 8, 4, 16), jnp.float32)
+    with pytest.raises(ValueError, match="groups"):
+        pallas_kernels.relation_kl_multi([])
+    with pytest.raises(ValueError, match=r"groups\[1\]"):
+        pallas_kernels.relation_kl_multi([(x, x, x, x), (x, x, x)])
+    with pytest.raises(ValueError, match=r"groups\[1\].*batch or length"):
+        y = jnp.ones((2, 9, 4, 16), jnp.float32)
+        pallas_kernels.relation_kl_multi([(x, x, x, x), (y, y, y, y)])
+    with pytest.raises(ValueError, match=r"groups\[0\].*t_left"):
+        pallas_kernels.relation_kl_multi([(x, x, x[:, :, :2], x)])
+
+
+# ------------------------------------------------------------------- remat ---
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_remat_policy_can_save_the_residuals(rng, impl):
+    """Under jax.checkpoint, saving RESIDUALS_NAME (the two LSEs) leaves the backward's
+    recomputed forward kernel without users (XLA drops it); saving nothing needs it.
+    Gradients are those without remat."""
+    from pallas_kernels.relation_kl import RESIDUALS_NAME
+
+    sl, _, tl, _, w = make_inputs(rng, 1, 40, 2, 2, 16)
+    layer = lambda x: jnp.sum(w * self_relation_kl(jnp.sin(x), tl, **_kw(impl)))
+    save = jax.checkpoint_policies.save_only_these_names(RESIDUALS_NAME)
+
+    def recomputed_forward_used(policy):
+        jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(layer, policy=policy)))(sl).jaxpr
+        (remat,) = [e for e in jaxpr.eqns if e.primitive.name in ("remat2", "checkpoint")]
+        body = remat.params["jaxpr"]
+        used = {id(v) for e in body.eqns for v in e.invars} | {id(v) for v in body.outvars}
+        fwd = [e for e in body.eqns if e.primitive.name == "pallas_call" and "relation_kl_fwd" in str(e.params)]
+        assert len(fwd) == 1
+        return any(id(v) in used for v in fwd[0].outvars)
+
+    if impl == "pallas_gpu":
+        assert recomputed_forward_used(None)
+        assert not recomputed_forward_used(save)
+    g_save = jax.jit(jax.grad(jax.checkpoint(layer, policy=save)))(sl)
+    g_plain = jax.jit(jax.grad(layer))(sl)
+    assert rel_err(g_save, np.asarray(g_plain, np.float64)) <= 1e-6
+
+
+# ------------------------------------------------------------ tuner configs ---
+
+
+def _tuner_configs():
+    from experiments.tune_relation_kl import all_tunable_configs
+
+    return all_tunable_configs()
+
+
+@pytest.mark.parametrize(
+    "dclass,blocks_", _tuner_configs(), ids=[f"D{d}-{i}" for i, (d, _) in enumerate(_tuner_configs())]
+)
+def test_every_tuner_config_is_exact(rng, dclass, blocks_):
+    """Every config experiments/tune_relation_kl.py may choose, in interpret mode, on a
+    T that is a multiple of every block (the GPU's no-ids path: unmasked tiles, then the
+    diagonal) and on a padded T with segments (every tile masked)."""
+    for T, H, opts in ((256, 2, {}), (200, 1, {"segments": True})):
+        sl, sr, tl, tr, w = make_inputs(rng, 1, T, H, 1, dclass)
+        kw = case_kwargs(rng, 1, T, opts)
+        kl, (d_sl, d_sr) = _kl_and_grads(
+            sl, sr, tl, tr, w, impl="pallas_gpu", interpret=True, block_sizes=blocks_, **kw
+        )
+        ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
+        assert_matches_reference(kl, (d_sl, d_sr), ref, (r_sl, r_sr), kw)
+
+
+def test_tuner_dry_run(capsys):
+    """The tuner imports without ml_collections and its plan validates every config."""
+    from experiments import tune_relation_kl
+
+    assert tune_relation_kl.main(["--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "d64_b2_h3" in out and "key=(64, 'few')" in out and "d128_b1_h32" in out
 
 
 # --------------------------------------------------------------- validation ---
