@@ -1,6 +1,7 @@
 """End-to-end LinearARD step on real 7B/8B shapes with random weights (no download).
 
     python -m experiments.bench_restore_step --models llama2_7b,llama3_8b --seq_len 4096 --out results.json
+    python -m experiments.bench_restore_step --models llama2_7b --seq_len 4096 --layouts_all --out layouts.json
 
 Measures, per model shape: the full jitted step (teacher forward; student forward+backward;
 Q/Q, K/K, V/V relation KL over all layers; AdamW update of q/k/v) as tokens/s, median step time
@@ -11,6 +12,16 @@ SEPARATELY JITTED parts (teacher forward, student forward+backward of a loss tha
 student's q/k/v, the relation loss with its own backward, the optimizer update). The parts are
 timed alone, so their sum differs from the fused step by whatever XLA overlaps or fuses across them.
 With several devices, `--mesh data` shards the batch (per-device batch fixed) and reports scaling.
+
+Layout: `--layout scan` (default, as configs/base.py: decoder layers under one lax.scan, parameters
+stacked) or `loop` (a Python loop over per-layer parameters); `--fused` (default, as configs/base.py:
+teacher and student layer by layer in one pass, losses.fused_relation_loss) or `--no_fused` (both
+forwards, then the relation loss). `--layouts_all` runs loop/unfused, scan/unfused and scan/fused
+in this one process (no split) and prints and writes a table: tokens/s, memory, ratio to the best.
+Memory per step: `compiled_gib`, the compiled step's arguments + outputs - donated + XLA's temp
+buffer (its memory_analysis; what the step holds while it runs), comparable between runs of one
+process; `peak_gib` is the device's peak_bytes_in_use since the process started (exact for the
+first run of a process only: it never goes down).
 
 FLOPs come from `lard_jax.flops.executed_flops_per_token`, convention "executed model FLOPs (no
 remat recompute)": the matmuls the compiled step runs (teacher forward without the dead LM head;
@@ -32,8 +43,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -42,8 +55,14 @@ import jax.numpy as jnp
 from lard_jax import flops as flops_lib
 from lard_jax import losses, trainer
 from lard_jax import sharding as sharding_lib
-from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv
+from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv, stacked_qkv
 from lard_jax.presets import MODEL_SHAPES
+
+# configs/base.py's defaults (c.model.scan_layers, c.loss.fused), not imported: ml_collections is
+# not needed to run this bench (tests/test_bench_layouts.py checks the two agree)
+DEFAULT_LAYOUT = "scan"
+DEFAULT_FUSED = True
+LAYOUTS_ALL = (("loop", False), ("scan", False), ("scan", True))  # --layouts_all: (layout, fused)
 
 SHAPES = {
     "llama2_7b": MODEL_SHAPES["llama2_7b"],
@@ -76,6 +95,18 @@ def _peak_bytes():
     return stats.get("peak_bytes_in_use")
 
 
+def _compiled_bytes(compiled):
+    """What the compiled step holds while it runs: arguments + outputs - donated (aliased) + XLA's
+    temp buffer, from its memory_analysis (None where the backend gives none)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend/version implements it
+        return None
+    if m is None:
+        return None
+    return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+
+
 def bench_one(
     name,
     *,
@@ -88,11 +119,14 @@ def bench_one(
     reps,
     split,
     lora=trainer.LoraSpec(),
+    layout=DEFAULT_LAYOUT,
+    fused=DEFAULT_FUSED,
 ):
     devices = jax.devices()[:mesh_data]
     mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
     shape = dict(SHAPES[name])
     cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
+    scan = {"scan": True, "loop": False}[layout]
     teacher = LlamaForCausalLM(cfg)
     student = LlamaForCausalLM(
         cfg.replace(
@@ -117,13 +151,18 @@ def bench_one(
         )
 
     frozen = jax.jit(random_params, out_shardings=shardings)(jax.random.PRNGKey(1))
+    if scan:  # the same weights stacked (shardings kept, the layer axis in front; per-layer buffers freed)
+        frozen = trainer.to_layout(frozen, True, delete_source=True)
+        cfg = cfg.replace(scan_layers=True)
+        teacher = LlamaForCausalLM(cfg)
+        student = LlamaForCausalLM(student.config.replace(scan_layers=True))
     # The library's step as the pipeline runs it: trainable tree and state placed on the mesh,
     # the jitted step donating the state and returning it in the same shardings.
     mask = trainer.trainable_mask(frozen)
     trainable = trainer.init_trainable_sharded(frozen, mask, lora, jax.random.PRNGKey(3), mesh, jnp.float32)
     optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
     state = trainer.init_state(trainable, optimizer, jax.random.PRNGKey(0), mesh)
-    spec = trainer.LossSpec(kernel_impl=kernel_impl)
+    spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
     batch_size = batch_per_device * mesh_data
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     ids = jax.device_put(
@@ -136,6 +175,8 @@ def bench_one(
         "seq_len": seq_len,
         "batch": batch_size,
         "devices": mesh_data,
+        "layout": layout,
+        "fused": fused,
         "remat": remat,
         "kernel_impl": kernel_impl,
         "attention_impl": attention_impl,
@@ -144,6 +185,9 @@ def bench_one(
     }
     with sharding_lib.use_mesh(mesh):
         t0 = time.perf_counter()
+        step = step.lower(state, frozen, batch).compile()  # the executable run below (state still donated)
+        nbytes = _compiled_bytes(step)
+        result["compiled_gib"] = None if nbytes is None else nbytes / 2**30
         for _ in range(2):  # compile, then one more warm-up call (compile_s covers both, as before)
             state, m = step(state, frozen, batch)
             jax.block_until_ready(m)
@@ -190,15 +234,17 @@ def bench_one(
 
 def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora):
     # Every big array is an argument, never a closure constant (XLA would embed gigabytes).
-    def qkv(model, params, ids):
+    def qkv(model, params, ids):  # per-layer list, or stacked {q, k, v} for the scan layout (no slicing)
         _, st = model.apply({"params": params}, ids, mutable=["intermediates"])
-        return collect_qkv(st["intermediates"])
+        stacked = stacked_qkv(st["intermediates"])
+        return collect_qkv(st["intermediates"]) if stacked is None else stacked
 
     teacher_fwd = jax.jit(lambda f, x: qkv(teacher, f, x))
     t_layers = teacher_fwd(frozen, ids)
 
     def student_proxy(t, f, x):  # forward+backward of the student alone: a loss that only sums its q/k/v
         layers = qkv(student, trainer.student_params(f, t, lora), x)
+        layers = [layers] if isinstance(layers, dict) else layers
         return sum(jnp.sum(l[r].astype(jnp.float32)) for l in layers for r in "qkv")
 
     student_fb = jax.jit(jax.grad(student_proxy))
@@ -219,7 +265,53 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
     }
 
 
-def main():
+def layouts_table(results) -> list[dict]:
+    """The --layouts_all table: per model and device count, each layout's tokens/s, memory and
+    tokens/s as a fraction of the fastest layout's (failed runs are left out)."""
+    rows = []
+    ok = [r for r in results if "error" not in r]
+    for key in dict.fromkeys((r["model"], r["devices"]) for r in ok):
+        group = [r for r in ok if (r["model"], r["devices"]) == key]
+        best = max(r["tokens_per_s"] for r in group)
+        for r in group:
+            rows.append(
+                {
+                    "model": r["model"],
+                    "devices": r["devices"],
+                    "layout": r["layout"],
+                    "fused": r["fused"],
+                    "tokens_per_s": r["tokens_per_s"],
+                    "step_ms": r["step_s"] * 1e3,
+                    "compiled_gib": r.get("compiled_gib"),
+                    "peak_gib": r["peak_gib"],
+                    "ratio_to_best": r["tokens_per_s"] / best,
+                    "default": (r["layout"], r["fused"]) == (DEFAULT_LAYOUT, DEFAULT_FUSED),
+                }
+            )
+    return rows
+
+
+def _gib(x):
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def print_layouts_table(rows):
+    print("\nLayouts (one process; compiled GiB = the step's arguments + outputs - donated + XLA temp)")
+    print(
+        f"{'model':10} {'dev':>3} {'layout':6} {'loss':8} {'tok/s':>9} {'step ms':>8} {'compiled GiB':>12} "
+        f"{'peak GiB':>8} {'vs best':>7}"
+    )
+    for r in rows:
+        loss = "fused" if r["fused"] else "unfused"
+        mark = "  <- default" if r["default"] else ""
+        print(
+            f"{r['model']:10} {r['devices']:>3} {r['layout']:6} {loss:8} {r['tokens_per_s']:9.0f} "
+            f"{r['step_ms']:8.1f} {_gib(r['compiled_gib']):>12} {_gib(r['peak_gib']):>8} "
+            f"{r['ratio_to_best']:7.3f}{mark}"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="llama2_7b,llama3_8b")
     p.add_argument("--seq_len", type=int, default=4096)
@@ -230,59 +322,101 @@ def main():
     p.add_argument("--mesh_data", default="1", help="comma list of data-parallel sizes to run, e.g. 1,2")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--no_split", action="store_true")
+    p.add_argument(
+        "--layout",
+        choices=("loop", "scan"),
+        default=DEFAULT_LAYOUT,
+        help="scan (configs' default): stacked parameters under one lax.scan; loop: per-layer parameters",
+    )
+    p.add_argument(
+        "--fused",
+        dest="fused",
+        action="store_true",
+        default=DEFAULT_FUSED,
+        help="fused relation loss (configs' default)",
+    )
+    p.add_argument("--no_fused", dest="fused", action="store_false", help="the relation loss after both forwards")
+    p.add_argument(
+        "--layouts_all",
+        action="store_true",
+        help="run loop/unfused, scan/unfused and scan/fused in this process (no split) and print a table",
+    )
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA factors (authors' variant: 1024)")
     p.add_argument("--lora_alpha", type=float, default=None, help="default 2 x rank (the authors' 2048 at r 1024)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (> 0: the unmerged path)")
     p.add_argument("--out", default="")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     lora = trainer.LoraSpec()
     if args.lora_rank:
         lora = trainer.LoraSpec(
             rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, dropout=args.lora_dropout
         )
+    variants = LAYOUTS_ALL if args.layouts_all else ((args.layout, args.fused),)
     results = []
     for name in args.models.split(","):
         for dp in [int(x) for x in args.mesh_data.split(",")]:
-            try:
-                r = bench_one(
-                    name,
-                    seq_len=args.seq_len,
-                    batch_per_device=args.batch_per_device,
-                    remat=args.remat,
-                    kernel_impl=args.kernel_impl,
-                    attention_impl=args.attention_impl,
-                    mesh_data=dp,
-                    reps=args.reps,
-                    split=not args.no_split and dp == 1,
-                    lora=lora,
-                )
-            except Exception as e:  # report OOM and carry on with the other shapes
-                r = {"model": name, "devices": dp, "error": f"{type(e).__name__}: {str(e)[:400]}"}
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            if args.out:  # after every shape, so a later timeout keeps what finished
-                with open(args.out, "w") as f:
-                    json.dump(
-                        {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "results": results},
-                        f,
-                        indent=2,
+            for layout, fused in variants:
+                try:
+                    r = bench_one(
+                        name,
+                        seq_len=args.seq_len,
+                        batch_per_device=args.batch_per_device,
+                        remat=args.remat,
+                        kernel_impl=args.kernel_impl,
+                        attention_impl=args.attention_impl,
+                        mesh_data=dp,
+                        reps=args.reps,
+                        split=not args.no_split and not args.layouts_all and dp == 1,
+                        lora=lora,
+                        layout=layout,
+                        fused=fused,
                     )
+                except Exception as e:  # report OOM and carry on with the other shapes
+                    r = {
+                        "model": name,
+                        "devices": dp,
+                        "layout": layout,
+                        "fused": fused,
+                        "error": f"{type(e).__name__}: {str(e)[:400]}",
+                    }
+                results.append(r)
+                print(json.dumps(r), flush=True)
+                gc.collect()  # the previous run's weights and state go before the next run's are made
+                if args.out:  # after every run, so a later timeout keeps what finished
+                    out = {
+                        "device": jax.devices()[0].device_kind,
+                        "jax": jax.__version__,
+                        "command": "python -m experiments.bench_restore_step " + " ".join(argv or sys.argv[1:]),
+                        "results": results,
+                    }
+                    if args.layouts_all:
+                        out["layouts"] = layouts_table(results)
+                    with open(args.out, "w") as f:
+                        json.dump(out, f, indent=2)
     print("\nMFU: executed model FLOPs (no remat recompute), lard_jax.flops; +rel adds the relation kernel")
     print(
-        f"{'model':10} {'dev':>3} {'tok/s':>9} {'step ms':>8} {'MFU':>6} {'+rel':>6} {'GF/tok':>7} {'peak GiB':>8}"
-        "  split (ms)"
+        f"{'model':10} {'dev':>3} {'layout':6} {'loss':8} {'tok/s':>9} {'step ms':>8} {'MFU':>6} {'+rel':>6} "
+        f"{'GF/tok':>7} {'peak GiB':>8}  split (ms)"
     )
     for r in results:
+        loss = "fused" if r["fused"] else "unfused"
         if "error" in r:
-            print(f"{r['model']:10} {r['devices']:>3}  ERROR {r['error'][:80]}")
+            print(f"{r['model']:10} {r['devices']:>3} {r['layout']:6} {loss:8}  ERROR {r['error'][:80]}")
             continue
         split = " ".join(f"{k}={v * 1e3:.0f}" for k, v in r.get("split_s", {}).items())
         pct = lambda x: f"{100 * x:.1f}%" if x else "n/a"  # noqa: E731
         print(
-            f"{r['model']:10} {r['devices']:>3} {r['tokens_per_s']:9.0f} {r['step_s'] * 1e3:8.1f} "
-            f"{pct(r['mfu_executed']):>6} {pct(r['mfu_executed_incl_relation']):>6} "
+            f"{r['model']:10} {r['devices']:>3} {r['layout']:6} {loss:8} {r['tokens_per_s']:9.0f} "
+            f"{r['step_s'] * 1e3:8.1f} {pct(r['mfu_executed']):>6} {pct(r['mfu_executed_incl_relation']):>6} "
             f"{r['gflop_per_token']['model_total']:7.2f} {r['peak_gib']:8.1f}  {split}"
         )
+    if args.layouts_all:
+        print_layouts_table(layouts_table(results))
+    return results
 
 
 if __name__ == "__main__":

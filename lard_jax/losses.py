@@ -22,10 +22,12 @@ The per-row KL comes from `pallas_kernels.self_relation_kl`, which never builds 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
 
@@ -38,8 +40,8 @@ def _valid(mask, shape):
 
 
 def relation_loss(
-    student_layers: Sequence[dict],
-    teacher_layers: Sequence[dict],
+    student_layers,
+    teacher_layers,
     *,
     mask=None,
     segment_ids=None,
@@ -52,7 +54,26 @@ def relation_loss(
 ):
     """(loss, {"q": ..., "k": ..., "v": ...}); parts are layer means of each relation's summed row KL
     over (valid tokens x heads), heads as `normalize` says (module docstring). `num_query_heads`
-    defaults to the head count of the layers' "q" tensors ([B, T, H, D])."""
+    defaults to the head count of the layers' "q" tensors ([B, T, H, D]).
+
+    The layers come as a list of per-layer {q, k, v} (model.collect_qkv), or stacked: one dict of
+    [L, B, T, H, D] arrays, as a scanned model sows them (model.stacked_qkv). Stacked layers run
+    under one lax.map, whose backward writes the stack's cotangent layer by layer; slicing the
+    stack per layer instead would build it from L zero-padded full-size stacks (for Llama-2-7B at
+    T = 4096: 32 x 1 GiB per relation, summed), which is what the unfused scanned step used to do."""
+    if isinstance(student_layers, Mapping) or isinstance(teacher_layers, Mapping):
+        return _stacked_relation_loss(
+            student_layers,
+            teacher_layers,
+            mask=mask,
+            segment_ids=segment_ids,
+            relations=relations,
+            layers=layers,
+            impl=impl,
+            block_sizes=block_sizes,
+            normalize=normalize,
+            num_query_heads=num_query_heads,
+        )
     if len(student_layers) != len(teacher_layers):
         raise ValueError(f"student has {len(student_layers)} layers, teacher {len(teacher_layers)}")
     layers = _check_relation_args(relations, normalize, layers, len(student_layers))
@@ -64,6 +85,31 @@ def relation_loss(
     for r in relations:
         per_layer = [layer_kl(teacher_layers[l], student_layers[l], (r,))[r] for l in layers]
         parts[r] = jnp.mean(jnp.stack(per_layer))
+    return sum(parts.values()), parts
+
+
+def _stacked_relation_loss(
+    student, teacher, *, mask, segment_ids, relations, layers, impl, block_sizes, normalize, num_query_heads
+):
+    """relation_loss on stacked {r: [L, B, T, H, D]} inputs: one lax.map over the selected layers."""
+    if not (isinstance(student, Mapping) and isinstance(teacher, Mapping)):
+        raise ValueError("relation_loss: pass both models' layers stacked (dicts of [L, ...]) or both as lists")
+    n = student[next(iter(student))].shape[0]
+    if teacher[next(iter(teacher))].shape[0] != n:
+        raise ValueError(f"student has {n} layers, teacher {teacher[next(iter(teacher))].shape[0]}")
+    layers = _check_relation_args(relations, normalize, layers, n)
+    idx = [int(l) % n for l in layers]
+    if num_query_heads is None:
+        num_query_heads = student["q"].shape[3]
+    b, t = student[relations[0]].shape[1:3]
+    rels = tuple(relations)
+    layer_kl = _layer_relation_kl(rels, mask, segment_ids, impl, block_sizes, normalize, num_query_heads, (b, t))
+
+    def pick(tree):  # the selected layers in order (a gather only for a subset or repeats)
+        return {r: tree[r] if idx == list(range(n)) else tree[r][np.asarray(idx)] for r in rels}
+
+    per_layer = jax.lax.map(lambda ts: layer_kl(*ts), (pick(teacher), pick(student)))  # {r: [len(idx)]}
+    parts = {r: jnp.mean(per_layer[r]) for r in rels}
     return sum(parts.values()), parts
 
 
@@ -123,6 +169,17 @@ def _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normaliz
     return fn
 
 
+def kernel_residual_names(impl: str) -> tuple[str, ...]:
+    """The checkpoint_name(s) under which the relation kernel leaves what its backward needs from
+    its forward (pallas_kernels.relation_kl.RESIDUALS_NAME: the two [B, H, T] float32 LSEs): a
+    remat policy that saves them spares the backward a second forward kernel. () for the
+    "reference" impl (plain autodiff of dense [T, T] maps) or a kernel that names none."""
+    if impl == "reference":
+        return ()
+    name = getattr(importlib.import_module("pallas_kernels.relation_kl"), "RESIDUALS_NAME", None)
+    return (name,) if name else ()
+
+
 def fused_relation_loss(
     teacher_cfg,
     student_cfg,
@@ -142,8 +199,11 @@ def fused_relation_loss(
 ):
     """relation_loss computed inside lard_jax.model.paired_decoder: teacher and student run layer by
     layer in one pass and each selected layer's KL is taken from that layer's q/k/v right there
-    (summed into the scan carry), so no layer's relation inputs outlive its step. Same value as
-    relation_loss on relation_inputs of both models (the same normalisation and layer mean).
+    (summed into the scan carry). Same value as relation_loss on relation_inputs of both models
+    (the same normalisation and layer mean). The kernel runs under the student block's remat with
+    its LSEs saved by name (kernel_residual_names), so the backward keeps, per layer, the
+    student block's input, the teacher's q/k/v and those LSEs, and reruns neither the teacher nor
+    the kernel's forward (paired_decoder's docstring).
 
     `teacher_params` are used as given (stop_gradient them if they are traced); `dropout_rng` is
     the student's LoRA-dropout root (LlamaForCausalLM's `dropout_rng`). Returns (loss, parts,
@@ -179,6 +239,7 @@ def fused_relation_loss(
         attention_mask=mask,
         dropout_rng=dropout_rng,
         return_hidden=return_hidden,
+        layer_fn_saves=kernel_residual_names(impl),
     )
     parts = {r: sums[r] / len(layers) for r in relations}
     return sum(parts.values()), parts, hidden

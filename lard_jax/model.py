@@ -574,6 +574,16 @@ def collect_qkv(intermediates) -> list[dict]:
     return [{name: e["self_attn"][name][0] for name in ("q", "k", "v")} for e in _layer_entries(intermediates)]
 
 
+def stacked_qkv(intermediates) -> dict | None:
+    """{q, k, v} stacked over layers ([L, B, T, H, D]) from the `intermediates` of a scanned model's
+    apply (scan_layers), as nn.scan sowed them; None for the per-layer layout. What
+    losses.relation_loss takes to run its layers under one lax.map (no per-layer slicing)."""
+    model = intermediates["model"]
+    if STACKED not in model:
+        return None
+    return {name: model[STACKED]["self_attn"][name][0] for name in ("q", "k", "v")}
+
+
 def collect_hidden(intermediates) -> list:
     """Per layer output hidden states [B, T, E] from the `intermediates` collection; either layout."""
     return [e["hidden"][0] for e in _layer_entries(intermediates)]
@@ -798,6 +808,24 @@ def final_logits(cfg: LlamaConfig, params, x):
     return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def _layer_slice(stack, i):
+    """Layer i of a stacked parameter tree: a static slice for a Python int, else a dynamic one."""
+    if isinstance(i, int):
+        return jax.tree_util.tree_map(lambda a: a[i], stack)
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), stack)
+
+
+_RECOMPUTED_VIEWS = frozenset({"dynamic_slice", "slice", "squeeze", "reshape", "convert_element_type"})
+
+
+def _save_all_but_views(prim, *_, **__) -> bool:
+    """A jax.checkpoint policy for remat "none" around a block that slices its layer's parameters
+    out of the stacks: every residual is saved except slices, reshapes and casts, which the
+    backward redoes from their inputs (no matmul), so no layer's parameters (nor their casts to the
+    compute dtype) are copied into the residuals."""
+    return prim.name not in _RECOMPUTED_VIEWS
+
+
 def paired_decoder(
     teacher_cfg: LlamaConfig,
     student_cfg: LlamaConfig,
@@ -811,20 +839,42 @@ def paired_decoder(
     attention_mask=None,
     dropout_rng=None,
     return_hidden: bool = False,
+    layer_fn_saves: tuple[str, ...] = (),
 ):
     """Teacher and student decoders run together, layer by layer: at layer l each block reads its own
     hidden state, and `layer_fn(teacher_qkv, student_qkv)` -> dict of scalars (e.g. that layer's
     relation KL) runs right there; its values are summed over `layers` (None = all; repeats count
-    repeatedly) into the carry, so no layer's q/k/v outlive its step.
+    repeatedly), so the relation loss never waits for a whole forward.
 
-    Stacked parameters (scan_layers) run under one lax.scan; with remat != "none" the whole pair
-    step (teacher block, student block, layer_fn) is under `jax.checkpoint` with the student's
-    policy, so the backward keeps only the two hidden states per layer and reruns the teacher's
-    q/k/v and the relation forward (more recompute than the unfused step, far less memory).
-    Per-layer parameters run as a Python loop with the student block alone under the remat policy,
-    as LlamaModel does: the same computation as the unfused step, reordered (XLA sees every layer;
-    the FLOP accounting of lard_jax.flops holds unchanged). Layers above the highest selected one
-    are skipped. LoRA-dropout keys are those LlamaModel derives from the same `dropout_rng`.
+    What runs where (both layouts; issue 22 part 3, tests/test_scan_cost.py):
+      * the teacher block plainly: it is never differentiated, so nothing of it is recomputed; the
+        backward keeps its q/k/v for the relation kernel: T·(H + 2·KV)·D values per layer (Llama-2-7B
+        at T = 4096 in bf16: 96 MiB per layer, 3 GiB over 32 layers);
+      * the student block under `jax.checkpoint` with the student's remat policy (as LlamaModel
+        remats it), and `layer_fn` with it when `layer_fn_saves` names the checkpoint_name(s) under
+        which layer_fn leaves what its backward needs from its forward (the relation kernel's row
+        LSEs, losses.kernel_residual_names): the policy then also saves those, so the backward
+        reruns the student block (its remat) but not layer_fn's forward, and the student's q/k/v
+        are not kept. Without names `layer_fn` runs outside the checkpoint and the backward keeps the
+        student's q/k/v as well (another 3 GiB on Llama-2-7B).
+    Per added layer that is exactly what the loop layout's unfused step runs. (Until issue 22 the
+    scanned form put the whole pair step under one jax.checkpoint with the student's policy: with
+    remat "full" the backward reran the teacher's q/k/v projections and the relation forward, 6.4
+    GFLOP/token more on Llama-2-7B at T = 4096, 9% of the step's matmuls, to keep only the two
+    hidden states per layer.)
+
+    Stacked parameters (scan_layers) run under one lax.scan over layers [0, top - 1) and the top
+    selected layer after it, outside the loop, where XLA drops what the loss does not read (its
+    attention, o_proj and MLP, forward and backward, as in the loop layout; 1.3 GFLOP/token on
+    Llama-2-7B): a scan body cannot be pruned for its last iteration alone. The stacks are not
+    scanned over (`xs`, whose slice [:top - 1] would copy every stack) but indexed inside the
+    step, for the student inside its checkpoint, so its parameter slices are recomputed rather than
+    saved per layer (with remat "none" the policy saves all but slices, reshapes and casts); the
+    stacks' gradients accumulate in place (XLA updates the layer's slice of the accumulator). Left
+    to the scan: layer 0's q/k/v input gradients (the loop layout drops them; 0.1 GFLOP/token on
+    Llama-2-7B). Per-layer parameters run as a Python loop (XLA sees every layer; the FLOP
+    accounting of lard_jax.flops holds unchanged). Layers above the highest selected one are
+    skipped. LoRA-dropout keys are those LlamaModel derives from the same `dropout_rng`.
 
     Returns (sums, hidden) with hidden = (teacher x, student x) after the last run block when
     `return_hidden` (then every layer runs), else None."""
@@ -836,77 +886,104 @@ def paired_decoder(
         raise ValueError("no layers selected")
     top = n if return_hidden else max(i for i, c in enumerate(counts) if c) + 1
     b, t = input_ids.shape
-    embed = lambda cfg, p: TokenEmbed(
+    embed = lambda cfg, p: TokenEmbed(  # noqa: E731
         cfg.vocab_size,
         cfg.hidden_size,
-        dtype=dtype_of(cfg.dtype),  # noqa: E731
+        dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
     ).apply({"params": p["model"]["embed_tokens"]}, input_ids)
     t_x, s_x = embed(teacher_cfg, teacher_params), embed(student_cfg, student_params)
     t_cos, t_sin, mask = rope_and_mask(teacher_cfg, b, t, None, segment_ids, attention_mask)
     s_cos, s_sin, _ = rope_and_mask(student_cfg, b, t, None, segment_ids, attention_mask)
     keys = None if dropout_rng is None else layer_dropout_keys(dropout_rng, n)
+    remat = student_cfg.remat != "none"
 
-    student_layer = functools.partial(_apply_layer, student_cfg)
+    def layer_vals(t_qkv, s_qkv, static_count, count):
+        """layer_fn's values times the layer's weight: `static_count` (an int, known when tracing)
+        or, when that is None, the traced `count` (lax.cond skips the loss where it is 0)."""
+        if static_count is not None:
+            vals = layer_fn(t_qkv, s_qkv) if static_count else None
+            if vals is not None and static_count != 1:
+                vals = {k: v * static_count for k, v in vals.items()}
+            return vals
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(layer_fn, t_qkv, s_qkv))
+        return jax.lax.cond(
+            count > 0,
+            lambda a, c: {k: v * c for k, v in layer_fn(*a).items()},
+            lambda a, c: zeros,
+            (t_qkv, s_qkv),
+            count.astype(jnp.float32),
+        )
 
-    def make_pair(static_count, student_remat=False):
-        """The pair step; the layer's loss weight is `static_count` (an int, known when tracing) or,
-        when that is None, the traced `count` (lax.cond skips the loss where it is 0).
-        `student_remat`: the student block alone under jax.checkpoint (the loop form)."""
-        s_layer = student_layer
-        if student_remat:
-            s_layer = jax.checkpoint(student_layer, policy=remat_policy(student_cfg), prevent_cse=False)
-
-        def pair(t_x, s_x, t_p, s_p, key, count):
-            t_x, t_qkv = _apply_layer(teacher_cfg, t_p, t_x, t_cos, t_sin, mask)
-            s_x, s_qkv = s_layer(s_p, s_x, s_cos, s_sin, mask, key)
-            if static_count is not None:
-                vals = layer_fn(t_qkv, s_qkv) if static_count else None
-                if vals is not None and static_count != 1:
-                    vals = {k: v * static_count for k, v in vals.items()}
-            else:
-                zeros = jax.tree_util.tree_map(
-                    lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(layer_fn, t_qkv, s_qkv)
-                )
-                vals = jax.lax.cond(
-                    count > 0,
-                    lambda a, c: {k: v * c for k, v in layer_fn(*a).items()},
-                    lambda a, c: zeros,
-                    (t_qkv, s_qkv),
-                    count.astype(jnp.float32),
-                )
-            return t_x, s_x, vals
-
-        return pair
+    def add(acc, vals):
+        if vals is None:
+            return acc
+        return vals if acc is None else jax.tree_util.tree_map(jnp.add, acc, vals)
 
     t_layers, s_layers = teacher_params["model"], student_params["model"]
-    if STACKED in s_layers:
+    stacked = STACKED in s_layers
+    saves = tuple(layer_fn_saves)
+    if remat:
+        policy = remat_policy(student_cfg) or jax.checkpoint_policies.nothing_saveable
+    else:  # stacked: a checkpoint only to slice the parameters inside it (see the docstring)
+        policy = _save_all_but_views if stacked else None
+    if policy is not None and saves:
+        policy = jax.checkpoint_policies.save_from_both_policies(
+            policy, jax.checkpoint_policies.save_only_these_names(*saves)
+        )
+
+    def student_step(get, static_count):
+        """The student block of one layer (its parameters `get(s_in)`) and, when `saves` names
+        layer_fn's residuals, layer_fn too: the part under the student's remat policy."""
+
+        def f(s_in, s_x, key, t_qkv, count):
+            s_x, s_qkv = _apply_layer(student_cfg, get(s_in), s_x, s_cos, s_sin, mask, key)
+            if saves:
+                return s_x, None, layer_vals(t_qkv, s_qkv, static_count, count)
+            return s_x, s_qkv, None
+
+        return f if policy is None else jax.checkpoint(f, policy=policy, prevent_cse=False)
+
+    def step(t_x, s_x, t_p, s_in, get, key, static_count, count):
+        t_x, t_qkv = _apply_layer(teacher_cfg, t_p, t_x, t_cos, t_sin, mask)  # never differentiated: no remat
+        s_x, s_qkv, vals = student_step(get, static_count)(s_in, s_x, key, t_qkv if saves else None, count)
+        if not saves:
+            vals = layer_vals(t_qkv, s_qkv, static_count, count)
+        return t_x, s_x, vals
+
+    sums = None
+    if stacked:
         t_stack, s_stack = t_layers[STACKED], s_layers[STACKED]
-        if top < n:
-            t_stack, s_stack = (jax.tree_util.tree_map(lambda x: x[:top], tr) for tr in (t_stack, s_stack))
-        layer0 = lambda tr: jax.tree_util.tree_map(lambda x: x[0], tr)  # noqa: E731
-        k0 = None if keys is None else keys[0]
-        probe = jax.eval_shape(lambda: make_pair(1)(t_x, s_x, layer0(t_stack), layer0(s_stack), k0, None)[2])
-        pair = make_pair(1 if all(c == 1 for c in counts[:top]) else None)
-        if student_cfg.remat != "none":
-            pair = jax.checkpoint(pair, policy=remat_policy(student_cfg), prevent_cse=False)
 
-        def body(carry, xs):
-            t_x, s_x, acc = carry
-            t_p, s_p, key, count = xs
-            t_x, s_x, vals = pair(t_x, s_x, t_p, s_p, key, count)
-            return (t_x, s_x, jax.tree_util.tree_map(jnp.add, acc, vals)), None
+        def layer_step(t_x, s_x, i, static_count, count):
+            if isinstance(i, int):
+                key = None if keys is None else keys[i]
+                get = functools.partial(_layer_slice, i=i)
+                return step(t_x, s_x, _layer_slice(t_stack, i), s_stack, get, key, static_count, count)
+            key = None if keys is None else jax.lax.dynamic_index_in_dim(keys, i, 0, keepdims=False)
+            get = lambda s_in: _layer_slice(*s_in)  # noqa: E731
+            return step(t_x, s_x, _layer_slice(t_stack, i), (s_stack, i), get, key, static_count, count)
 
-        xs = (t_stack, s_stack, None if keys is None else keys[:top], jnp.asarray(counts[:top], jnp.int32))
-        acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), probe)
-        (t_x, s_x, sums), _ = jax.lax.scan(body, (t_x, s_x, acc0), xs)
+        n_scan = top if return_hidden else top - 1  # the top layer runs after the loop (only its q/k/v are live)
+        if n_scan:
+            static = 1 if all(c == 1 for c in counts[:n_scan]) else None
+            probe = jax.eval_shape(lambda: layer_step(t_x, s_x, 0, 1, None)[2])
+            acc0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), probe)
+
+            def body(carry, xs):
+                (t_x, s_x, acc), (i, count) = carry, xs
+                t_x, s_x, vals = layer_step(t_x, s_x, i, static, count)
+                return (t_x, s_x, jax.tree_util.tree_map(jnp.add, acc, vals)), None
+
+            xs = (jnp.arange(n_scan, dtype=jnp.int32), jnp.asarray(counts[:n_scan], jnp.int32))
+            (t_x, s_x, sums), _ = jax.lax.scan(body, (t_x, s_x, acc0), xs)
+        if n_scan < top:
+            t_x, s_x, vals = layer_step(t_x, s_x, top - 1, counts[top - 1], None)
+            sums = add(sums, vals)
     else:
-        sums = None
         for i in range(top):
-            pair = make_pair(counts[i], student_remat=student_cfg.remat != "none")
-            t_x, s_x, vals = pair(
-                t_x, s_x, t_layers[f"layers_{i}"], s_layers[f"layers_{i}"], None if keys is None else keys[i], None
-            )
-            if vals is not None:
-                sums = vals if sums is None else jax.tree_util.tree_map(jnp.add, sums, vals)
+            key = None if keys is None else keys[i]
+            name = f"layers_{i}"
+            t_x, s_x, vals = step(t_x, s_x, t_layers[name], s_layers[name], lambda p: p, key, counts[i], None)
+            sums = add(sums, vals)
     return sums, ((t_x, s_x) if return_hidden else None)

@@ -5,7 +5,8 @@
 * losses.fused_relation_loss (trainer LossSpec(fused=True), the default) equals the unfused
   relation_loss on the same batch, value and gradients w.r.t. the trainable tree, float32: with and
   without LoRA (merged, and unmerged with dropout: the same per-layer dropout keys in both paths),
-  GQA, a layer subset, remat, both layouts.
+  GQA, a layer subset, remat (none, full, dots), both layouts. (What the fused scan computes and
+  holds against the loop: tests/test_scan_cost.py.)
 """
 
 import jax
@@ -171,6 +172,7 @@ def _loss_and_grads(teacher, student, spec, lora, t, params, batch):
         ("scan", "merged", True, (0, 2), "full"),
         ("scan", "dropout", False, None, "full"),
         ("scan", "none", True, (1,), "none"),
+        ("scan", "dropout", True, (0, 2), "dots"),
         ("loop", "dropout", True, (0, 2), "none"),
         ("loop", "merged", False, None, "full"),
     ],

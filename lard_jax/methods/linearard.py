@@ -10,7 +10,7 @@ import jax
 
 from lard_jax import losses
 from lard_jax.methods import Context, register
-from lard_jax.model import collect_qkv, final_logits
+from lard_jax.model import collect_qkv, final_logits, stacked_qkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +64,12 @@ def build(ctx: Context, cfg: Config):
         else:
             t_logits, t_inter = ctx.apply(teacher, t_frozen, batch)
             s_logits, s_inter = ctx.apply(student, s_params, batch, **drop)
+            s_qkv, t_qkv = stacked_qkv(s_inter), stacked_qkv(t_inter)  # scan_layers: the stacks as sown
+            if s_qkv is None or t_qkv is None:
+                s_qkv, t_qkv = collect_qkv(s_inter), collect_qkv(t_inter)
             attn, parts = losses.relation_loss(
-                collect_qkv(s_inter),
-                collect_qkv(t_inter),
+                s_qkv,
+                t_qkv,
                 mask=mask,
                 segment_ids=seg,
                 relations=cfg.relations,
