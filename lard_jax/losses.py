@@ -15,7 +15,8 @@ the mean over layers of sum_r L_r^l.
   "per_relation_heads": each relation's own head count (H_q for Q, H_kv for K and V), so each
       relation is a per-head mean. Identical to "query_heads" for MHA models (Llama-2-7B).
 
-The per-row KL comes from `pallas_kernels.self_relation_kl`, which never builds the T x T relation maps.
+The per-row KL comes from `pallas_kernels.self_relation_kl_multi` (a layer's relations of one head dim
+in one kernel launch), which never builds the T x T relation maps.
 `relation_loss` takes every layer's q/k/v after both forwards (all layers' inputs alive at once);
 `fused_relation_loss` computes the same value inside one paired teacher/student pass, layer by layer.
 """
@@ -81,10 +82,8 @@ def relation_loss(
         num_query_heads = student_layers[0]["q"].shape[2]
     b, t = student_layers[0]["q"].shape[:2]
     layer_kl = _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normalize, num_query_heads, (b, t))
-    parts = {}
-    for r in relations:
-        per_layer = [layer_kl(teacher_layers[l], student_layers[l], (r,))[r] for l in layers]
-        parts[r] = jnp.mean(jnp.stack(per_layer))
+    per_layer = [layer_kl(teacher_layers[l], student_layers[l]) for l in layers]  # a layer's relations in one call
+    parts = {r: jnp.mean(jnp.stack([p[r] for p in per_layer])) for r in relations}
     return sum(parts.values()), parts
 
 
@@ -144,24 +143,25 @@ def _layer_relation_kl(relations, mask, segment_ids, impl, block_sizes, normaliz
     n_valid = jnp.maximum(_valid(mask, shape).sum(), 1).astype(jnp.float32)
     prefix = None if mask is None and segment_ids is None else one_document_from_start(mask, segment_ids, shape)
 
-    def row_kl(s, te):
-        masked = lambda s, te: pallas_kernels.self_relation_kl(  # noqa: E731
-            s, te, mask=mask, segment_ids=segment_ids, causal=True, impl=impl, block_sizes=block_sizes
+    def rows_kl(pairs):
+        """[(student, teacher)] of one layer -> their [B, H_r, T] row KLs; relations with the same
+        head dim share one kernel launch (pallas_kernels.self_relation_kl_multi: heads concatenated)."""
+        masked = lambda ps: pallas_kernels.self_relation_kl_multi(  # noqa: E731
+            ps, mask=mask, segment_ids=segment_ids, causal=True, impl=impl, block_sizes=block_sizes
         )
         if prefix is None:
-            return masked(s, te)
+            return masked(pairs)
 
-        def causal_only(s, te):  # exact on the real rows of such a batch (docstring of one_document_from_start)
-            kl = pallas_kernels.self_relation_kl(s, te, causal=True, impl=impl, block_sizes=block_sizes)
-            return jnp.where(_valid(mask, shape)[:, None, :], kl, 0.0)
+        def causal_only(ps):  # exact on the real rows of such a batch (docstring of one_document_from_start)
+            kls = pallas_kernels.self_relation_kl_multi(ps, causal=True, impl=impl, block_sizes=block_sizes)
+            return [jnp.where(_valid(mask, shape)[:, None, :], kl, 0.0) for kl in kls]
 
-        return jax.lax.cond(prefix, causal_only, masked, s, te)
+        return jax.lax.cond(prefix, causal_only, masked, pairs)
 
     def fn(teacher, student, rels=relations):
+        pairs = [(student[r], jax.lax.stop_gradient(teacher[r])) for r in rels]
         out = {}
-        for r in rels:
-            s, te = student[r], jax.lax.stop_gradient(teacher[r])
-            kl = row_kl(s, te)
+        for r, kl in zip(rels, rows_kl(pairs)):
             heads = num_query_heads if normalize == "query_heads" else kl.shape[1]  # kl: [B, H_r, T]
             out[r] = kl.sum() / (n_valid * heads)
         return out
