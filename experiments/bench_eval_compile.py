@@ -250,10 +250,15 @@ def random_docs(count: int, chars: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def build_models(shape: dict, dtype: str, attention_impl: str, factor: float, seed: int = 0) -> dict:
+def build_models(
+    shape: dict, dtype: str, attention_impl: str, factor: float, seed: int = 0, scan_layers: bool = False
+) -> dict:
     """name -> (model, params): teacher; scaled (linear x factor, the teacher's params); restored
-    (the scaled config, other params)."""
-    teacher_cfg = LlamaConfig(**shape, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+    (the scaled config, other params). `scan_layers`: stacked layers under nn.scan, as the
+    pipeline's models run (its configs' default)."""
+    teacher_cfg = LlamaConfig(
+        **shape, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl, scan_layers=scan_layers
+    )
     scaled_cfg = teacher_cfg.replace(
         rope_scaling={"rope_type": "linear", "factor": factor},
         max_position_embeddings=int(teacher_cfg.max_position_embeddings * factor),
@@ -363,6 +368,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="EvalSpec.batch_size (rows of a cloze / decode batch)")
     p.add_argument("--attention_impl", default="auto", help="the models' attention (auto: cuDNN on a GPU)")
     p.add_argument("--factor", type=float, default=4.0, help="linear RoPE factor of the students")
+    p.add_argument("--loop_layers", action="store_true", help="per-layer models (default: scanned, as the pipeline)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():
@@ -379,7 +385,7 @@ def main(argv=None):
     tokenizer = AnyIdTokenizer()
     longest = max([spec.native_len, *spec.ppl_lengths, *spec.passkey_lengths])
     docs = [tokenizer.encode(d, add_bos=True) for d in random_docs(max(6, spec.max_windows + 2), longest + 64)]
-    models = build_models(shape, args.dtype, args.attention_impl, args.factor)
+    models = build_models(shape, args.dtype, args.attention_impl, args.factor, scan_layers=not args.loop_layers)
     out = {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),

@@ -88,15 +88,20 @@ GPU_BLOCKS = BlockSizes()
 #   query heads; e.g. the K and V relations of SmolLM2, 3 KV heads x B <= 4,
 #   whose grids are T / block_q * B * H programs for 132 SMs), else "many".
 FEW_BATCH_HEADS = 16
+# Tuned on one H200 (jax 0.11.2, experiments/tune_relation_kl.py, 2026-12-04; docs/kernel_notes.md):
+# D=64 at T=8192, B in {2, 4}, H in {9, 3}: fwd+bwd 1.02-1.10x faster than GPU_BLOCKS; D=128 at
+# T=4096, B=1, H in {32, 8}: 1.01-1.04x. Every entry checked equal to GPU_BLOCKS' results there.
 GPU_TILE_TABLE: dict[tuple[int, str], BlockSizes] = {
-    (64, "few"): GPU_BLOCKS,
-    (64, "many"): GPU_BLOCKS,
-    (128, "few"): GPU_BLOCKS,
-    (128, "many"): GPU_BLOCKS,
+    (64, "few"): BlockSizes(block_q=64, block_k=128, num_warps_fwd=4, num_stages_bwd=3),
+    (64, "many"): BlockSizes(block_q=64, block_k=128, num_warps_fwd=4, num_stages_bwd=3),
+    (128, "few"): BlockSizes(block_q=64, num_warps_fwd=4, num_stages_fwd=2),
+    (128, "many"): BlockSizes(block_q=64, num_warps_fwd=4, num_stages_fwd=2),
 }
 # relation_kl_multi: whether the relations of one call that share (D, dtype) go
 # through ONE launch (heads concatenated) by default, per head-dim class. Exact
-# either way; the tuner's "layer" section measures which is faster.
+# either way; the tuner's "layer" section measures which is faster. Measured (SmolLM2 layer,
+# 9+3+3 heads, D=64, T=8192, tuned tiles): B=2 one launch 3.32 ms fwd+bwd vs three 3.61; B=4
+# 6.60 vs 6.64 (equal): one launch kept for D=64. D=128 not measured as a layer; kept.
 GPU_MERGE_RELATIONS: dict[int, bool] = {64: True, 128: True}
 # The "xla" impl works on whole chunks per loop step: large chunks keep the
 # matmuls big and the loop short; memory stays O(block_q * block_k) per head.
