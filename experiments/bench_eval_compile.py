@@ -50,21 +50,10 @@ from lard_jax.generate import (
     rope_inv_freq_for_lengths,
 )
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of
+from lard_jax.presets import MODEL_SHAPES
 from lard_jax.tokenizer import ByteTokenizer
 
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    tie_word_embeddings=True,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-)
+SMOLLM2_135M = MODEL_SHAPES["smollm2_135m"]
 TINY = dict(
     vocab_size=384,
     hidden_size=64,

@@ -36,18 +36,9 @@ import time
 import jax
 import numpy as np
 
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    max_position_embeddings=8192,
-    rope_theta=100000.0,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-)
+from lard_jax.presets import MODEL_SHAPES
+
+SMOLLM2_135M = MODEL_SHAPES["smollm2_135m"]
 TINY = dict(
     vocab_size=300,
     hidden_size=64,

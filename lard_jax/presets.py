@@ -26,4 +26,17 @@ MODEL_SHAPES: dict[str, dict] = {
         max_position_embeddings=8192,
         rope_theta=500000.0,
     ),
+    "smollm2_135m": dict(  # HuggingFaceTB/SmolLM2-135M(-Instruct): the real-model runs' shape
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+    ),
 }
