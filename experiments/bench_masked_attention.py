@@ -24,35 +24,21 @@ Timing: median of repeated calls after compile and warm-up, each sample >= 20 ms
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import median_seconds
 from lard_jax import attention as attn
 
 SHAPES = [(4, 8192, 9, 3, 64), (1, 8192, 32, 8, 128), (1, 32768, 9, 3, 64), (1, 32768, 32, 8, 128)]
 
 
-def timeit(fn, *args, budget=0.5, max_reps=20):
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    est = max(time.perf_counter() - t, 1e-6)
-    inner = max(1, int(0.02 / est))
-    reps = int(min(max_reps, max(3, budget / (est * inner))))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / inner)
-    return statistics.median(times)
+timeit = functools.partial(median_seconds, budget=0.5, max_reps=20)  # experiments/timing.py
 
 
 def masks(rng, b, t):

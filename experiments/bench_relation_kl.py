@@ -14,9 +14,9 @@ a short table last.
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments.timing import median_seconds  # noqa: E402
 from pallas_kernels import BlockSizes, relation_kl, self_relation_kl  # noqa: E402
 
 H, D = 32, 128
@@ -50,22 +51,7 @@ def save(path):
         json.dump(RESULTS, f, indent=1)
 
 
-def timeit(fn, *args, budget=1.5, max_reps=30):
-    """Median seconds per call; compile and warm-up excluded."""
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    est = max(time.perf_counter() - t, 1e-6)
-    inner = max(1, int(0.02 / est))  # each sample >= ~20 ms of device work
-    reps = int(min(max_reps, max(3, budget / (est * inner))))
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t) / inner)
-    return statistics.median(samples)
+timeit = functools.partial(median_seconds, budget=1.5, max_reps=30)  # experiments/timing.py
 
 
 def inputs(T, key=0, dtype=jnp.bfloat16, B=1, h=H, d=D):

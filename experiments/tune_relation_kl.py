@@ -40,10 +40,10 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.timing import median_seconds
 from pallas_kernels import BlockSizes, blocks, self_relation_kl, self_relation_kl_multi
 
 T0 = time.time()
@@ -164,22 +165,7 @@ def all_tunable_configs():
 # ------------------------------------------------------------------- timing ---
 
 
-def timeit(fn, *args, budget=0.3, max_reps=15):
-    """Median seconds per call; compile and warm-up excluded."""
-    jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    est = max(time.perf_counter() - t, 1e-6)
-    inner = max(1, int(0.02 / est))  # each sample >= ~20 ms of device work
-    reps = int(min(max_reps, max(3, budget / (est * inner))))
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t) / inner)
-    return statistics.median(samples)
+timeit = functools.partial(median_seconds, budget=0.3, max_reps=15)  # experiments/timing.py
 
 
 def rel(a, b):
