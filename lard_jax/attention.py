@@ -50,12 +50,28 @@ IMPLS = ("auto", "xla", "cudnn", "blockwise", "pallas_tpu")
 _NEG = -1e30  # finite "minus infinity": masked scores, initial running max
 
 
+MAX_SEGMENTS = 64  # runs per row that cuDNN's packed path takes (cudnn_masked_attention)
+
+
 class MaskInfo(NamedTuple):
     """What the dense mask is built from, without building it: per-token segment ids [B, T]
-    (attend within a segment only) and a key-validity mask [B, T] (1 = real token)."""
+    (attend within a segment only) and a key-validity mask [B, T] (1 = real token). `runs`:
+    their `segment_runs`, when computed once for all layers (`prepare_mask`); else None."""
 
     segment_ids: jax.Array | None = None
     attention_mask: jax.Array | None = None
+    runs: SegmentRuns | None = None
+
+
+def prepare_mask(segment_ids, attention_mask, seq_len: int, *, impl: str, dtype, head_dim: int) -> MaskInfo | None:
+    """The MaskInfo every layer of a forward shares; with the runs cuDNN's masked paths read
+    computed here once, when `impl` resolves to cudnn on this backend (not once per layer)."""
+    if segment_ids is None and attention_mask is None:
+        return None
+    info = MaskInfo(segment_ids, attention_mask)
+    if resolve_impl(impl, dtype=dtype, head_dim=head_dim, has_mask=True) == "cudnn":
+        info = info._replace(runs=segment_runs(info, seq_len, MAX_SEGMENTS))
+    return info
 
 
 def dense_mask(segment_ids, attention_mask, seq_len):
@@ -101,7 +117,7 @@ def attention(
     scale: float | None = None,
     block_q: int = 512,
     block_k: int = 512,
-    max_segments: int = 64,
+    max_segments: int = MAX_SEGMENTS,
 ):
     """Causal attention q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D]; see the module doc.
     `max_segments`: the most documents per row that cuDNN's packed path takes (cudnn with a
@@ -276,7 +292,7 @@ def cudnn_masked_attention(
     info: MaskInfo,
     *,
     scale: float,
-    max_segments: int = 64,
+    max_segments: int = MAX_SEGMENTS,
     block_q: int = 512,
     block_k: int = 512,
     implementation: str | None = "cudnn",
@@ -292,7 +308,9 @@ def cudnn_masked_attention(
     key), as every other implementation does."""
     b, t, h, d = q.shape
     g = h // k.shape[2]
-    runs = segment_runs(info, t, max_segments)
+    runs = info.runs
+    if runs is None or runs.starts.shape[1] != max_segments:
+        runs = segment_runs(info, t, max_segments)
     use_packed = packed_layout_available() if packed is None else packed
 
     def lengths_path(q, k, v):

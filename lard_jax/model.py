@@ -399,10 +399,10 @@ def rope_and_mask(
     if rope_inv_freq is not None:  # [B, D/2]: per-row frequencies (attention scaling does not vary)
         inv_freq = jnp.asarray(rope_inv_freq, jnp.float32)[:, None, :]
     cos, sin = rope_lib.rope_cos_sin(positions, inv_freq, attn_scaling)
-    mask = None
-    if segment_ids is not None or attention_mask is not None:
-        # the dense [T, T] matrix is built inside attention only by the dense implementations
-        mask = attn_lib.MaskInfo(segment_ids, attention_mask)
+    # the dense [T, T] matrix is built inside attention only by the dense implementations
+    mask = attn_lib.prepare_mask(
+        segment_ids, attention_mask, seq_len, impl=cfg.attention_impl, dtype=cfg.dtype, head_dim=cfg.head_dim
+    )
     return cos, sin, mask
 
 

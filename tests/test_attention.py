@@ -304,3 +304,24 @@ def test_cudnn_masked_equals_dense_on_gpu(kind):
     assert rel(*outs) < 1e-2, rel(*outs)
     for a, r in zip(*grads):
         assert rel(a, r) < 2e-2, rel(a, r)
+
+
+def test_prepare_mask_computes_runs_once_for_cudnn(monkeypatch):
+    """On a GPU backend the MaskInfo every layer shares carries the runs (computed once); the
+    masked cuDNN path reads them and gives what it gives from scratch. On CPU none are computed."""
+    rng = np.random.default_rng(11)
+    b, t = 2, 23
+    seg = jnp.asarray(np.sort(rng.integers(1, 4, (b, t)), axis=1), jnp.int32)
+    pad = jnp.asarray(np.arange(t)[None] < np.array([[t], [17]]))
+    assert attn.prepare_mask(seg, pad, t, impl="auto", dtype="bfloat16", head_dim=8).runs is None
+    assert attn.prepare_mask(None, None, t, impl="auto", dtype="bfloat16", head_dim=8) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    info = attn.prepare_mask(seg, pad, t, impl="auto", dtype="bfloat16", head_dim=8)
+    fresh = attn.segment_runs(attn.MaskInfo(seg, pad), t, attn.MAX_SEGMENTS)
+    for a, r in zip(info.runs, fresh):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
+    q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, 8)), jnp.float32) for n in (4, 2, 2))
+    kw = dict(scale=0.3, block_q=8, block_k=8, implementation=None, packed=False)
+    with_runs = attn.cudnn_masked_attention(q, k, v, info, **kw)
+    without = attn.cudnn_masked_attention(q, k, v, attn.MaskInfo(seg, pad), **kw)
+    np.testing.assert_array_equal(np.asarray(with_runs), np.asarray(without))
