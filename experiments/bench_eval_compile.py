@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -283,14 +284,30 @@ def eval_spec(args) -> eval_runner.EvalSpec:
 
 
 def run_path(models: dict, names, tokenizer, docs, spec) -> tuple[dict, dict]:
+    """Per model: seconds, compilations and compile seconds in all, and the same per task (`tasks`),
+    each task run on its own (`evaluate_model` with a one-task spec: the same programs and results),
+    printed as it finishes so a cut run still says where the time went."""
     timings, results = {}, {}
     for name in names:
         model, params = models[name]
         t0 = time.perf_counter()
+        results[name], per_task = {}, {}
         with compile_cache.CompileCounter() as counter:
-            results[name] = eval_runner.evaluate_model(model, params, tokenizer, docs, spec, progress=False)
-        timings[name] = {"seconds": round(time.perf_counter() - t0, 3), **counter.snapshot()}
-        print(f"  {name}: {timings[name]}", flush=True)
+            for task in spec.tasks:
+                t_task = time.perf_counter()
+                with compile_cache.CompileCounter() as task_counter:
+                    one = dataclasses.replace(spec, tasks=(task,))
+                    for key, value in eval_runner.evaluate_model(
+                        model, params, tokenizer, docs, one, progress=False
+                    ).items():
+                        if isinstance(value, dict) and isinstance(results[name].get(key), dict):
+                            results[name][key].update(value)
+                        else:
+                            results[name][key] = value
+                per_task[task] = {"seconds": round(time.perf_counter() - t_task, 3), **task_counter.snapshot()}
+                print(f"    {name}/{task}: {per_task[task]}", flush=True)
+        timings[name] = {"seconds": round(time.perf_counter() - t0, 3), **counter.snapshot(), "tasks": per_task}
+        print(f"  {name}: { {k: v for k, v in timings[name].items() if k != 'tasks'} }", flush=True)
     return timings, results
 
 

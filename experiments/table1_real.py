@@ -29,27 +29,30 @@ import argparse
 import importlib.util
 import json
 import os
+import sys
+import threading
 import time
 import traceback
 
 from lard_jax import hf, pipeline
 from lard_jax.compile_cache import CACHE_SUBDIR, enable_compilation_cache
-from lard_jax.evaluation import multiple_choice, perplexity, synthetic
+from lard_jax.evaluation import multiple_choice, perplexity, stats, synthetic
 from lard_jax.evaluation import runner as eval_runner
 from lard_jax.generate import linear_memory_model
-from lard_jax.model import LlamaForCausalLM, dtype_of
+from lard_jax.model import LlamaForCausalLM, dtype_of, stack_layers
 from lard_jax.tokenizer import load_tokenizer
 
-ROW_ORDER = (
+ROW_ORDER = (  # cheapest first: a call that runs out of time has finished the most rows
     "teacher",
     "scaled",
+    "scaled_yarn",
     "linearard",
     "cpt_1x",
     "linearard_cpt",
     "cpt_Nx",
     "longred_simplified_Nx",
-    "scaled_yarn",
 )
+ACCURACY_PREFIXES = ("cloze_acc", "passkey@", "niah_single@", "niah_multikey@")
 
 
 def load_config(path: str):
@@ -94,7 +97,8 @@ def run_row(base, name: str, r: dict, args) -> dict:
         c.train.steps = r["steps"]
         c.train.batch_size = r.get("batch", c.train.batch_size)
         c.train.grad_accum = r.get("accum", c.train.grad_accum)
-        c.train.checkpoint_every = 10**9
+        # a row longer than one device call resumes from its last checkpoint on the next (warm) call
+        c.train.checkpoint_every = max(25, r["steps"] // 8)
         c.train.log_every = 25
         c.eval.enabled = False
         if r["method"] == "cpt":
@@ -107,24 +111,61 @@ def run_row(base, name: str, r: dict, args) -> dict:
             c.stage2.batch_size = 1
             c.stage2.grad_accum = 1
             c.stage2.lr = args.cpt_lr or c.train.lr
-    t0 = time.perf_counter()
     done = os.path.join(c.workdir, "summary.json")
-    if os.path.exists(done):  # trained by an earlier call whose evaluation did not finish
-        with open(done) as f:
-            summary = json.load(f)
-        return {
-            "train_tokens": int(summary["train_tokens"]),
-            "train_seconds": summary.get("train_seconds", 0.0),
-            "hf_student": summary["hf_student"],
-            "overrides": r,
-        }
-    summary = pipeline.run_restoration(c)
+    with RowClock(os.path.join(c.workdir, "train_seconds.json")) as clock:
+        if os.path.exists(done):  # trained by an earlier call whose evaluation did not finish
+            with open(done) as f:
+                summary = json.load(f)
+        else:
+            summary = pipeline.run_restoration(c)
     return {
         "train_tokens": int(summary["train_tokens"]),
-        "train_seconds": time.perf_counter() - t0,
+        "train_seconds": clock.total,  # every call's share, a resumed row's earlier calls included
         "hf_student": summary["hf_student"],
         "overrides": r,
     }
+
+
+class RowClock:
+    """Seconds spent on a row over every call that worked on it: the running total is rewritten to
+    `path` every few seconds (a call cut by its time limit loses at most that much), and read back
+    by the next call that resumes the row."""
+
+    def __init__(self, path: str, every_s: float = 5.0):
+        self.path, self.every_s = path, every_s
+        self.before = 0.0
+        if os.path.exists(path):
+            with open(path) as f:
+                self.before = float(json.load(f)["seconds"])
+        self._t0 = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def total(self) -> float:
+        return self.before + (time.perf_counter() - self._t0)
+
+    def _write(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"seconds": self.total}, f)
+        os.replace(tmp, self.path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._write()
+
+    def __enter__(self) -> RowClock:
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._write()
+        self.total_at_exit = self.total
 
 
 def long_stream(token_docs, eos_id) -> list[list[int]]:
@@ -134,6 +175,20 @@ def long_stream(token_docs, eos_id) -> list[list[int]]:
     for d in token_docs:
         out.extend(list(d) + ([eos_id] if eos_id is not None else []))
     return [out]
+
+
+def as_scanned(model, params):
+    """The same model with its layers stacked under one nn.scan (what the pipeline trains and the
+    evaluation compiles fastest; KV-cache decoding writes the cache once per step)."""
+    if model.config.scan_layers:
+        return model, params
+    return LlamaForCausalLM(model.config.replace(scan_layers=True)), stack_layers(params)
+
+
+def add_intervals(res: dict, key: str, scores_ci, n: int) -> None:
+    """`<key>_n` (prompts behind the value) and `<key>_ci` (95% interval) next to res[key]."""
+    res[f"{key}_n"] = int(n)
+    res[f"{key}_ci"] = [round(float(x), 4) for x in scores_ci]
 
 
 def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
@@ -149,9 +204,9 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
         logits_fn, stream, [long_len], max_windows=args.long_windows, batch_size=1, progress=False
     ).get(long_len)
     examples = eval_runner.cloze_examples(docs, tokenizer, context_len=512, cont_len=32, n=args.cloze_samples, seed=0)
-    res["cloze_acc"] = multiple_choice.score_examples(
-        "cloze", examples, logits_fn, tokenizer, batch_size=8, progress=False
-    )["acc"]
+    cloze = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer, batch_size=8, progress=False)
+    res["cloze_acc"] = cloze["acc"]
+    add_intervals(res, "cloze_acc", stats.wilson_interval(round(cloze["acc"] * cloze["n"]), cloze["n"]), cloze["n"])
     generate = eval_runner.generate_fn_for(model, params, batch_size=args.gen_batch)  # one length's prompts at once
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -161,7 +216,51 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
         )
         for length, acc in out["by_length"].items():
             res[f"{task}@{length}"] = acc
+            add_intervals(res, f"{task}@{length}", out["by_length_ci"][length], out["by_length_n"][length])
     return res
+
+
+RETRIEVAL_TASKS = ("passkey", "niah_single", "niah_multikey")
+
+
+def plot_retrieval(out_dir: str, results: dict) -> str | None:
+    """table1_real_retrieval.png: accuracy against context length, one panel per retrieval task,
+    one line per row with its 95% intervals as error bars. None when matplotlib is missing (the
+    GPU image) or no row has retrieval cells yet; `--plot_only` draws it later from the JSON."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [n for n in ROW_ORDER if n in results] + [n for n in results if n not in ROW_ORDER]
+    names = [n for n in names if any(k.startswith(RETRIEVAL_TASKS) for k in results[n].get("eval", {}))]
+    if not names:
+        return None
+    fig, axes = plt.subplots(1, len(RETRIEVAL_TASKS), figsize=(5 * len(RETRIEVAL_TASKS), 4), sharey=True)
+    for ax, task in zip(axes, RETRIEVAL_TASKS):
+        for i, name in enumerate(names):
+            ev = results[name]["eval"]
+            lengths = sorted(int(k.split("@")[1]) for k in ev if k.startswith(f"{task}@") and k.split("@")[1].isdigit())
+            if not lengths:
+                continue
+            ys = [ev[f"{task}@{n}"] for n in lengths]
+            cis = [ev.get(f"{task}@{n}_ci", [y, y]) for n, y in zip(lengths, ys)]
+            err = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]
+            xs = [n * (1 + 0.02 * (i - len(names) / 2)) for n in lengths]  # a small offset: bars apart
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task)
+        ax.set_xlabel("context length (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (95% interval)")
+    axes[-1].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "table1_real_retrieval.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_tables(out_dir: str, results: dict, meta: dict) -> None:
@@ -171,7 +270,11 @@ def write_tables(out_dir: str, results: dict, meta: dict) -> None:
     names = [n for n in ROW_ORDER if n in results] + [n for n in results if n not in ROW_ORDER]
     cols: list[str] = []
     for n in names:
-        cols += [k for k, v in results[n].get("eval", {}).items() if k not in cols and not isinstance(v, dict)]
+        cols += [
+            k
+            for k, v in results[n].get("eval", {}).items()
+            if k not in cols and not isinstance(v, (dict, list)) and not k.endswith("_n")
+        ]
     cols += ["train_tokens", "gpu_seconds"]
     lines = ["| row | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for n in names:
@@ -181,11 +284,16 @@ def write_tables(out_dir: str, results: dict, meta: dict) -> None:
         cells = []
         for c in cols:
             v = row.get(c)
-            cells.append("-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+            cell = "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+            if v is not None and f"{c}_ci" in row:  # accuracy: value [95% interval] (n)
+                lo, hi = row[f"{c}_ci"]
+                cell += f" [{lo:.2f}, {hi:.2f}] ({row.get(f'{c}_n', '?')})"
+            cells.append(cell)
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     with open(os.path.join(out_dir, "table1_real_table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
+    plot_retrieval(out_dir, results)
 
 
 def main(argv=None):
@@ -197,27 +305,33 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/table1_real")
     p.add_argument("--out", default="docs/table1_real")
     p.add_argument("--rows", default=",".join(ROW_ORDER))
-    p.add_argument("--big_mult", type=int, default=4, help="token multiple of the large-budget baselines")
+    p.add_argument("--big_mult", type=int, default=10, help="token multiple N of the large-budget baselines")
     p.add_argument("--extra_lrs", default="", help="comma list: extra LinearARD rows at these learning rates")
     p.add_argument("--cpt_lr", type=float, default=0.0, help="CPT learning rate (0 = the config's)")
     p.add_argument("--steps", type=int, default=0, help="override LinearARD steps (rehearsals)")
     p.add_argument("--seq_len", type=int, default=0, help="override the native training length (rehearsals)")
     p.add_argument("--long_len", type=int, default=32768)
     p.add_argument("--lengths", default="8192,16384,32768")
-    p.add_argument("--depths", default="0.1,0.5,0.9")
-    p.add_argument("--samples_per_depth", type=int, default=4)
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--samples_per_depth", type=int, default=20, help="per (length, depth): 5 x 20 = 100 a cell")
     p.add_argument("--ppl_windows", type=int, default=16)
     p.add_argument("--long_windows", type=int, default=2)
     p.add_argument("--cloze_samples", type=int, default=200)
     p.add_argument("--eval_dtype", default="bfloat16", help="compute dtype of every evaluated model")
-    p.add_argument("--gen_batch", type=int, default=8, help="passkey/NIAH prompts decoded together")
+    p.add_argument("--gen_batch", type=int, default=10, help="passkey/NIAH prompts decoded together")
     p.add_argument("--time_budget_s", type=float, default=0.0, help="0 = no limit")
     p.add_argument(
         "--compile_cache",
         default="",
         help="JAX persistent compilation cache dir ('' = <workdir>/jax_compilation_cache)",
     )
+    p.add_argument("--plot_only", action="store_true", help="redraw the table and plot from <out>'s JSON")
     args = p.parse_args(argv)
+    if args.plot_only:
+        with open(os.path.join(args.out, "table1_real.json")) as f:
+            saved = json.load(f)
+        write_tables(args.out, saved["rows"], saved["meta"])
+        return
     t_start = time.perf_counter()
     # every row's evaluation (and a resumed call's) reuses the programs compiled before
     enable_compilation_cache(args.compile_cache or args.workdir, subdir="" if args.compile_cache else CACHE_SUBDIR)
@@ -233,7 +347,8 @@ def main(argv=None):
     native = base.data.seq_len
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "table1_real.json")
-    results = json.load(open(path))["rows"] if os.path.exists(path) else {}
+    previous = json.load(open(path)) if os.path.exists(path) else {}
+    results = previous.get("rows", {})
     meta = {
         "config": args.config,
         "checkpoint": base.model.checkpoint,
@@ -241,17 +356,22 @@ def main(argv=None):
         "student_rope": dict(base.student.rope_scaling),
         "big_mult": args.big_mult,
         "args": vars(args),
+        "calls": list(previous.get("meta", {}).get("calls", [])),  # every call that added to this file
     }
-    try:
-        import jax
+    import jax
 
-        meta["device"] = str(jax.devices()[0].device_kind)
-        meta["jax"] = jax.__version__
-    except Exception:  # noqa: BLE001
-        pass
+    call = {
+        "command": "python -m experiments.table1_real " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": [],
+    }
+    meta["calls"].append(call)
+    meta["device"], meta["jax"] = call["device"], call["jax"]
 
     tokenizer = load_tokenizer(base.data.tokenizer or base.model.checkpoint)
-    teacher, frozen = hf.load_pretrained(base.model.checkpoint, dtype=dtype_of(args.eval_dtype))
+    teacher, frozen = as_scanned(*hf.load_pretrained(base.model.checkpoint, dtype=dtype_of(args.eval_dtype)))
     docs = eval_runner.heldout_token_docs(args.heldout, tokenizer)
     stream = long_stream(docs, getattr(tokenizer, "eos_id", None))
     rows = train_rows(base, args.big_mult, [float(x) for x in args.extra_lrs.split(",") if x])
@@ -268,6 +388,7 @@ def main(argv=None):
             )
             break
         t_row = time.perf_counter()
+        call["rows"].append(name)
         try:
             results[name] = run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native)
         except Exception as e:  # noqa: BLE001  (one failed row must not lose the others' device time)
@@ -296,7 +417,7 @@ def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream,
         params = frozen
     elif name in rows:
         row.update(run_row(base, name, rows[name], args))
-        model, params = hf.load_pretrained(row["hf_student"], dtype=dtype_of(args.eval_dtype))
+        model, params = as_scanned(*hf.load_pretrained(row["hf_student"], dtype=dtype_of(args.eval_dtype)))
     else:
         raise SystemExit(f"unknown row {name!r}; expected one of {ROW_ORDER + tuple(rows)}")
     t_eval = time.perf_counter()

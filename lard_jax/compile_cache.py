@@ -30,6 +30,7 @@ CACHE_SUBDIR = "jax_compilation_cache"
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_TRACE_AND_LOWER = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
 
 
 def compilation_cache_dir() -> str | None:
@@ -77,12 +78,14 @@ class CompileCounter:
 
     `compiles`: programs compiled by XLA (persistent-cache hits excluded); `cache_hits`: programs
     loaded from the persistent cache; `seconds`: wall time in XLA compilation (hits included);
-    `names`: the jitted function names compiled."""
+    `names`: the jitted function names compiled; `trace_seconds`: wall time tracing to a jaxpr and
+    lowering to MLIR (Python-side work before XLA, paid even on a persistent-cache hit)."""
 
     def __init__(self):
         self.backend_calls = 0
         self.cache_hits = 0
         self.seconds = 0.0
+        self.trace_seconds = 0.0
         self.names: list[str] = []
         self._lock = threading.Lock()
         self._active = False
@@ -92,6 +95,9 @@ class CompileCounter:
         return self.backend_calls - self.cache_hits
 
     def _on_duration(self, event: str, duration: float, **kwargs) -> None:
+        if self._active and event in _TRACE_AND_LOWER:
+            with self._lock:
+                self.trace_seconds += float(duration)
         if self._active and event == _BACKEND_COMPILE:
             with self._lock:
                 self.backend_calls += 1
@@ -104,7 +110,12 @@ class CompileCounter:
                 self.cache_hits += 1
 
     def snapshot(self) -> dict:
-        return {"compiles": self.compiles, "cache_hits": self.cache_hits, "compile_seconds": round(self.seconds, 3)}
+        return {
+            "compiles": self.compiles,
+            "cache_hits": self.cache_hits,
+            "compile_seconds": round(self.seconds, 3),
+            "trace_seconds": round(self.trace_seconds, 3),
+        }
 
     def __enter__(self) -> CompileCounter:
         self._active = True

@@ -313,7 +313,9 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     """One block. `scanned` (the body of LlamaModel's nn.scan): returns (x, per-layer output) with
-    the output = this layer's updated (k, v) cache when a cache is given, else None."""
+    the output = the input tokens' (k, v) [B, t, KV, D] when a cache is given, else None; the
+    scan stacks them and LlamaModel writes all layers into the cache at once (a scan that returned
+    each layer's whole updated cache would copy the cache at every decoding step)."""
 
     config: LlamaConfig
     scanned: bool = False
@@ -329,13 +331,8 @@ class LlamaDecoderLayer(nn.Module):
         x = x + attn
         x = constrain_hidden(x + LlamaMLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x)))
         self.sow("intermediates", "hidden", x)  # LongReD's hidden-state distillation reads these
-        if self.scanned:
-            if cache is None:
-                return x, None
-            return x, (
-                _cache_write_layer(cache[0], new_kv[0], cache_index),
-                _cache_write_layer(cache[1], new_kv[1], cache_index),
-            )
+        if self.scanned:  # the new tokens' (k, v), stacked by the scan and written once (LlamaModel)
+            return x, new_kv
         return x if cache is None else (x, new_kv)
 
 
@@ -453,8 +450,11 @@ class LlamaModel(nn.Module):
             layers = _scanned_layers(cfg)(cfg, scanned=True, name=STACKED)
             kv = None if cache is None else (cache["k"], cache["v"])
             x, new_kv = layers(x, cos, sin, mask, kv, cache_index, keys)
-            if cache is not None:
-                cache = {"k": new_kv[0], "v": new_kv[1]}
+            if cache is not None:  # new_kv: [L, B, t, KV, D] each
+                cache = {
+                    "k": _cache_write_all(cache["k"], new_kv[0], cache_index),
+                    "v": _cache_write_all(cache["v"], new_kv[1], cache_index),
+                }
         else:
             layer_cls = _remat_layer(cfg)
             for i in range(cfg.num_hidden_layers):
@@ -485,9 +485,17 @@ def _cache_write(buf, layer, new, cache_index):
     return buf.at[layer, rows, :, cols].set(new)  # advanced indices first: [B, t, KV, D]
 
 
-def _cache_write_layer(buf, new, cache_index):
-    """_cache_write for one layer's cache buf [B, KV, C, D] (the scanned form)."""
-    return _cache_write(buf[None], 0, new, cache_index)[0]
+def _cache_write_all(buf, new, cache_index):
+    """buf [L, B, KV, C, D] with every layer's rows written from new [L, B, t, KV, D] (the scanned
+    form): at [0, t) when cache_index is None, else at cache_index[b] + [0, t) for row b. One
+    update of the whole buffer (in place under jit), not one per layer."""
+    new = new.astype(buf.dtype)
+    if cache_index is None:
+        return jax.lax.dynamic_update_slice(buf, new.transpose(0, 1, 3, 2, 4), (0, 0, 0, 0, 0))
+    b, t = new.shape[1:3]
+    rows = jnp.arange(b)[:, None]
+    cols = jnp.asarray(cache_index)[:, None] + jnp.arange(t)[None, :]
+    return buf.at[:, rows, :, cols].set(new.transpose(1, 2, 0, 3, 4))  # advanced indices first: [B, t, L, KV, D]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lard_jax.evaluation import stats
+
 __all__ = [
     "NOISE_HAYSTACK",
     "TASKS",
@@ -581,7 +583,9 @@ def evaluate_synthetic(
     max_new_tokens)` with every prompt of a length at once (adapters.generate_fn_for).
 
     Returns {"task", "n", "mean", "by_length": {length: score}, "by_length_depth": {length: {depth:
-    score}}}; tasks without a depth (vt, cwe, fwe) have an empty "by_length_depth". Example i at
+    score}}, "by_length_n": {length: prompts}, "by_length_ci": {length: [lo, hi]} (95%: Wilson for
+    0/1 scores, else the bootstrap; lard_jax.evaluation.stats)}; tasks without a depth (vt, cwe,
+    fwe) have an empty "by_length_depth". Example i at
     (length, depth) is drawn from its own seed, so results do not depend on which others ran.
     """
     if task not in TASKS:
@@ -622,13 +626,16 @@ def evaluate_synthetic(
         for length, per_depth in scores.items()
         if task not in _DEPTHLESS
     }
-    by_length = {length: float(np.mean([x for s in per.values() for x in s])) for length, per in scores.items()}
+    flat = {length: [x for s in per.values() for x in s] for length, per in scores.items()}
+    by_length = {length: float(np.mean(xs)) for length, xs in flat.items()}
     return {
         "task": task,
         "n": n,
         "mean": float(np.mean(list(by_length.values()))),
         "by_length": by_length,
         "by_length_depth": by_length_depth,
+        "by_length_n": {length: len(xs) for length, xs in flat.items()},  # prompts behind each mean
+        "by_length_ci": {length: stats.interval(xs) for length, xs in flat.items()},  # 95%, stats.interval
     }
 
 
