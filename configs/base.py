@@ -24,7 +24,7 @@ def get_config():
     c.model.remat = "none"  # none | full | dots | dots_no_batch
     c.model.scan_layers = True  # decoder layers under nn.scan, parameters stacked (False: a Python loop per layer)
     c.model.attention_impl = "xla"  # xla (dense) | cudnn | blockwise (linear memory) | pallas_tpu | auto
-    c.model.export_dtype = "checkpoint"  # hf_student/ trained tensors: "checkpoint" (their own dtype) | "float32"
+    c.model.export_dtype = "checkpoint"  # hf_student/ dtype: checkpoint (GGUF: bf16) | float32 | bfloat16 | float16
 
     c.student = ml_collections.ConfigDict()  # the scaled-RoPE model being restored
     c.student.rope_scaling = ml_collections.ConfigDict({"rope_type": "linear", "factor": 8.0})  # transformers' dict
@@ -77,9 +77,13 @@ def get_config():
     c.train.b2 = 0.999  # AdamW beta2
     c.train.eps = 1e-8  # AdamW epsilon
     c.train.log_every = 1  # write metrics every n steps
-    c.train.checkpoint_every = 50  # orbax checkpoint every n steps (a killed run resumes from the last)
+    c.train.checkpoint_every = 50  # orbax checkpoint every n steps and at step 1 (a killed run resumes from the last)
     c.train.keep_checkpoints = 2  # checkpoints kept on disk
+    c.train.keep_checkpoints_after = False  # keep <workdir>/checkpoints once the run has finished (default: deleted)
+    c.train.max_skipped_steps = 3  # a step with a non-finite loss or gradient norm is skipped (not applied);
+    #                                past this many such steps the run stops
     c.train.crash_after_step = 0  # tests only: die (no clean shutdown) after this step's checkpoint
+    c.train.nan_at_steps = ()  # fault drill: stage 1's loss and gradients at these steps (1-based) are made NaN
     c.train.extend = False  # resume a workdir with a different train.steps (the lr schedule stretches to it)
 
     c.stage2 = ml_collections.ConfigDict()  # optional light CPT at the extended length

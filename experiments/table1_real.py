@@ -191,7 +191,15 @@ def add_intervals(res: dict, key: str, scores_ci, n: int) -> None:
     res[f"{key}_ci"] = [round(float(x), 4) for x in scores_ci]
 
 
-def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
+def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: str = "") -> dict:
+    """Every column of one row; a line per task with its seconds (a cut call shows where time went)."""
+    clock = [time.perf_counter()]
+
+    def done(what: str) -> None:
+        now = time.perf_counter()
+        print(f"[{label}] {what}: {now - clock[0]:.1f}s", flush=True)
+        clock[0] = now
+
     model = linear_memory_model(model)  # no [T, T] scores at 32K: cuDNN on a GPU, blockwise elsewhere
     logits_fn = eval_runner.logits_fn_for(model, params)
     res: dict = {}
@@ -199,14 +207,17 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
         logits_fn, docs, [2048, native], max_windows=args.ppl_windows, batch_size=1, progress=False
     )
     res["ppl@2048"], res[f"ppl@{native}"] = short.get(2048), short.get(native)
+    done(f"ppl@2048,{native}")
     long_len = int(args.long_len)
     res[f"stream_ppl@{long_len}"] = perplexity.perplexity_vs_length(
         logits_fn, stream, [long_len], max_windows=args.long_windows, batch_size=1, progress=False
     ).get(long_len)
+    done(f"stream_ppl@{long_len}")
     examples = eval_runner.cloze_examples(docs, tokenizer, context_len=512, cont_len=32, n=args.cloze_samples, seed=0)
     cloze = multiple_choice.score_examples("cloze", examples, logits_fn, tokenizer, batch_size=8, progress=False)
     res["cloze_acc"] = cloze["acc"]
     add_intervals(res, "cloze_acc", stats.wilson_interval(round(cloze["acc"] * cloze["n"]), cloze["n"]), cloze["n"])
+    done(f"cloze ({cloze['n']})")
     generate = eval_runner.generate_fn_for(model, params, batch_size=args.gen_batch)  # one length's prompts at once
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -217,6 +228,7 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int) -> dict:
         for length, acc in out["by_length"].items():
             res[f"{task}@{length}"] = acc
             add_intervals(res, f"{task}@{length}", out["by_length_ci"][length], out["by_length_n"][length])
+        done(f"{task} " + " ".join(f"{n}:{a:.2f}" for n, a in out["by_length"].items()))
     return res
 
 
@@ -370,12 +382,14 @@ def main(argv=None):
     meta["calls"].append(call)
     meta["device"], meta["jax"] = call["device"], call["jax"]
 
+    print(f"[setup] {time.perf_counter() - t_start:.0f}s: loading tokenizer, teacher, held-out text", flush=True)
     tokenizer = load_tokenizer(base.data.tokenizer or base.model.checkpoint)
     teacher, frozen = as_scanned(*hf.load_pretrained(base.model.checkpoint, dtype=dtype_of(args.eval_dtype)))
     docs = eval_runner.heldout_token_docs(args.heldout, tokenizer)
     stream = long_stream(docs, getattr(tokenizer, "eos_id", None))
     rows = train_rows(base, args.big_mult, [float(x) for x in args.extra_lrs.split(",") if x])
     wanted = [r for r in args.rows.split(",") if r]
+    print(f"[setup] {time.perf_counter() - t_start:.0f}s: {sum(map(len, docs))} held-out tokens", flush=True)
     per_row_estimate = 0.0
     for name in wanted:
         if name in results and "error" not in results[name]:
@@ -421,7 +435,8 @@ def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream,
     else:
         raise SystemExit(f"unknown row {name!r}; expected one of {ROW_ORDER + tuple(rows)}")
     t_eval = time.perf_counter()
-    row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native)
+    print(f"[{name}] evaluating", flush=True)
+    row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native, label=name)
     row["eval_seconds"] = time.perf_counter() - t_eval
     return row
 

@@ -294,7 +294,7 @@ def run_main(
         if debug:
             traceback.print_exc()
         print(f"error: {_line(e)}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2; a preempted run (lard_jax.preemption): 128 + the signal
     except OSError as e:  # the filesystem refused something the checks could not foresee (disk full, ...)
         if debug:
             traceback.print_exc()

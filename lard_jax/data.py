@@ -200,7 +200,10 @@ def _read_jsonl(path: str, text_field: str) -> Iterator[str]:
         records += 1
         yield text
     if records == 0:
-        raise ValueError(f"{path}: empty file (no JSON records)")
+        raise UserError(
+            f'{path}: empty file (no JSON records); write one JSON object per line, e.g. {{"{text_field}": "..."}}, '
+            "or remove the file from the source"
+        )
 
 
 def _read_table_column(path: str, text_field: str, batches: Iterator[Any], column_names: list[str]) -> Iterator[str]:
@@ -214,7 +217,9 @@ def _read_table_column(path: str, text_field: str, batches: Iterator[Any], colum
             rows += 1
             yield text
     if rows == 0:
-        raise ValueError(f"{path}: empty file (no rows)")
+        raise UserError(
+            f"{path}: empty file (no rows); add rows with a {text_field!r} column, or remove it from the source"
+        )
 
 
 def _read_parquet(path: str, text_field: str) -> Iterator[str]:
@@ -247,7 +252,7 @@ def _read_saved_dataset(path: str, text_field: str) -> Iterator[str]:
     if text_field not in dataset.column_names:
         raise ValueError(f"{path}: missing column {text_field!r} (columns: {', '.join(dataset.column_names)})")
     if len(dataset) == 0:
-        raise ValueError(f"{path}: empty dataset (no rows)")
+        raise UserError(f"{path}: empty dataset (no rows); save one with rows, or point the source elsewhere")
     for batch in dataset.select_columns([text_field]).iter(batch_size=64):
         for value in batch[text_field]:
             if not isinstance(value, str):
@@ -481,7 +486,13 @@ class BlockLoader:
             self._starts, self._counts, self._has_bos = self._per_document_blocks(pad_short)
         else:
             self._build_packed_stream()
-        self._check_enough_blocks(lengths)
+        self._check_enough_blocks(lengths)  # too few blocks: one error, no warning before it
+        if self.dropped_documents:
+            warnings.warn(
+                f"{self.cache.source}: dropped {self.dropped_documents} of {len(self.document_ids)} documents "
+                f"shorter than a block of {self.seq_len} tokens (pad_short=True keeps them, padded)",
+                stacklevel=2,
+            )
         self._permutation_epoch = -1
         self._permutation = np.zeros(0, np.int64)
 
@@ -519,13 +530,7 @@ class BlockLoader:
             counts += [lengths[short]]
             has_bos += [np.full(int(short.sum()), bool(lead))]
         else:
-            self.dropped_documents = int(short.sum())
-            if self.dropped_documents:
-                warnings.warn(
-                    f"{self.cache.source}: dropped {self.dropped_documents} of {len(lengths)} documents "
-                    f"shorter than a block of {self.seq_len} tokens (pad_short=True keeps them, padded)",
-                    stacklevel=3,
-                )
+            self.dropped_documents = int(short.sum())  # warned about in __init__ unless it becomes an error
         starts, counts, has_bos = np.concatenate(starts), np.concatenate(counts), np.concatenate(has_bos)
         order = np.argsort(starts, kind="stable")
         return starts[order], counts[order], has_bos[order]
@@ -543,10 +548,10 @@ class BlockLoader:
         global_batch = self.batch_size * self.host_count
         if self.num_blocks == 0:
             longest = int(lengths.max()) if len(lengths) else 0
+            # the facts only: the caller (lard_jax.plan) adds the remedies in its own terms, once
             raise ValueError(
                 f"no block of {self.seq_len} tokens can be formed from {self.cache.source}: "
-                f"{len(lengths)} documents, the longest has {longest} tokens "
-                f"(use a shorter seq_len, pad_short=True, or mode='packed')"
+                f"{len(lengths)} document(s), the longest {longest} tokens"
             )
         if self.num_blocks < global_batch:
             raise ValueError(

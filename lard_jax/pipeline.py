@@ -12,22 +12,24 @@ and evaluates. The checks are re-exported here (`pipeline.ConfigError`, `pipelin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from lard_jax import hf, safetensors_io, trainer
+from lard_jax import checkpoints as checkpoints_lib
+from lard_jax import hf, model_card, preemption, skipped_steps, trainer, workdir_lock
 from lard_jax import plan as plan_lib
 from lard_jax import rope as rope_lib
 from lard_jax import sharding as sharding_lib
+from lard_jax.export import export_student  # noqa: F401  (public here too)
 from lard_jax.model import LlamaForCausalLM, dtype_of
 from lard_jax.plan import (  # noqa: F401  (re-exported: the checks' historical home)
     TOKENIZER_FILES,
@@ -86,108 +88,7 @@ def device_batch(host_batch: dict, grad_accum: int, mesh) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# export: the checkpoint with the trained tensors replaced, nothing else changed
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
-
-
-def _hf_config_with_rope(raw: dict, student_cfg) -> dict:
-    """The checkpoint's config.json with the student's RoPE (and max_position_embeddings); the rest as is."""
-    out = dict(raw)
-    rope = student_cfg.rope_scaling_dict
-    if isinstance(raw.get("rope_parameters"), dict):  # transformers 5 style: rope_theta lives inside
-        params = dict(rope or {"rope_type": "default"})
-        params["rope_theta"] = raw["rope_parameters"].get("rope_theta", student_cfg.rope_theta)
-        out["rope_parameters"] = params
-        if "rope_scaling" in raw:
-            out["rope_scaling"] = rope
-    else:
-        out["rope_scaling"] = rope
-    if raw.get("max_position_embeddings") != student_cfg.max_position_embeddings:
-        out["max_position_embeddings"] = student_cfg.max_position_embeddings
-    return out
-
-
-def export_student(config, student, student_params, mask, tokenizer, out: str) -> None:
-    """Write `out/` = the teacher checkpoint (same files, same layout, same bytes) with the trained
-    tensors (student_params where `mask` is True, LoRA already merged) replaced, in each tensor's
-    checkpoint dtype (config.model.export_dtype="float32": float32), and config.json's RoPE set to
-    the student's. Frozen tensors are copied from the checkpoint files, never from the (possibly
-    re-rounded) parameters in memory."""
-    ckpt = config.model.checkpoint
-    export_dtype = config.model.get("export_dtype", "checkpoint")
-    if export_dtype not in ("checkpoint", "float32"):
-        raise ConfigError(f"config.model.export_dtype={export_dtype!r}; expected 'checkpoint' or 'float32'")
-    main = jax.process_index() == 0
-    if _gguf_path(ckpt) is not None:  # GGUF teacher: no safetensors to copy; write the params whole
-        cast = jnp.float32 if export_dtype == "float32" else dtype_of(config.model.param_dtype)
-        hf.save_pretrained(out, student, jax.tree_util.tree_map(lambda x: x.astype(cast), student_params))
-        if main:
-            from lard_jax.tokenizer import write_gguf_side_files
-
-            write_gguf_side_files(_gguf_path(ckpt), out)
-        return
-    names = hf.hf_tensor_names(student.config)
-    trained = {n: v for n, v in names.items() if bool(hf._get_path(mask, v[0]))}
-    files = sorted(set(hf._checkpoint_files(ckpt).values()))
-    if main:
-        os.makedirs(out, exist_ok=True)
-    total_changed = False
-    for fname in files:
-        source = safetensors_io.open_tensors(fname, check_finite=False)
-        tensors = {}
-        for name in source:
-            if name in trained:
-                our_path, transpose = trained[name]
-                value = hf._to_host(hf._get_path(student_params, our_path))  # every process takes part
-                value = value.T if transpose else value
-                dtype = np.float32 if export_dtype == "float32" else source[name].dtype
-                total_changed |= np.dtype(dtype) != source[name].dtype
-                tensors[name] = np.ascontiguousarray(value.astype(dtype))
-            elif main:
-                tensors[name] = np.asarray(source[name])
-        if main:
-            target = os.path.join(out, os.path.relpath(fname, ckpt))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            safetensors_io.save_file(tensors, target, source.metadata())
-        del tensors
-    if not main:
-        return
-    index = os.path.join(ckpt, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            index_json = json.load(f)
-        if total_changed and isinstance(index_json.get("metadata"), dict) and "total_size" in index_json["metadata"]:
-            index_json["metadata"]["total_size"] = sum(
-                safetensors_io.open_tensors(os.path.join(out, os.path.relpath(f, ckpt)), check_finite=False)[n].nbytes
-                for f in files
-                for n in safetensors_io.open_tensors(f, check_finite=False)
-            )
-            with open(os.path.join(out, os.path.basename(index)), "w") as f:
-                json.dump(index_json, f, indent=2)
-        else:
-            shutil.copy2(index, os.path.join(out, os.path.basename(index)))
-    copied = []
-    for entry in sorted(os.listdir(ckpt)):
-        src = os.path.join(ckpt, entry)
-        if (
-            entry.startswith(".")
-            or not os.path.isfile(src)
-            or entry == "config.json"
-            or entry.endswith(_WEIGHT_SUFFIXES)
-        ):
-            continue
-        shutil.copy2(src, os.path.join(out, entry))
-        copied.append(entry)
-    with open(os.path.join(ckpt, "config.json")) as f:
-        raw = json.load(f)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(_hf_config_with_rope(raw, student.config), f, indent=2)
-    if not any(n in copied for n in TOKENIZER_FILES):  # the checkpoint had none: ship the one the run used
-        if hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(out)
-        elif hasattr(getattr(tokenizer, "hf_tokenizer", None), "save_pretrained"):
-            tokenizer.hf_tokenizer.save_pretrained(out)
+# export: lard_jax.export (re-exported here: its historical home)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +156,15 @@ def train_stage(
     frozen,
     trainable,
     mesh,
+    guard: preemption.PreemptionGuard | None = None,
 ):
-    """Runs (or resumes) one planned stage; returns the trained `trainable` tree."""
+    """Runs (or resumes) one planned stage; returns the trained `trainable` tree.
+
+    Resumes from the newest checkpoint that reads back (damaged newer ones are set aside,
+    lard_jax.checkpoints). Every step: a non-finite update is skipped on the device and counted
+    (lard_jax.skipped_steps stops the run past config.train.max_skipped_steps); `guard` (a
+    PreemptionGuard, entered by the caller; None: this stage's own) is asked whether to stop, and
+    if so the step just done is checkpointed and `Preempted` raised."""
     config, name, steps, spec, lora = plan.config, stage.name, stage.steps, stage.loss, plan.lora
     loader, grad_accum, seq_len = stage.loader, stage.grad_accum, stage.seq_len
     optimizer, schedule = trainer.make_optimizer(total_steps=steps, **stage.optimizer)
@@ -270,20 +178,32 @@ def train_stage(
             enable_async_checkpointing=True,
         ),
     )
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        restored = trainer.restore_any_layout(  # a checkpoint of either parameter layout
-            lambda abstract: manager.restore(start, args=ocp.args.StandardRestore(abstract)), _as_dict(state)
+    try:
+        start, restored = checkpoints_lib.restore_newest_intact(
+            manager,
+            lambda step: _restore_state(manager, step, state),
+            stage=name,
+            agree=_on_every_process if jax.process_count() > 1 else None,
         )
-        state = TrainState(**restored)
+    except BaseException:
+        manager.close()
+        raise
+    if restored is None:
+        start = 0
+    else:
+        state = restored
         print(f"[{name}] resumed from step {start} ({ckpt_dir})")
         if start > steps:
+            manager.close()
             raise ConfigError(
                 f"config.{'train' if name == 'stage1' else 'stage2'}.steps={steps}: {ckpt_dir} already "
                 f"holds step {start}; pass steps >= {start}, or use a new config.workdir"
             )
-    step_fn = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
+    drill = tuple(int(s) for s in config.train.get("nan_at_steps", ())) if stage is plan.stages[0] else ()
+    step_fn = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state, nan_at_steps=drill)
+    skips = skipped_steps.SkippedSteps(
+        name, config.train.get("max_skipped_steps", 3), already=int(jax.device_get(state.skipped)), warn=_warn_over_bar
+    )
     log = MetricsLog(config.workdir, name, resume_step=start)
     tokens_per_step = loader.batch_size * jax.process_count() * seq_len
     from lard_jax import flops as flops_lib
@@ -306,44 +226,135 @@ def train_stage(
     except (ValueError, KeyError, NotImplementedError, AttributeError):  # a method the FLOP model does not know: no MFU
         flops = None
     peak = trainer.peak_flops_per_device()
+
+    def newest_checkpoint():
+        manager.wait_until_finished()
+        return manager.latest_step()
+
+    own_guard = guard is None
+    guard = preemption.PreemptionGuard() if own_guard else guard
     bar = tqdm(total=steps, initial=start, desc=name, disable=jax.process_index() != 0, dynamic_ncols=True)
     t_last, last_logged = time.perf_counter(), start
-    for step in range(start, steps):
-        batch = device_batch(loader.batch_at(step), grad_accum, mesh)
-        state, metrics = step_fn(state, frozen, batch)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == steps:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            tps = tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)
-            t_last, last_logged = now, done
-            metrics["tokens_per_s"] = tps
-            metrics["mfu_executed"] = flops_lib.mfu(flops, tps, peak, jax.device_count()) if flops else None
-            log.write(done, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4g}", gnorm=f"{metrics['grad_norm']:.3g}", tok_s=f"{tps:.0f}")
-        bar.update(1)
-        manager.save(done, args=ocp.args.StandardSave(_as_dict(state)), force=done == steps)
-        if config.train.crash_after_step and done == config.train.crash_after_step:
-            manager.wait_until_finished()
-            os._exit(17)  # simulated crash: no clean shutdown
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
+    try:
+        with guard if own_guard else contextlib.nullcontext():
+            for step in range(start, steps):
+                batch = device_batch(loader.batch_at(step), grad_accum, mesh)
+                state, metrics = step_fn(state, frozen, batch)
+                done = step + 1
+                skips.add(done, metrics)
+                stop = guard.reached(done)  # every step, on every process (the multi-host sync point)
+                save = stop or done == steps or manager.should_save(done)
+                log_now = done % config.train.log_every == 0 or done == steps
+                if log_now or save:  # reads metrics the loop reads anyway; raises past the skip limit
+                    skips.check(newest_checkpoint)
+                if log_now:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    tps = tokens_per_step * (done - last_logged) / max(now - t_last, 1e-9)
+                    t_last, last_logged = now, done
+                    metrics["tokens_per_s"] = tps
+                    metrics["mfu_executed"] = flops_lib.mfu(flops, tps, peak, jax.device_count()) if flops else None
+                    log.write(done, metrics)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.4g}", gnorm=f"{metrics['grad_norm']:.3g}", tok_s=f"{tps:.0f}"
+                    )
+                bar.update(1)
+                if save:
+                    manager.save(done, args=ocp.args.StandardSave(_as_dict(state)), force=True)
+                if stop:
+                    manager.wait_until_finished()
+                    bar.close()
+                    raise guard.stopped(name, done, steps, ckpt_dir)
+                if config.train.crash_after_step and done == config.train.crash_after_step:
+                    manager.wait_until_finished()
+                    os._exit(17)  # simulated crash: no clean shutdown
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
     return state.trainable
 
 
 def _as_dict(state: TrainState) -> dict:
-    return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng}
+    return {
+        "step": state.step,
+        "trainable": state.trainable,
+        "opt_state": state.opt_state,
+        "rng": state.rng,
+        "skipped": state.skipped,
+    }
+
+
+def _restore_state(manager, step: int, state: TrainState) -> TrainState:
+    """Checkpoint `step` into `state`'s structure and shardings (either parameter layout). A
+    checkpoint written before TrainState counted skipped steps restores with the count at 0."""
+
+    def read(abstract):
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    try:
+        return TrainState(**trainer.restore_any_layout(read, _as_dict(state)))
+    except Exception as first:  # noqa: BLE001 -- the legacy structure next, else this error
+        legacy = {k: v for k, v in _as_dict(state).items() if k != "skipped"}
+        try:
+            restored = trainer.restore_any_layout(read, legacy)
+        except Exception:  # noqa: BLE001
+            raise first from None
+        return TrainState(**restored, skipped=state.skipped)
+
+
+def _warn_over_bar(message: str) -> None:
+    """cli.warn with the progress bar cleared first and redrawn after (no line glued to the bar)."""
+    from lard_jax import cli
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        cli.warn(message)
+
+
+def _on_every_process(ok: bool) -> bool:
+    """True only if `ok` on every process (a collective: every process must call it)."""
+    from jax.experimental import multihost_utils
+
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 # ----------------------------------------------------------------------------------------------
+def _check_reliability_keys(config) -> None:
+    limit = config.train.get("max_skipped_steps", 3)
+    if not isinstance(limit, int) or limit < 0:
+        raise ConfigError(f"config.train.max_skipped_steps must be an integer >= 0, got {limit!r}")
+    drill = config.train.get("nan_at_steps", ())
+    if not all(isinstance(s, int) and s >= 1 for s in drill):
+        raise ConfigError(f"config.train.nan_at_steps must be steps >= 1, got {tuple(drill)!r}")
+
+
 def run_restoration(config) -> dict:
     """The whole run; returns a summary dict (also written to <workdir>/summary.json).
 
     `plan_lib.resolve(config)` runs every check and tokenises the text first; nothing here reads a
-    weight before it has returned."""
-    if config.distributed:
+    weight before it has returned. The workdir is locked for the run (lard_jax.workdir_lock) before
+    anything but the config's own checks: a second run there stops at once."""
+    if config.distributed and not jax.distributed.is_initialized():
         jax.distributed.initialize()
+    plan_lib.validate_config(config)
+    _check_reliability_keys(config)
+    prepare_workdir(config.workdir)
+    lock = workdir_lock.WorkdirLock(config.workdir, process_index=jax.process_index())
+    previous = lock.acquire()
+    try:
+        if previous:
+            from lard_jax import cli
+
+            cli.warn(
+                f"config.workdir={config.workdir}: took over the lock of a run that is no longer running "
+                f"({workdir_lock.describe(previous)}); its checkpoints are resumed"
+            )
+        return _run_locked(config)
+    finally:
+        lock.release()
+
+
+def _run_locked(config) -> dict:
     plan = plan_lib.resolve(config)
     config = plan.config
     if config.get("compile_cache", True):  # before the first compilation: a rerun or resume loads its programs
@@ -363,10 +374,26 @@ def run_restoration(config) -> dict:
     mask = trainer.trainable_mask(frozen, plan.projections)
     trainable = _init_trainable(frozen, mask, plan.lora, config, mesh)
     t0 = time.perf_counter()
-    with sharding_lib.use_mesh(mesh, plan.rules):  # activation constraints follow the plan's rules
+    # activation constraints follow the plan's rules; SIGTERM / SIGINT stop at a checkpointed step
+    with sharding_lib.use_mesh(mesh, plan.rules), preemption.PreemptionGuard() as guard:
         for stage in plan.stages:
             trainable = train_stage(
-                stage, plan, teacher=teacher, student=student, frozen=frozen, trainable=trainable, mesh=mesh
+                stage,
+                plan,
+                teacher=teacher,
+                student=student,
+                frozen=frozen,
+                trainable=trainable,
+                mesh=mesh,
+                guard=guard,
+            )
+        if guard.signal_name is not None and not guard.synced:  # the notice came after the last step's check
+            last = plan.stages[-1]
+            raise guard.stopped(
+                last.name,
+                last.steps,
+                last.steps,
+                os.path.abspath(os.path.join(config.workdir, "checkpoints", last.name)),
             )
         student_params = jax.jit(lambda f, t: trainer.merge_student(f, t, plan.lora))(frozen, trainable)
     out = os.path.join(config.workdir, "hf_student")
@@ -378,6 +405,7 @@ def run_restoration(config) -> dict:
         ),
         plan.tokenizer,
         out,
+        train_tokens=int(plan.train_tokens),
     )
     student_params = jax.tree_util.tree_map(lambda x: x.astype(dtype_of(config.model.param_dtype)), student_params)
     summary = {
@@ -394,10 +422,36 @@ def run_restoration(config) -> dict:
                 config, plan.tokenizer, teacher, student, frozen, student_params, docs=plan.eval_docs, spec=plan.eval
             )
         )
+        if jax.process_index() == 0:  # the student's card gains the report's table
+            model_card.add_report(out, os.path.join(config.workdir, "report.json"), native_len=plan.eval.native_len)
     if jax.process_index() == 0:
         with open(os.path.join(config.workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    deleted = None
+    if not config.train.get("keep_checkpoints_after", False):  # the run is complete: hf_student/ is its result
+        deleted = checkpoints_lib.delete_training_checkpoints(config.workdir)
+    _print_outputs(config.workdir, out, deleted)
     return summary
+
+
+def _print_outputs(workdir: str, hf_student: str, deleted: str | None) -> None:
+    """The paths a finished run leaves: hf_student/, the report and its plots (process 0)."""
+    if jax.process_index() != 0:
+        return
+    lines = [f"outputs in {os.path.abspath(workdir)}:", f"  restored student  {os.path.abspath(hf_student)}{os.sep}"]
+    report = os.path.join(workdir, "report.md")
+    if os.path.isfile(report):
+        lines.append(f"  report            {os.path.abspath(report)}")
+    plots = sorted(f for f in os.listdir(workdir) if f.endswith(".png"))
+    if plots:
+        lines.append(f"  plots             {', '.join(os.path.join(os.path.abspath(workdir), p) for p in plots)}")
+    lines.append(f"  summary           {os.path.abspath(os.path.join(workdir, 'summary.json'))}")
+    if deleted:
+        lines.append(
+            f"  training checkpoints deleted ({deleted}; config.train.keep_checkpoints_after=True keeps them); "
+            "rerunning this command trains again from step 0"
+        )
+    print("\n".join(lines))
 
 
 def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, docs=None, spec=None) -> dict:

@@ -236,6 +236,19 @@ class ConfigError(UserError):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+EXPORT_DTYPES = ("checkpoint", "float32", "bfloat16", "float16")  # config.model.export_dtype
+
+
+def export_dtype_of(config) -> str:
+    value = config.model.get("export_dtype", "checkpoint")
+    if value not in EXPORT_DTYPES:
+        raise ConfigError(
+            f"config.model.export_dtype={value!r}: expected one of {', '.join(EXPORT_DTYPES)}; "
+            "e.g. --config.model.export_dtype=float32"
+        )
+    return value
+
+
 def validate_config(config) -> dict | None:
     """Every check that needs only the config; returns the student's normalised RoPE dict."""
     if not config.workdir:
@@ -253,6 +266,7 @@ def validate_config(config) -> dict | None:
         raise ConfigError(
             f"config.data.source: not found: {config.data.source}; pass an existing file or folder of documents"
         )
+    export_dtype_of(config)  # a typo fails here, not after training
     for key in ("dtype", "param_dtype", "trainable_dtype"):
         try:
             dtype_of(config.model[key])
@@ -478,7 +492,10 @@ _RESUME_FREE_KEYS = {
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_checkpoints_after",
+    "train.max_skipped_steps",
     "train.crash_after_step",
+    "train.nan_at_steps",
     "stage2.steps",
     "eval",
     "distributed",

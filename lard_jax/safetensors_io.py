@@ -182,8 +182,27 @@ def read_header(path: str) -> tuple[dict, dict]:
     return header, dict(handle.metadata() or {})
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None) -> None:
-    """Write numpy arrays (bfloat16 as ml_dtypes.bfloat16) to `path` atomically with safetensors."""
+def default_file_mode() -> int:
+    """The mode open() gives a new file in this process: 0o666 less the umask (read without changing it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only portable way to read it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def save_file(
+    tensors: Mapping[str, np.ndarray], path: str, metadata: dict | None = None, *, mode: int | None = None
+) -> None:
+    """Write numpy arrays (bfloat16 as ml_dtypes.bfloat16) to `path` atomically with safetensors.
+
+    The file gets `mode`, by default that of any new file (0o644 under the usual umask; safetensors
+    itself creates 0o600 files)."""
     import safetensors.numpy
 
     arrays = {}
@@ -209,4 +228,5 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str, metadata: dict | Non
             tmp,
             metadata=meta,
         )
+    os.chmod(tmp, default_file_mode() if mode is None else mode)
     os.replace(tmp, path)

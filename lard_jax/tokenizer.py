@@ -206,32 +206,27 @@ def _write_json(path: str, obj: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # GGUF checkpoints: the tokenizer in their metadata (lard_jax.gguf reads the file)
-class GGUFTokenizer(HFTokenizer):
-    """The GGUF's own tokenizer (transformers' GGUF conversion) behind the HFTokenizer interface."""
-
-    def __init__(self, hf_tokenizer, fingerprint: str, gguf_path: str, file_vocab_size: int):
-        super().__init__(hf_tokenizer, fingerprint)
-        self.gguf_path = gguf_path
-        # transformers' byte-level class may add a default "<|endoftext|>" the file does not have
-        # (an id past the model's embedding); the vocabulary is the file's.
-        self.vocab_size = min(self.vocab_size, file_vocab_size)
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = super().encode(text, add_bos=add_bos)
-        if ids and max(ids) >= self.vocab_size:
-            bad = self.hf_tokenizer.convert_ids_to_tokens(max(ids))
-            raise ValueError(
-                f"{self.gguf_path}: the text contains {bad!r}, which transformers' GGUF tokenizer "
-                f"adds as id {max(ids)} past the file's {self.vocab_size} tokens"
-            )
-        return ids
-
-    def save_pretrained(self, path) -> None:
-        """tokenizer.json, tokenizer_config.json, special_tokens_map.json for a HF export."""
-        _save_tokenizer_files(self.hf_tokenizer, os.fspath(path))
+#
+# Built here with the `tokenizers` library from llama.cpp's tokenizer.ggml.* keys, not through
+# transformers' GGUF loader, which needs PyTorch in every version (a gate in 4.x, an import in 5.x).
+# The result matches AutoTokenizer.from_pretrained(dir, gguf_file=...) id for id (tests/test_gguf.py,
+# tests/test_gguf_tokenizer.py) for the two vocabularies llama-architecture files carry:
+#   "gpt2"  byte-level BPE (SmolLM, Llama 3, ...): the file's merges, GPT-2's split, or Llama 3's
+#           for the pre-tokenizer types that name it;
+#   "llama" SentencePiece BPE (Llama 1/2, Mistral, TinyLlama): merges rebuilt from the scores,
+#           byte fallback, "▁" for spaces with one in front of the text.
+_GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types (1 normal, 2 unknown, 6 byte)
+_GGUF_TOKENIZER_MODELS = ("gpt2", "llama")
+# Llama 3's split (its tiktoken pattern), for the pre-tokenizer names llama.cpp gives it
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_SPLITS = {name: _LLAMA3_SPLIT for name in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx")}
 
 
-def _gguf_hf_tokenizer(path: str):
+def _gguf_tokenizer_metadata(path: str) -> dict:
+    """The tokenizer.ggml.* keys of a llama-architecture GGUF (UserError when there is no tokenizer)."""
     f = gguf_lib._open(path)
     gguf_lib._architecture(f)
     model = f.get("tokenizer.ggml.model")
@@ -240,16 +235,164 @@ def _gguf_hf_tokenizer(path: str):
             f"{path}: GGUF metadata key 'tokenizer.ggml.tokens' is missing; the file carries "
             "no tokenizer, pass --config.data.tokenizer=<a tokenizer directory>"
         )
-    from transformers import AutoTokenizer
+    if model not in _GGUF_TOKENIZER_MODELS:
+        raise UserError(
+            f"{path}: tokenizer.ggml.model={model!r} is not supported (supported: "
+            f"{', '.join(_GGUF_TOKENIZER_MODELS)}); pass --config.data.tokenizer=<a tokenizer directory>"
+        )
+    tokens = [str(t) for t in f.get("tokenizer.ggml.tokens")]
 
-    folder, name = os.path.split(os.path.abspath(path))
+    def token(key):
+        i = gguf_lib._int(f, f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    return {
+        "model": model,
+        "pre": f.get("tokenizer.ggml.pre"),
+        "tokens": tokens,
+        "token_type": [int(t) for t in f.get("tokenizer.ggml.token_type", None) or ()],
+        "scores": [float(s) for s in f.get("tokenizer.ggml.scores", None) or ()],
+        "merges": [str(m) for m in f.get("tokenizer.ggml.merges", None) or ()],
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        # llama.cpp's defaults: a bos for SentencePiece vocabularies unless the file says otherwise
+        "add_bos": bool(f.get("tokenizer.ggml.add_bos_token", model == "llama")),
+        "add_eos": bool(f.get("tokenizer.ggml.add_eos_token", False)),
+        "add_space_prefix": bool(f.get("tokenizer.ggml.add_space_prefix", True)),
+        "chat_template": f.get("tokenizer.chat_template"),
+        "context_length": gguf_lib._int(f, "llama.context_length"),
+    }
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE keeps no merge list: every split of a piece into two known pieces is a
+    merge, ranked by the merged piece's score (higher first), then by the shorter left part."""
+    ranked = []
+    for piece, score in scores.items():
+        pairs = [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
+        ranked.extend((score, len(left), len(right), left, right) for left, right in pairs)
+    ranked.sort(key=lambda r: (r[0], r[1], r[2]), reverse=True)  # stable: ties keep the file's order
+    return [(left, right) for _, _, _, left, right in ranked]
+
+
+def _gguf_backend(meta: dict):
+    """The `tokenizers.Tokenizer` a GGUF's tokenizer metadata describes."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens, types = meta["tokens"], meta["token_type"]
+    if meta["model"] == "gpt2":
+        table = _gpt2_bytes_to_unicode()
+        alphabet = set(table.values())
+        vocab = {
+            t if set(t) <= alphabet else "".join(table[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+        }
+        merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+        backend = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+        )
+        split = _GGUF_SPLITS.get(meta["pre"])
+        if split is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                ]
+            )
+        backend.decoder = decoders.ByteLevel()
+        control_ok = lambda t: set(t) <= alphabet  # a control token outside the byte alphabet is a mislabel
+    else:  # "llama": SentencePiece BPE
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if meta["merges"]:
+            merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
+        else:
+            scores = meta["scores"] or [0.0] * len(tokens)
+            merges = _merges_from_scores(vocab, dict(zip(tokens, scores)))
+        unk = meta["unk_token"] if meta["unk_token"] in vocab else None
+        backend = Tokenizer(
+            models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None)
+        )
+        prefix = meta["add_space_prefix"]
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False
+        )
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+        control_ok = lambda t: True
+    named = {meta[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")} - {None}
+    special = [
+        t
+        for t, kind in zip(tokens, types or [0] * len(tokens))
+        if (kind == _GGUF_CONTROL and control_ok(t)) or (t in named and t in vocab)
+    ]
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(special)])
+    user = [t for t, kind in zip(tokens, types) if kind == _GGUF_USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+    # bos / eos exactly when the file asks for them (add_special_tokens=True), in every transformers
+    single, pair, specials = ["$A"], ["$A", "$B:1"], []
+    for flag, key, at in ((meta["add_bos"], "bos_token", 0), (meta["add_eos"], "eos_token", None)):
+        tok = meta[key]
+        if flag and tok is not None and tok in vocab:
+            if at == 0:
+                single, pair = [tok, *single], [tok, pair[0], f"{tok}:1", pair[1]]
+            else:
+                single, pair = [*single, tok], [pair[0], tok, pair[1], f"{tok}:1"]
+            specials.append((tok, backend.token_to_id(tok)))
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=list(dict.fromkeys(specials))
+    )
+    return backend
+
+
+def _gguf_hf_tokenizer(path: str):
+    """A transformers PreTrainedTokenizerFast for the GGUF's tokenizer; no PyTorch needed."""
+    meta = _gguf_tokenizer_metadata(path)
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        backend = _gguf_backend(meta)
     except Exception as e:
         raise UserError(
-            f"{path}: transformers cannot build a tokenizer from this GGUF "
-            f"(tokenizer.ggml.model={model!r}; {type(e).__name__}: {gguf_lib._one_line(e)})"
+            f"{path}: cannot build a tokenizer from its GGUF metadata (tokenizer.ggml.model="
+            f"{meta['model']!r}; {type(e).__name__}: {gguf_lib._one_line(e)}); pass "
+            "--config.data.tokenizer=<a tokenizer directory>"
         ) from None
+    from transformers import PreTrainedTokenizerFast
+
+    extra = {"chat_template": meta["chat_template"]} if meta["chat_template"] else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **{k: meta[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if meta[k] is not None},
+        clean_up_tokenization_spaces=False,
+        model_max_length=meta["context_length"] or 1_000_000_000,
+        **extra,
+    )
+
+
+class GGUFTokenizer(HFTokenizer):
+    """The GGUF's own tokenizer behind the HFTokenizer interface."""
+
+    def __init__(self, hf_tokenizer, fingerprint: str, gguf_path: str, file_vocab_size: int):
+        super().__init__(hf_tokenizer, fingerprint)
+        self.gguf_path = gguf_path
+        self.vocab_size = min(self.vocab_size, file_vocab_size)  # the vocabulary is the file's
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = super().encode(text, add_bos=add_bos)
+        if ids and max(ids) >= self.vocab_size:
+            bad = self.hf_tokenizer.convert_ids_to_tokens(max(ids))
+            raise ValueError(
+                f"{self.gguf_path}: the text contains {bad!r}, which the tokenizer maps to id "
+                f"{max(ids)} past the file's {self.vocab_size} tokens"
+            )
+        return ids
+
+    def save_pretrained(self, path, *, model_max_length: int | None = None) -> None:
+        """tokenizer.json, tokenizer_config.json, special_tokens_map.json for a HF export."""
+        save_tokenizer_files(self.hf_tokenizer, os.fspath(path), model_max_length=model_max_length)
 
 
 def load_gguf_tokenizer(path):
@@ -263,27 +406,39 @@ def load_gguf_tokenizer(path):
     )
 
 
-def _save_tokenizer_files(hf_tok, out_dir: str) -> None:
+# What a tokenizer directory of ours holds, in a form every transformers from 4.51 to 5.x loads:
+# tokenizer.json (the whole pipeline), a tokenizer_config.json naming PreTrainedTokenizerFast (a class
+# every version has; transformers 5 writes "TokenizersBackend", which 4.x does not know) with the
+# chat template inline (4.x reads it there, 5.x too), and special_tokens_map.json.
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def save_tokenizer_files(hf_tok, out_dir: str, *, model_max_length: int | None = None) -> None:
+    """Write a fast transformers tokenizer as tokenizer.json + tokenizer_config.json +
+    special_tokens_map.json that AutoTokenizer loads to the same ids in transformers 4.51 and 5.x."""
     os.makedirs(out_dir, exist_ok=True)
-    hf_tok.save_pretrained(out_dir)
-    special = {}
-    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = getattr(hf_tok, key, None)
-        if value is not None:
-            special[key] = str(value)
-    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as fh:
-        json.dump(special, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
+    hf_tok.backend_tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    special = {k: str(v) for k in _SPECIAL_KEYS if (v := getattr(hf_tok, k, None)) is not None}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(model_max_length or min(int(hf_tok.model_max_length), 1_000_000_000)),
+    }
+    template = getattr(hf_tok, "chat_template", None)
+    if isinstance(template, str) and template:
+        config["chat_template"] = template
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+    _write_json(os.path.join(out_dir, "special_tokens_map.json"), special)
 
 
-def write_gguf_side_files(gguf_path, out_dir) -> None:
+def write_gguf_side_files(gguf_path, out_dir, *, model_max_length: int | None = None) -> None:
     """Everything a HF export of a GGUF checkpoint needs besides config.json and the weights:
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json."""
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json.
+    model_max_length: the tokenizer's (default: the file's context length)."""
     gguf_path = gguf_lib.resolve_checkpoint(gguf_path)
     out_dir = os.fspath(out_dir)
-    _save_tokenizer_files(_gguf_hf_tokenizer(gguf_path), out_dir)
+    save_tokenizer_files(_gguf_hf_tokenizer(gguf_path), out_dir, model_max_length=model_max_length)
     cfg = gguf_lib.hf_config(gguf_path)
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
-    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
-        json.dump(gen, fh, indent=2)
-        fh.write("\n")
+    _write_json(os.path.join(out_dir, "generation_config.json"), gen)

@@ -94,6 +94,7 @@ class TrainState:
     trainable: Any
     opt_state: Any
     rng: jax.Array
+    skipped: Any = None  # int32: steps whose update was skipped (non-finite loss or gradient norm); None: not counted
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,9 +187,27 @@ def restore_any_layout(restore, state):
         return jax.device_put(restored, jax.tree_util.tree_map(lambda x: x.sharding, state))
 
 
-def make_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer, schedule):
+def make_train_step(
+    teacher,
+    student,
+    spec: LossSpec,
+    lora: LoraSpec,
+    optimizer,
+    schedule,
+    *,
+    skip_nonfinite: bool = True,
+    nan_at_steps: tuple[int, ...] = (),
+):
     """step(state, frozen_params, batch) -> (state, metrics). `batch` leaves are
-    [accum, micro_batch, T]; gradients are averaged over the accumulation axis in a scan."""
+    [accum, micro_batch, T]; gradients are averaged over the accumulation axis in a scan.
+
+    `skip_nonfinite`: an update whose loss or gradient norm (after accumulation: the whole
+    step's) is not finite is not applied: parameters and optimizer state stay as they were (the
+    optimizer's own step count too, so its schedule resumes where it was), `state.step` still
+    advances (the next step reads the next batch), `state.skipped` (when not None) counts it and
+    the metrics carry `skipped` (1.0 or 0.0) and `skipped_total`. A select on the device: no host
+    synchronisation. `nan_at_steps`: a fault drill, the loss and gradients of these steps
+    (1-based, state.step + 1) are replaced by NaN before that check."""
     loss_fn = make_loss_fn(teacher, student, spec, lora)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -210,10 +229,24 @@ def make_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer,
         (grads, metrics), _ = jax.lax.scan(micro, (zero_grads, zero_metrics), (jnp.arange(accum), batch))
         grads = jax.tree_util.tree_map(lambda g, p: (g / accum).astype(p.dtype), grads, state.trainable)
         metrics = {k: v / accum for k, v in metrics.items()}
+        if nan_at_steps:
+            drill = jnp.isin(state.step + 1, jnp.asarray(nan_at_steps, jnp.int32))
+            grads = jax.tree_util.tree_map(lambda g: jnp.where(drill, jnp.nan, g).astype(g.dtype), grads)
+            metrics["loss"] = jnp.where(drill, jnp.nan, metrics["loss"])
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics.update(grad_norm=optax.global_norm(grads), lr=schedule(state.step))
-        return TrainState(state.step + 1, trainable, opt_state, state.rng), metrics
+        grad_norm = optax.global_norm(grads)
+        metrics.update(grad_norm=grad_norm, lr=schedule(state.step))
+        skipped = state.skipped
+        if skip_nonfinite:
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            trainable, opt_state = keep(trainable, state.trainable), keep(opt_state, state.opt_state)
+            metrics["skipped"] = jnp.where(finite, 0.0, 1.0)
+            if skipped is not None:
+                skipped = skipped + jnp.where(finite, 0, 1).astype(skipped.dtype)
+                metrics["skipped_total"] = skipped.astype(jnp.float32)
+        return TrainState(state.step + 1, trainable, opt_state, state.rng, skipped), metrics
 
     return step
 
@@ -253,9 +286,14 @@ def place_state(state: TrainState, mesh) -> TrainState:
 
 def init_state(trainable, optimizer, rng, mesh) -> TrainState:
     """Step 0: `trainable` (placed, e.g. by `init_trainable_sharded`), the optimizer's state
-    initialised on the device next to it, and the step's base key `rng`; see `place_state`."""
+    initialised on the device next to it, the step's base key `rng` and a count of skipped
+    (non-finite) steps at 0; see `place_state`."""
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=jax.jit(optimizer.init)(trainable), rng=rng
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=jax.jit(optimizer.init)(trainable),
+        rng=rng,
+        skipped=jnp.zeros((), jnp.int32),
     )
     return place_state(state, mesh)
 
@@ -271,10 +309,13 @@ def jit_step(step_fn, state: TrainState):
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_shardings(state), None))
 
 
-def jit_train_step(teacher, student, spec: LossSpec, lora: LoraSpec, optimizer, schedule, state: TrainState):
+def jit_train_step(
+    teacher, student, spec: LossSpec, lora: LoraSpec, optimizer, schedule, state: TrainState, **step_options
+):
     """The jitted `make_train_step`: step(state, frozen_params, batch) -> (state, metrics), the
-    state donated and kept in its shardings (`jit_step`)."""
-    return jit_step(make_train_step(teacher, student, spec, lora, optimizer, schedule), state)
+    state donated and kept in its shardings (`jit_step`). `step_options`: make_train_step's
+    keywords (skip_nonfinite, nan_at_steps)."""
+    return jit_step(make_train_step(teacher, student, spec, lora, optimizer, schedule, **step_options), state)
 
 
 def model_flops_per_token(cfg, seq_len: int, *, teacher_forward: bool = True) -> float:

@@ -178,7 +178,7 @@ def test_kill_and_resume_matches_uninterrupted(assets, tmp_path):
     crashed = _cli(assets, tmp_path / "resumed", "--config.train.crash_after_step=4")
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert not os.path.exists(tmp_path / "resumed" / "hf_student")
-    resumed = _cli(assets, tmp_path / "resumed")
+    resumed = _cli(assets, tmp_path / "resumed", "--config.train.keep_checkpoints_after=True")  # for `other`
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 4" in resumed.stdout
     other = _cli(assets, tmp_path / "resumed", "--config.train.lr=0.01")  # same workdir, other recipe
