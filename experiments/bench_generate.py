@@ -42,6 +42,48 @@ def _median_s(fn, reps: int) -> float:
     return statistics.median(samples)
 
 
+def time_length(model, params, prefill, decode, rng, length: int, rows: int, n_new: int, reps: int) -> dict:
+    """One length: prefill alone, prefill + 2 and + n_new decode steps, the whole greedy_generate."""
+    cfg = model.config
+    prompt_len = length - n_new
+    prompts = [rng.integers(3, cfg.vocab_size, prompt_len).tolist() for _ in range(rows)]
+    lengths = np.full(rows, prompt_len, np.int32)
+    width, cache_len = bucket_length(prompt_len), bucket_length(length)
+    tokens = np.pad(np.asarray(prompts, np.int32), ((0, 0), (0, width - prompt_len)))
+    freq = rope_inv_freq_for_lengths(cfg, lengths)
+    cap = max(128, 1 << max(n_new - 1, 0).bit_length())
+    freq_decode = rope_inv_freq_for_lengths(cfg, np.broadcast_to(lengths, (cap - 1, rows)))
+
+    def run_prefill():
+        return jax.block_until_ready(prefill(params, tokens, lengths, freq, cache_len=cache_len))
+
+    def run_both(steps):
+        def f():
+            first, cache = prefill(params, tokens, lengths, freq, cache_len=cache_len)
+            return jax.block_until_ready(decode(params, first, cache, lengths, freq_decode, np.int32(steps)))
+
+        return f
+
+    t_prefill = _median_s(run_prefill, reps)
+    t_2 = _median_s(run_both(2), reps)
+    t_n = _median_s(run_both(n_new), reps)
+    t_gen = _median_s(lambda: greedy_generate(model, params, prompts, n_new, batch_size=rows), reps)
+    per_step = (t_n - t_2) / max(n_new - 2, 1)
+    kv_bytes = 2 * cfg.num_hidden_layers * rows * cfg.num_key_value_heads * cache_len * cfg.head_dim * 2
+    return {
+        "length": length,
+        "rows": rows,
+        "new_tokens": n_new,
+        "prefill_s": t_prefill,
+        "prefill_decode2_s": t_2,
+        f"prefill_decode{n_new}_s": t_n,
+        "decode_step_ms": 1e3 * per_step,
+        "kv_cache_gib": kv_bytes / 2**30,
+        "decode_step_gbps_kv_read": kv_bytes / max(per_step, 1e-9) / 1e9,
+        "greedy_generate_s": t_gen,
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="smollm2_135m", choices=sorted(MODEL_SHAPES))
@@ -62,45 +104,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     results = []
     for length in [int(x) for x in a.lengths.split(",")]:
-        n_new = a.new_tokens
-        prompt_len = length - n_new
-        prompts = [rng.integers(3, cfg.vocab_size, prompt_len).tolist() for _ in range(a.rows)]
-        lengths = np.full(a.rows, prompt_len, np.int32)
-        width, cache_len = bucket_length(prompt_len), bucket_length(length)
-        tokens = np.asarray(prompts, np.int32)
-        tokens = np.pad(tokens, ((0, 0), (0, width - prompt_len)))
-        freq = rope_inv_freq_for_lengths(cfg, lengths)
-        cap = max(128, 1 << max(n_new - 1, 0).bit_length())
-        freq_decode = rope_inv_freq_for_lengths(cfg, np.broadcast_to(lengths, (cap - 1, a.rows)))
-
-        def run_prefill():
-            return jax.block_until_ready(prefill(params, tokens, lengths, freq, cache_len=cache_len))
-
-        def run_both(steps):
-            def f():
-                first, cache = prefill(params, tokens, lengths, freq, cache_len=cache_len)
-                return jax.block_until_ready(decode(params, first, cache, lengths, freq_decode, np.int32(steps)))
-
-            return f
-
-        t_prefill = _median_s(run_prefill, a.reps)
-        t_2 = _median_s(run_both(2), a.reps)
-        t_n = _median_s(run_both(n_new), a.reps)
-        t_gen = _median_s(lambda: greedy_generate(model, params, prompts, n_new, batch_size=a.rows), a.reps)
-        per_step = (t_n - t_2) / max(n_new - 2, 1)
-        kv_bytes = 2 * cfg.num_hidden_layers * a.rows * cfg.num_key_value_heads * cache_len * cfg.head_dim * 2
-        row = {
-            "length": length,
-            "rows": a.rows,
-            "new_tokens": n_new,
-            "prefill_s": t_prefill,
-            "prefill_decode2_s": t_2,
-            f"prefill_decode{n_new}_s": t_n,
-            "decode_step_ms": 1e3 * per_step,
-            "kv_cache_gib": kv_bytes / 2**30,
-            "decode_step_gbps_kv_read": kv_bytes / max(per_step, 1e-9) / 1e9,
-            "greedy_generate_s": t_gen,
-        }
+        row = time_length(model, params, prefill, decode, rng, length, a.rows, a.new_tokens, a.reps)
         results.append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{'length':>7} {'rows':>4} {'prefill s':>9} {'decode ms/step':>14} {'KV GB/s':>8} {'generate s':>10}")

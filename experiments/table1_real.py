@@ -191,7 +191,7 @@ def add_intervals(res: dict, key: str, scores_ci, n: int) -> None:
     res[f"{key}_ci"] = [round(float(x), 4) for x in scores_ci]
 
 
-def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: str = "") -> dict:
+def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: str = "", prompts=None) -> dict:
     """Every column of one row; a line per task with its seconds (a cut call shows where time went)."""
     clock = [time.perf_counter()]
 
@@ -223,7 +223,15 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: s
     depths = [float(x) for x in args.depths.split(",")]
     for task in ("passkey", "niah_single", "niah_multikey"):
         out = synthetic.evaluate_synthetic(
-            generate, tokenizer, task, lengths, depths, args.samples_per_depth, 0, progress=False
+            generate,
+            tokenizer,
+            task,
+            lengths,
+            depths,
+            args.samples_per_depth,
+            0,
+            progress=False,
+            examples_cache=prompts,
         )
         for length, acc in out["by_length"].items():
             res[f"{task}@{length}"] = acc
@@ -391,6 +399,7 @@ def main(argv=None):
     wanted = [r for r in args.rows.split(",") if r]
     print(f"[setup] {time.perf_counter() - t_start:.0f}s: {sum(map(len, docs))} held-out tokens", flush=True)
     per_row_estimate = 0.0
+    prompts: dict = {}  # passkey / NIAH prompts, built and tokenised once for every row of this call
     for name in wanted:
         if name in results and "error" not in results[name]:
             print(f"[{name}] done already, skipped", flush=True)
@@ -404,7 +413,9 @@ def main(argv=None):
         t_row = time.perf_counter()
         call["rows"].append(name)
         try:
-            results[name] = run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native)
+            results[name] = run_and_evaluate(
+                name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native, prompts
+            )
         except Exception as e:  # noqa: BLE001  (one failed row must not lose the others' device time)
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
@@ -413,7 +424,7 @@ def main(argv=None):
     write_tables(args.out, results, meta)
 
 
-def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native) -> dict:
+def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native, prompts=None) -> dict:
     row: dict = {}
     if name == "teacher":
         model, params = teacher, frozen
@@ -436,7 +447,7 @@ def run_and_evaluate(name, base, rows, teacher, frozen, tokenizer, docs, stream,
         raise SystemExit(f"unknown row {name!r}; expected one of {ROW_ORDER + tuple(rows)}")
     t_eval = time.perf_counter()
     print(f"[{name}] evaluating", flush=True)
-    row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native, label=name)
+    row["eval"] = evaluate(model, params, tokenizer, docs, stream, args, native, label=name, prompts=prompts)
     row["eval_seconds"] = time.perf_counter() - t_eval
     return row
 

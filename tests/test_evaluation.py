@@ -467,3 +467,72 @@ def test_niah_task_runs_every_configured_variant_and_rejects_unknown_names():
     assert out == {"niah": {2300: 1.0}, "niah_multikey_2": {2300: 1.0}}
     with pytest.raises(ValueError, match="eval.niah_tasks: unknown"):
         runner.check_spec(dataclasses.replace(spec, niah_tasks=("niah_nope",)), TOK)
+
+
+def _fit_by_bisection(render, tokenizer, budget, add_bos):
+    """The plain reference: the largest n with len(encode(render(n))) <= budget, by bisection."""
+    count = lambda n: len(tokenizer.encode(render(n), add_bos=add_bos))  # noqa: E731
+    low, high = 0, 1
+    while count(high) <= budget:
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if count(middle) <= budget else (low, middle)
+    return low
+
+
+class _CountingTokenizer:
+    """Byte tokens of the text, counting encode calls; `lumpy` makes the count grow unevenly with n
+    (some units cost more), as subword merges at unit boundaries do."""
+
+    def __init__(self, lumpy: bool):
+        self.calls, self.lumpy = 0, lumpy
+
+    def encode(self, text, add_bos=False):
+        self.calls += 1
+        extra = sum(1 for c in text if c == "#") * 3 if self.lumpy else 0
+        return [1] * (len(text.encode()) + extra + int(add_bos))
+
+
+@pytest.mark.parametrize("lumpy", [False, True])
+def test_fit_finds_what_bisection_finds_with_fewer_encodes(lumpy):
+    rng = np.random.default_rng(7)
+    units = ["".join(rng.choice(list("abcdefgh #"), size=int(rng.integers(5, 40)))) for _ in range(97)]
+    render = lambda n: "Header text. " + "\n".join(units[i % len(units)] for i in range(n)) + " Question?"  # noqa: E731
+    total_fast = total_ref = 0
+    for budget in rng.integers(200, 30000, size=12):
+        budget = int(budget)
+        fast_tok, ref_tok = _CountingTokenizer(lumpy), _CountingTokenizer(lumpy)
+        n, ids = synthetic._fit(render, fast_tok, budget, True, "t")
+        assert n == _fit_by_bisection(render, ref_tok, budget, True)
+        assert len(ids) <= budget < len(_CountingTokenizer(lumpy).encode(render(n + 1), add_bos=True))
+        total_fast += fast_tok.calls
+        total_ref += ref_tok.calls
+    assert total_fast < total_ref, (total_fast, total_ref)
+
+
+def test_examples_cache_reuses_prompts_and_keeps_results():
+    tok = ByteTokenizer()
+    built = collections.Counter()
+    original = synthetic.TASKS["passkey"]
+
+    def counting(rng, tokenizer, length, depth, filler):
+        built[(length, depth)] += 1
+        return original(rng, tokenizer, length, depth, filler)
+
+    echo = lambda ids, n: list(ids[-n:])  # noqa: E731  (a wrong but deterministic "model")
+    cache: dict = {}
+    synthetic.TASKS["passkey"] = counting
+    try:
+        first = synthetic.evaluate_synthetic(
+            echo, tok, "passkey", [300, 400], [0.5], 3, 0, progress=False, examples_cache=cache
+        )
+        second = synthetic.evaluate_synthetic(
+            echo, tok, "passkey", [300, 400], [0.5], 3, 0, progress=False, examples_cache=cache
+        )
+        fresh = synthetic.evaluate_synthetic(echo, tok, "passkey", [300, 400], [0.5], 3, 0, progress=False)
+    finally:
+        synthetic.TASKS["passkey"] = original
+    assert built == {(300, 0.5): 6, (400, 0.5): 6}  # 3 by the first call, none by the second, 3 by fresh
+    assert first["by_length"] == second["by_length"] == fresh["by_length"]
+    assert len(cache) == 6

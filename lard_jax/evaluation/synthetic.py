@@ -140,12 +140,34 @@ def _fit(render: Callable[[int], str], tokenizer: Any, budget: int, add_bos: boo
     low, high = 0, max(probe, int((budget - len(ids(0))) / per_unit * 1.1) + 1)
     while len(ids(high)) <= budget:
         low, high = high, high * 2
+    # len(ids(low)) <= budget < len(ids(high)). The count grows almost linearly in n (the units
+    # repeat), so interpolation lands within a unit or two of the answer: a few encodes of the
+    # whole prompt instead of a bisection's dozen. Whenever an interpolated guess fails to halve
+    # the bracket, the next guess bisects, so it never takes more than twice a bisection's steps.
+    bisect = False
     while high - low > 1:
-        middle = (low + high) // 2
+        if bisect:
+            middle = (low + high) // 2
+        else:
+            n_low, n_high = len(ids(low)), len(ids(high))
+            middle = low + int((budget - n_low) * (high - low) / max(n_high - n_low, 1))
+            middle = min(max(middle, low + 1), high - 1)
+        width = high - low
         if len(ids(middle)) <= budget:
             low = middle
+            if not bisect and middle + 1 < high:  # most often the answer: test the next unit at once
+                if len(ids(middle + 1)) > budget:
+                    high = middle + 1
+                else:
+                    low = middle + 1
         else:
             high = middle
+            if not bisect and middle - 1 > low:  # or the unit before
+                if len(ids(middle - 1)) <= budget:
+                    low = middle - 1
+                else:
+                    high = middle - 1
+        bisect = not bisect and (high - low) * 2 > width
     return low, ids(low)
 
 
@@ -577,6 +599,7 @@ def evaluate_synthetic(
     *,
     filler: Sequence[str] | None = None,
     progress: bool = True,
+    examples_cache: dict | None = None,
 ) -> dict:
     """Scores `n` generated examples per (length, depth) with the caller's greedy decoder:
     `generate_fn(prompt_ids, max_new_tokens)`, or, when it has one, its `batch(prompts,
@@ -587,6 +610,10 @@ def evaluate_synthetic(
     0/1 scores, else the bootstrap; lard_jax.evaluation.stats)}; tasks without a depth (vt, cwe,
     fwe) have an empty "by_length_depth". Example i at
     (length, depth) is drawn from its own seed, so results do not depend on which others ran.
+
+    `examples_cache`: a dict the caller keeps across calls with the same tokenizer and filler
+    (several models on the same prompts): each prompt is built and tokenised once (at 32K tokens
+    that is most of a small model's evaluation time).
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
@@ -597,8 +624,14 @@ def evaluate_synthetic(
 
     def example_at(length, depth, i):
         depth_key = -1 if depth is None else int(round(depth * 1000))
+        key = (task, seed, int(length), depth_key, i, id(tokenizer), None if filler is None else tuple(filler))
+        if examples_cache is not None and key in examples_cache:
+            return examples_cache[key]
         rng = np.random.default_rng([seed, task_index, length, depth_key + 1, i])
-        return TASKS[task](rng, tokenizer, length, depth, filler)
+        example = TASKS[task](rng, tokenizer, length, depth, filler)
+        if examples_cache is not None:
+            examples_cache[key] = example
+        return example
 
     def record(length, depth, example, generated):
         score = score_prediction(task, tokenizer.decode(generated), example["answers"])
