@@ -48,6 +48,7 @@ def get_config():
     c.eval.enabled = True
     c.eval.source = "builtin:heldout"
     c.eval.max_windows = 64
+    c.eval.ppl_lengths = (512, 1024)  # native 256 -> 4x: where the scaled student's context reaches
     # Passkey past the native length is 0 for all three models (this small teacher never learned it,
     # and the prompt alone needs ~250 byte tokens, so no shorter length fits): kept as a cheap
     # check only, one sample at one depth per model.

@@ -278,17 +278,7 @@ def _export_gguf(config, student, student_params, mask, tokenizer, out, stage, e
     if not main:
         return {}
     os.makedirs(stage)
-    if len(shards) == 1:
-        safetensors_io.save_file(shards[0], os.path.join(stage, "model.safetensors"), {"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            safetensors_io.save_file(shard, os.path.join(stage, fname), {"format": "pt"})
-            weight_map.update({n: fname for n in shard})
-            total += sum(t.nbytes for t in shard.values())
-        with open(os.path.join(stage, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    safetensors_io.save_sharded(shards, stage)
     del shards
     teacher = gguf_lib.hf_config(gguf_path)
     hf_cfg = hf.config_to_hf(cfg)

@@ -357,17 +357,7 @@ def save_pretrained(path: str, model: LlamaForCausalLM, params, *, max_shard_byt
         size += tensor.nbytes
     is_main = jax.process_index() == 0
     if is_main:
-        if len(shards) == 1:
-            safetensors_io.save_file(shards[0], os.path.join(path, "model.safetensors"), {"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                safetensors_io.save_file(shard, os.path.join(path, fname), {"format": "pt"})
-                weight_map.update({n: fname for n in shard})
-                total += sum(t.nbytes for t in shard.values())
-            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        safetensors_io.save_sharded(shards, path)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg), f, indent=2)
 

@@ -454,6 +454,16 @@ def _print_outputs(workdir: str, hf_student: str, deleted: str | None) -> None:
     print("\n".join(lines))
 
 
+def _train_metrics(workdir: str) -> dict[str, list[dict]]:
+    """stage -> the records of <workdir>/metrics_<stage>.jsonl (for the report's loss curve)."""
+    out: dict[str, list[dict]] = {}
+    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
+        if name.startswith("metrics_") and name.endswith(".jsonl"):
+            with open(os.path.join(workdir, name)) as f:
+                out[name[len("metrics_") : -len(".jsonl")]] = [json.loads(line) for line in f if line.strip()]
+    return out
+
+
 def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, docs=None, spec=None) -> dict:
     """Teacher, scaled (untrained) and restored student side by side -> <workdir>/report.*"""
     from lard_jax.evaluation import runner as eval_runner
@@ -472,6 +482,7 @@ def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, do
         distortion=config.eval.distortion,
         title=f"LinearARD restoration: {rope_lib.describe_rope(student.config.rope_scaling_dict)}",
         meta={"method": config.loss.method, "checkpoint": config.model.checkpoint},
+        training=_train_metrics(config.workdir),
     )
     eval_runner.print_table(results)
     ppl = {k: results[k].get("short_ppl") for k in models}

@@ -16,6 +16,7 @@ a `lard_jax.errors.UserError` naming the file.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 
@@ -230,3 +231,20 @@ def save_file(
         )
     os.chmod(tmp, default_file_mode() if mode is None else mode)
     os.replace(tmp, path)
+
+
+def save_sharded(shards: list[dict], folder: str) -> None:
+    """Write tensors already grouped into shards to `folder` as transformers does: one shard as
+    model.safetensors; several as model-0000i-of-0000n.safetensors plus model.safetensors.index.json
+    (total_size and the weight map)."""
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), {"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, fname), {"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        total += sum(t.nbytes for t in shard.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -19,7 +19,7 @@ from experiments import restore as restore_cli
 from lard_jax import cli, hf, pipeline, safetensors_io
 from lard_jax import data as data_lib
 from lard_jax.errors import UserError
-from tests.tiny import save_tiny_teacher
+from tests.tiny import save_tiny_teacher, write_word_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,11 +29,7 @@ def assets(tmp_path_factory):
     """One tiny checkpoint (max_position_embeddings 16) and a folder of documents, shared by all tests."""
     d = tmp_path_factory.mktemp("errors")
     save_tiny_teacher(d / "teacher", seed=31, max_position_embeddings=16)
-    rng = np.random.default_rng(32)
-    words = "alpha beta gamma delta river stone light shadow under over".split()
-    (d / "data").mkdir()
-    for i in range(12):
-        (d / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 40)))
+    write_word_documents(d / "data", seed=32, count=12)
     return d
 
 

@@ -536,3 +536,76 @@ def test_examples_cache_reuses_prompts_and_keeps_results():
     assert built == {(300, 0.5): 6, (400, 0.5): 6}  # 3 by the first call, none by the second, 3 by fresh
     assert first["by_length"] == second["by_length"] == fresh["by_length"]
     assert len(cache) == 6
+
+
+def _three_models(rng, ppl_lengths, passkey_lengths, depths=(0.1, 0.9)):
+    def metrics(scale):
+        return {
+            "short_ppl": float(scale * rng.uniform(5, 9)),
+            "ppl_vs_length": {n: float(scale * rng.uniform(5, 40)) for n in ppl_lengths},
+            "passkey": {n: float(rng.random()) for n in passkey_lengths},
+            "cloze_acc": float(rng.random()),
+            "synthetic": {
+                "niah_single": {
+                    "mean": 0.5,
+                    "n": 2,
+                    "by_length": {n: float(rng.random()) for n in passkey_lengths},
+                    "by_length_depth": {n: {d: float(rng.random()) for d in depths} for n in passkey_lengths},
+                }
+            },
+        }
+
+    return {"teacher": metrics(1.0), "scaled": metrics(10.0), "restored": metrics(2.0)}
+
+
+def test_report_draws_only_plots_with_something_to_show_and_the_loss_curve(tmp_path):
+    rng = np.random.default_rng(41)
+    results = _three_models(rng, ppl_lengths=[1024], passkey_lengths=[2048])  # one length each
+    training = {"stage1": [{"step": s, "loss": float(3.0 / s), "lr": 1e-3} for s in (5, 10, 15)]}
+    written = report.write_report(tmp_path / "one", results, training=training)
+    pngs = {n for n in written if n.endswith(".png")}
+    assert pngs == {"loss_curve.png"}  # single points and one-column heatmaps are tables only
+    markdown = (tmp_path / "one" / "report.md").read_text()
+    assert "## Training" in markdown and "| stage1 | 3 | 0.6 (step 5) | 0.2 (step 15) |" in markdown
+    assert "![loss_curve.png](loss_curve.png)" in markdown and "| 2048 |" in markdown
+    loaded = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert [r["step"] for r in loaded["training"]["stage1"]] == [5, 10, 15]
+
+    results = _three_models(rng, ppl_lengths=[512, 1024, 2048], passkey_lengths=[1024, 2048])
+    written = report.write_report(tmp_path / "many", results, training={"stage1": [{"step": 1, "loss": 2.0}]})
+    pngs = {n for n in written if n.endswith(".png")}
+    assert {"ppl_vs_length.png", "passkey_vs_length.png", "heatmap_niah_single_restored.png"} <= pngs
+    assert "loss_curve.png" not in pngs  # one logged step
+
+
+def test_summary_rows_and_recovery_cover_every_length():
+    rng = np.random.default_rng(43)
+    results = _three_models(rng, ppl_lengths=[512, 2048], passkey_lengths=[1024, 2048])
+    rows = {label: (values, lower) for label, values, lower in report.summary_rows(results)}
+    assert list(rows) == [
+        "ppl (native length)",
+        "ppl @ 512",
+        "ppl @ 2048",
+        "cloze acc",
+        "passkey @ 1024",
+        "passkey @ 2048",
+        "niah_single @ 1024",
+        "niah_single @ 2048",
+    ]
+    values, lower = rows["ppl @ 2048"]
+    assert lower and values["restored"] == results["restored"]["ppl_vs_length"][2048]
+    t, s, r = (values[k] for k in ("teacher", "scaled", "restored"))
+    assert report.recovery(values, True) == pytest.approx((s - r) / (s - t))
+    values, lower = rows["passkey @ 1024"]
+    t, s, r = (values[k] for k in ("teacher", "scaled", "restored"))
+    assert not lower and report.recovery(values, False) == pytest.approx((r - s) / (t - s))
+    assert report.recovery({"teacher": 0.5, "scaled": 0.5, "restored": 0.9}, False) is None  # nothing lost
+    assert report.recovery({"teacher": 1.0, "scaled": 2.0}, True) is None
+
+    from lard_jax.evaluation import runner
+
+    table = runner.format_table(results).splitlines()
+    assert table[0].split() == ["metric", "teacher", "scaled", "restored", "recovery"]
+    line = next(x for x in table if x.startswith("ppl @ 2048"))
+    assert line.split()[-1] == f"{report.recovery(rows['ppl @ 2048'][0], True):.2f}"
+    assert len(table) == 1 + len(rows)

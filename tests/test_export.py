@@ -22,7 +22,7 @@ from lard_jax import export, hf, model_card, pipeline, safetensors_io, trainer
 from lard_jax.errors import UserError
 from lard_jax.model import LlamaForCausalLM
 from lard_jax.tokenizer import ByteTokenizer
-from tests.tiny import save_tiny_teacher
+from tests.tiny import save_tiny_teacher, write_word_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TRAINED = ("q_proj", "k_proj", "v_proj")
@@ -66,11 +66,7 @@ def assets(tmp_path_factory):
     for fname in shards:
         os.chmod(f16 / fname, 0o640)  # the export gives each file its checkpoint counterpart's mode
 
-    rng = np.random.default_rng(42)
-    words = "alpha beta gamma delta river stone light shadow under over".split()
-    (d / "data").mkdir()
-    for i in range(16):
-        (d / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 40)))
+    write_word_documents(d / "data", seed=42, count=16)
     return d
 
 

@@ -23,15 +23,9 @@ from lard_jax import tokenizer as tokenizer_lib  # noqa: E402
 from lard_jax.errors import UserError  # noqa: E402
 from lard_jax.model import LlamaConfig, init_params  # noqa: E402
 from lard_jax.tokenizer import load_tokenizer  # noqa: E402
+from tests.tiny_gguf import SENTENCES, SPECIALS, gguf_name, llamacpp_permute, train_bpe  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Position interpolation stretches rotary embeddings to longer contexts!",
-    "  leading spaces, numbers 12345 and punctuation: (a) [b] {c}?",
-    "Ünïcödé text — with dashes, émojis 🙂 and 日本語.",
-    "line one\nline two\n\ttabbed line",
-]
 CORPUS = (
     SENTENCES
     + [
@@ -41,7 +35,6 @@ CORPUS = (
     ]
     * 3
 )
-SPECIALS = ["<unk>", "<s>", "</s>"]
 # quantization per HF tensor kind: F32, F16, BF16, Q8_0 and the 4-bit Q4_0 / Q4_1 all appear
 TYPES = {
     "embed_tokens": Q.Q8_0,
@@ -61,51 +54,11 @@ TYPES = {
 # ----------------------------------------------------------------------------------------------
 # writing GGUF files the way llama.cpp's convert_hf_to_gguf.py does
 def _train_bpe():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=420,
-        special_tokens=SPECIALS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    vocab = tok.get_vocab()
-    tokens = [None] * len(vocab)
-    for token, i in vocab.items():
-        tokens[i] = token
-    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-    return tokens, merges
+    return train_bpe(420, corpus=CORPUS)
 
 
-def _gguf_name(hf_name):
-    top = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if hf_name in top:
-        return top[hf_name]
-    parts = hf_name.split(".")
-    block = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "q_proj": "attn_q",
-        "k_proj": "attn_k",
-        "v_proj": "attn_v",
-        "o_proj": "attn_output",
-        "gate_proj": "ffn_gate",
-        "up_proj": "ffn_up",
-        "down_proj": "ffn_down",
-    }
-    return f"blk.{parts[2]}.{block[parts[-2]]}.{parts[-1]}"
-
-
-def _llamacpp_permute(w, n_head):
-    """convert_hf_to_gguf.py's LlamaModel.permute: interleave each head's two rotary halves."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+_gguf_name = gguf_name
+_llamacpp_permute = llamacpp_permute
 
 
 def _kind(hf_name):

@@ -32,7 +32,7 @@ import pytest
 from experiments import restore as restore_cli
 from lard_jax import compile_cache, hf, preemption, safetensors_io, trainer, workdir_lock
 from lard_jax.model import LlamaForCausalLM
-from tests.tiny import save_tiny_teacher
+from tests.tiny import save_tiny_teacher, write_word_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = 300  # steps of the runs that a signal interrupts (~5 ms each on CPU): room to land mid-training
@@ -42,11 +42,7 @@ LONG = 300  # steps of the runs that a signal interrupts (~5 ms each on CPU): ro
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("reliability")
     save_tiny_teacher(d / "teacher", seed=41, max_position_embeddings=16)
-    rng = np.random.default_rng(42)
-    words = "alpha beta gamma delta river stone light shadow under over".split()
-    (d / "data").mkdir()
-    for i in range(24):
-        (d / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 40)))
+    write_word_documents(d / "data", seed=42, count=24)
     return d
 
 
@@ -242,26 +238,33 @@ def _two_processes(assets, workdir, logs, *extra):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_on_the_preemption_step(assets, tmp_path):
-    """SIGTERM to process 1 only: JAX's preemption sync manager (the coordination service) makes
-    both processes checkpoint the same step and stop; rerunning both resumes there."""
-    workdir = tmp_path / "run"
-    flags = ("--config.train.steps=40", "--config.train.checkpoint_every=100")  # SIGSTOP: no race to win
-    paths = [tmp_path / f"log{i}" for i in range(2)]
+def _run_two(assets, workdir, paths, flags, *, timeout, interrupt=False):
+    """Both processes to the end (after SIGTERM to process 1 at step 3 when `interrupt`); their
+    logs' texts. Killed if still running when it fails."""
     logs = [open(p, "w") for p in paths]
     procs = _two_processes(assets, workdir, logs, *flags)
     try:
-        _wait_for_step(workdir, 3, procs)
-        _signal_mid_training(procs[1], signal.SIGTERM)
+        if interrupt:
+            _wait_for_step(workdir, 3, procs)
+            _signal_mid_training(procs[1], signal.SIGTERM)
         for p in procs:
-            p.wait(timeout=120)
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
         for f in logs:
             f.close()
-    texts = [p.read_text() for p in paths]
+    return procs, [p.read_text() for p in paths]
+
+
+def test_two_processes_agree_on_the_preemption_step(assets, tmp_path):
+    """SIGTERM to process 1 only: JAX's preemption sync manager (the coordination service) makes
+    both processes checkpoint the same step and stop; rerunning both resumes there."""
+    workdir = tmp_path / "run"
+    flags = ("--config.train.steps=40", "--config.train.checkpoint_every=100")  # SIGSTOP: no race to win
+    paths = [tmp_path / f"log{i}" for i in range(2)]
+    procs, texts = _run_two(assets, workdir, paths, flags, timeout=120, interrupt=True)
     assert [p.returncode for p in procs] == [143, 143], [t[-2000:] for t in texts]
     lines = [_error_lines(t) for t in texts]
     assert all(len(x) == 1 for x in lines), texts
@@ -271,18 +274,7 @@ def test_two_processes_agree_on_the_preemption_step(assets, tmp_path):
     assert "agreed by all 2 processes" in lines[0][0]
     assert _steps(workdir)[-1] == stopped
 
-    logs = [open(p, "w") for p in paths]
-    procs = _two_processes(assets, workdir, logs, *flags)
-    try:
-        for p in procs:
-            p.wait(timeout=240)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for f in logs:
-            f.close()
-    texts = [p.read_text() for p in paths]
+    procs, texts = _run_two(assets, workdir, paths, flags, timeout=240)
     assert [p.returncode for p in procs] == [0, 0], [t[-2000:] for t in texts]
     assert all(f"resumed from step {stopped} " in t for t in texts)
     assert all(np.isfinite(v).all() for v in _tensors(workdir).values())

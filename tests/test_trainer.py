@@ -13,7 +13,7 @@ import pytest
 from configs import base
 from lard_jax import hf, losses, pipeline, safetensors_io, trainer
 from lard_jax.model import LlamaForCausalLM, relation_inputs
-from tests.tiny import save_tiny_teacher
+from tests.tiny import save_tiny_teacher, write_word_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,11 +23,7 @@ def assets(tmp_path_factory):
     """A tiny random teacher checkpoint and a folder of text documents."""
     d = tmp_path_factory.mktemp("assets")
     save_tiny_teacher(d / "teacher", seed=11, max_position_embeddings=16)
-    rng = np.random.default_rng(12)
-    words = "alpha beta gamma delta river stone light shadow under over".split()
-    (d / "data").mkdir()
-    for i in range(24):
-        (d / "data" / f"doc{i}.txt").write_text(" ".join(rng.choice(words, 40)))
+    write_word_documents(d / "data", seed=12, count=24)
     return d
 
 

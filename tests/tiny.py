@@ -22,3 +22,19 @@ def save_tiny_teacher(path, *, seed: int, max_position_embeddings: int, weight_s
     params = jax.tree_util.tree_map(lambda x: x * weight_scale if x.ndim == 2 else x, params)
     hf.save_pretrained(str(path), model, params)
     ByteTokenizer().save_pretrained(str(path))
+
+
+WORDS = "alpha beta gamma delta river stone light shadow under over".split()
+
+
+def write_word_documents(folder, *, seed: int, count: int, words_per_doc: int = 40) -> None:
+    """`count` text files doc<i>.txt of random words (a pipeline run's training data) in `folder`."""
+    import os
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        with open(os.path.join(folder, f"doc{i}.txt"), "w") as f:
+            f.write(" ".join(rng.choice(WORDS, words_per_doc)))

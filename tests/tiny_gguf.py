@@ -41,8 +41,9 @@ _BLOCK = {
 }
 
 
-def train_bpe(vocab_size: int = 400) -> tuple[list[str], list[str]]:
-    """(tokens in id order, merges as "a b" strings) of a byte-level BPE with SPECIALS first."""
+def train_bpe(vocab_size: int = 400, corpus=None) -> tuple[list[str], list[str]]:
+    """(tokens in id order, merges as "a b" strings) of a byte-level BPE with SPECIALS first,
+    trained on `corpus` (default CORPUS)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -53,21 +54,22 @@ def train_bpe(vocab_size: int = 400) -> tuple[list[str], list[str]]:
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(CORPUS if corpus is None else corpus, trainer)
     vocab = tok.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
     return tokens, merges
 
 
-def _gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str) -> str:
+    """The llama.cpp name of a Hugging Face Llama tensor name."""
     if hf_name in _TOP:
         return _TOP[hf_name]
     parts = hf_name.split(".")
     return f"blk.{parts[2]}.{_BLOCK[parts[-2]]}.{parts[-1]}"
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+def llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's permute(): each head's two rotary halves interleaved."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -120,10 +122,10 @@ def save_tiny_gguf(path, *, seed: int = 3, pre: str = "default", chat_template: 
         tensor = np.asarray(leaf, np.float32)
         tensor = np.ascontiguousarray(tensor.T if transpose else tensor)
         if ".q_proj." in name:
-            tensor = _permute(tensor, cfg.num_attention_heads)
+            tensor = llamacpp_permute(tensor, cfg.num_attention_heads)
         elif ".k_proj." in name:
-            tensor = _permute(tensor, cfg.num_key_value_heads)
-        w.add_tensor(_gguf_name(name), tensor if tensor.ndim == 1 else tensor.astype(np.float16))
+            tensor = llamacpp_permute(tensor, cfg.num_key_value_heads)
+        w.add_tensor(gguf_name(name), tensor if tensor.ndim == 1 else tensor.astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -20,8 +20,12 @@ JSON object keys, hence strings; accuracies are fractions in [0, 1]; NaN/inf bec
       },
       "distortion": {"<model name>": {"q": [[float]], "k": [[float]], "v": [[float]]}},
                                                        # distortion.relation_distortion, [layer][head]
+      "training": {"<stage>": [{"step": int, "loss": float, ...}]},  # the run's metrics_<stage>.jsonl
       "meta": {"title": str, "created_utc": str, "model_order": [str], ...caller's meta}
     }
+
+A plot is drawn only when it has something to show: a curve against length needs two lengths, a
+depth x length heatmap two lengths, the loss curve two logged steps; the tables carry the rest.
 
 Columns follow the order teacher, scaled, restored, then any other model (baselines) in the
 order given. Files are written to a temporary name in `run_dir` and renamed into place.
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_report", "MODEL_ORDER"]
+__all__ = ["write_report", "MODEL_ORDER", "summary_rows", "recovery"]
 
 MODEL_ORDER = ("teacher", "scaled", "restored")
 
@@ -51,8 +55,10 @@ def write_report(
     distortion: dict[str, dict[str, Any]] | None = None,
     title: str = "LinearARD evaluation",
     meta: dict | None = None,
+    training: dict[str, list[dict]] | None = None,
 ) -> dict[str, str]:
-    """Writes the report files under `run_dir`; returns {name: path} of everything written."""
+    """Writes the report files under `run_dir`; returns {name: path} of everything written.
+    `training`: stage -> logged train metrics (records with "step" and "loss"), for the loss curve."""
     run_dir = os.fspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     models = _ordered(results)
@@ -67,6 +73,8 @@ def write_report(
     }
     if distortion:
         report["distortion"] = {name: _jsonable(distortion[name]) for name in _ordered(distortion)}
+    if training:
+        report["training"] = {stage: _jsonable(list(records)) for stage, records in training.items() if records}
 
     written = {"report.json": os.path.join(run_dir, "report.json")}
     _atomic_write(written["report.json"], lambda f: f.write(json.dumps(report, indent=2, allow_nan=False).encode()))
@@ -145,7 +153,7 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
         ("passkey", "passkey accuracy", "passkey_vs_length.png", False),
     ):
         curves = {m: metrics[key] for m, metrics in models.items() if metrics.get(key)}
-        if not curves:
+        if max((len(c) for c in curves.values()), default=0) < 2:  # one point per model: the table says it
             continue
         figure, axis = plt.subplots(figsize=(6, 4))
         for model, curve in curves.items():
@@ -162,6 +170,8 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
 
     def heatmap(grid: dict, title: str, name: str) -> None:
         lengths, depths, values = _grid_values(grid)
+        if len(lengths) < 2:  # one column: the markdown table shows it
+            return
         figure, axis = plt.subplots(figsize=(1.0 + 0.8 * len(lengths), 1.0 + 0.5 * len(depths)))
         image = axis.imshow(values, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
         axis.set_xticks(range(len(lengths)), [str(int(float(l))) for l in lengths])
@@ -180,9 +190,27 @@ def _write_plots(run_dir: str, report: dict) -> dict[str, str]:
             grid = result.get("by_length_depth") or {}
             if grid:
                 heatmap(grid, f"{task}: {model}", f"heatmap_{_safe_name(task)}_{_safe_name(model)}.png")
-        combined = _mean_depth_grid(metrics)
+        needle_tasks = [r for r in (metrics.get("synthetic") or {}).values() if r.get("by_length_depth")]
+        combined = _mean_depth_grid(metrics) if len(needle_tasks) > 1 else {}  # one task: its own map
         if combined:  # one depth x length map per model: the mean over its needle tasks
             heatmap(combined, f"needle tasks (mean): {model}", f"heatmap_depth_length_{_safe_name(model)}.png")
+
+    curves = {
+        stage: [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and r.get("step") is not None]
+        for stage, records in (report.get("training") or {}).items()
+    }
+    if any(len(c) >= 2 for c in curves.values()):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        offset = 0
+        for stage, points in curves.items():  # stages one after another on one step axis
+            if points:
+                axis.plot([offset + s for s, _ in points], [v for _, v in points], marker=".", label=stage)
+                offset += max(s for s, _ in points)
+        axis.set_xlabel("step")
+        axis.set_ylabel("training loss")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        save(figure, "loss_curve.png")
 
     from matplotlib.ticker import MaxNLocator
 
@@ -340,12 +368,74 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
         for name in (n for n in plots if n.startswith("distortion_")):
             lines.extend([f"![{name}]({name})", ""])
 
+    training = report.get("training") or {}
+    if training:
+        lines.extend(["## Training", "", "| stage | logged steps | first loss | last loss |", "|---|---|---|---|"])
+        for stage, records in training.items():
+            losses = [(r.get("step"), r.get("loss")) for r in records if r.get("loss") is not None]
+            if losses:
+                (s0, l0), (s1, l1) = losses[0], losses[-1]
+                lines.append(f"| {stage} | {len(losses)} | {l0:.4g} (step {s0}) | {l1:.4g} (step {s1}) |")
+        lines.append("")
+        if "loss_curve.png" in plots:
+            lines.extend(["![loss_curve.png](loss_curve.png)", ""])
+
     known = {"short_ppl", "ppl_vs_length", "passkey", "tasks", "synthetic"}
     others = sorted(
         {k for m in models_metrics.values() for k, v in m.items() if k not in known and isinstance(v, (int, float))}
     )
     section("Other metrics", "metric", [(k, [m.get(k) for m in models_metrics.values()], False) for k in others])
     return "\n".join(lines)
+
+
+def recovery(values: dict[str, Any], lower_is_better: bool) -> float | None:
+    """The share of what scaling lost that restoration won back: (scaled - restored) / (scaled -
+    teacher) for perplexity, (restored - scaled) / (teacher - scaled) for accuracy; None when a
+    model is missing or scaling changed nothing."""
+    t, sc, r = (values.get(k) for k in ("teacher", "scaled", "restored"))
+    if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in (t, sc, r)) or t == sc:
+        return None
+    return (sc - r) / (sc - t) if lower_is_better else (r - sc) / (t - sc)
+
+
+def summary_rows(models_metrics: dict[str, dict]) -> list[tuple[str, dict[str, Any], bool]]:
+    """Every headline number of a report, one row per (metric, length): (label, {model: value},
+    lower_is_better). Perplexity at the native length and at each evaluated length, the tasks'
+    accuracies, passkey and each synthetic task at each length."""
+    rows: list[tuple[str, dict[str, Any], bool]] = []
+
+    def add(label, get, lower):
+        values = {m: get(metrics) for m, metrics in models_metrics.items()}
+        if any(v is not None for v in values.values()):
+            rows.append((label, values, lower))
+
+    def at(mapping, length):
+        return (mapping or {}).get(length, (mapping or {}).get(str(length)))
+
+    add("ppl (native length)", lambda m: m.get("short_ppl"), True)
+    for length in _sorted_numeric({l for m in models_metrics.values() for l in (m.get("ppl_vs_length") or {})}):
+        add(f"ppl @ {length}", lambda m, length=length: at(m.get("ppl_vs_length"), length), True)
+    if any("cloze_acc" in m for m in models_metrics.values()):
+        add("cloze acc", lambda m: m.get("cloze_acc"), False)
+    for task in sorted({t for m in models_metrics.values() for t in (m.get("tasks") or {})}):
+        add(f"{task} acc", lambda m, task=task: (m.get("tasks") or {}).get(task, {}).get("acc"), False)
+    for length in _sorted_numeric({l for m in models_metrics.values() for l in (m.get("passkey") or {})}):
+        add(f"passkey @ {length}", lambda m, length=length: at(m.get("passkey"), length), False)
+    for task in sorted({t for m in models_metrics.values() for t in (m.get("synthetic") or {})} - {"passkey"}):
+        lengths = {
+            l
+            for m in models_metrics.values()
+            for l in ((m.get("synthetic") or {}).get(task) or {}).get("by_length", {})
+        }
+        for length in _sorted_numeric(lengths):
+            add(
+                f"{task} @ {length}",
+                lambda m, task=task, length=length: at(
+                    ((m.get("synthetic") or {}).get(task) or {}).get("by_length"), length
+                ),
+                False,
+            )
+    return rows
 
 
 def _by_length_rows(models_metrics: dict, key: str, percent: bool) -> list[tuple[str, list[Any], bool]]:

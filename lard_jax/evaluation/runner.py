@@ -160,8 +160,10 @@ def evaluate_suite(
     title: str = "LinearARD evaluation",
     meta: dict | None = None,
     results: dict | None = None,
+    training: dict[str, list[dict]] | None = None,
 ) -> dict:
-    """Evaluate every (model, params) in `models`, add distortion vs the teacher, write the report."""
+    """Evaluate every (model, params) in `models`, add distortion vs the teacher, write the report
+    (with the loss curve of `training`: stage -> logged train metrics)."""
     from lard_jax.evaluation import report as report_lib
 
     results = dict(results or {})
@@ -176,25 +178,32 @@ def evaluate_suite(
                 dist[name] = relation_distortion_vs(
                     teacher, t_params, model, params, token_docs, seq_len=spec.native_len
                 )
-    report_lib.write_report(run_dir, results, distortion=dist or None, title=title, meta=meta)
+    report_lib.write_report(run_dir, results, distortion=dist or None, title=title, meta=meta, training=training)
     return results
 
 
-def print_table(results: dict[str, dict]) -> None:
-    keys = ["short_ppl", "cloze_acc"]
+def format_table(results: dict[str, dict]) -> str:
+    """Every headline number (report.summary_rows: perplexity and each task at every length) for
+    the models side by side, plus a `recovery` column where teacher, scaled and restored are all
+    present: the share of what scaling lost that restoration won back (report.recovery)."""
+    from lard_jax.evaluation import report as report_lib
+
+    rows = report_lib.summary_rows(results)
     cols = list(results)
-    lines = [f"{'metric':24}" + "".join(f"{c:>14}" for c in cols)]
-    rows = [(k, lambda r, k=k: r.get(k)) for k in keys]
-    lengths = sorted({int(l) for r in results.values() for l in (r.get("passkey") or {})})
-    rows += [
-        (f"passkey@{l}", lambda r, l=l: (r.get("passkey") or {}).get(l, (r.get("passkey") or {}).get(str(l))))
-        for l in lengths
-    ]
-    for name, get in rows:
-        vals = [get(results[c]) for c in cols]
-        if all(v is None for v in vals):
-            continue
-        lines.append(
-            f"{name:24}" + "".join(f"{v:>14.4g}" if isinstance(v, (int, float)) else f"{'-':>14}" for v in vals)
+    with_recovery = {"teacher", "scaled", "restored"} <= set(cols)
+    width = max([24] + [len(label) + 2 for label, _, _ in rows])
+    head = f"{'metric':{width}}" + "".join(f"{c:>14}" for c in cols) + (f"{'recovery':>10}" if with_recovery else "")
+    lines = [head]
+    for label, values, lower in rows:
+        cells = "".join(
+            f"{values[c]:>14.4g}" if isinstance(values.get(c), (int, float)) else f"{'-':>14}" for c in cols
         )
-    print("\n".join(lines))
+        if with_recovery:
+            rec = report_lib.recovery(values, lower)
+            cells += f"{rec:>10.2f}" if rec is not None else f"{'-':>10}"
+        lines.append(f"{label:{width}}" + cells)
+    return "\n".join(lines)
+
+
+def print_table(results: dict[str, dict]) -> None:
+    print(format_table(results))
