@@ -26,13 +26,17 @@ not compile them again.
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import os
+import pickle
 import sys
 import threading
 import time
 import traceback
+
+import numpy as np
 
 from lard_jax import hf, pipeline
 from lard_jax.compile_cache import CACHE_SUBDIR, enable_compilation_cache
@@ -126,6 +130,40 @@ def run_row(base, name: str, r: dict, args) -> dict:
     }
 
 
+class PromptCache:
+    """The passkey / NIAH prompts of earlier rows and calls (`synthetic.evaluate_synthetic`'s
+    examples_cache) in a pickle: building and tokenising 900 prompts of up to 32K tokens takes
+    ~100 s of host time a call otherwise. Tied to the tokenizer by a fingerprint (its ids for a
+    probe text); a file of another tokenizer is ignored and replaced. `--prompts_only` builds the
+    file without a model or GPU (e.g. here, to carry it to the device)."""
+
+    PROBE = "Passkey 12345: The grass is green. The sky is blue. Ünïcödé, tabs\tand\nnewlines."
+
+    def __init__(self, path: str, tokenizer):
+        self.path = path
+        self.fingerprint = [int(x) for x in tokenizer.encode(self.PROBE)]
+        self.examples: dict = {}
+        if os.path.exists(path):
+            with gzip.open(path, "rb") as f:
+                saved = pickle.load(f)
+            if saved.get("fingerprint") == self.fingerprint:
+                for key, example in saved["examples"].items():
+                    self.examples[key] = {**example, "prompt_ids": [int(x) for x in example["prompt_ids"]]}
+                print(f"[setup] {len(self.examples)} built prompts from {path}", flush=True)
+        self._saved = len(self.examples)
+
+    def save(self) -> None:
+        if len(self.examples) == self._saved:
+            return
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = self.path + ".tmp"
+        compact = {k: {**e, "prompt_ids": np.asarray(e["prompt_ids"], np.int32)} for k, e in self.examples.items()}
+        with gzip.open(tmp, "wb", compresslevel=6) as f:  # the haystacks repeat: a few MB for 900 prompts
+            pickle.dump({"fingerprint": self.fingerprint, "examples": compact}, f, protocol=4)
+        os.replace(tmp, self.path)
+        self._saved = len(self.examples)
+
+
 class RowClock:
     """Seconds spent on a row over every call that worked on it: the running total is rewritten to
     `path` every few seconds (a call cut by its time limit loses at most that much), and read back
@@ -138,11 +176,14 @@ class RowClock:
             with open(path) as f:
                 self.before = float(json.load(f)["seconds"])
         self._t0 = 0.0
+        self.total_at_exit: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @property
     def total(self) -> float:
+        if self.total_at_exit is not None:
+            return self.total_at_exit
         return self.before + (time.perf_counter() - self._t0)
 
     def _write(self) -> None:
@@ -164,8 +205,8 @@ class RowClock:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.total_at_exit = self.total  # frozen: what is written is what the row reports
         self._write()
-        self.total_at_exit = self.total
 
 
 def long_stream(token_docs, eos_id) -> list[list[int]]:
@@ -221,7 +262,7 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: s
     generate = eval_runner.generate_fn_for(model, params, batch_size=args.gen_batch)  # one length's prompts at once
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    for task in ("passkey", "niah_single", "niah_multikey"):
+    for task in RETRIEVAL_TASKS:
         out = synthetic.evaluate_synthetic(
             generate,
             tokenizer,
@@ -241,6 +282,27 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: s
 
 
 RETRIEVAL_TASKS = ("passkey", "niah_single", "niah_multikey")
+
+
+def build_prompts(tokenizer, args, examples: dict) -> None:
+    """Every passkey / NIAH prompt `evaluate` will use, into `examples` (no model: the stand-in
+    decoder returns nothing, its scores are dropped)."""
+    lengths = [int(x) for x in args.lengths.split(",")]
+    depths = [float(x) for x in args.depths.split(",")]
+    for task in RETRIEVAL_TASKS:
+        t = time.perf_counter()
+        synthetic.evaluate_synthetic(
+            lambda ids, n: [],
+            tokenizer,
+            task,
+            lengths,
+            depths,
+            args.samples_per_depth,
+            0,
+            progress=False,
+            examples_cache=examples,
+        )
+        print(f"[prompts] {task}: {time.perf_counter() - t:.1f}s", flush=True)
 
 
 def plot_retrieval(out_dir: str, results: dict) -> str | None:
@@ -345,6 +407,12 @@ def main(argv=None):
         default="",
         help="JAX persistent compilation cache dir ('' = <workdir>/jax_compilation_cache)",
     )
+    p.add_argument(
+        "--prompt_cache",
+        default="",
+        help="built passkey/NIAH prompts (gzip pickle) for later calls ('' = <workdir>/synthetic_prompts.pkl.gz)",
+    )
+    p.add_argument("--prompts_only", action="store_true", help="build the --prompt_cache file and exit (no model)")
     p.add_argument("--plot_only", action="store_true", help="redraw the table and plot from <out>'s JSON")
     args = p.parse_args(argv)
     if args.plot_only:
@@ -392,6 +460,12 @@ def main(argv=None):
 
     print(f"[setup] {time.perf_counter() - t_start:.0f}s: loading tokenizer, teacher, held-out text", flush=True)
     tokenizer = load_tokenizer(base.data.tokenizer or base.model.checkpoint)
+    prompt_cache = PromptCache(args.prompt_cache or os.path.join(args.workdir, "synthetic_prompts.pkl.gz"), tokenizer)
+    if args.prompts_only:
+        build_prompts(tokenizer, args, prompt_cache.examples)
+        prompt_cache.save()
+        print(f"{len(prompt_cache.examples)} prompts in {prompt_cache.path}", flush=True)
+        return
     teacher, frozen = as_scanned(*hf.load_pretrained(base.model.checkpoint, dtype=dtype_of(args.eval_dtype)))
     docs = eval_runner.heldout_token_docs(args.heldout, tokenizer)
     stream = long_stream(docs, getattr(tokenizer, "eos_id", None))
@@ -399,7 +473,7 @@ def main(argv=None):
     wanted = [r for r in args.rows.split(",") if r]
     print(f"[setup] {time.perf_counter() - t_start:.0f}s: {sum(map(len, docs))} held-out tokens", flush=True)
     per_row_estimate = 0.0
-    prompts: dict = {}  # passkey / NIAH prompts, built and tokenised once for every row of this call
+    prompts = prompt_cache.examples  # passkey / NIAH prompts: built once for every row and later call
     for name in wanted:
         if name in results and "error" not in results[name]:
             print(f"[{name}] done already, skipped", flush=True)
@@ -421,6 +495,7 @@ def main(argv=None):
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         per_row_estimate = max(per_row_estimate, time.perf_counter() - t_row)
         write_tables(args.out, results, meta)
+        prompt_cache.save()
     write_tables(args.out, results, meta)
 
 

@@ -611,9 +611,10 @@ def evaluate_synthetic(
     fwe) have an empty "by_length_depth". Example i at
     (length, depth) is drawn from its own seed, so results do not depend on which others ran.
 
-    `examples_cache`: a dict the caller keeps across calls with the same tokenizer and filler
-    (several models on the same prompts): each prompt is built and tokenised once (at 32K tokens
-    that is most of a small model's evaluation time).
+    `examples_cache`: a dict the caller keeps across calls with the same tokenizer (several models
+    on the same prompts; keys are (task, seed, length, depth, i, filler), plain values, so it can
+    be pickled for a later process): each prompt is built and tokenised once (at 32K tokens that
+    is most of a small model's evaluation time).
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(TASKS)}")
@@ -624,7 +625,7 @@ def evaluate_synthetic(
 
     def example_at(length, depth, i):
         depth_key = -1 if depth is None else int(round(depth * 1000))
-        key = (task, seed, int(length), depth_key, i, id(tokenizer), None if filler is None else tuple(filler))
+        key = (task, seed, int(length), depth_key, i, None if filler is None else tuple(filler))
         if examples_cache is not None and key in examples_cache:
             return examples_cache[key]
         rng = np.random.default_rng([seed, task_index, length, depth_key + 1, i])
