@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import pickle
@@ -134,14 +136,21 @@ class PromptCache:
     """The passkey / NIAH prompts of earlier rows and calls (`synthetic.evaluate_synthetic`'s
     examples_cache) in a pickle: building and tokenising 900 prompts of up to 32K tokens takes
     ~100 s of host time a call otherwise. Tied to the tokenizer by a fingerprint (its ids for a
-    probe text); a file of another tokenizer is ignored and replaced. `--prompts_only` builds the
-    file without a model or GPU (e.g. here, to carry it to the device)."""
+    probe text, with and without bos) and to the prompt-building code (a hash of
+    lard_jax/evaluation/synthetic.py): a file of another tokenizer or older code is ignored and
+    replaced. `--prompts_only` builds the file without a model or GPU (e.g. here, to carry it to the
+    device)."""
 
     PROBE = "Passkey 12345: The grass is green. The sky is blue. Ünïcödé, tabs\tand\nnewlines."
 
     def __init__(self, path: str, tokenizer):
         self.path = path
-        self.fingerprint = [int(x) for x in tokenizer.encode(self.PROBE)]
+        self.fingerprint = {
+            "ids": [int(x) for x in tokenizer.encode(self.PROBE)],
+            "ids_bos": [int(x) for x in tokenizer.encode(self.PROBE, add_bos=True)],
+            # the prompts' code (templates, haystack, fitting, task order): any change rebuilds them
+            "synthetic_py": hashlib.sha256(inspect.getsource(synthetic).encode()).hexdigest()[:16],
+        }
         self.examples: dict = {}
         if os.path.exists(path):
             with gzip.open(path, "rb") as f:

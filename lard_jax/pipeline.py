@@ -419,7 +419,15 @@ def _run_locked(config) -> dict:
     if plan.eval is not None:
         summary.update(
             evaluate_run(
-                config, plan.tokenizer, teacher, student, frozen, student_params, docs=plan.eval_docs, spec=plan.eval
+                config,
+                plan.tokenizer,
+                teacher,
+                student,
+                frozen,
+                student_params,
+                docs=plan.eval_docs,
+                spec=plan.eval,
+                stages=[stage.name for stage in plan.stages],
             )
         )
         if jax.process_index() == 0:  # the student's card gains the report's table
@@ -454,17 +462,21 @@ def _print_outputs(workdir: str, hf_student: str, deleted: str | None) -> None:
     print("\n".join(lines))
 
 
-def _train_metrics(workdir: str) -> dict[str, list[dict]]:
-    """stage -> the records of <workdir>/metrics_<stage>.jsonl (for the report's loss curve)."""
+def _train_metrics(workdir: str, stages) -> dict[str, list[dict]]:
+    """stage -> the records of <workdir>/metrics_<stage>.jsonl for this run's stages (the report's
+    loss curve; a file an earlier run in the workdir left for another stage is not read)."""
     out: dict[str, list[dict]] = {}
-    for name in sorted(os.listdir(workdir)) if os.path.isdir(workdir) else ():
-        if name.startswith("metrics_") and name.endswith(".jsonl"):
-            with open(os.path.join(workdir, name)) as f:
-                out[name[len("metrics_") : -len(".jsonl")]] = [json.loads(line) for line in f if line.strip()]
+    for stage in stages:
+        path = os.path.join(workdir, f"metrics_{stage}.jsonl")
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[stage] = [json.loads(line) for line in f if line.strip()]
     return out
 
 
-def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, docs=None, spec=None) -> dict:
+def evaluate_run(
+    config, tokenizer, teacher, student, frozen, student_params, docs=None, spec=None, stages=("stage1", "stage2")
+) -> dict:
     """Teacher, scaled (untrained) and restored student side by side -> <workdir>/report.*"""
     from lard_jax.evaluation import runner as eval_runner
 
@@ -482,7 +494,7 @@ def evaluate_run(config, tokenizer, teacher, student, frozen, student_params, do
         distortion=config.eval.distortion,
         title=f"LinearARD restoration: {rope_lib.describe_rope(student.config.rope_scaling_dict)}",
         meta={"method": config.loss.method, "checkpoint": config.model.checkpoint},
-        training=_train_metrics(config.workdir),
+        training=_train_metrics(config.workdir, stages),
     )
     eval_runner.print_table(results)
     ppl = {k: results[k].get("short_ppl") for k in models}

@@ -237,6 +237,11 @@ def save_sharded(shards: list[dict], folder: str) -> None:
     """Write tensors already grouped into shards to `folder` as transformers does: one shard as
     model.safetensors; several as model-0000i-of-0000n.safetensors plus model.safetensors.index.json
     (total_size and the weight map)."""
+    if not shards:
+        raise ValueError(f"save_sharded({folder}): no tensors to write")
+    for name in os.listdir(folder):  # a previous save's weights: transformers would read those first
+        if name == "model.safetensors.index.json" or (name.startswith("model") and name.endswith(".safetensors")):
+            os.remove(os.path.join(folder, name))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(folder, "model.safetensors"), {"format": "pt"})
         return
@@ -246,5 +251,7 @@ def save_sharded(shards: list[dict], folder: str) -> None:
         save_file(shard, os.path.join(folder, fname), {"format": "pt"})
         weight_map.update({n: fname for n in shard})
         total += sum(t.nbytes for t in shard.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index + ".tmp", "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    os.replace(index + ".tmp", index)

@@ -609,3 +609,32 @@ def test_summary_rows_and_recovery_cover_every_length():
     line = next(x for x in table if x.startswith("ppl @ 2048"))
     assert line.split()[-1] == f"{report.recovery(rows['ppl @ 2048'][0], True):.2f}"
     assert len(table) == 1 + len(rows)
+
+
+def test_recovery_is_none_where_scaling_lost_nothing_and_lengths_merge_across_key_types():
+    assert report.recovery({"teacher": 900.0, "scaled": 20.0, "restored": 15.0}, True) is None  # past the window
+    assert report.recovery({"teacher": 0.0, "scaled": 0.3, "restored": 0.8}, False) is None
+    assert report.recovery({"teacher": 10.0, "scaled": 30.0, "restored": 15.0}, True) == pytest.approx(0.75)
+    results = {  # the teacher read back from report.json (string lengths), the others fresh (ints)
+        "teacher": {"ppl_vs_length": {"2048": 10.0}, "passkey": {"1024": 1.0}},
+        "scaled": {"ppl_vs_length": {2048: 20.0}, "passkey": {1024: 0.0}},
+        "restored": {"ppl_vs_length": {2048: 12.0}, "passkey": {1024: 0.5}},
+    }
+    rows = report.summary_rows(results)
+    assert [label for label, _, _ in rows] == ["ppl @ 2048", "passkey @ 1024"]
+    assert rows[0][1] == {"teacher": 10.0, "scaled": 20.0, "restored": 12.0}
+
+
+def test_one_length_several_needle_tasks_keep_each_tasks_depths_in_the_markdown(tmp_path):
+    grid = lambda top, bottom: {1024: {0.1: top, 0.9: bottom}}  # noqa: E731
+    metrics = {
+        "synthetic": {
+            "passkey": {"mean": 1.0, "by_length": {1024: 1.0}, "by_length_depth": grid(1.0, 1.0)},
+            "niah_single": {"mean": 0.5, "by_length": {1024: 0.5}, "by_length_depth": grid(1.0, 0.0)},
+        }
+    }
+    report.write_report(tmp_path, {"restored": metrics})
+    markdown = (tmp_path / "report.md").read_text()
+    niah = markdown.split("### Needle depth x length: niah_single, restored (%)")[1]
+    assert niah.split("\n\n")[1].splitlines()[2:4] == ["| 10% | 100 |", "| 90% | 0 |"]
+    assert "### Needle depth x length: restored (mean over needle tasks) (%)" in markdown

@@ -55,3 +55,20 @@ def test_row_clock_adds_seconds_over_calls(tmp_path):
     with table1_real.RowClock(path, every_s=0.01) as clock:
         pass
     assert clock.before == first and clock.total_at_exit >= first
+
+
+class _BosBytes(ByteTokenizer):
+    """The byte ids, but another bos id: prompts built with bos differ, the plain ids do not."""
+
+    def encode(self, text, add_bos=False):
+        ids = super().encode(text, add_bos=False)
+        return ([250] + ids) if add_bos else ids
+
+
+def test_prompt_cache_fingerprint_sees_the_bos(tmp_path):
+    path = str(tmp_path / "p.pkl.gz")
+    cache = table1_real.PromptCache(path, ByteTokenizer())
+    cache.examples[("passkey", 0, 300, 500, 0, None)] = {"prompt_ids": [1, 2, 3]}
+    cache.save()
+    assert len(table1_real.PromptCache(path, ByteTokenizer()).examples) == 1
+    assert table1_real.PromptCache(path, _BosBytes()).examples == {}

@@ -329,23 +329,15 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
     heatmaps = [name for name in plots if name.startswith("heatmap_")]  # in model order
     section("Synthetic long-context tasks (%)", "task", rows, heatmaps)
     for model, metrics in models_metrics.items():
-        combined = _mean_depth_grid(metrics)
-        if not combined:
-            continue
-        lengths, depths, values = _grid_values(combined)
-        lines.extend(
-            [
-                f"### Needle depth x length, {model} (mean over needle tasks, %)",
-                "",
-                "| depth | " + " | ".join(str(int(float(l))) for l in lengths) + " |",
-                "|---" * (len(lengths) + 1) + "|",
-            ]
-        )
-        for depth, row in zip(depths, values):
-            lines.append(
-                f"| {float(depth):.0%} | " + " | ".join("n/a" if np.isnan(v) else f"{100 * v:.0f}" for v in row) + " |"
-            )
-        lines.append("")
+        grids = [
+            (f"{task}, {model}", r["by_length_depth"])
+            for task, r in (metrics.get("synthetic") or {}).items()
+            if r.get("by_length_depth")
+        ]
+        if len(grids) > 1:  # each task's own map, then their mean
+            grids.append((f"{model} (mean over needle tasks)", _mean_depth_grid(metrics)))
+        for heading, grid in grids:
+            _depth_table(lines, heading, grid)
 
     distortion = report.get("distortion") or {}
     if distortion:
@@ -391,11 +383,14 @@ def _markdown(report: dict, plots: dict[str, str]) -> str:
 def recovery(values: dict[str, Any], lower_is_better: bool) -> float | None:
     """The share of what scaling lost that restoration won back: (scaled - restored) / (scaled -
     teacher) for perplexity, (restored - scaled) / (teacher - scaled) for accuracy; None when a
-    model is missing or scaling changed nothing."""
+    model is missing or scaling did not make the model worse than the teacher."""
     t, sc, r = (values.get(k) for k in ("teacher", "scaled", "restored"))
-    if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in (t, sc, r)) or t == sc:
+    if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in (t, sc, r)):
         return None
-    return (sc - r) / (sc - t) if lower_is_better else (r - sc) / (t - sc)
+    lost = (sc - t) if lower_is_better else (t - sc)
+    if lost <= 0:  # scaling lost nothing here (past its window the teacher is often the worse one)
+        return None
+    return (sc - r) / lost if lower_is_better else (r - sc) / lost
 
 
 def summary_rows(models_metrics: dict[str, dict]) -> list[tuple[str, dict[str, Any], bool]]:
@@ -409,25 +404,28 @@ def summary_rows(models_metrics: dict[str, dict]) -> list[tuple[str, dict[str, A
         if any(v is not None for v in values.values()):
             rows.append((label, values, lower))
 
+    def norm(mapping):  # lengths as ints: fresh results use ints, report.json round-trips strings
+        return {int(float(k)): v for k, v in (mapping or {}).items()}
+
     def at(mapping, length):
-        return (mapping or {}).get(length, (mapping or {}).get(str(length)))
+        return norm(mapping).get(length)
 
     add("ppl (native length)", lambda m: m.get("short_ppl"), True)
-    for length in _sorted_numeric({l for m in models_metrics.values() for l in (m.get("ppl_vs_length") or {})}):
+    for length in sorted({l for m in models_metrics.values() for l in norm(m.get("ppl_vs_length"))}):
         add(f"ppl @ {length}", lambda m, length=length: at(m.get("ppl_vs_length"), length), True)
     if any("cloze_acc" in m for m in models_metrics.values()):
         add("cloze acc", lambda m: m.get("cloze_acc"), False)
     for task in sorted({t for m in models_metrics.values() for t in (m.get("tasks") or {})}):
         add(f"{task} acc", lambda m, task=task: (m.get("tasks") or {}).get(task, {}).get("acc"), False)
-    for length in _sorted_numeric({l for m in models_metrics.values() for l in (m.get("passkey") or {})}):
+    for length in sorted({l for m in models_metrics.values() for l in norm(m.get("passkey"))}):
         add(f"passkey @ {length}", lambda m, length=length: at(m.get("passkey"), length), False)
     for task in sorted({t for m in models_metrics.values() for t in (m.get("synthetic") or {})} - {"passkey"}):
         lengths = {
             l
             for m in models_metrics.values()
-            for l in ((m.get("synthetic") or {}).get(task) or {}).get("by_length", {})
+            for l in norm(((m.get("synthetic") or {}).get(task) or {}).get("by_length"))
         }
-        for length in _sorted_numeric(lengths):
+        for length in sorted(lengths):
             add(
                 f"{task} @ {length}",
                 lambda m, task=task, length=length: at(
@@ -436,6 +434,24 @@ def summary_rows(models_metrics: dict[str, dict]) -> list[tuple[str, dict[str, A
                 False,
             )
     return rows
+
+
+def _depth_table(lines: list[str], heading: str, grid: dict) -> None:
+    """A needle depth x length table (%) under `heading`."""
+    lengths, depths, values = _grid_values(grid)
+    lines.extend(
+        [
+            f"### Needle depth x length: {heading} (%)",
+            "",
+            "| depth | " + " | ".join(str(int(float(l))) for l in lengths) + " |",
+            "|---" * (len(lengths) + 1) + "|",
+        ]
+    )
+    for depth, row in zip(depths, values):
+        lines.append(
+            f"| {float(depth):.0%} | " + " | ".join("n/a" if np.isnan(v) else f"{100 * v:.0f}" for v in row) + " |"
+        )
+    lines.append("")
 
 
 def _by_length_rows(models_metrics: dict, key: str, percent: bool) -> list[tuple[str, list[Any], bool]]:

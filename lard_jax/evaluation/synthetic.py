@@ -136,14 +136,16 @@ def _fit(render: Callable[[int], str], tokenizer: Any, budget: int, add_bos: boo
     if len(ids(0)) > budget:
         raise ValueError(f"{task}: the prompt alone is {len(ids(0))} tokens, over the budget of {budget}")
     probe = 8
-    per_unit = max((len(ids(probe)) - len(ids(0))) / probe, 1e-3)
+    per_unit = max((len(ids(probe)) - len(ids(0))) / probe, 1.0 / probe)  # a unit is at least part of a token
     low, high = 0, max(probe, int((budget - len(ids(0))) / per_unit * 1.1) + 1)
     while len(ids(high)) <= budget:
+        if high > max(1 << 20, 64 * budget):  # the prompt stopped growing with n: a render that ignores it
+            raise ValueError(f"{task}: the prompt does not grow with its filler count (still <= {budget} tokens)")
         low, high = high, high * 2
     # len(ids(low)) <= budget < len(ids(high)). The count grows almost linearly in n (the units
     # repeat), so interpolation lands within a unit or two of the answer: a few encodes of the
     # whole prompt instead of a bisection's dozen. Whenever an interpolated guess fails to halve
-    # the bracket, the next guess bisects, so it never takes more than twice a bisection's steps.
+    # the bracket the next guess bisects, so the bracket at least halves every two or three encodes.
     bisect = False
     while high - low > 1:
         if bisect:
