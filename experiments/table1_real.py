@@ -68,7 +68,7 @@ def load_config(path: str):
     return module.get_config()
 
 
-def train_rows(base, big_mult: int, extra_lrs=()) -> dict[str, dict]:
+def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=()) -> dict[str, dict]:
     """name -> overrides. The token unit is LinearARD's budget: steps x batch x accum x native length."""
     native = base.data.seq_len
     factor = float(base.student.rope_scaling["factor"])
@@ -87,6 +87,10 @@ def train_rows(base, big_mult: int, extra_lrs=()) -> dict[str, dict]:
             f"linearard_lr{lr:g}": dict(method="linearard", seq_len=native, steps=base.train.steps, lr=lr)
             for lr in extra_lrs
         },
+        **{
+            f"cpt_1x_lr{lr:g}": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1, lr=lr)
+            for lr in extra_cpt_lrs
+        },
     }
 
 
@@ -97,6 +101,7 @@ def run_row(base, name: str, r: dict, args) -> dict:
         c.data.source = args.data
         c.data.cache_dir = os.path.join(args.workdir, "token_cache")  # tokenised once for every row
         c.data.seq_len = r["seq_len"]
+        c.data.mode = args.data_mode  # packed: every row reads the whole corpus, whatever its block length
         if r["seq_len"] > base.data.seq_len and "allow_long" in c.data:
             c.data.allow_long = True  # CPT trains at the extended length on purpose
         c.loss.method = r["method"]
@@ -129,6 +134,9 @@ def run_row(base, name: str, r: dict, args) -> dict:
         "train_seconds": clock.total,  # every call's share, a resumed row's earlier calls included
         "hf_student": summary["hf_student"],
         "overrides": r,
+        "data_mode": args.data_mode,
+        "lr": float(c.train.lr),  # the rate the row trained at (stage 2's below, where it has one)
+        **({"stage2_lr": float(c.stage2.lr)} if "stage2_steps" in r else {}),
     }
 
 
@@ -346,10 +354,11 @@ def plot_retrieval(out_dir: str, results: dict) -> str | None:
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (95% interval)")
-    axes[-1].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside, not over, data
     fig.tight_layout()
     path = os.path.join(out_dir, "table1_real_retrieval.png")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -391,14 +400,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/smollm2_135m_pi32k.py")
     p.add_argument("--checkpoint", default="", help="override config.model.checkpoint (e.g. a staged .gguf)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--heldout", required=True)
+    p.add_argument("--data", default="", help="training JSONL (required unless --plot_only / --prompts_only)")
+    p.add_argument("--heldout", default="", help="held-out JSONL (required unless --plot_only / --prompts_only)")
     p.add_argument("--workdir", default="runs/table1_real")
     p.add_argument("--out", default="docs/table1_real")
     p.add_argument("--rows", default=",".join(ROW_ORDER))
+    p.add_argument(
+        "--data_mode",
+        default="packed",
+        choices=("packed", "per_document"),
+        help="training blocks of every row: packed = the whole corpus as one stream at any length (the same "
+        "text for 8K and 32K rows); per_document = the config's blocks within documents (drops documents "
+        "shorter than a block: at 32K most of them)",
+    )
     p.add_argument("--big_mult", type=int, default=10, help="token multiple N of the large-budget baselines")
     p.add_argument("--extra_lrs", default="", help="comma list: extra LinearARD rows at these learning rates")
     p.add_argument("--cpt_lr", type=float, default=0.0, help="CPT learning rate (0 = the config's)")
+    p.add_argument(
+        "--extra_cpt_lrs", default="", help="comma list: extra cpt_1x rows at these learning rates (cpt_1x_lr<rate>)"
+    )
     p.add_argument("--steps", type=int, default=0, help="override LinearARD steps (rehearsals)")
     p.add_argument("--seq_len", type=int, default=0, help="override the native training length (rehearsals)")
     p.add_argument("--long_len", type=int, default=32768)
@@ -424,6 +444,8 @@ def main(argv=None):
     p.add_argument("--prompts_only", action="store_true", help="build the --prompt_cache file and exit (no model)")
     p.add_argument("--plot_only", action="store_true", help="redraw the table and plot from <out>'s JSON")
     args = p.parse_args(argv)
+    if not (args.plot_only or args.prompts_only) and not (args.data and args.heldout):
+        p.error("--data and --heldout are required to train or evaluate rows (not for --plot_only / --prompts_only)")
     if args.plot_only:
         with open(os.path.join(args.out, "table1_real.json")) as f:
             saved = json.load(f)
@@ -446,6 +468,12 @@ def main(argv=None):
     path = os.path.join(args.out, "table1_real.json")
     previous = json.load(open(path)) if os.path.exists(path) else {}
     results = previous.get("rows", {})
+    mixed = sorted(n for n, r in results.items() if r.get("data_mode", args.data_mode) != args.data_mode)
+    if mixed and not args.prompts_only:  # checked before any model loads: one table, one training text
+        raise SystemExit(
+            f"{path} holds rows trained with another --data_mode ({', '.join(mixed)}); every trained row of one "
+            "table reads the same text: pass the same --data_mode or write to another --out"
+        )
     meta = {
         "config": args.config,
         "checkpoint": base.model.checkpoint,
@@ -478,7 +506,12 @@ def main(argv=None):
     teacher, frozen = as_scanned(*hf.load_pretrained(base.model.checkpoint, dtype=dtype_of(args.eval_dtype)))
     docs = eval_runner.heldout_token_docs(args.heldout, tokenizer)
     stream = long_stream(docs, getattr(tokenizer, "eos_id", None))
-    rows = train_rows(base, args.big_mult, [float(x) for x in args.extra_lrs.split(",") if x])
+    rows = train_rows(
+        base,
+        args.big_mult,
+        [float(x) for x in args.extra_lrs.split(",") if x],
+        [float(x) for x in args.extra_cpt_lrs.split(",") if x],
+    )
     wanted = [r for r in args.rows.split(",") if r]
     print(f"[setup] {time.perf_counter() - t_start:.0f}s: {sum(map(len, docs))} held-out tokens", flush=True)
     per_row_estimate = 0.0

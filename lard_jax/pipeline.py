@@ -371,6 +371,8 @@ def _run_locked(config) -> dict:
         f"{hf.num_params(frozen) / 1e6:.1f}M params; student: "
         f"{rope_lib.describe_rope(student.config.rope_scaling_dict)}; mesh {dict(mesh.shape)}"
     )
+    for stage in plan.stages:
+        print(f"data: {stage.describe_data()}")
     mask = trainer.trainable_mask(frozen, plan.projections)
     trainable = _init_trainable(frozen, mask, plan.lora, config, mesh)
     t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -51,6 +52,26 @@ class StagePlan:
     @property
     def tokens(self) -> int:
         return self.steps * self.batch_size * self.grad_accum * self.seq_len
+
+    @property
+    def data_passes(self) -> float | None:
+        """How many times the stage reads its loader's distinct blocks (None without a loader)."""
+        if self.loader is None or not self.loader.num_blocks:
+            return None
+        return self.steps * self.batch_size * self.grad_accum / self.loader.num_blocks
+
+    def describe_data(self) -> str:
+        """One line: the distinct text a stage reads and how often, e.g. for the console."""
+        if self.loader is None:
+            return f"{self.name}: no loader"
+        blocks = self.loader.num_blocks
+        dropped = getattr(self.loader, "dropped_documents", 0)
+        return (
+            f"{self.name}: {self.steps} steps x {self.batch_size * self.grad_accum} x {self.seq_len} tokens read "
+            f"{blocks} distinct blocks ({blocks * self.seq_len:,} tokens, {self.loader.mode} mode"
+            + (f", {dropped} short documents dropped" if dropped else "")
+            + f") {self.data_passes:.3g} times"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +201,13 @@ def resolve(config, *, build_loaders: bool = True) -> Plan:
             )
             for s in stages
         ]
+        for s in stages:
+            if s.data_passes > 2 and getattr(s.loader, "dropped_documents", 0):
+                warnings.warn(
+                    f"{s.describe_data()}: the run repeats few blocks while documents shorter than a block are "
+                    "dropped; data.mode='packed' (every document, cut into blocks) or more text repeats less",
+                    stacklevel=2,
+                )
     return Plan(
         config=config,
         teacher=teacher_cfg,

@@ -3,6 +3,7 @@ exactly what the plan says (rope normalised once, specs built from the plan). Al
 method is one registration, usable by the trainer at once."""
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -146,3 +147,28 @@ def test_a_new_method_is_one_registration(monkeypatch):
     np.testing.assert_allclose(float(metrics["loss"]), before, rtol=1e-5)
     after = float(0.5 * sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree_util.tree_leaves(state.trainable)))
     assert after < before
+
+
+def test_a_stage_says_how_often_it_reads_its_text_and_warns_when_it_drops_and_repeats(assets, tmp_path):
+    data = tmp_path / "uneven"
+    data.mkdir()
+    rng = np.random.default_rng(7)
+    for i, n in enumerate([400, 20, 25, 18, 22, 28]):  # one long document, five shorter than a block
+        (data / f"d{i}.txt").write_text("".join(rng.choice(list("abcdefgh "), n)))
+    c = _config(assets, tmp_path)
+    c.data.source = c.eval.source = str(data)
+    c.data.seq_len, c.train.steps, c.train.batch_size = 32, 30, 2
+    with pytest.warns(UserWarning, match="repeats few blocks while documents shorter than a block are dropped"):
+        p = plan.resolve(c)
+    s = p.stages[0]
+    blocks = s.loader.num_blocks
+    assert s.loader.dropped_documents == 5 and blocks == 400 // 31  # bos in every block: 31 text tokens each
+    assert s.data_passes == pytest.approx(30 * 2 / blocks)
+    assert f"read {blocks} distinct blocks" in s.describe_data() and "5 short documents dropped" in s.describe_data()
+
+    c.data.mode = "packed"  # every document in one stream: more blocks, nothing dropped, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed = plan.resolve(c).stages[0]
+    assert packed.loader.num_blocks > blocks and "packed mode" in packed.describe_data()
+    assert "dropped" not in packed.describe_data()

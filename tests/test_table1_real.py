@@ -3,6 +3,9 @@ row clock that adds up a row's seconds over calls."""
 
 import json
 
+import numpy as np
+import pytest
+
 from experiments import table1_real
 from lard_jax.evaluation import synthetic
 from lard_jax.tokenizer import ByteTokenizer
@@ -72,3 +75,68 @@ def test_prompt_cache_fingerprint_sees_the_bos(tmp_path):
     cache.save()
     assert len(table1_real.PromptCache(path, ByteTokenizer()).examples) == 1
     assert table1_real.PromptCache(path, _BosBytes()).examples == {}
+
+
+def test_train_rows_spend_the_stated_tokens_at_the_stated_rates():
+    base = table1_real.load_config("configs/smollm2_135m_pi32k.py")
+    rows = table1_real.train_rows(base, big_mult=10, extra_lrs=[1e-3], extra_cpt_lrs=[3e-3])
+    unit = base.train.steps * base.train.batch_size * base.train.grad_accum * base.data.seq_len
+
+    def tokens(r):
+        return r["steps"] * r.get("batch", base.train.batch_size) * r.get("accum", base.train.grad_accum) * r["seq_len"]
+
+    long_len = int(base.data.seq_len * float(base.student.rope_scaling["factor"]))
+    assert tokens(rows["linearard"]) == unit
+    assert rows["cpt_1x"]["seq_len"] == long_len and abs(tokens(rows["cpt_1x"]) - unit) < long_len
+    assert abs(tokens(rows["cpt_Nx"]) - 10 * unit) < long_len
+    assert tokens(rows["longred_simplified_Nx"]) == 10 * unit
+    assert rows["linearard_lr0.001"]["lr"] == 1e-3 and tokens(rows["linearard_lr0.001"]) == unit
+    assert rows["cpt_1x_lr0.003"] == dict(rows["cpt_1x"], lr=3e-3)
+    assert "lr" not in rows["linearard"] and "lr" not in rows["cpt_1x"]  # the config's rate
+
+
+def test_data_is_required_only_to_run_rows(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        table1_real.main(["--out", str(tmp_path), "--rows", "teacher"])
+    assert "--data and --heldout are required" in capsys.readouterr().err
+    (tmp_path / "table1_real.json").write_text(json.dumps({"rows": {}, "meta": {}}))
+    table1_real.main(["--out", str(tmp_path), "--plot_only"])  # no --data needed to redraw
+    assert (tmp_path / "table1_real_table.md").exists()
+
+
+def test_one_table_never_mixes_rows_trained_on_different_text(tmp_path, capsys):
+    saved = {"rows": {"cpt_1x": {"data_mode": "per_document", "eval": {}}}, "meta": {}}
+    (tmp_path / "table1_real.json").write_text(json.dumps(saved))
+    argv = ["--out", str(tmp_path), "--data", "x.jsonl", "--heldout", "y.jsonl", "--rows", "linearard"]
+    argv += ["--checkpoint", str(tmp_path / "missing.gguf"), "--workdir", str(tmp_path / "w")]
+    with pytest.raises(SystemExit, match="another --data_mode .*cpt_1x"):
+        table1_real.main(argv)
+
+
+@pytest.mark.slow
+def test_a_rehearsal_on_the_tiny_teacher_trains_evaluates_and_resumes(tmp_path):
+    """The driver end to end on CPU (the GPU runs it for real): a packed LinearARD row of 2 steps,
+    evaluated with every column and its counts; a second call finds the row done and adds nothing."""
+    from lard_jax.sources import resolve_source
+
+    train, heldout = (resolve_source(f"builtin:{s}", str(tmp_path / "text")) for s in ("train", "heldout"))
+    argv = ["--config", "configs/demo.py", "--data", train, "--heldout", heldout, "--workdir", str(tmp_path / "w")]
+    argv += ["--out", str(tmp_path / "out"), "--rows", "linearard", "--steps", "2", "--lengths", "1024"]
+    argv += ["--depths", "0.5", "--samples_per_depth", "2", "--ppl_windows", "2", "--long_windows", "1"]
+    argv += ["--long_len", "1024", "--cloze_samples", "4", "--eval_dtype", "float32", "--gen_batch", "2"]
+    table1_real.main(argv)
+    saved = json.loads((tmp_path / "out" / "table1_real.json").read_text())
+    row = saved["rows"]["linearard"]
+    base = table1_real.load_config("configs/demo.py")
+    assert row["data_mode"] == "packed" and row["lr"] == base.train.lr
+    assert row["train_tokens"] == 2 * base.train.batch_size * base.train.grad_accum * base.data.seq_len
+    ev = row["eval"]
+    assert np.isfinite(ev["ppl@256"]) and np.isfinite(ev["stream_ppl@1024"])
+    for cell in ("cloze_acc", "passkey@1024", "niah_single@1024", "niah_multikey@1024"):
+        lo, hi = ev[f"{cell}_ci"]
+        assert 0 <= lo <= ev[cell] <= hi <= 1 and ev[f"{cell}_n"] == (4 if cell == "cloze_acc" else 2)
+    assert saved["meta"]["calls"][0]["rows"] == ["linearard"]
+
+    table1_real.main(argv)  # resumed: the row is done, nothing retrained
+    again = json.loads((tmp_path / "out" / "table1_real.json").read_text())
+    assert again["rows"]["linearard"] == row and again["meta"]["calls"][1]["rows"] == []
