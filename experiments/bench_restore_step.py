@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -63,6 +64,7 @@ from lard_jax.presets import MODEL_SHAPES
 DEFAULT_LAYOUT = "scan"
 DEFAULT_FUSED = True
 LAYOUTS_ALL = (("loop", False), ("scan", False), ("scan", True))  # --layouts_all: (layout, fused)
+PROFILE_STEPS = 2  # --profile_dir: steps traced per run (experiments/trace_summary.py --steps 2)
 
 SHAPES = {
     "llama2_7b": MODEL_SHAPES["llama2_7b"],
@@ -121,6 +123,7 @@ def bench_one(
     lora=trainer.LoraSpec(),
     layout=DEFAULT_LAYOUT,
     fused=DEFAULT_FUSED,
+    profile_dir="",
 ):
     devices = jax.devices()[:mesh_data]
     mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
@@ -200,6 +203,13 @@ def bench_one(
             times.append(time.perf_counter() - t)
         result["step_s"] = statistics.median(times)
         result["loss"] = float(m["loss"])
+        if profile_dir:  # PROFILE_STEPS more steps under jax.profiler, after the timed ones
+            trace_dir = os.path.join(profile_dir, f"{name}_{layout}_{'fused' if fused else 'unfused'}_dp{mesh_data}")
+            with jax.profiler.trace(trace_dir):
+                for _ in range(PROFILE_STEPS):
+                    state, m = step(state, frozen, batch)
+                    jax.block_until_ready(m)
+            result["profile_dir"], result["profile_steps"] = trace_dir, PROFILE_STEPS
         result["peak_gib"] = (_peak_bytes() or 0) / 2**30
         tokens = batch_size * seq_len
         result["tokens_per_s"] = tokens / result["step_s"]
@@ -344,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA factors (authors' variant: 1024)")
     p.add_argument("--lora_alpha", type=float, default=None, help="default 2 x rank (the authors' 2048 at r 1024)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (> 0: the unmerged path)")
+    p.add_argument(
+        "--profile_dir",
+        default="",
+        help="trace 2 more steps of each run with jax.profiler into <dir>/<model>_<layout>_<loss>_dp<n>; "
+        "read them with experiments/trace_summary.py --steps 2",
+    )
     p.add_argument("--out", default="")
     return p
 
@@ -374,6 +390,7 @@ def main(argv=None):
                         lora=lora,
                         layout=layout,
                         fused=fused,
+                        profile_dir=args.profile_dir,
                     )
                 except Exception as e:  # report OOM and carry on with the other shapes
                     r = {

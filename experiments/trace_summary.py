@@ -1,0 +1,166 @@
+"""Where a profiled step's device time goes: kernel time per step, by kind and by kernel, from a
+`jax.profiler` trace; several traces side by side.
+
+    python -m experiments.bench_restore_step --models llama2_7b --layouts_all --profile_dir /root/prof ...
+    python -m experiments.trace_summary /root/prof/llama2_7b_loop_unfused /root/prof/llama2_7b_scan_fused \
+        --steps 2 --out docs/raw/trace_layouts_h200.json
+
+Reads the `*.trace.json.gz` that `jax.profiler.trace(dir)` writes under `dir/plugins/profile/<run>/`
+(Chrome trace events). Device time is the sum of the complete ("X") events of the processes whose
+name starts with `/device:` (one per GPU or TPU; every stream counted, so overlapping streams
+add up), divided by `--steps`. Without a device process (a CPU-only trace) the host's XLA threads
+stand in, so the tool can be tested anywhere. Kernel names are folded into kinds by substrings:
+
+  gemm        cuBLAS / cuBLASLt / CUTLASS matmuls ("gemm", "cutlass", "xmma", "nvjet", "cublas")
+  attention   cuDNN / flash attention ("cudnn", "fmha", "flash", "sdpa")
+  relation    our Pallas relation-KL kernels ("relation", "self_relation", "kl_")
+  copy        data movement ("copy", "memcpy", "memset", "dynamic_slice", "dynamic_update_slice",
+              "transpose", "concatenate", "pad", "slice")
+  fusion      other XLA fusions ("fusion", "loop_", "input_", "reduce")
+  other       the rest
+
+A kind's share is what it is here, not a verdict: a kernel that fuses a copy into a matmul counts
+as the matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+
+KINDS = (
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "dot")),
+    ("attention", ("cudnn", "fmha", "flash", "sdpa")),
+    ("relation", ("relation", "self_relation", "kl_")),
+    (
+        "copy",
+        (
+            "copy",
+            "memcpy",
+            "memset",
+            "dynamic_slice",
+            "dynamic-slice",
+            "dynamic_update_slice",
+            "dynamic-update-slice",
+            "transpose",
+            "concatenate",
+            "pad",
+            "slice",
+        ),
+    ),
+    ("fusion", ("fusion", "loop_", "input_", "reduce")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def trace_files(path: str) -> list[str]:
+    """The trace files of a profile: `path` itself, or every *.trace.json.gz below it."""
+    if os.path.isfile(path):
+        return [path]
+    found = sorted(glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True))
+    if not found:
+        raise SystemExit(f"{path}: no *.trace.json.gz below it (was it written by jax.profiler.trace?)")
+    return found
+
+
+def load_events(path: str) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_time(events: list[dict]) -> tuple[collections.Counter, str]:
+    """kernel name -> summed duration (µs) on the device processes, and which processes were read."""
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, n in names.items() if n.startswith("/device:")}
+    source = "device"
+    if not device:  # CPU trace: XLA's executor threads on the host
+        threads = {
+            (e["pid"], e.get("tid"))
+            for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"].get("name", "")
+        }
+        source = "host XLA threads (no device in this trace)"
+        keep = lambda e: (e.get("pid"), e.get("tid")) in threads  # noqa: E731
+    else:
+        keep = lambda e: e.get("pid") in device  # noqa: E731
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and keep(e):
+            total[e.get("name", "?")] += float(e.get("dur", 0.0))
+    return total, source
+
+
+def summarize(path: str, steps: int, top: int = 15) -> dict:
+    kernels = collections.Counter()
+    source = ""
+    for f in trace_files(path):
+        k, source = device_time(load_events(f))
+        kernels.update(k)
+    per_step = {n: us / steps / 1e3 for n, us in kernels.items()}  # ms per step
+    kinds = collections.Counter()
+    for n, ms in per_step.items():
+        kinds[kind_of(n)] += ms
+    return {
+        "profile": path,
+        "source": source,
+        "steps": steps,
+        "device_ms_per_step": sum(per_step.values()),
+        "kinds_ms_per_step": dict(kinds.most_common()),
+        "top_kernels_ms_per_step": dict(collections.Counter(per_step).most_common(top)),
+    }
+
+
+def print_side_by_side(summaries: list[dict]) -> None:
+    labels = [os.path.basename(os.path.normpath(s["profile"])) or s["profile"] for s in summaries]
+    first = summaries[0]["kinds_ms_per_step"]
+    kinds = sorted({k for s in summaries for k in s["kinds_ms_per_step"]}, key=lambda k: -first.get(k, 0))
+    print(f"{'ms per step':12} " + " ".join(f"{x[:22]:>22}" for x in labels))
+    print(f"{'total':12} " + " ".join(f"{s['device_ms_per_step']:22.2f}" for s in summaries))
+    for k in kinds:
+        print(f"{k:12} " + " ".join(f"{s['kinds_ms_per_step'].get(k, 0.0):22.2f}" for s in summaries))
+    for s, label in zip(summaries, labels):
+        print(f"\n{label} ({s['source']}): top kernels, ms per step")
+        for n, ms in s["top_kernels_ms_per_step"].items():
+            print(f"  {ms:9.3f}  {kind_of(n):9} {n[:110]}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("profiles", nargs="+", help="profile dirs (jax.profiler.trace's) or *.trace.json.gz files")
+    p.add_argument("--steps", type=int, default=1, help="steps each trace holds (times are divided by it)")
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    summaries = [summarize(x, args.steps, args.top) for x in args.profiles]
+    print_side_by_side(summaries)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {
+                    "command": "python -m experiments.trace_summary "
+                    + " ".join(sys.argv[1:] if argv is None else argv),
+                    "summaries": summaries,
+                },
+                f,
+                indent=2,
+            )
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
