@@ -203,14 +203,14 @@ def bench_one(
             times.append(time.perf_counter() - t)
         result["step_s"] = statistics.median(times)
         result["loss"] = float(m["loss"])
-        if profile_dir:  # PROFILE_STEPS more steps under jax.profiler, after the timed ones
+        result["peak_gib"] = (_peak_bytes() or 0) / 2**30
+        if profile_dir:  # PROFILE_STEPS more steps under jax.profiler, after the timed ones and the peak memory read
             trace_dir = os.path.join(profile_dir, f"{name}_{layout}_{'fused' if fused else 'unfused'}_dp{mesh_data}")
             with jax.profiler.trace(trace_dir):
                 for _ in range(PROFILE_STEPS):
                     state, m = step(state, frozen, batch)
                     jax.block_until_ready(m)
             result["profile_dir"], result["profile_steps"] = trace_dir, PROFILE_STEPS
-        result["peak_gib"] = (_peak_bytes() or 0) / 2**30
         tokens = batch_size * seq_len
         result["tokens_per_s"] = tokens / result["step_s"]
         fl = flops_lib.executed_flops_per_token(

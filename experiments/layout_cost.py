@@ -39,10 +39,20 @@ from lard_jax.presets import MODEL_SHAPES
 LAYOUTS = (("loop", False), ("scan", False), ("scan", True))
 
 
-def compile_step(shape: dict, *, layers: int, seq_len: int, layout: str, fused: bool, kernel_impl: str, remat: str):
+def compile_step(
+    shape: dict,
+    *,
+    layers: int,
+    seq_len: int,
+    layout: str,
+    fused: bool,
+    kernel_impl: str,
+    remat: str,
+    attention_impl: str = "xla",
+):
     """The compiled library step of one layout, at `layers` decoder layers of the given widths."""
     shape = dict(shape, num_hidden_layers=layers, max_position_embeddings=seq_len)
-    cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl="xla")
+    cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
     scfg = cfg.replace(rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=seq_len * 8)
     mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
     frozen = LlamaForCausalLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -72,10 +82,20 @@ def affine(c1: float, c2: float, l1: int, l2: int, full: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama2_7b", choices=sorted(MODEL_SHAPES))
-    p.add_argument("--seq_len", type=int, default=512, help="matmul FLOPs per token do not depend on it")
+    p.add_argument(
+        "--seq_len",
+        type=int,
+        default=512,
+        help="projections' FLOPs per token do not depend on it; attention's and the relation loss's grow with it",
+    )
     p.add_argument("--layers", default="3,4", help="two (or more) layer counts >= 3 to compile")
     p.add_argument("--kernel_impl", default="reference")
     p.add_argument("--remat", default="full")
+    p.add_argument(
+        "--attention_impl",
+        default="cudnn" if jax.default_backend() == "gpu" else "xla",
+        help="the model's attention (cudnn on a GPU, as bench_restore_step)",
+    )
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     counts = sorted(int(x) for x in args.layers.split(","))
@@ -96,6 +116,7 @@ def main(argv=None):
                     fused=fused,
                     kernel_impl=args.kernel_impl,
                     remat=args.remat,
+                    attention_impl=args.attention_impl,
                 )
             )
             runs.append({"layout": layout, "fused": fused, "layers": n, **cost.as_dict()})
@@ -133,6 +154,7 @@ def main(argv=None):
         "full_depth": full,
         "kernel_impl": args.kernel_impl,
         "remat": args.remat,
+        "attention_impl": args.attention_impl,
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "command": "python -m experiments.layout_cost " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -91,6 +91,17 @@ def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=()) -> dict[str,
             f"cpt_1x_lr{lr:g}": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1, lr=lr)
             for lr in extra_cpt_lrs
         },
+        **{  # the recipe's LinearARD, then CPT at this rate
+            f"linearard_cpt_lr{lr:g}": dict(
+                method="linearard",
+                seq_len=native,
+                steps=base.train.steps,
+                stage2_steps=cpt_steps(1),
+                stage2_len=long_len,
+                stage2_lr=lr,
+            )
+            for lr in extra_cpt_lrs
+        },
     }
 
 
@@ -121,10 +132,11 @@ def run_row(base, name: str, r: dict, args) -> dict:
             c.stage2.seq_len = r["stage2_len"]
             c.stage2.batch_size = 1
             c.stage2.grad_accum = 1
-            c.stage2.lr = args.cpt_lr or c.train.lr
+            c.stage2.lr = r.get("stage2_lr") or args.cpt_lr or c.train.lr
     done = os.path.join(c.workdir, "summary.json")
     with RowClock(os.path.join(c.workdir, "train_seconds.json")) as clock:
         if os.path.exists(done):  # trained by an earlier call whose evaluation did not finish
+            check_reused(c)
             with open(done) as f:
                 summary = json.load(f)
         else:
@@ -138,6 +150,42 @@ def run_row(base, name: str, r: dict, args) -> dict:
         "lr": float(c.train.lr),  # the rate the row trained at (stage 2's below, where it has one)
         **({"stage2_lr": float(c.stage2.lr)} if "stage2_steps" in r else {}),
     }
+
+
+REUSE_KEYS = (
+    ("data", "mode"),
+    ("data", "seq_len"),
+    ("loss", "method"),
+    ("train", "lr"),
+    ("train", "steps"),
+    ("stage2", "lr"),
+    ("stage2", "steps"),
+)
+
+
+def row_data_mode(row: dict, default: str) -> str:
+    """The data mode a row was trained with: rows written before `data_mode` was recorded were all
+    per-document; evaluation-only rows read no training text (any mode)."""
+    if "data_mode" in row:
+        return row["data_mode"]
+    return "per_document" if ("train_tokens" in row or "overrides" in row) else default
+
+
+def check_reused(c) -> None:
+    """A row whose workdir already holds a finished run is reused only if that run was trained as
+    this row would be (data mode, length, method, rates, steps; from the run's config.json)."""
+    path = os.path.join(c.workdir, "config.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{c.workdir} holds a finished run without its config.json: delete it to train this row")
+    with open(path) as f:
+        saved = json.load(f)
+    for section, key in REUSE_KEYS:
+        want, got = c[section][key], saved.get(section, {}).get(key)
+        if got != want and not (isinstance(want, float) and isinstance(got, (int, float)) and float(got) == want):
+            raise SystemExit(
+                f"{c.workdir} holds a run trained with {section}.{key}={got!r}, this row needs {want!r}: "
+                "delete that directory or pass another --workdir"
+            )
 
 
 class PromptCache:
@@ -348,13 +396,17 @@ def plot_retrieval(out_dir: str, results: dict) -> str | None:
             cis = [ev.get(f"{task}@{n}_ci", [y, y]) for n, y in zip(lengths, ys)]
             err = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]
             xs = [n * (1 + 0.02 * (i - len(names) / 2)) for n in lengths]  # a small offset: bars apart
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name, color=plt.cm.tab20(i % 20))
         ax.set_xscale("log", base=2)
         ax.set_title(task)
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (95% interval)")
-    handles, labels = axes[0].get_legend_handles_labels()
+    legend = {}
+    for ax in axes:  # every row once, whichever panels it has
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, h)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))  # beside, not over, data
     fig.tight_layout()
     path = os.path.join(out_dir, "table1_real_retrieval.png")
@@ -394,6 +446,20 @@ def write_tables(out_dir: str, results: dict, meta: dict) -> None:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     plot_retrieval(out_dir, results)
+
+
+def build_meta(previous: dict, args, base, native: int) -> dict:
+    """This call's meta: the earlier calls' (notes written by them or by hand stay), updated."""
+    return {
+        **previous,
+        "config": args.config,
+        "checkpoint": base.model.checkpoint,
+        "native_len": native,
+        "student_rope": dict(base.student.rope_scaling),
+        "big_mult": args.big_mult,
+        "args": vars(args),
+        "calls": list(previous.get("calls", [])),  # every call that added to this file
+    }
 
 
 def main(argv=None):
@@ -449,7 +515,7 @@ def main(argv=None):
     if args.plot_only:
         with open(os.path.join(args.out, "table1_real.json")) as f:
             saved = json.load(f)
-        write_tables(args.out, saved["rows"], saved["meta"])
+        write_tables(args.out, saved.get("rows", {}), saved.get("meta", {}))
         return
     t_start = time.perf_counter()
     # every row's evaluation (and a resumed call's) reuses the programs compiled before
@@ -468,21 +534,13 @@ def main(argv=None):
     path = os.path.join(args.out, "table1_real.json")
     previous = json.load(open(path)) if os.path.exists(path) else {}
     results = previous.get("rows", {})
-    mixed = sorted(n for n, r in results.items() if r.get("data_mode", args.data_mode) != args.data_mode)
+    mixed = sorted(n for n, r in results.items() if row_data_mode(r, args.data_mode) != args.data_mode)
     if mixed and not args.prompts_only:  # checked before any model loads: one table, one training text
         raise SystemExit(
             f"{path} holds rows trained with another --data_mode ({', '.join(mixed)}); every trained row of one "
             "table reads the same text: pass the same --data_mode or write to another --out"
         )
-    meta = {
-        "config": args.config,
-        "checkpoint": base.model.checkpoint,
-        "native_len": native,
-        "student_rope": dict(base.student.rope_scaling),
-        "big_mult": args.big_mult,
-        "args": vars(args),
-        "calls": list(previous.get("meta", {}).get("calls", [])),  # every call that added to this file
-    }
+    meta = build_meta(previous.get("meta", {}), args, base, native)
     import jax
 
     call = {

@@ -2,14 +2,15 @@
 `jax.profiler` trace; several traces side by side.
 
     python -m experiments.bench_restore_step --models llama2_7b --layouts_all --profile_dir /root/prof ...
-    python -m experiments.trace_summary /root/prof/llama2_7b_loop_unfused /root/prof/llama2_7b_scan_fused \
+    python -m experiments.trace_summary /root/prof/llama2_7b_loop_unfused_dp1 /root/prof/llama2_7b_scan_fused_dp1 \
         --steps 2 --out docs/raw/trace_layouts_h200.json
 
 Reads the `*.trace.json.gz` that `jax.profiler.trace(dir)` writes under `dir/plugins/profile/<run>/`
-(Chrome trace events). Device time is the sum of the complete ("X") events of the processes whose
-name starts with `/device:` (one per GPU or TPU; every stream counted, so overlapping streams
-add up), divided by `--steps`. Without a device process (a CPU-only trace) the host's XLA threads
-stand in, so the tool can be tested anywhere. Kernel names are folded into kinds by substrings:
+(Chrome trace events). Device time is the sum of the innermost complete ("X") events on the
+stream timelines of the processes named `/device:...` (one per GPU or TPU; every stream counted,
+so overlapping streams add up; derived rows such as "XLA Ops" are left out), divided by
+`--steps`. Without a device process (a CPU-only trace) the host's XLA threads stand in, so the
+tool can be tested anywhere. Kernel names are folded into kinds by substrings:
 
   gemm        cuBLAS / cuBLASLt / CUTLASS matmuls ("gemm", "cutlass", "xmma", "nvjet", "cublas")
   attention   cuDNN / flash attention ("cudnn", "fmha", "flash", "sdpa")
@@ -81,24 +82,47 @@ def load_events(path: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
+def _leaf_events(events: list[dict]) -> list[dict]:
+    """The complete events of one thread that contain no other (wrappers such as XLA's
+    ThunkExecutor::Execute around the kernels it runs would count their kernels twice)."""
+    spans = sorted(events, key=lambda e: (float(e.get("ts", 0.0)), -float(e.get("dur", 0.0))))
+    leaves = []
+    for i, e in enumerate(spans):
+        end = float(e.get("ts", 0.0)) + float(e.get("dur", 0.0))
+        nxt = spans[i + 1] if i + 1 < len(spans) else None
+        if nxt is None or float(nxt.get("ts", 0.0)) >= end:  # the next event starts after this one ends
+            leaves.append(e)
+    return leaves
+
+
 def device_time(events: list[dict]) -> tuple[collections.Counter, str]:
-    """kernel name -> summed duration (µs) on the device processes, and which processes were read."""
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device = {pid for pid, n in names.items() if n.startswith("/device:")}
-    source = "device"
-    if not device:  # CPU trace: XLA's executor threads on the host
-        threads = {
-            (e["pid"], e.get("tid"))
-            for e in events
-            if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"].get("name", "")
-        }
+    """kernel name -> summed duration (µs) of the innermost events on the device's streams, and
+    which timelines were read. A device's derived rows (XLA Modules, XLA Ops, Steps, ...) repeat
+    the streams' time, so only threads named "Stream ..." count when the device has any."""
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e.get("tid")): e["args"].get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    device = {pid for pid, n in procs.items() if n.startswith("/device:")}
+    if device:
+        streams = {k for k, n in threads.items() if k[0] in device and n.lower().startswith("stream")}
+        keep = streams or {k for k in threads if k[0] in device} or None
+        source = "device streams" if streams else "device"
+    else:  # CPU trace: XLA's executor threads on the host
+        keep = {k for k, n in threads.items() if "XLA" in n}
         source = "host XLA threads (no device in this trace)"
-        keep = lambda e: (e.get("pid"), e.get("tid")) in threads  # noqa: E731
-    else:
-        keep = lambda e: e.get("pid") in device  # noqa: E731
-    total = collections.Counter()
+    by_thread = collections.defaultdict(list)
     for e in events:
-        if e.get("ph") == "X" and keep(e):
+        if e.get("ph") != "X":
+            continue
+        key = (e.get("pid"), e.get("tid"))
+        if (keep is None and e.get("pid") in device) or (keep is not None and key in keep):
+            by_thread[key].append(e)
+    total = collections.Counter()
+    for evs in by_thread.values():
+        for e in _leaf_events(evs):
             total[e.get("name", "?")] += float(e.get("dur", 0.0))
     return total, source
 

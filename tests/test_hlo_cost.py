@@ -94,3 +94,44 @@ ENTRY %main (buf: f32[32,64,64], upd: f32[1,64,64], i: s32[]) -> f32[32,64,64] {
 }
 """
     assert dict(hlo_cost.analyze(hlo).moved_bytes) == {"dynamic-update-slice": 64 * 64 * 4}
+
+
+def test_gpu_forms_tuple_fusions_cublas_gemms_inline_operand_types_and_conditionals():
+    hlo = """HloModule m
+
+%fused_pair (a: f32[8,16]) -> (f32[16,8], f32[8,16]) {
+  %a = f32[8,16]{1,0} parameter(0)
+  %t = f32[16,8]{1,0} transpose(f32[8,16]{1,0} %a), dimensions={1,0}
+  %n = f32[8,16]{1,0} negate(%a)
+  ROOT %tup = (f32[16,8]{1,0}, f32[8,16]{1,0}) tuple(%t, %n)
+}
+
+%yes (y: f32[8,16]) -> f32[8,8] {
+  %y = f32[8,16]{1,0} parameter(0)
+  ROOT %d = f32[8,8]{1,0} dot(f32[8,16]{1,0} %y, f32[8,16]{1,0} %y), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+
+%no (z: f32[8,16]) -> f32[8,8] {
+  %z = f32[8,16]{1,0} parameter(0)
+  ROOT %c = f32[8,8]{1,0} constant(0)
+}
+
+ENTRY %main (p: f32[8,16], w: f32[16,32], b: pred[]) -> f32[8,32] {
+  %p = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,32]{1,0} parameter(1)
+  %b = pred[] parameter(2)
+  %f = (f32[16,8]{1,0}, f32[8,16]{1,0}) fusion(%p), kind=kLoop, calls=%fused_pair
+  %g = (f32[8,32]{1,0}, s8[1024]{0}) custom-call(%p, %w), custom_call_target="__cublas$gemm", GEMM_CONFIG
+  %k = f32[8,32]{1,0} custom-call(%p, %w), custom_call_target="__cudnn$fmhaSoftmax"
+  %c = f32[8,8]{1,0} conditional(%b, %p, %p), true_computation=%yes, false_computation=%no
+  ROOT %r = f32[8,32]{1,0} get-tuple-element(%g), index=0
+}
+"""
+    dims = '"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
+    dims += '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]'
+    cost = hlo_cost.analyze(
+        hlo.replace("GEMM_CONFIG", 'backend_config={"gemm_backend_config":{"dot_dimension_numbers":{' + dims + "}}}")
+    )
+    assert cost.dot_flops == 2 * 8 * 32 * 16 + 2 * 8 * 8 * 16  # the cuBLAS gemm and the true branch's dot
+    assert not cost.moved_bytes  # the transpose inside a multi-output fusion is fused
+    assert dict(cost.opaque_custom_calls) == {"__cudnn$fmhaSoftmax": 1}

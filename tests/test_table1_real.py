@@ -92,6 +92,7 @@ def test_train_rows_spend_the_stated_tokens_at_the_stated_rates():
     assert tokens(rows["longred_simplified_Nx"]) == 10 * unit
     assert rows["linearard_lr0.001"]["lr"] == 1e-3 and tokens(rows["linearard_lr0.001"]) == unit
     assert rows["cpt_1x_lr0.003"] == dict(rows["cpt_1x"], lr=3e-3)
+    assert rows["linearard_cpt_lr0.003"] == dict(rows["linearard_cpt"], stage2_lr=3e-3)
     assert "lr" not in rows["linearard"] and "lr" not in rows["cpt_1x"]  # the config's rate
 
 
@@ -140,3 +141,44 @@ def test_a_rehearsal_on_the_tiny_teacher_trains_evaluates_and_resumes(tmp_path):
     table1_real.main(argv)  # resumed: the row is done, nothing retrained
     again = json.loads((tmp_path / "out" / "table1_real.json").read_text())
     assert again["rows"]["linearard"] == row and again["meta"]["calls"][1]["rows"] == []
+
+
+def test_rows_written_before_data_mode_existed_count_as_per_document(tmp_path):
+    saved = {"rows": {"linearard": {"train_tokens": 10, "eval": {}}, "teacher": {"eval": {}}}, "meta": {}}
+    (tmp_path / "table1_real.json").write_text(json.dumps(saved))
+    argv = ["--out", str(tmp_path), "--data", "x.jsonl", "--heldout", "y.jsonl", "--rows", "teacher"]
+    with pytest.raises(SystemExit, match="another --data_mode .*linearard"):
+        table1_real.main(argv)
+    assert table1_real.row_data_mode({"eval": {}}, "packed") == "packed"  # evaluation-only rows read no text
+
+
+def test_a_finished_run_is_reused_only_if_trained_as_the_row_says(tmp_path):
+    from ml_collections import ConfigDict
+
+    c = ConfigDict(
+        {
+            "workdir": str(tmp_path),
+            "data": {"mode": "packed", "seq_len": 256},
+            "loss": {"method": "linearard"},
+            "train": {"lr": 3e-3, "steps": 130},
+            "stage2": {"lr": 2e-5, "steps": 0},
+        }
+    )
+    (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+    table1_real.check_reused(c)  # the same run: reused
+    other = c.to_dict()
+    other["data"]["mode"] = "per_document"
+    (tmp_path / "config.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="data.mode='per_document', this row needs 'packed'"):
+        table1_real.check_reused(c)
+
+
+def test_meta_notes_survive_a_later_call():
+    import argparse
+
+    base = table1_real.load_config("configs/smollm2_135m_pi32k.py")
+    args = argparse.Namespace(config="c.py", big_mult=10)
+    previous = {"merge_note": "kept", "calls": [{"rows": ["teacher"]}], "args": {"old": 1}}
+    meta = table1_real.build_meta(previous, args, base, 8192)
+    assert meta["merge_note"] == "kept" and meta["calls"] == previous["calls"] and meta["args"] == vars(args)
+    assert meta["calls"] is not previous["calls"]  # appending this call leaves the caller's list alone

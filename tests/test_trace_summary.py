@@ -20,6 +20,8 @@ def test_device_kernels_are_summed_per_step_and_folded_into_kinds(tmp_path):
     meta = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
         {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #14(Compute)"}},
+        {"ph": "M", "name": "thread_name", "pid": 2, "tid": 9, "args": {"name": "XLA Ops"}},
     ]
     kernels = [
         ("sm90_xmma_gemm_bf16bf16_bf16f32", 300.0),
@@ -29,11 +31,17 @@ def test_device_kernels_are_summed_per_step_and_folded_into_kinds(tmp_path):
         ("loop_multiply_fusion", 20.0),
         ("mystery_kernel", 10.0),
     ]
-    events = meta + [{"ph": "X", "pid": 2, "tid": 7, "name": n, "dur": d} for n, d in kernels]
-    events += [{"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "dur": 9999.0}]  # host: not counted
-    _write_trace(tmp_path / "p" / "plugins" / "profile" / "run" / "gpu.trace.json.gz", events * 2)  # two steps
+    events, ts = list(meta), 0.0
+    for _ in range(2):  # two steps, kernels back to back
+        for n, d in kernels:
+            events.append({"ph": "X", "pid": 2, "tid": 7, "name": n, "ts": ts, "dur": d})
+            events.append({"ph": "X", "pid": 2, "tid": 9, "name": "fusion.1", "ts": ts, "dur": d})  # derived row
+            ts += d
+    events.append({"ph": "X", "pid": 2, "tid": 7, "name": "wrapper", "ts": 0.0, "dur": ts})  # contains them all
+    events.append({"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "ts": 0.0, "dur": 9999.0})
+    _write_trace(tmp_path / "p" / "plugins" / "profile" / "run" / "gpu.trace.json.gz", events)
     s = trace_summary.summarize(str(tmp_path / "p"), steps=2)
-    assert s["source"] == "device"
+    assert s["source"] == "device streams"
     assert s["device_ms_per_step"] == pytest.approx(0.570)
     assert s["kinds_ms_per_step"] == pytest.approx(
         {"gemm": 0.3, "attention": 0.12, "relation": 0.08, "copy": 0.04, "fusion": 0.02, "other": 0.01}
@@ -50,6 +58,9 @@ def test_the_bench_writes_a_profile_the_summary_reads(tmp_path, capsys):
     assert s["device_ms_per_step"] > 0 and sum(s["kinds_ms_per_step"].values()) == pytest.approx(
         s["device_ms_per_step"]
     )
+    # innermost events only: the kernels' time, never more than the threads' wall time of a step
+    assert s["device_ms_per_step"] <= 2 * r["step_s"] * 1e3 * 4  # 2 XLA threads, generous slack
+    assert "ThunkExecutor::Execute" not in s["top_kernels_ms_per_step"]
     assert json.loads(out.read_text())["summaries"][0]["profile"] == r["profile_dir"]
     assert "top kernels" in capsys.readouterr().out
 
