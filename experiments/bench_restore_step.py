@@ -49,6 +49,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,25 +110,43 @@ def _compiled_bytes(compiled):
     return m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
 
 
-def bench_one(
-    name,
+@dataclasses.dataclass
+class BuiltStep:
+    """The library's step as the pipeline places it, ready to lower or run."""
+
+    mesh: Any
+    cfg: LlamaConfig  # the teacher's (scan_layers set for the scanned layout)
+    teacher: LlamaForCausalLM
+    student: LlamaForCausalLM
+    frozen: Any
+    state: Any
+    optimizer: Any
+    spec: Any
+    ids: Any  # [1, batch, T]
+    step: Any  # trainer.jit_train_step(...): step(state, frozen, {"input_ids": ids})
+
+    @property
+    def batch(self) -> dict:
+        return {"input_ids": self.ids}
+
+
+def build_step(
+    shape: dict,
     *,
     seq_len,
     batch_per_device,
     remat,
     kernel_impl,
     attention_impl,
-    mesh_data,
-    reps,
-    split,
+    mesh_data=1,
     lora=trainer.LoraSpec(),
     layout=DEFAULT_LAYOUT,
     fused=DEFAULT_FUSED,
-    profile_dir="",
-):
+) -> BuiltStep:
+    """Random weights of `shape` (generated on device, with the library's shardings), the
+    trainable tree and optimizer state on the mesh, a random batch and the jitted step."""
     devices = jax.devices()[:mesh_data]
     mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
-    shape = dict(SHAPES[name])
     cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
     scan = {"scan": True, "loop": False}[layout]
     teacher = LlamaForCausalLM(cfg)
@@ -166,13 +185,53 @@ def bench_one(
     optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
     state = trainer.init_state(trainable, optimizer, jax.random.PRNGKey(0), mesh)
     spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
-    batch_size = batch_per_device * mesh_data
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     ids = jax.device_put(
-        jax.random.randint(jax.random.PRNGKey(2), (1, batch_size, seq_len), 0, shape["vocab_size"]), bsh
+        jax.random.randint(jax.random.PRNGKey(2), (1, batch_per_device * mesh_data, seq_len), 0, shape["vocab_size"]),
+        bsh,
     )
-    batch = {"input_ids": ids}
     step = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
+    return BuiltStep(mesh, cfg, teacher, student, frozen, state, optimizer, spec, ids, step)
+
+
+def bench_one(
+    name,
+    *,
+    seq_len,
+    batch_per_device,
+    remat,
+    kernel_impl,
+    attention_impl,
+    mesh_data,
+    reps,
+    split,
+    lora=trainer.LoraSpec(),
+    layout=DEFAULT_LAYOUT,
+    fused=DEFAULT_FUSED,
+    profile_dir="",
+):
+    built = build_step(
+        SHAPES[name],
+        seq_len=seq_len,
+        batch_per_device=batch_per_device,
+        remat=remat,
+        kernel_impl=kernel_impl,
+        attention_impl=attention_impl,
+        mesh_data=mesh_data,
+        lora=lora,
+        layout=layout,
+        fused=fused,
+    )
+    mesh, cfg, teacher, student, frozen = built.mesh, built.cfg, built.teacher, built.student, built.frozen
+    state, optimizer, spec, ids, batch, step = (
+        built.state,
+        built.optimizer,
+        built.spec,
+        built.ids,
+        built.batch,
+        built.step,
+    )
+    batch_size = batch_per_device * mesh_data
     result = {
         "model": name,
         "seq_len": seq_len,

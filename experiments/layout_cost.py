@@ -28,12 +28,9 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
-from experiments import hlo_cost
+from experiments import bench_restore_step, hlo_cost
 from lard_jax import sharding as sharding_lib
-from lard_jax import trainer
-from lard_jax.model import LlamaConfig, LlamaForCausalLM
 from lard_jax.presets import MODEL_SHAPES
 
 LAYOUTS = (("loop", False), ("scan", False), ("scan", True))
@@ -50,27 +47,20 @@ def compile_step(
     remat: str,
     attention_impl: str = "xla",
 ):
-    """The compiled library step of one layout, at `layers` decoder layers of the given widths."""
-    shape = dict(shape, num_hidden_layers=layers, max_position_embeddings=seq_len)
-    cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
-    scfg = cfg.replace(rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=seq_len * 8)
-    mesh = sharding_lib.make_mesh(data=1, devices=jax.devices()[:1])
-    frozen = LlamaForCausalLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    if layout == "scan":
-        frozen = trainer.to_layout(frozen, True)
-        cfg, scfg = cfg.replace(scan_layers=True), scfg.replace(scan_layers=True)
-    teacher, student = LlamaForCausalLM(cfg), LlamaForCausalLM(scfg)
-    lora = trainer.LoraSpec()
-    trainable = trainer.init_trainable_sharded(
-        frozen, trainer.trainable_mask(frozen), lora, jax.random.PRNGKey(3), mesh, jnp.float32
+    """The compiled library step of one layout (bench_restore_step's, batch 1), at `layers`
+    decoder layers of the given widths."""
+    built = bench_restore_step.build_step(
+        dict(shape, num_hidden_layers=layers, max_position_embeddings=seq_len),
+        seq_len=seq_len,
+        batch_per_device=1,
+        remat=remat,
+        kernel_impl=kernel_impl,
+        attention_impl=attention_impl,
+        layout=layout,
+        fused=fused,
     )
-    optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
-    state = trainer.init_state(trainable, optimizer, jax.random.PRNGKey(0), mesh)
-    spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
-    batch = {"input_ids": jax.random.randint(jax.random.PRNGKey(2), (1, 1, seq_len), 0, shape["vocab_size"])}
-    step = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
-    with sharding_lib.use_mesh(mesh):
-        return step.lower(state, frozen, batch).compile()
+    with sharding_lib.use_mesh(built.mesh):
+        return built.step.lower(built.state, built.frozen, built.batch).compile()
 
 
 def affine(c1: float, c2: float, l1: int, l2: int, full: int) -> dict:

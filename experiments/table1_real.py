@@ -181,7 +181,7 @@ def check_reused(c) -> None:
         saved = json.load(f)
     for section, key in REUSE_KEYS:
         want, got = c[section][key], saved.get(section, {}).get(key)
-        if got != want and not (isinstance(want, float) and isinstance(got, (int, float)) and float(got) == want):
+        if got != want:  # config.json is the config's JSON: numbers and strings round-trip exactly
             raise SystemExit(
                 f"{c.workdir} holds a run trained with {section}.{key}={got!r}, this row needs {want!r}: "
                 "delete that directory or pass another --workdir"
@@ -325,20 +325,8 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: s
     add_intervals(res, "cloze_acc", stats.wilson_interval(round(cloze["acc"] * cloze["n"]), cloze["n"]), cloze["n"])
     done(f"cloze ({cloze['n']})")
     generate = eval_runner.generate_fn_for(model, params, batch_size=args.gen_batch)  # one length's prompts at once
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
     for task in RETRIEVAL_TASKS:
-        out = synthetic.evaluate_synthetic(
-            generate,
-            tokenizer,
-            task,
-            lengths,
-            depths,
-            args.samples_per_depth,
-            0,
-            progress=False,
-            examples_cache=prompts,
-        )
+        out = retrieval_task(generate, tokenizer, task, args, prompts)
         for length, acc in out["by_length"].items():
             res[f"{task}@{length}"] = acc
             add_intervals(res, f"{task}@{length}", out["by_length_ci"][length], out["by_length_n"][length])
@@ -349,24 +337,28 @@ def evaluate(model, params, tokenizer, docs, stream, args, native: int, label: s
 RETRIEVAL_TASKS = ("passkey", "niah_single", "niah_multikey")
 
 
+def retrieval_task(generate, tokenizer, task: str, args, examples: dict | None) -> dict:
+    """One passkey / NIAH task at every --lengths x --depths cell: the one call `evaluate` scores
+    and `build_prompts` caches, so the cached prompts are exactly the ones evaluated."""
+    return synthetic.evaluate_synthetic(
+        generate,
+        tokenizer,
+        task,
+        [int(x) for x in args.lengths.split(",")],
+        [float(x) for x in args.depths.split(",")],
+        args.samples_per_depth,
+        0,
+        progress=False,
+        examples_cache=examples,
+    )
+
+
 def build_prompts(tokenizer, args, examples: dict) -> None:
     """Every passkey / NIAH prompt `evaluate` will use, into `examples` (no model: the stand-in
     decoder returns nothing, its scores are dropped)."""
-    lengths = [int(x) for x in args.lengths.split(",")]
-    depths = [float(x) for x in args.depths.split(",")]
     for task in RETRIEVAL_TASKS:
         t = time.perf_counter()
-        synthetic.evaluate_synthetic(
-            lambda ids, n: [],
-            tokenizer,
-            task,
-            lengths,
-            depths,
-            args.samples_per_depth,
-            0,
-            progress=False,
-            examples_cache=examples,
-        )
+        retrieval_task(lambda ids, n: [], tokenizer, task, args, examples)
         print(f"[prompts] {task}: {time.perf_counter() - t:.1f}s", flush=True)
 
 
