@@ -91,13 +91,14 @@ def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=()) -> dict[str,
             f"cpt_1x_lr{lr:g}": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1, lr=lr)
             for lr in extra_cpt_lrs
         },
-        **{  # the recipe's LinearARD, then CPT at this rate
+        **{  # LinearARD, then CPT, both stages at this rate (the rate the sweep compares)
             f"linearard_cpt_lr{lr:g}": dict(
                 method="linearard",
                 seq_len=native,
                 steps=base.train.steps,
                 stage2_steps=cpt_steps(1),
                 stage2_len=long_len,
+                lr=lr,
                 stage2_lr=lr,
             )
             for lr in extra_cpt_lrs

