@@ -17,7 +17,9 @@ Layout: `--layout scan` (default, as configs/base.py: decoder layers under one l
 stacked) or `loop` (a Python loop over per-layer parameters); `--fused` (default, as configs/base.py:
 teacher and student layer by layer in one pass, losses.fused_relation_loss) or `--no_fused` (both
 forwards, then the relation loss). `--layouts_all` runs loop/unfused, scan/unfused and scan/fused
-in this one process (no split) and prints and writes a table: tokens/s, memory, ratio to the best.
+in this one process (no split) and prints and writes a table: tokens/s, memory, ratio to the best;
+`--variants loop/unfused/full,scan/fused/none,...` does the same for any list of (layout, loss,
+remat) triples, so remat policies are compared in one process too.
 Memory per step: `compiled_gib`, the compiled step's arguments + outputs - donated + XLA's temp
 buffer (its memory_analysis; what the step holds while it runs), comparable between runs of one
 process; `peak_gib` is the device's peak_bytes_in_use since the process started (exact for the
@@ -57,7 +59,7 @@ import jax.numpy as jnp
 from lard_jax import flops as flops_lib
 from lard_jax import losses, trainer
 from lard_jax import sharding as sharding_lib
-from lard_jax.model import LlamaConfig, LlamaForCausalLM, collect_qkv, stacked_qkv
+from lard_jax.model import REMAT_POLICIES, LlamaConfig, LlamaForCausalLM, collect_qkv, stacked_qkv
 from lard_jax.presets import MODEL_SHAPES
 
 # configs/base.py's defaults (c.model.scan_layers, c.loss.fused), not imported: ml_collections is
@@ -264,7 +266,8 @@ def bench_one(
         result["loss"] = float(m["loss"])
         result["peak_gib"] = (_peak_bytes() or 0) / 2**30
         if profile_dir:  # PROFILE_STEPS more steps under jax.profiler, after the timed ones and the peak memory read
-            trace_dir = os.path.join(profile_dir, f"{name}_{layout}_{'fused' if fused else 'unfused'}_dp{mesh_data}")
+            loss = "fused" if fused else "unfused"
+            trace_dir = os.path.join(profile_dir, f"{name}_{layout}_{loss}_{remat}_dp{mesh_data}")
             with jax.profiler.trace(trace_dir):
                 for _ in range(PROFILE_STEPS):
                     state, m = step(state, frozen, batch)
@@ -334,6 +337,26 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
     }
 
 
+def parse_variants(text: str) -> list[tuple[str, bool, str]]:
+    """ "loop/unfused/full,scan/fused/none" -> [(layout, fused, remat), ...]; ValueError names the bad part."""
+    out = []
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        fields = part.split("/")
+        if len(fields) != 3:
+            raise ValueError(f"variant {part!r}: expected layout/loss/remat, e.g. scan/fused/full")
+        layout, loss, remat = fields
+        if layout not in ("loop", "scan"):
+            raise ValueError(f"variant {part!r}: layout must be loop or scan, not {layout!r}")
+        if loss not in ("fused", "unfused"):
+            raise ValueError(f"variant {part!r}: loss must be fused or unfused, not {loss!r}")
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"variant {part!r}: remat must be one of {REMAT_POLICIES}, not {remat!r}")
+        out.append((layout, loss == "fused", remat))
+    if not out:
+        raise ValueError("--variants is empty")
+    return out
+
+
 def layouts_table(results) -> list[dict]:
     """The --layouts_all table: per model and device count, each layout's tokens/s, memory and
     tokens/s as a fraction of the fastest layout's (failed runs are left out)."""
@@ -349,6 +372,7 @@ def layouts_table(results) -> list[dict]:
                     "devices": r["devices"],
                     "layout": r["layout"],
                     "fused": r["fused"],
+                    "remat": r.get("remat"),
                     "tokens_per_s": r["tokens_per_s"],
                     "step_ms": r["step_s"] * 1e3,
                     "compiled_gib": r.get("compiled_gib"),
@@ -367,14 +391,15 @@ def _gib(x):
 def print_layouts_table(rows):
     print("\nLayouts (one process; compiled GiB = the step's arguments + outputs - donated + XLA temp)")
     print(
-        f"{'model':10} {'dev':>3} {'layout':6} {'loss':8} {'tok/s':>9} {'step ms':>8} {'compiled GiB':>12} "
-        f"{'peak GiB':>8} {'vs best':>7}"
+        f"{'model':10} {'dev':>3} {'layout':6} {'loss':8} {'remat':13} {'tok/s':>9} {'step ms':>8} "
+        f"{'compiled GiB':>12} {'peak GiB':>8} {'vs best':>7}"
     )
     for r in rows:
         loss = "fused" if r["fused"] else "unfused"
         mark = "  <- default" if r["default"] else ""
         print(
-            f"{r['model']:10} {r['devices']:>3} {r['layout']:6} {loss:8} {r['tokens_per_s']:9.0f} "
+            f"{r['model']:10} {r['devices']:>3} {r['layout']:6} {loss:8} {str(r.get('remat')):13} "
+            f"{r['tokens_per_s']:9.0f} "
             f"{r['step_ms']:8.1f} {_gib(r['compiled_gib']):>12} {_gib(r['peak_gib']):>8} "
             f"{r['ratio_to_best']:7.3f}{mark}"
         )
@@ -410,13 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run loop/unfused, scan/unfused and scan/fused in this process (no split) and print a table",
     )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="comma list of layout/loss/remat, e.g. loop/unfused/full,scan/fused/none: run each in this "
+        "process (no split) and print the table (overrides --layout, --fused, --remat, --layouts_all)",
+    )
     p.add_argument("--lora_rank", type=int, default=0, help="> 0: train LoRA factors (authors' variant: 1024)")
     p.add_argument("--lora_alpha", type=float, default=None, help="default 2 x rank (the authors' 2048 at r 1024)")
     p.add_argument("--lora_dropout", type=float, default=0.05, help="LoRA dropout (> 0: the unmerged path)")
     p.add_argument(
         "--profile_dir",
         default="",
-        help="trace 2 more steps of each run with jax.profiler into <dir>/<model>_<layout>_<loss>_dp<n>; "
+        help="trace 2 more steps of each run with jax.profiler into <dir>/<model>_<layout>_<loss>_<remat>_dp<n>; "
         "read them with experiments/trace_summary.py --steps 2",
     )
     p.add_argument("--out", default="")
@@ -424,28 +455,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        variants = parse_variants(args.variants) if args.variants else None
+    except ValueError as e:
+        parser.error(str(e))
+    if variants is None:
+        pairs = LAYOUTS_ALL if args.layouts_all else ((args.layout, args.fused),)
+        variants = [(layout, fused, args.remat) for layout, fused in pairs]
+    table = args.layouts_all or bool(args.variants)
     lora = trainer.LoraSpec()
     if args.lora_rank:
         lora = trainer.LoraSpec(
             rank=args.lora_rank, alpha=args.lora_alpha or 2.0 * args.lora_rank, dropout=args.lora_dropout
         )
-    variants = LAYOUTS_ALL if args.layouts_all else ((args.layout, args.fused),)
     results = []
     for name in args.models.split(","):
         for dp in [int(x) for x in args.mesh_data.split(",")]:
-            for layout, fused in variants:
+            for layout, fused, remat in variants:
                 try:
                     r = bench_one(
                         name,
                         seq_len=args.seq_len,
                         batch_per_device=args.batch_per_device,
-                        remat=args.remat,
+                        remat=remat,
                         kernel_impl=args.kernel_impl,
                         attention_impl=args.attention_impl,
                         mesh_data=dp,
                         reps=args.reps,
-                        split=not args.no_split and not args.layouts_all and dp == 1,
+                        split=not args.no_split and not table and dp == 1,
                         lora=lora,
                         layout=layout,
                         fused=fused,
@@ -457,6 +496,7 @@ def main(argv=None):
                         "devices": dp,
                         "layout": layout,
                         "fused": fused,
+                        "remat": remat,
                         "error": f"{type(e).__name__}: {str(e)[:400]}",
                     }
                 results.append(r)
@@ -469,7 +509,7 @@ def main(argv=None):
                         "command": "python -m experiments.bench_restore_step " + " ".join(argv or sys.argv[1:]),
                         "results": results,
                     }
-                    if args.layouts_all:
+                    if table:
                         out["layouts"] = layouts_table(results)
                     with open(args.out, "w") as f:
                         json.dump(out, f, indent=2)
@@ -490,7 +530,7 @@ def main(argv=None):
             f"{r['step_s'] * 1e3:8.1f} {pct(r['mfu_executed']):>6} {pct(r['mfu_executed_incl_relation']):>6} "
             f"{r['gflop_per_token']['model_total']:7.2f} {r['peak_gib']:8.1f}  {split}"
         )
-    if args.layouts_all:
+    if table:
         print_layouts_table(layouts_table(results))
     return results
 

@@ -40,7 +40,7 @@ import traceback
 
 import numpy as np
 
-from lard_jax import hf, pipeline
+from lard_jax import hf, pipeline, preemption
 from lard_jax.compile_cache import CACHE_SUBDIR, enable_compilation_cache
 from lard_jax.evaluation import multiple_choice, perplexity, stats, synthetic
 from lard_jax.evaluation import runner as eval_runner
@@ -583,6 +583,10 @@ def main(argv=None):
             results[name] = run_and_evaluate(
                 name, base, rows, teacher, frozen, tokenizer, docs, stream, args, native, prompts
             )
+        except preemption.Preempted as e:  # SIGTERM (e.g. `timeout -s TERM`): checkpointed at a step
+            call["rows"].remove(name)  # not a result: the next call resumes the row from its checkpoint
+            print(f"[{name}] stopped with a checkpoint ({e}); call again to resume the row", flush=True)
+            break
         except Exception as e:  # noqa: BLE001  (one failed row must not lose the others' device time)
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}

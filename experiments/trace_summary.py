@@ -2,8 +2,8 @@
 `jax.profiler` trace; several traces side by side.
 
     python -m experiments.bench_restore_step --models llama2_7b --layouts_all --profile_dir /root/prof ...
-    python -m experiments.trace_summary /root/prof/llama2_7b_loop_unfused_dp1 /root/prof/llama2_7b_scan_fused_dp1 \
-        --steps 2 --out docs/raw/trace_layouts_h200.json
+    python -m experiments.trace_summary /root/prof/llama2_7b_loop_unfused_full_dp1 \
+        /root/prof/llama2_7b_scan_fused_full_dp1 --steps 2 --out docs/raw/trace_layouts_h200.json
 
 Reads the `*.trace.json.gz` that `jax.profiler.trace(dir)` writes under `dir/plugins/profile/<run>/`
 (Chrome trace events). Device time is the sum of the innermost complete ("X") events on the

@@ -86,17 +86,18 @@ def _remat_recompute_layer(layer: int, remat: str, attention_impl: str, shapes, 
     "full": every forward matmul whose output the backward needs: q, k, v (attention backward),
     the attention core (its output and softmax statistics), o_proj (the MLP's input), gate and up
     (SiLU backward); not down_proj, whose output only feeds the next layer (saved at the layer
-    boundary). Layer 0 reruns only gate and up: measured on XLA:CPU (tests/test_flops.py), its
-    attention half is not recomputed (apparently shared with the forward by XLA; the model's
-    `nn.remat` uses prevent_cse=False). "dots" / "dots_no_batch": dot outputs are saved and the XLA attention is
+    boundary); the same in every layer (tests/test_flops.py, XLA:CPU). Until 2026-12-04 the loop
+    layout's `nn.remat` ran without JAX's CSE barrier and XLA shared layer 0's attention half with
+    the forward (on an H200 every layer's recompute); the barrier is kept outside scans now
+    (model._remat_layer). "dots" / "dots_no_batch": dot outputs are saved and the XLA attention is
     not rerun (measured on CPU); the other attention implementations are custom calls or
     loops, assumed to rerun their forward (not measured). Unmerged LoRA under "full" also reruns
-    x·A and (x·A)·B in layers >= 1 and x·A in a partial top layer (added by the caller; measured)."""
+    x·A and (x·A)·B in every layer and x·A in a partial top layer (added by the caller; measured)."""
     if remat == "none":
         return 0.0
     if remat == "full":
-        rerun = ("gate_proj", "up_proj") if layer == 0 else tuple(n for n in shapes if n != "down_proj")
-        return sum(2.0 * shapes[n][0] * shapes[n][1] for n in rerun) + (attn_fwd if layer else 0.0)
+        rerun = tuple(n for n in shapes if n != "down_proj")
+        return sum(2.0 * shapes[n][0] * shapes[n][1] for n in rerun) + attn_fwd
     if remat in ("dots", "dots_no_batch"):
         return attn_fwd if attention_impl != "xla" else 0.0
     raise ValueError(f"unknown remat {remat!r}")
@@ -225,11 +226,11 @@ def executed_flops_per_token(
                 act += attn_bwd
                 flash += attn_flash_recompute
                 rem += _remat_recompute_layer(l, remat, attention_impl, shapes, attn_fwd)
-                if remat == "full" and unmerged and l > 0:  # the LoRA path of q/k/v reruns too (measured)
+                if remat == "full" and unmerged:  # the LoRA path of q/k/v reruns too (measured)
                     rem += sum(lora_fwd[p] for p in trainable if p in ("q_proj", "k_proj", "v_proj"))
             else:
                 with_cot = sorted(s)
-                if remat == "full" and unmerged and l > 0:  # x·A, for dB (measured)
+                if remat == "full" and unmerged:  # x·A, for dB (measured)
                     rem += sum(2.0 * shapes[p][0] * lora_rank for p in with_cot if p in trainable)
             for p in with_cot:
                 # dX: always inside a layer; for q/k/v only if the layer's input needs a gradient

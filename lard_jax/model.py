@@ -346,17 +346,23 @@ def remat_policy(cfg: LlamaConfig):
     }[cfg.remat]
 
 
-def _remat_layer(cfg: LlamaConfig):
+def _remat_layer(cfg: LlamaConfig, in_scan: bool):
+    """The block under cfg.remat. `prevent_cse` only inside a scan may be False (JAX's advice: there
+    XLA cannot merge the backward's recomputation with the forward). In the Python loop it stays
+    True: without the barrier XLA may CSE the recomputation into the forward and keep every
+    activation, which is remat in name only (on an H200 the loop layout with remat "full" ran two
+    attention forwards per layer, not three, and held 7.5 GiB more than the scan:
+    docs/bench_restore_step.md)."""
     if cfg.remat == "none":
         return LlamaDecoderLayer
-    return nn.remat(LlamaDecoderLayer, policy=remat_policy(cfg), prevent_cse=False)
+    return nn.remat(LlamaDecoderLayer, policy=remat_policy(cfg), prevent_cse=not in_scan)
 
 
 def _scanned_layers(cfg: LlamaConfig):
     """nn.scan over the (remat'd) block: params (and sown intermediates) stacked on axis 0; the
     cache and the per-layer dropout keys are scanned over, everything else broadcast."""
     return nn.scan(
-        _remat_layer(cfg),
+        _remat_layer(cfg, in_scan=True),
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         length=cfg.num_hidden_layers,
@@ -456,7 +462,7 @@ class LlamaModel(nn.Module):
                     "v": _cache_write_all(cache["v"], new_kv[1], cache_index),
                 }
         else:
-            layer_cls = _remat_layer(cfg)
+            layer_cls = _remat_layer(cfg, in_scan=False)
             for i in range(cfg.num_hidden_layers):
                 key = None if keys is None else keys[i]
                 if cache is None:
@@ -950,7 +956,8 @@ def paired_decoder(
                 return s_x, None, layer_vals(t_qkv, s_qkv, static_count, count)
             return s_x, s_qkv, None
 
-        return f if policy is None else jax.checkpoint(f, policy=policy, prevent_cse=False)
+        # prevent_cse off only under the scan (stacked); in the Python loop see _remat_layer
+        return f if policy is None else jax.checkpoint(f, policy=policy, prevent_cse=not stacked)
 
     def step(t_x, s_x, t_p, s_in, get, key, static_count, count):
         t_x, t_qkv = _apply_layer(teacher_cfg, t_p, t_x, t_cos, t_sin, mask)  # never differentiated: no remat

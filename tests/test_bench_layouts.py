@@ -79,3 +79,35 @@ def test_layouts_table_ratios():
     )
     assert [r["ratio_to_best"] for r in table] == [1.0, 0.5]
     assert [r["default"] for r in table] == [False, True]
+
+
+def test_variants_compare_remat_policies_in_one_process(tmp_path, capsys):
+    out = tmp_path / "variants.json"
+    argv = ["--models", "tiny", "--seq_len", "64", "--reps", "1", "--out", str(out)]
+    results = bench.main(argv + ["--variants", "loop/unfused/full,scan/fused/none"])
+    assert [(r["layout"], r["fused"], r["remat"]) for r in results] == [("loop", False, "full"), ("scan", True, "none")]
+    assert all("error" not in r and "split_s" not in r for r in results), results
+    assert abs(results[0]["loss"] - results[1]["loss"]) <= 1e-3 * abs(results[0]["loss"])  # the same step
+    table = json.loads(out.read_text())["layouts"]
+    assert [(r["layout"], r["remat"], r["default"]) for r in table] == [("loop", "full", False), ("scan", "none", True)]
+    assert "dots_no_batch" not in capsys.readouterr().out
+
+
+def test_variants_are_checked_before_anything_runs():
+    assert bench.parse_variants("scan/fused/dots_no_batch, loop/unfused/none") == [
+        ("scan", True, "dots_no_batch"),
+        ("loop", False, "none"),
+    ]
+    for bad, says in (
+        ("scan/fused", "layout/loss/remat"),
+        ("grid/fused/full", "layout must be"),
+        ("scan/fusd/full", "loss must be"),
+        ("scan/fused/everything", "remat must be"),
+        (",", "empty"),
+    ):
+        try:
+            bench.parse_variants(bad)
+        except ValueError as e:
+            assert says in str(e), (bad, e)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

@@ -162,3 +162,20 @@ def test_stacked_relation_loss_equals_per_layer(layers):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * scale)
     loop_inter = jax.eval_shape(lambda: inter(LlamaForCausalLM(CFG), unstack_layers(params)))
     assert stacked_qkv(loop_inter) is None
+
+
+def _barriers(fn, args) -> int:
+    """optimization_barrier ops in the program XLA receives (JAX adds them when lowering a remat
+    with prevent_cse=True; the jaxpr only carries the flag)."""
+    return jax.jit(fn).lower(*args).as_text().count("optimization_barrier")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_loops_remat_keeps_its_cse_barrier_and_the_scans_drops_it(fused):
+    """Outside a scan, remat needs JAX's CSE barrier (prevent_cse=True): without it XLA merged the
+    backward's recomputation into the forward on an H200 (the loop layout ran 2 attention forwards
+    per layer with remat "full", the scan 3; docs/bench_restore_step.md). Inside a scan it is not
+    needed and only costs, so the scanned block goes without."""
+    assert _barriers(*_step(3, "loop", fused)) >= 3
+    assert _barriers(*_step(3, "scan", fused)) == 0
+    assert _barriers(*_step(3, "loop", fused, remat="none")) == 0

@@ -143,6 +143,32 @@ def test_a_rehearsal_on_the_tiny_teacher_trains_evaluates_and_resumes(tmp_path):
     assert again["rows"]["linearard"] == row and again["meta"]["calls"][1]["rows"] == []
 
 
+def test_a_row_stopped_by_a_signal_is_left_to_resume_not_recorded(tmp_path, monkeypatch, capsys):
+    """A row longer than one device call (cpt_Nx) is stopped by `timeout -s TERM`: the pipeline
+    checkpoints and raises Preempted; the driver records nothing for it, starts no further row and
+    says how to resume (the next call reruns it and the pipeline resumes from the checkpoint)."""
+    from lard_jax.preemption import Preempted
+    from lard_jax.sources import resolve_source
+
+    ran = []
+
+    def fake_row(name, *a, **k):
+        ran.append(name)
+        if name == "linearard":
+            raise Preempted("stage1 stopped at step 7 by SIGTERM")
+        return {"eval": {}}
+
+    monkeypatch.setattr(table1_real, "run_and_evaluate", fake_row)
+    train, heldout = (resolve_source(f"builtin:{s}", str(tmp_path / "text")) for s in ("train", "heldout"))
+    argv = ["--config", "configs/demo.py", "--data", train, "--heldout", heldout, "--workdir", str(tmp_path / "w")]
+    argv += ["--out", str(tmp_path / "out"), "--rows", "linearard,cpt_1x", "--lengths", "1024", "--long_len", "1024"]
+    table1_real.main(argv)
+    saved = json.loads((tmp_path / "out" / "table1_real.json").read_text())
+    assert ran == ["linearard"] and "linearard" not in saved["rows"]
+    assert saved["meta"]["calls"][-1]["rows"] == []
+    assert "call again to resume the row" in capsys.readouterr().out
+
+
 def test_rows_written_before_data_mode_existed_count_as_per_document(tmp_path):
     saved = {"rows": {"linearard": {"train_tokens": 10, "eval": {}}, "teacher": {"eval": {}}}, "meta": {}}
     (tmp_path / "table1_real.json").write_text(json.dumps(saved))
