@@ -68,7 +68,7 @@ def load_config(path: str):
     return module.get_config()
 
 
-def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=()) -> dict[str, dict]:
+def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=(), extra_big_lrs=()) -> dict[str, dict]:
     """name -> overrides. The token unit is LinearARD's budget: steps x batch x accum x native length."""
     native = base.data.seq_len
     factor = float(base.student.rope_scaling["factor"])
@@ -102,6 +102,17 @@ def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=()) -> dict[str,
                 stage2_lr=lr,
             )
             for lr in extra_cpt_lrs
+        },
+        **{  # the large-budget baselines at another rate (the rate the 1x rows compare at)
+            f"{name}_lr{lr:g}": dict(r, lr=lr)
+            for lr in extra_big_lrs
+            for name, r in (
+                ("cpt_Nx", dict(method="cpt", seq_len=long_len, steps=cpt_steps(big_mult), batch=1, accum=1)),
+                (
+                    "longred_simplified_Nx",
+                    dict(method="longred_simplified", seq_len=native, steps=big_mult * base.train.steps),
+                ),
+            )
         },
     }
 
@@ -478,6 +489,11 @@ def main(argv=None):
     p.add_argument(
         "--extra_cpt_lrs", default="", help="comma list: extra cpt_1x rows at these learning rates (cpt_1x_lr<rate>)"
     )
+    p.add_argument(
+        "--extra_big_lrs",
+        default="",
+        help="comma list: cpt_Nx_lr<rate> and longred_simplified_Nx_lr<rate> rows at these learning rates",
+    )
     p.add_argument("--steps", type=int, default=0, help="override LinearARD steps (rehearsals)")
     p.add_argument("--seq_len", type=int, default=0, help="override the native training length (rehearsals)")
     p.add_argument("--long_len", type=int, default=32768)
@@ -562,6 +578,7 @@ def main(argv=None):
         args.big_mult,
         [float(x) for x in args.extra_lrs.split(",") if x],
         [float(x) for x in args.extra_cpt_lrs.split(",") if x],
+        [float(x) for x in args.extra_big_lrs.split(",") if x],
     )
     wanted = [r for r in args.rows.split(",") if r]
     print(f"[setup] {time.perf_counter() - t_start:.0f}s: {sum(map(len, docs))} held-out tokens", flush=True)

@@ -79,7 +79,7 @@ def test_prompt_cache_fingerprint_sees_the_bos(tmp_path):
 
 def test_train_rows_spend_the_stated_tokens_at_the_stated_rates():
     base = table1_real.load_config("configs/smollm2_135m_pi32k.py")
-    rows = table1_real.train_rows(base, big_mult=10, extra_lrs=[1e-3], extra_cpt_lrs=[3e-3])
+    rows = table1_real.train_rows(base, big_mult=10, extra_lrs=[1e-3], extra_cpt_lrs=[3e-3], extra_big_lrs=[3e-3])
     unit = base.train.steps * base.train.batch_size * base.train.grad_accum * base.data.seq_len
 
     def tokens(r):
@@ -94,6 +94,8 @@ def test_train_rows_spend_the_stated_tokens_at_the_stated_rates():
     assert rows["cpt_1x_lr0.003"] == dict(rows["cpt_1x"], lr=3e-3)
     assert rows["linearard_cpt_lr0.003"] == dict(rows["linearard_cpt"], lr=3e-3, stage2_lr=3e-3)
     assert "lr" not in rows["linearard"] and "lr" not in rows["cpt_1x"]  # the config's rate
+    assert rows["cpt_Nx_lr0.003"] == dict(rows["cpt_Nx"], lr=3e-3)
+    assert rows["longred_simplified_Nx_lr0.003"] == dict(rows["longred_simplified_Nx"], lr=3e-3)
 
 
 def test_data_is_required_only_to_run_rows(tmp_path, capsys):
