@@ -30,6 +30,33 @@ LN2 = math.log(2.0)
 M_INIT = -1e30
 
 
+# 2**f on [-1/2, 1/2]: a degree-5 least-squares fit on Chebyshev nodes (relative error <= 2.2e-7
+# in float32 Horner form, below MUFU.EX2's 2**-22), lowest degree first.
+EXP2_POLY = (1.0000001, 0.69314694, 0.24022122, 0.05550742, 0.00967546, 0.0013266971)
+EXP2_POLY_MIN = -126.0  # below this (and -inf, a masked logit) exp2_poly returns 0, as ex2.approx.ftz
+_ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND holds round(x) in its low mantissa bits (|x| < 2**22)
+
+
+def exp2_poly(x):
+    """2**x (float32) without the special-function unit's exp2 and without a float -> int
+    conversion (on NVIDIA GPUs both run at the MUFU's rate): n = round(x) as a float by rounding,
+    as an integer from the bits of x + 1.5 * 2**23 (whose low mantissa bits hold round(x)),
+    2**(x - n) from EXP2_POLY, n added to the exponent bits. (x + 1.5 * 2**23) - 1.5 * 2**23 would
+    give the float n without the rounding op, but XLA folds it back to x.) For x <= 127; the
+    kernels pass logits minus their running maximum (<= 0). On a GPU whose exponentials wait on
+    the MUFU (relation KL at head_dim 64: two exp2 per logit pair), computing one of the two this
+    way moves half of them off it (`BlockSizes.exp2_split`)."""
+    xc = jnp.maximum(x, EXP2_POLY_MIN)
+    f = xc - jnp.round(xc)  # in [-1/2, 1/2]; round half to even, as the addition below rounds
+    p = jnp.full_like(f, EXP2_POLY[-1])
+    for coef in EXP2_POLY[-2::-1]:
+        p = p * f + coef
+    magic = lax.bitcast_convert_type(jnp.float32(_ROUND), jnp.int32)
+    n_bits = lax.bitcast_convert_type(xc + _ROUND, jnp.int32) - magic  # round(xc) as an int32
+    bits = lax.bitcast_convert_type(p, jnp.int32) + lax.shift_left(n_bits, 23)
+    return jnp.where(x < EXP2_POLY_MIN, 0.0, lax.bitcast_convert_type(bits, jnp.float32))
+
+
 def tile_dot(a, b, contract=(1, 1)):
     """2-D tile product with f32 accumulation, contracting a's axis contract[0]
     with b's axis contract[1] ((1, 1): a @ b.T; (1, 0): a @ b; (0, 0): a.T @ b).
@@ -50,16 +77,18 @@ def init_stats(shape):
     return (z + M_INIT, z, z + M_INIT, z, z)  # m_s, l_s, m_t, l_t, acc
 
 
-def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2, keepdims=False):
-    """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked."""
+def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2, keepdims=False, exp2_t=None):
+    """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked. `exp2_t`: the
+    teacher's exponential where it differs from the student's (default `exp2`)."""
+    exp2_t = exp2_t or exp2
     m_s, l_s, m_t, l_t, acc = stats
     row_max = lambda x: jnp.max(x, axis=-1, keepdims=keepdims)
     row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=keepdims)
     m_s_new = jnp.maximum(m_s, row_max(r_s))
     m_t_new = jnp.maximum(m_t, row_max(r_t))
     p_s = exp2(r_s * c - _col(m_s_new * c, keepdims))
-    p_t = exp2(r_t * c - _col(m_t_new * c, keepdims))
-    alpha_t = exp2((m_t - m_t_new) * c)
+    p_t = exp2_t(r_t * c - _col(m_t_new * c, keepdims))
+    alpha_t = exp2_t((m_t - m_t_new) * c)
     l_s = l_s * exp2((m_s - m_s_new) * c) + row_sum(p_s)
     l_t = l_t * alpha_t + row_sum(p_t)
     acc = acc * alpha_t + row_sum(p_t * diff)
@@ -79,8 +108,8 @@ def finalize(stats, c):
     return jnp.where(has_key, kl, 0.0), lse_s, lse_t
 
 
-def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2, keepdims=False):
+def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2, keepdims=False, exp2_t=None):
     """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf."""
     p_s = exp2(r_s * c - _col(lse_s, keepdims))
-    p_t = exp2(r_t * c - _col(lse_t, keepdims))
+    p_t = (exp2_t or exp2)(r_t * c - _col(lse_t, keepdims))
     return (p_s - p_t) * _col(g_scaled, keepdims)

@@ -47,7 +47,7 @@ class BlockSizes:
     block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
     block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
     block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
-    num_warps_*/num_stages_*/fast_exp2: Triton only.
+    num_warps_*/num_stages_*/fast_exp2/exp2_split: Triton only.
     """
 
     block_q: int = 128
@@ -61,6 +61,9 @@ class BlockSizes:
     num_warps_bwd: int = 4
     num_stages_bwd: int = 2
     fast_exp2: bool = True  # GPU: flush-to-zero ex2.approx instead of libdevice exp2f
+    # GPU: the teacher's exponentials by _math.exp2_poly (FMA pipes), the student's on the MUFU.
+    # Off until measured (experiments/bench_relation_kl.py's exp2 A/B has the row to decide it).
+    exp2_split: bool = False
 
     def all_blocks(self):
         return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dk, self.block_k_dk)

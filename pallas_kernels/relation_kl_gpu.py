@@ -64,6 +64,11 @@ def _exp2_for(cfg):
     return jnp.exp2
 
 
+def _exp2_t_for(cfg):
+    """The teacher's exponential: the polynomial one on the FMA pipes when `exp2_split`."""
+    return _math.exp2_poly if cfg.blocks.exp2_split else _exp2_for(cfg)
+
+
 def _compiler_params(num_warps, num_stages):
     if _CompilerParams is None:
         return dict(triton=dict(num_warps=num_warps, num_stages=num_stages))
@@ -102,7 +107,7 @@ def _unpack(refs, n_in, has_ids):
     return ins, outs
 
 
-def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids, exp2):
+def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t):
     (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref), (kl_ref, lss_ref, lst_ref) = _unpack(
         refs, 6 if has_ids else 4, has_ids
     )
@@ -119,7 +124,7 @@ def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids, exp2):
         if masked:
             k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
             u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
-        return _math.online_update(stats, u_s, u_t, diff, c, exp2)
+        return _math.online_update(stats, u_s, u_t, diff, c, exp2, exp2_t=exp2_t)
 
     stats = _key_loop(body, i, bq, bk, nk, causal, has_ids, _math.init_stats((bq,)))
     kl, lse_s, lse_t = _math.finalize(stats, c)
@@ -128,7 +133,7 @@ def _fwd_kernel(*refs, c, causal, bq, bk, nq, nk, has_ids, exp2):
     lst_ref[...] = lse_t
 
 
-def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
+def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t):
     (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (dl_ref,) = _unpack(
         refs, 9 if has_ids else 7, has_ids
     )
@@ -146,7 +151,7 @@ def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
         if masked:
             k_ids = kid_ref[pl.ds(k0, bk)] if has_ids else None
             u_s, u_t = _masked(u_s, u_t, rows, k0 + jnp.arange(bk), q_ids, k_ids, causal)
-        ds = _math.grad_logits(u_s, u_t, lse_s, lse_t, g, c, exp2)
+        ds = _math.grad_logits(u_s, u_t, lse_s, lse_t, g, c, exp2, exp2_t=exp2_t)
         return acc + _dot(ds.astype(sr.dtype), sr, contract=(1, 0))
 
     acc = jnp.zeros(sl.shape, jnp.float32)
@@ -154,7 +159,7 @@ def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
     dl_ref[...] = acc.astype(dl_ref.dtype)
 
 
-def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
+def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t):
     (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (dr_ref,) = _unpack(
         refs, 9 if has_ids else 7, has_ids
     )
@@ -172,7 +177,9 @@ def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2):
         if masked:
             q_ids = qid_ref[rows_ds] if has_ids else None
             u_s, u_t = _masked(u_s, u_t, q0 + jnp.arange(bq), cols, q_ids, k_ids, causal)
-        ds = _math.grad_logits(u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds], g_ref[rows_ds] * scale, c, exp2)
+        ds = _math.grad_logits(
+            u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds], g_ref[rows_ds] * scale, c, exp2, exp2_t=exp2_t
+        )
         return acc + _dot(ds.astype(sl.dtype), sl, contract=(0, 0))
 
     acc = jnp.zeros(sr.shape, jnp.float32)
@@ -226,6 +233,7 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
         nk=nk,
         has_ids=has_ids,
         exp2=_exp2_for(cfg),
+        exp2_t=_exp2_t_for(cfg),
     )
     row_spec = pl.BlockSpec((None, None, bq), lambda p, b, h: (b, h, nq - 1 - p))
     row = jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)
@@ -250,7 +258,14 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     bl = cfg.blocks
     has_ids = q_ids is not None
     ids = (q_ids, k_ids) if has_ids else ()
-    common = dict(c=cfg.scale * _math.LOG2E, scale=cfg.scale, causal=cfg.causal, has_ids=has_ids, exp2=_exp2_for(cfg))
+    common = dict(
+        c=cfg.scale * _math.LOG2E,
+        scale=cfg.scale,
+        causal=cfg.causal,
+        has_ids=has_ids,
+        exp2=_exp2_for(cfg),
+        exp2_t=_exp2_t_for(cfg),
+    )
     params = _compiler_params(bl.num_warps_bwd, bl.num_stages_bwd)
     args = (sl, sr, tl, tr, *ids, lse_s, lse_t, g)
     shapes = dict(B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args)

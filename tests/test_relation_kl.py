@@ -534,3 +534,40 @@ def test_bad_input_raises_before_tracing(arg, call, monkeypatch):
     kw.setdefault("impl", "pallas_gpu")
     with pytest.raises(ValueError, match=arg):
         relation_kl(*args, interpret=True, **kw)
+
+
+# ------------------------------------------------------- polynomial exp2 ---
+
+
+def test_exp2_poly_matches_exp2_and_flushes_like_the_hardware():
+    """_math.exp2_poly (FMA-only 2**x, BlockSizes.exp2_split) against float64 2**x: relative error
+    about MUFU.EX2's on [-126, 8]; exactly 0 below -126 and at -inf (masked logits), never NaN."""
+    from pallas_kernels import _math
+
+    rng_ = np.random.default_rng(11)
+    x = np.concatenate(
+        [rng_.uniform(-126.0, 0.0, 100_000), rng_.uniform(-1.0, 8.0, 10_000), [0.0, -0.5, -1.5, -2.5, -125.5, -126.0]]
+    )  # ties: round half even
+    x = x.astype(np.float32)
+    got = np.asarray(jax.jit(_math.exp2_poly)(jnp.asarray(x)), np.float64)
+    want = np.exp2(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 3e-7
+    low = jnp.asarray([-126.5, -200.0, -1e30, -np.inf], jnp.float32)
+    assert np.all(np.asarray(_math.exp2_poly(low)) == 0.0)
+
+
+@pytest.mark.parametrize("dclass", [64, 128])
+def test_exp2_split_is_exact(rng, dclass):
+    """The Triton kernels with the teacher's exponentials on the polynomial (interpret mode), as
+    the tuner's configs are checked: values and gradients against the float64 reference, on the
+    unmasked path and on a padded T with segments."""
+    from pallas_kernels.blocks import BlockSizes
+
+    for T, H, opts in ((256, 2, {}), (200, 1, {"segments": True})):
+        sl, sr, tl, tr, w = make_inputs(rng, 1, T, H, 1, dclass)
+        kw = case_kwargs(rng, 1, T, opts)
+        kl, (d_sl, d_sr) = _kl_and_grads(
+            sl, sr, tl, tr, w, impl="pallas_gpu", interpret=True, block_sizes=BlockSizes(exp2_split=True), **kw
+        )
+        ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
+        assert_matches_reference(kl, (d_sl, d_sr), ref, (r_sl, r_sr), kw)
