@@ -344,7 +344,7 @@ def parse_variants(text: str) -> list[tuple[str, bool, str]]:
         fields = part.split("/")
         if len(fields) != 3:
             raise ValueError(f"variant {part!r}: expected layout/loss/remat, e.g. scan/fused/full")
-        layout, loss, remat = fields
+        layout, loss, remat = (x.strip() for x in fields)
         if layout not in ("loop", "scan"):
             raise ValueError(f"variant {part!r}: layout must be loop or scan, not {layout!r}")
         if loss not in ("fused", "unfused"):

@@ -487,7 +487,9 @@ def main(argv=None):
     p.add_argument("--extra_lrs", default="", help="comma list: extra LinearARD rows at these learning rates")
     p.add_argument("--cpt_lr", type=float, default=0.0, help="CPT learning rate (0 = the config's)")
     p.add_argument(
-        "--extra_cpt_lrs", default="", help="comma list: extra cpt_1x rows at these learning rates (cpt_1x_lr<rate>)"
+        "--extra_cpt_lrs",
+        default="",
+        help="comma list: cpt_1x_lr<rate> and linearard_cpt_lr<rate> (both stages at the rate) rows",
     )
     p.add_argument(
         "--extra_big_lrs",

@@ -82,20 +82,30 @@ def load_events(path: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def _leaf_events(events: list[dict]) -> list[dict]:
-    """The complete events of one thread that contain no other (wrappers such as XLA's
-    ThunkExecutor::Execute around the kernels it runs would count their kernels twice).
+_TS_EPS_US = 1e-3  # trace timestamps are microseconds with nanosecond digits: rounding slack
 
-    Containment, not mere overlap: on a GPU stream consecutive kernels may overlap by a few
-    microseconds (the next launch starts as the previous one drains), and each of them is a kernel
-    that counts. An event is a wrapper only if the event after it lies wholly inside it."""
+
+def _leaf_events(events: list[dict], stream: bool = False) -> list[dict]:
+    """The complete events of one thread that contain no other (wrappers such as XLA's
+    ThunkExecutor::Execute around the kernels it runs would count their kernels twice): an event
+    whose next event lies wholly inside it is a wrapper.
+
+    `stream` (a GPU stream's timeline): there consecutive kernels overlap by up to ~1.5 us (the
+    next launch starts as the previous one drains; median 0.3 us on an H200), so a wrapper's next
+    event must also start in its first half: a kernel shorter than that overlap which starts and
+    ends inside its predecessor's tail does not make the predecessor a wrapper. (Host threads wrap
+    late: ThunkExecutor's "wait for completion" holds events anywhere inside it.)"""
     spans = sorted(events, key=lambda e: (float(e.get("ts", 0.0)), -float(e.get("dur", 0.0))))
     leaves = []
     for i, e in enumerate(spans):
-        end = float(e.get("ts", 0.0)) + float(e.get("dur", 0.0))
+        start, dur = float(e.get("ts", 0.0)), float(e.get("dur", 0.0))
         nxt = spans[i + 1] if i + 1 < len(spans) else None
-        inside = nxt is not None and float(nxt.get("ts", 0.0)) + float(nxt.get("dur", 0.0)) <= end
-        if not inside:
+        wrapper = (
+            nxt is not None
+            and float(nxt.get("ts", 0.0)) + float(nxt.get("dur", 0.0)) <= start + dur + _TS_EPS_US
+            and (not stream or float(nxt.get("ts", 0.0)) < start + dur / 2)
+        )
+        if not wrapper:
             leaves.append(e)
     return leaves
 
@@ -117,6 +127,7 @@ def device_time(events: list[dict]) -> tuple[collections.Counter, collections.Co
         keep = streams or {k for k in threads if k[0] in device} or None
         source = "device streams" if streams else "device"
     else:  # CPU trace: XLA's executor threads on the host
+        streams = set()
         keep = {k for k, n in threads.items() if "XLA" in n}
         source = "host XLA threads (no device in this trace)"
     by_thread = collections.defaultdict(list)
@@ -127,8 +138,8 @@ def device_time(events: list[dict]) -> tuple[collections.Counter, collections.Co
         if (keep is None and e.get("pid") in device) or (keep is not None and key in keep):
             by_thread[key].append(e)
     total, calls = collections.Counter(), collections.Counter()
-    for evs in by_thread.values():
-        for e in _leaf_events(evs):
+    for key, evs in by_thread.items():
+        for e in _leaf_events(evs, stream=key in streams):
             total[e.get("name", "?")] += float(e.get("dur", 0.0))
             calls[e.get("name", "?")] += 1
     return total, calls, source

@@ -87,8 +87,9 @@ def _remat_recompute_layer(layer: int, remat: str, attention_impl: str, shapes, 
     the attention core (its output and softmax statistics), o_proj (the MLP's input), gate and up
     (SiLU backward); not down_proj, whose output only feeds the next layer (saved at the layer
     boundary); the same in every layer (tests/test_flops.py, XLA:CPU). Until 2026-12-04 the loop
-    layout's `nn.remat` ran without JAX's CSE barrier and XLA shared layer 0's attention half with
-    the forward (on an H200 every layer's recompute); the barrier is kept outside scans now
+    layout's `nn.remat` ran without JAX's CSE barrier and XLA:CPU shared layer 0's attention half
+    with the forward (on an H200 the loop apparently recomputed no layer); the barrier is kept
+    outside scans now
     (model._remat_layer). "dots" / "dots_no_batch": dot outputs are saved and the XLA attention is
     not rerun (measured on CPU); the other attention implementations are custom calls or
     loops, assumed to rerun their forward (not measured). Unmerged LoRA under "full" also reruns

@@ -351,8 +351,7 @@ def _remat_layer(cfg: LlamaConfig, in_scan: bool):
     XLA cannot merge the backward's recomputation with the forward). In the Python loop it stays
     True: without the barrier XLA may CSE the recomputation into the forward and keep every
     activation, which is remat in name only (on an H200 the loop layout with remat "full" ran two
-    attention forwards per layer, not three, and held 7.5 GiB more than the scan:
-    docs/bench_restore_step.md)."""
+    attention forwards per layer, not three, before this barrier: docs/bench_restore_step.md)."""
     if cfg.remat == "none":
         return LlamaDecoderLayer
     return nn.remat(LlamaDecoderLayer, policy=remat_policy(cfg), prevent_cse=not in_scan)
@@ -946,7 +945,7 @@ def paired_decoder(
             policy, jax.checkpoint_policies.save_only_these_names(*saves)
         )
 
-    def student_step(get, static_count):
+    def student_step(get, static_count, in_scan):
         """The student block of one layer (its parameters `get(s_in)`) and, when `saves` names
         layer_fn's residuals, layer_fn too: the part under the student's remat policy."""
 
@@ -956,12 +955,13 @@ def paired_decoder(
                 return s_x, None, layer_vals(t_qkv, s_qkv, static_count, count)
             return s_x, s_qkv, None
 
-        # prevent_cse off only under the scan (stacked); in the Python loop see _remat_layer
-        return f if policy is None else jax.checkpoint(f, policy=policy, prevent_cse=not stacked)
+        # prevent_cse off only inside the scan's body; the loop's layers and the top layer after the
+        # scan keep the barrier (see _remat_layer)
+        return f if policy is None else jax.checkpoint(f, policy=policy, prevent_cse=not in_scan)
 
-    def step(t_x, s_x, t_p, s_in, get, key, static_count, count):
+    def step(t_x, s_x, t_p, s_in, get, key, static_count, count, in_scan=False):
         t_x, t_qkv = _apply_layer(teacher_cfg, t_p, t_x, t_cos, t_sin, mask)  # never differentiated: no remat
-        s_x, s_qkv, vals = student_step(get, static_count)(s_in, s_x, key, t_qkv if saves else None, count)
+        s_x, s_qkv, vals = student_step(get, static_count, in_scan)(s_in, s_x, key, t_qkv if saves else None, count)
         if not saves:
             vals = layer_vals(t_qkv, s_qkv, static_count, count)
         return t_x, s_x, vals
@@ -977,7 +977,7 @@ def paired_decoder(
                 return step(t_x, s_x, _layer_slice(t_stack, i), s_stack, get, key, static_count, count)
             key = None if keys is None else jax.lax.dynamic_index_in_dim(keys, i, 0, keepdims=False)
             get = lambda s_in: _layer_slice(*s_in)  # noqa: E731
-            return step(t_x, s_x, _layer_slice(t_stack, i), (s_stack, i), get, key, static_count, count)
+            return step(t_x, s_x, _layer_slice(t_stack, i), (s_stack, i), get, key, static_count, count, in_scan=True)
 
         n_scan = top if return_hidden else top - 1  # the top layer runs after the loop (only its q/k/v are live)
         if n_scan:

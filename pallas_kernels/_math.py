@@ -34,26 +34,26 @@ M_INIT = -1e30
 # in float32 Horner form, below MUFU.EX2's 2**-22), lowest degree first.
 EXP2_POLY = (1.0000001, 0.69314694, 0.24022122, 0.05550742, 0.00967546, 0.0013266971)
 EXP2_POLY_MIN = -126.0  # below this (and -inf, a masked logit) exp2_poly returns 0, as ex2.approx.ftz
-_ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND holds round(x) in its low mantissa bits (|x| < 2**22)
+_ROUND = 12582912.0  # 1.5 * 2**23: an integer-valued r + _ROUND holds r in its low mantissa bits
+_ROUND_BITS = 0x4B400000  # the bits of _ROUND as float32 (a Python int: Triton lowers no constant bitcast)
 
 
 def exp2_poly(x):
     """2**x (float32) without the special-function unit's exp2 and without a float -> int
-    conversion (on NVIDIA GPUs both run at the MUFU's rate): n = round(x) as a float by rounding,
-    as an integer from the bits of x + 1.5 * 2**23 (whose low mantissa bits hold round(x)),
-    2**(x - n) from EXP2_POLY, n added to the exponent bits. (x + 1.5 * 2**23) - 1.5 * 2**23 would
-    give the float n without the rounding op, but XLA folds it back to x.) For x <= 127; the
-    kernels pass logits minus their running maximum (<= 0). On a GPU whose exponentials wait on
-    the MUFU (relation KL at head_dim 64: two exp2 per logit pair), computing one of the two this
-    way moves half of them off it (`BlockSizes.exp2_split`)."""
+    conversion (on NVIDIA GPUs both run at the MUFU's rate): r = floor(x + 1/2), 2**(x - r) from
+    EXP2_POLY, r added to the exponent bits, read as an integer from the bits of r + 1.5 * 2**23
+    (exact: r is an integer). For x <= 127; the kernels pass logits minus their running maximum
+    (<= 0). On a GPU whose exponentials wait on the MUFU (relation KL at head_dim 64: two exp2 per
+    logit pair), computing one of the two this way moves half of them off it
+    (`BlockSizes.exp2_split`). Only operations Pallas lowers to Triton (jnp.round is not one)."""
     xc = jnp.maximum(x, EXP2_POLY_MIN)
-    f = xc - jnp.round(xc)  # in [-1/2, 1/2]; round half to even, as the addition below rounds
+    r = jnp.floor(xc + 0.5)
+    f = xc - r  # in [-1/2, 1/2)
     p = jnp.full_like(f, EXP2_POLY[-1])
     for coef in EXP2_POLY[-2::-1]:
         p = p * f + coef
-    magic = lax.bitcast_convert_type(jnp.float32(_ROUND), jnp.int32)
-    n_bits = lax.bitcast_convert_type(xc + _ROUND, jnp.int32) - magic  # round(xc) as an int32
-    bits = lax.bitcast_convert_type(p, jnp.int32) + lax.shift_left(n_bits, 23)
+    r_bits = lax.bitcast_convert_type(r + _ROUND, jnp.int32) - _ROUND_BITS  # r as an int32
+    bits = lax.bitcast_convert_type(p, jnp.int32) + lax.shift_left(r_bits, 23)
     return jnp.where(x < EXP2_POLY_MIN, 0.0, lax.bitcast_convert_type(bits, jnp.float32))
 
 

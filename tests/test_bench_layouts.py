@@ -90,11 +90,14 @@ def test_variants_compare_remat_policies_in_one_process(tmp_path, capsys):
     assert abs(results[0]["loss"] - results[1]["loss"]) <= 1e-3 * abs(results[0]["loss"])  # the same step
     table = json.loads(out.read_text())["layouts"]
     assert [(r["layout"], r["remat"], r["default"]) for r in table] == [("loop", "full", False), ("scan", "none", True)]
-    assert "dots_no_batch" not in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the table names each run's remat policy
+    assert any(
+        " scan " in ln and " fused " in ln and " none " in ln and "<- default" in ln for ln in printed.splitlines()
+    )
 
 
 def test_variants_are_checked_before_anything_runs():
-    assert bench.parse_variants("scan/fused/dots_no_batch, loop/unfused/none") == [
+    assert bench.parse_variants("scan/fused/dots_no_batch, loop / unfused / none") == [
         ("scan", True, "dots_no_batch"),
         ("loop", False, "none"),
     ]

@@ -556,6 +556,22 @@ def test_exp2_poly_matches_exp2_and_flushes_like_the_hardware():
     assert np.all(np.asarray(_math.exp2_poly(low)) == 0.0)
 
 
+def test_exp2_split_lowers_to_triton():
+    """The polynomial exponentials use only what Pallas lowers to Triton IR (jnp.round and a
+    bitcast of a constant do not lower; the interpreter would not notice)."""
+    from pallas_kernels.blocks import BlockSizes
+
+    x = jax.ShapeDtypeStruct((1, 200, 2, 64), jnp.bfloat16)
+
+    def fwd_bwd(a, b):
+        loss = lambda a: relation_kl(a, a, b, b, impl="pallas_gpu", block_sizes=BlockSizes(exp2_split=True)).sum()
+        return jax.value_and_grad(loss)(a)
+
+    lowered = jax.jit(fwd_bwd).trace(x, x).lower(lowering_platforms=("cuda",))
+    calls = re.findall(r"custom_call @([\w$.]+)", lowered.as_text())
+    assert len(calls) == 3 and all("triton" in c for c in calls), calls
+
+
 @pytest.mark.parametrize("dclass", [64, 128])
 def test_exp2_split_is_exact(rng, dclass):
     """The Triton kernels with the teacher's exponentials on the polynomial (interpret mode), as

@@ -68,10 +68,12 @@ def test_kernels_that_overlap_their_successor_all_count(tmp_path):
         events.append({"ph": "X", "pid": 2, "tid": 7, "name": n, "ts": ts, "dur": d})
         ts += d - 3.0  # the next kernel starts 3 us before this one ends
     events.append({"ph": "X", "pid": 2, "tid": 7, "name": "wrapper", "ts": 0.0, "dur": ts + 10.0})  # a true wrapper
+    # a 1 us memset wholly inside the tail of relation_kl_dleft (794-1194 us): both count
+    events.append({"ph": "X", "pid": 2, "tid": 7, "name": "memset32", "ts": 1190.5, "dur": 1.0})
     _write_trace(tmp_path / "p" / "gpu.trace.json.gz", events)
     s = trace_summary.summarize(str(tmp_path / "p" / "gpu.trace.json.gz"), steps=1)
-    assert s["device_ms_per_step"] == pytest.approx(1.25)
-    assert s["kinds_ms_per_step"] == pytest.approx({"relation": 0.9, "gemm": 0.3, "fusion": 0.05})
+    assert s["device_ms_per_step"] == pytest.approx(1.251)
+    assert s["kinds_ms_per_step"] == pytest.approx({"relation": 0.9, "gemm": 0.3, "fusion": 0.05, "copy": 0.001})
 
 
 def test_two_programs_are_compared_kernel_by_kernel_with_launch_counts(tmp_path, capsys):
