@@ -77,17 +77,20 @@ def init_stats(shape):
     return (z + M_INIT, z, z + M_INIT, z, z)  # m_s, l_s, m_t, l_t, acc
 
 
-def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2, keepdims=False, exp2_t=None):
+def online_update(stats, r_s, r_t, diff, c, exp2=jnp.exp2, keepdims=False, exp2_t=None, col=None):
     """Fold one key tile. r_* are masked (-inf); diff = r_t - r_s is unmasked. `exp2_t`: the
-    teacher's exponential where it differs from the student's (default `exp2`)."""
+    teacher's exponential where it differs from the student's (default `exp2`). `col`: how a row
+    statistic is broadcast against the tile (default: a trailing axis; Mosaic GPU passes a
+    broadcast_in_dim that keeps its register layout)."""
     exp2_t = exp2_t or exp2
+    col = col or (lambda v: _col(v, keepdims))
     m_s, l_s, m_t, l_t, acc = stats
     row_max = lambda x: jnp.max(x, axis=-1, keepdims=keepdims)
     row_sum = lambda x: jnp.sum(x, axis=-1, keepdims=keepdims)
     m_s_new = jnp.maximum(m_s, row_max(r_s))
     m_t_new = jnp.maximum(m_t, row_max(r_t))
-    p_s = exp2(r_s * c - _col(m_s_new * c, keepdims))
-    p_t = exp2_t(r_t * c - _col(m_t_new * c, keepdims))
+    p_s = exp2(r_s * c - col(m_s_new * c))
+    p_t = exp2_t(r_t * c - col(m_t_new * c))
     alpha_t = exp2_t((m_t - m_t_new) * c)
     l_s = l_s * exp2((m_s - m_s_new) * c) + row_sum(p_s)
     l_t = l_t * alpha_t + row_sum(p_t)

@@ -587,3 +587,41 @@ def test_exp2_split_is_exact(rng, dclass):
         )
         ref, (r_sl, r_sr) = reference64(sl, sr, tl, tr, w, **kw)
         assert_matches_reference(kl, (d_sl, d_sr), ref, (r_sl, r_sr), kw)
+
+
+# ------------------------------------------- Mosaic GPU forward (issue 24, in progress) ---
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H,Hr,D", [(4, 2, 64), (2, 2, 128)])
+def test_mgpu_forward_lowers_to_mosaic_gpu(causal, H, Hr, D):
+    """The Mosaic GPU forward lowers for "cuda" here (TMA, barriers, wgmma, warpgroups). Pallas'
+    interpreter cannot run its TMA copies, so its values are checked only on a GPU
+    (experiments/check_relation_kl_mgpu.py); until then relation_kl cannot reach it."""
+    from pallas_kernels import relation_kl_mgpu
+
+    x = jax.ShapeDtypeStruct((1, 256, H, D), jnp.bfloat16)
+    r = jax.ShapeDtypeStruct((1, 256, Hr, D), jnp.bfloat16)
+    fwd = lambda a, b, c, d: relation_kl_mgpu.forward(a, b, c, d, scale=D**-0.5, causal=causal)  # noqa: E731
+    text = jax.jit(fwd).trace(x, r, x, r).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    out = jax.eval_shape(fwd, x, r, x, r)
+    assert [(o.shape, o.dtype) for o in out] == [((1, H, 256), jnp.float32)] * 3
+
+
+def test_mgpu_forward_names_what_it_cannot_take():
+    from pallas_kernels import relation_kl_mgpu
+
+    def bad(shape_l, shape_r, dtype=jnp.bfloat16, **kw):
+        with pytest.raises(ValueError) as e:
+            relation_kl_mgpu.check_shapes(jnp.zeros(shape_l, dtype), jnp.zeros(shape_r, dtype), **kw)
+        return str(e.value)
+
+    assert "bfloat16 or float16" in bad((1, 256, 2, 64), (1, 256, 2, 64), jnp.float32, block_q=64, block_kv=64)
+    assert "head dim 96" in bad((1, 256, 2, 96), (1, 256, 2, 96), block_q=64, block_kv=64)
+    assert "multiple of 2 * block_q" in bad((1, 192, 2, 64), (1, 192, 2, 64), block_q=64, block_kv=64)
+    assert "does not fit" in bad((1, 256, 4, 64), (1, 256, 3, 64), block_q=64, block_kv=64)
+    assert "multiples of 64" in bad((1, 256, 2, 64), (1, 256, 2, 64), block_q=32, block_kv=64)
+    relation_kl_mgpu.check_shapes(
+        jnp.zeros((1, 256, 4, 64), jnp.bfloat16), jnp.zeros((1, 256, 2, 64), jnp.bfloat16), 64, 64
+    )
