@@ -1,11 +1,13 @@
-"""First device call for the Mosaic GPU relation-KL forward (issue 24): does it compile, is it
-exact, how fast is it against the Triton forward. One process, on a Hopper GPU:
+"""First device call for the Mosaic GPU relation-KL kernels (issue 24): do they compile, are they
+exact, how fast are they against the Triton kernels. One process, on a Hopper GPU:
 
     python3 -m experiments.check_relation_kl_mgpu --out $OUT/check_mgpu.json
 
-Per shape: the Mosaic kernel's KL rows and base-2 LSEs against the Triton kernel's
+Per shape: the Mosaic forward's KL rows and base-2 LSEs against the Triton kernel's
 (`relation_kl_gpu.forward`, the same residual convention) and, at T <= 2048, the KL rows against
-the float64 dense reference; then the forward's median time for both kernels. A shape that fails
+the float64 dense reference; the Mosaic backward's d_left / d_right against the Triton backward's
+from the same LSEs and a random row cotangent; then median times (forward, and forward + backward)
+for both. A shape that fails
 to compile or run is recorded with its error and the next one runs (the first call is a debugging
 call). Writes JSON after every shape.
 """
@@ -84,8 +86,29 @@ def check(shape, causal=True):
         with jax.enable_x64(True):
             dense = relation_kl_reference(*[jnp.asarray(x) for x in f64], causal=causal, scale=scale)
         row["vs_float64_reference"] = {"kl": _rel(kl, dense)}
-    row["ms"] = {"mosaic_fwd": _median_ms(mosaic, args), "triton_fwd": _median_ms(triton, args)}
-    row["speedup"] = row["ms"]["triton_fwd"] / row["ms"]["mosaic_fwd"]
+    g = jax.random.uniform(jax.random.PRNGKey(7), ref_kl.shape, jnp.float32)
+    triton_bwd = jax.jit(lambda *a: relation_kl_gpu.backward(*a[:4], None, None, *a[4:], cfg=cfg))
+    mosaic_bwd = jax.jit(lambda *a: relation_kl_mgpu.backward(*a, scale=scale, causal=causal))
+    bargs = (*args, ref_ls, ref_lt, g)
+    ref_dl, ref_dr = triton_bwd(*bargs)
+    dl, dr = mosaic_bwd(*bargs)
+    row["bwd_vs_triton"] = {"d_left": _rel(dl, ref_dl), "d_right": _rel(dr, ref_dr)}
+
+    def both(fwd, bwd):
+        def run(*a):
+            kl_, ls_, lt_ = fwd(*a)
+            return bwd(*a, ls_, lt_, kl_)
+
+        return jax.jit(run)
+
+    row["ms"] = {
+        "mosaic_fwd": _median_ms(mosaic, args),
+        "triton_fwd": _median_ms(triton, args),
+        "mosaic_fwd_bwd": _median_ms(both(mosaic, mosaic_bwd), args),
+        "triton_fwd_bwd": _median_ms(both(triton, triton_bwd), args),
+    }
+    row["speedup_fwd"] = row["ms"]["triton_fwd"] / row["ms"]["mosaic_fwd"]
+    row["speedup_fwd_bwd"] = row["ms"]["triton_fwd_bwd"] / row["ms"]["mosaic_fwd_bwd"]
     return row
 
 

@@ -111,8 +111,10 @@ def finalize(stats, c):
     return jnp.where(has_key, kl, 0.0), lse_s, lse_t
 
 
-def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2, keepdims=False, exp2_t=None):
-    """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf."""
-    p_s = exp2(r_s * c - _col(lse_s, keepdims))
-    p_t = (exp2_t or exp2)(r_t * c - _col(lse_t, keepdims))
-    return (p_s - p_t) * _col(g_scaled, keepdims)
+def grad_logits(r_s, r_t, lse_s, lse_t, g_scaled, c, exp2=jnp.exp2, keepdims=False, exp2_t=None, col=None):
+    """dKL/d<l, r_> for one tile; g_scaled = g * scale per row; masked r = -inf. `col`: as in
+    online_update (a transposed tile passes a broadcast along its second axis)."""
+    col = col or (lambda v: _col(v, keepdims))
+    p_s = exp2(r_s * c - col(lse_s))
+    p_t = (exp2_t or exp2)(r_t * c - col(lse_t))
+    return (p_s - p_t) * col(g_scaled)

@@ -1,4 +1,4 @@
-"""Relation KL forward as a Pallas Mosaic GPU kernel (Hopper: TMA, wgmma, warp specialisation).
+"""Relation KL as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
 WORK IN PROGRESS (issue 24). Lowered for "cuda" by the CPU tests; NOT YET RUN ON A GPU, so not
 reachable from `relation_kl(impl=...)` and not chosen by "auto". The first device call runs
@@ -7,7 +7,9 @@ Triton kernel, then timing); only then does it join the dispatch. Plan and struc
 docs/kernel_notes.md, "Plan for a Mosaic GPU kernel on Hopper".
 
 `forward` returns what the Triton forward returns ([B, H, T] float32 KL rows and the two base-2
-LSEs), so its residuals feed the Triton backward (`relation_kl_gpu.backward`) unchanged.
+LSEs), so its residuals feed either backward. `backward` (d_left over query blocks, d_right over
+key blocks, both through `plgpu.emit_pipeline_warp_specialized`) computes every tile, the causal
+ones masked: no tile skipping in the backward yet.
 
 Per program (grid: heads x query-block pairs x batch), three warpgroups:
   * two compute warpgroups, one query block each: TMA-load the block's student and teacher left
@@ -194,3 +196,183 @@ def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(sl, sr, tl, tr)
+
+
+def backward(
+    sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
+):
+    """(d_sl, d_sr) of sum(g * kl) given the forward's base-2 LSEs, as `relation_kl_gpu.backward`
+    computes them: d_left over query blocks, d_right over key blocks (one output per query head,
+    groups summed after the kernel). Every tile is computed, causal ones masked: no tile skipping
+    yet (the first device call checks values; skipping comes after)."""
+    check_shapes(sl, sr, block_q, block_kv)
+    B, T, H, D = sl.shape
+    Hr = sr.shape[2]
+    G = H // Hr
+    dtype = sl.dtype
+    c = scale * _math.LOG2E
+    transforms = [plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)]
+    tile_spec = lambda rows: plgpu.BlockSpec(block_shape=(rows, D), index_map=lambda i: (i, 0), transforms=transforms)  # noqa: E731
+    row_spec = lambda rows: plgpu.BlockSpec(block_shape=(rows,), index_map=lambda i: (i,))  # noqa: E731
+    params = plgpu.CompilerParams(approx_math=True)
+
+    def mask(r, row0, col0, transposed):
+        """Causal mask of a tile whose rows start at row0 and columns at col0 (transposed: rows are
+        keys, columns queries)."""
+        rows = plgpu.broadcasted_iota(jnp.int32, r.shape, 0, layout=plgpu.Layout.WGMMA) + row0
+        cols = plgpu.broadcasted_iota(jnp.int32, r.shape, 1, layout=plgpu.Layout.WGMMA) + col0
+        return jnp.where(cols >= rows if transposed else rows >= cols, r, -jnp.inf)
+
+    def tile(left, right):
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, left, plgpu.transpose_ref(right, (1, 0)))
+            return acc_ref[...]
+
+        return pl.run_scoped(body, plgpu.ACC((left.shape[0], right.shape[0]), jnp.float32))
+
+    def add_product(acc, a, b_smem):
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a.astype(dtype), b_smem)
+
+        return pl.run_state(body)(plgpu.ACC.init(acc))
+
+    # ---- d_left: one query block per compute warpgroup, the right side streamed
+    def dleft_kernel(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dl_ref, smem, bars):
+        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        left2, rows2 = smem
+        r_head = lax.div(head, jnp.array(G, head.dtype))
+
+        def context(pipeline_callback):
+            q_base = lax.axis_index("q_seq") * (2 * block_q) + wg * block_q
+            own, rows = left2.at[wg], rows2.at[wg]
+            at = (batch, pl.ds(q_base, block_q), head)
+            plgpu.copy_gmem_to_smem(sl_ref.at[at], own.at[0], bars.at[5 * wg])
+            plgpu.copy_gmem_to_smem(tl_ref.at[at], own.at[1], bars.at[5 * wg + 1])
+            for i, ref in enumerate((lss_ref, lst_ref, g_ref)):
+                plgpu.copy_gmem_to_smem(
+                    ref.at[batch, head, pl.ds(q_base, block_q)], rows.at[i], bars.at[5 * wg + 2 + i]
+                )
+            for i in range(5):
+                plgpu.barrier_wait(bars.at[5 * wg + i])
+            load = lambda i: plgpu.load(rows.at[i], (), layout=plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
+            acc = plgpu.layout_cast(jnp.full((block_q, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+            acc, *_ = pipeline_callback((acc, load(0), load(1), load(2) * scale, q_base))
+            own.at[0][...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(own.at[0], dl_ref.at[at])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, sr_smem, tr_smem, sr_consumed, tr_consumed, carry):
+            acc, lse_s, lse_t, g_s, q_base = carry
+            own = left2.at[wg]
+            r_s = tile(own.at[0], sr_smem)
+            r_t = tile(own.at[1], tr_smem)
+            plgpu.barrier_arrive(tr_consumed)
+            if causal:
+                k0 = indices[0] * block_kv
+                r_s, r_t = mask(r_s, q_base, k0, False), mask(r_t, q_base, k0, False)
+            ds = _math.grad_logits(r_s, r_t, lse_s, lse_t, g_s, c, jnp.exp2, col=lambda v: _bcast(v, r_s.shape))
+            acc = add_product(acc, ds, sr_smem)
+            plgpu.barrier_arrive(sr_consumed)
+            return acc, lse_s, lse_t, g_s, q_base
+
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step,
+            grid=(T // block_kv,),
+            max_concurrent_steps=max(2, min(max_concurrent_steps, T // block_kv)),
+            num_compute_wgs=2,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=context,
+            in_specs=[tile_spec(block_kv), tile_spec(block_kv)],
+        )
+        pipeline(sr_ref.at[batch, :, r_head, :], tr_ref.at[batch, :, r_head, :])
+
+    left_smem = plgpu.SMEM((2, 2, block_q, D), dtype, transforms=tuple(transforms))
+    rows_smem = plgpu.SMEM((2, 3, block_q), jnp.float32)
+    d_sl = plgpu.kernel(
+        dleft_kernel,
+        out_type=jax.ShapeDtypeStruct(sl.shape, dtype),
+        scratch_types=[(left_smem, rows_smem), plgpu.Barrier(num_barriers=10)],
+        compiler_params=params,
+        grid=(H, T // (2 * block_q), B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+    )(sl, sr, tl, tr, lse_s, lse_t, g)
+
+    # ---- d_right: one key block per compute warpgroup (per query head), the left side streamed
+    def dright_kernel(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dr_ref, smem, bars):
+        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        (right2,) = smem
+        r_head = lax.div(head, jnp.array(G, head.dtype))
+
+        def context(pipeline_callback):
+            k_base = lax.axis_index("kv_seq") * (2 * block_kv) + wg * block_kv
+            own = right2.at[wg]
+            plgpu.copy_gmem_to_smem(sr_ref.at[batch, pl.ds(k_base, block_kv), r_head], own.at[0], bars.at[2 * wg])
+            plgpu.copy_gmem_to_smem(tr_ref.at[batch, pl.ds(k_base, block_kv), r_head], own.at[1], bars.at[2 * wg + 1])
+            plgpu.barrier_wait(bars.at[2 * wg])
+            plgpu.barrier_wait(bars.at[2 * wg + 1])
+            acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+            acc, _ = pipeline_callback((acc, k_base))
+            own.at[0][...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(own.at[0], dr_ref.at[batch, pl.ds(k_base, block_kv), head])
+            plgpu.wait_smem_to_gmem(0)
+
+        def step(indices, sl_smem, tl_smem, lss_smem, lst_smem, g_smem, c_sl, c_tl, c_lss, c_lst, c_g, carry):
+            acc, k_base = carry
+            own = right2.at[wg]
+            rt_s = tile(own.at[0], sl_smem)  # [keys, queries]
+            rt_t = tile(own.at[1], tl_smem)
+            plgpu.barrier_arrive(c_tl)
+            load = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
+            lse_s, lse_t, g_s = load(lss_smem), load(lst_smem), load(g_smem) * scale
+            for b in (c_lss, c_lst, c_g):
+                plgpu.barrier_arrive(b)
+            if causal:
+                q0 = indices[0] * block_q
+                rt_s, rt_t = mask(rt_s, k_base, q0, True), mask(rt_t, k_base, q0, True)
+            col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
+            ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
+            acc = add_product(acc, ds_t, sl_smem)
+            plgpu.barrier_arrive(c_sl)
+            return acc, k_base
+
+        pipeline = plgpu.emit_pipeline_warp_specialized(
+            step,
+            grid=(T // block_q,),
+            max_concurrent_steps=max(2, min(max_concurrent_steps, T // block_q)),
+            num_compute_wgs=2,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=context,
+            in_specs=[tile_spec(block_q), tile_spec(block_q), row_spec(block_q), row_spec(block_q), row_spec(block_q)],
+        )
+        pipeline(
+            sl_ref.at[batch, :, head, :],
+            tl_ref.at[batch, :, head, :],
+            lss_ref.at[batch, head, :],
+            lst_ref.at[batch, head, :],
+            g_ref.at[batch, head, :],
+        )
+
+    right_smem = plgpu.SMEM((2, 2, block_kv, D), dtype, transforms=tuple(transforms))
+    d_sr_heads = plgpu.kernel(
+        dright_kernel,
+        out_type=jax.ShapeDtypeStruct((B, T, H, D), dtype),
+        scratch_types=[(right_smem,), plgpu.Barrier(num_barriers=4)],
+        compiler_params=params,
+        grid=(H, T // (2 * block_kv), B),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+    )(sl, sr, tl, tr, lse_s, lse_t, g)
+    if G > 1:  # one output per query head: sum each group (in float32)
+        d_sr = d_sr_heads.reshape(B, T, Hr, G, D).astype(jnp.float32).sum(3).astype(dtype)
+    else:
+        d_sr = d_sr_heads
+    return d_sl, d_sr

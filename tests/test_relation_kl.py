@@ -594,10 +594,10 @@ def test_exp2_split_is_exact(rng, dclass):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("H,Hr,D", [(4, 2, 64), (2, 2, 128)])
-def test_mgpu_forward_lowers_to_mosaic_gpu(causal, H, Hr, D):
-    """The Mosaic GPU forward lowers for "cuda" here (TMA, barriers, wgmma, warpgroups). Pallas'
-    interpreter cannot run its TMA copies, so its values are checked only on a GPU
-    (experiments/check_relation_kl_mgpu.py); until then relation_kl cannot reach it."""
+def test_mgpu_kernels_lower_to_mosaic_gpu(causal, H, Hr, D):
+    """The Mosaic GPU forward and backward lower for "cuda" here (TMA, barriers, wgmma,
+    warpgroups). Pallas' interpreter cannot run their TMA copies, so their values are checked only
+    on a GPU (experiments/check_relation_kl_mgpu.py); until then relation_kl cannot reach them."""
     from pallas_kernels import relation_kl_mgpu
 
     x = jax.ShapeDtypeStruct((1, 256, H, D), jnp.bfloat16)
@@ -607,6 +607,12 @@ def test_mgpu_forward_lowers_to_mosaic_gpu(causal, H, Hr, D):
     assert "mosaic_gpu" in text
     out = jax.eval_shape(fwd, x, r, x, r)
     assert [(o.shape, o.dtype) for o in out] == [((1, H, 256), jnp.float32)] * 3
+    row = jax.ShapeDtypeStruct((1, H, 256), jnp.float32)
+    bwd = lambda *a: relation_kl_mgpu.backward(*a, scale=D**-0.5, causal=causal)  # noqa: E731
+    text = jax.jit(bwd).trace(x, r, x, r, row, row, row).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # d_left and d_right
+    d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row)
+    assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
 
 
 def test_mgpu_forward_names_what_it_cannot_take():
