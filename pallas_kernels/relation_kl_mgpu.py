@@ -135,8 +135,14 @@ def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=
                 stats = lax.fori_loop(n_full, kv_steps, functools.partial(step, masked=True), stats)
 
                 def skip(kv_step, _):  # steps only the other block needs: release their slots
+                    # Wait for the step's data first: it is loaded only after the slot's previous
+                    # use was released by both warpgroups, so this arrival counts toward this
+                    # step's release and never completes the previous one while the other
+                    # warpgroup is still reading it.
                     slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+                    plgpu.barrier_wait(sr_loaded.at[slot])
                     plgpu.barrier_arrive(sr_consumed.at[slot])
+                    plgpu.barrier_wait(tr_loaded.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
 
                 lax.fori_loop(kv_steps, ring_steps, skip, None)
