@@ -1,53 +1,49 @@
 """First device call for the Mosaic GPU relation-KL kernels (issue 24): do they compile, are they
-exact, how fast are they against the Triton kernels. One process, on a Hopper GPU:
+exact, how fast are they against the Triton kernels. On a Hopper GPU:
 
-    python3 -m experiments.check_relation_kl_mgpu --out $OUT/check_mgpu.json
+    python3 -m experiments.check_relation_kl_mgpu --out $OUT/check_mgpu.json --per_case_timeout_s 120
 
-Per shape: the Mosaic forward's KL rows and base-2 LSEs against the Triton kernel's
-(`relation_kl_gpu.forward`, the same residual convention) and, at T <= 2048, the KL rows against
-the float64 dense reference; the Mosaic backward's d_left / d_right against the Triton backward's
-from the same LSEs and a random row cotangent; then median times (forward, and forward + backward)
-for both. A shape that fails
-to compile or run is recorded with its error and the next one runs (the first call is a debugging
-call). Writes JSON after every shape.
+Every case runs in its own subprocess under a time limit, so a kernel that deadlocks or fails to
+compile costs one case, not the call; the JSON is rewritten after every case. Per case:
+  * forward: the Mosaic KL rows and base-2 LSEs against the Triton forward's (the same residual
+    convention); at T <= 2048 both against the dense reference (float64 inputs), so the Triton
+    kernel's own error is the baseline;
+  * backward, run even if the Mosaic forward failed: d_left / d_right from the Triton forward's
+    LSEs and a random row cotangent, against the Triton backward's;
+  * median times of the forward and of forward + backward for both kernels.
+`ok` per case: every relative error finite and below --tol (bf16 inputs; d_right of GQA shapes is
+rounded to bf16 per query head before the group sum, the Triton kernel sums in float32).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import blocks as blocks_lib
-from pallas_kernels import relation_kl_gpu, relation_kl_mgpu
-from pallas_kernels.relation_kl import Config
-from pallas_kernels.relation_kl_reference import relation_kl_reference
-
-# (B, T, H, H_right, D): the 7B shapes (MHA, GQA) and SmolLM2's, then small ones for the reference
-SHAPES = (
-    (1, 1024, 4, 2, 64),
-    (1, 2048, 8, 8, 128),
-    (1, 4096, 32, 32, 128),
-    (1, 4096, 32, 8, 128),
-    (2, 8192, 9, 3, 64),
-    (1, 16384, 32, 32, 128),
+# (B, T, H, H_right, D, causal): small shapes first (the reference, and a quick verdict), then the
+# 7B shapes (MHA, GQA), SmolLM2's, and a long one
+CASES = (
+    (1, 1024, 4, 2, 64, True),
+    (1, 1024, 4, 2, 64, False),
+    (1, 2048, 8, 8, 128, True),
+    (1, 4096, 32, 32, 128, True),
+    (1, 4096, 32, 8, 128, True),
+    (2, 8192, 9, 3, 64, True),
+    (1, 16384, 32, 32, 128, True),
 )
 
 
-def _inputs(B, T, H, Hr, D, seed=0):
-    k = jax.random.split(jax.random.PRNGKey(seed), 4)
-    left = lambda i: jax.random.normal(k[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-    right = lambda i: jax.random.normal(k[i], (B, T, Hr, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
-    return left(0), right(1), left(2), right(3)
-
-
 def _median_ms(fn, args, reps=10):
+    import jax
+
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
@@ -62,11 +58,30 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b)) / max(1e-30, float(np.max(np.abs(b)))))
 
 
-def check(shape, causal=True):
-    B, T, H, Hr, D = shape
-    sl, sr, tl, tr = _inputs(B, T, H, Hr, D)
+def _attempt(row, key, fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001  (record, go on with the other parts of the case)
+        row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:2000] + "\n" + traceback.format_exc()[-2000:]
+        return None
+
+
+def run_case(case, tol):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import blocks as blocks_lib
+    from pallas_kernels import relation_kl_gpu, relation_kl_mgpu
+    from pallas_kernels.relation_kl import Config
+    from pallas_kernels.relation_kl_reference import relation_kl_reference
+
+    B, T, H, Hr, D, causal = case
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    left = lambda i: jax.random.normal(k[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    right = lambda i: jax.random.normal(k[i], (B, T, Hr, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    args = (left(0), right(1), left(2), right(3))
     scale = D**-0.5
-    row = {"shape": dict(B=B, T=T, H=H, H_right=Hr, D=D), "causal": causal}
+    row = {"case": dict(B=B, T=T, H=H, H_right=Hr, D=D, causal=causal), "errors": {}}
     cfg = Config(
         impl="pallas_gpu",
         causal=causal,
@@ -74,58 +89,83 @@ def check(shape, causal=True):
         blocks=blocks_lib.pick_blocks(None, "pallas_gpu", T, 2 * D, B * H),
         interpret=False,
     )
-    triton = jax.jit(lambda *a: relation_kl_gpu.forward(*a, None, None, cfg=cfg))
-    mosaic = jax.jit(lambda *a: relation_kl_mgpu.forward(*a, scale=scale, causal=causal))
-    args = (sl, sr, tl, tr)
-    ref_kl, ref_ls, ref_lt = triton(*args)
-    kl, ls, lt = mosaic(*args)
-    row["vs_triton"] = {"kl": _rel(kl, ref_kl), "lse_s": _rel(ls, ref_ls), "lse_t": _rel(lt, ref_lt)}
-    if T <= 2048:  # right heads repeated to the left's (GQA), then the dense definition in float64
+    t_fwd = jax.jit(lambda *a: relation_kl_gpu.forward(*a, None, None, cfg=cfg))
+    m_fwd = jax.jit(lambda *a: relation_kl_mgpu.forward(*a, scale=scale, causal=causal))
+    t_bwd = jax.jit(lambda *a: relation_kl_gpu.backward(*a[:4], None, None, *a[4:], cfg=cfg))
+    m_bwd = jax.jit(lambda *a: relation_kl_mgpu.backward(*a, scale=scale, causal=causal))
+    ref_kl, ref_ls, ref_lt = t_fwd(*args)
+    rel = {}
+    out = _attempt(row, "mosaic_forward", lambda: m_fwd(*args))
+    if out is not None:
+        rel.update(fwd_kl=_rel(out[0], ref_kl), fwd_lse_s=_rel(out[1], ref_ls), fwd_lse_t=_rel(out[2], ref_lt))
+    if T <= 2048:  # the dense definition (float64 inputs; right heads repeated for GQA)
         f64 = [np.asarray(x, np.float64) for x in args]
         f64[1], f64[3] = (np.repeat(x, H // Hr, axis=2) for x in (f64[1], f64[3]))
         with jax.enable_x64(True):
-            dense = relation_kl_reference(*[jnp.asarray(x) for x in f64], causal=causal, scale=scale)
-        row["vs_float64_reference"] = {"kl": _rel(kl, dense)}
-    g = jax.random.uniform(jax.random.PRNGKey(7), ref_kl.shape, jnp.float32)
-    triton_bwd = jax.jit(lambda *a: relation_kl_gpu.backward(*a[:4], None, None, *a[4:], cfg=cfg))
-    mosaic_bwd = jax.jit(lambda *a: relation_kl_mgpu.backward(*a, scale=scale, causal=causal))
+            dense = np.asarray(relation_kl_reference(*map(jnp.asarray, f64), causal=causal, scale=scale))
+        row["triton_fwd_kl_vs_dense"] = _rel(ref_kl, dense)
+        if out is not None:
+            rel["fwd_kl_vs_dense"] = _rel(out[0], dense)
+    g = jax.random.uniform(k[4], ref_kl.shape, jnp.float32)
     bargs = (*args, ref_ls, ref_lt, g)
-    ref_dl, ref_dr = triton_bwd(*bargs)
-    dl, dr = mosaic_bwd(*bargs)
-    row["bwd_vs_triton"] = {"d_left": _rel(dl, ref_dl), "d_right": _rel(dr, ref_dr)}
+    ref_dl, ref_dr = t_bwd(*bargs)
+    grads = _attempt(row, "mosaic_backward", lambda: m_bwd(*bargs))
+    if grads is not None:
+        rel.update(bwd_d_left=_rel(grads[0], ref_dl), bwd_d_right=_rel(grads[1], ref_dr))
+    row["rel_err_vs_triton"] = rel
+    row["ok"] = bool(out is not None and grads is not None and all(np.isfinite(v) and v < tol for v in rel.values()))
 
     def both(fwd, bwd):
         def run(*a):
-            kl_, ls_, lt_ = fwd(*a)
-            return bwd(*a, ls_, lt_, kl_)
+            kl, ls, lt = fwd(*a)
+            return bwd(*a, ls, lt, kl)
 
         return jax.jit(run)
 
-    row["ms"] = {
-        "mosaic_fwd": _median_ms(mosaic, args),
-        "triton_fwd": _median_ms(triton, args),
-        "mosaic_fwd_bwd": _median_ms(both(mosaic, mosaic_bwd), args),
-        "triton_fwd_bwd": _median_ms(both(triton, triton_bwd), args),
-    }
-    row["speedup_fwd"] = row["ms"]["triton_fwd"] / row["ms"]["mosaic_fwd"]
-    row["speedup_fwd_bwd"] = row["ms"]["triton_fwd_bwd"] / row["ms"]["mosaic_fwd_bwd"]
+    ms = {"triton_fwd": _median_ms(t_fwd, args), "triton_fwd_bwd": _median_ms(both(t_fwd, t_bwd), args)}
+    if out is not None:
+        ms["mosaic_fwd"] = _attempt(row, "mosaic_fwd_time", lambda: _median_ms(m_fwd, args))
+    if out is not None and grads is not None:
+        ms["mosaic_fwd_bwd"] = _attempt(row, "mosaic_fwd_bwd_time", lambda: _median_ms(both(m_fwd, m_bwd), args))
+    row["ms"] = ms
     return row
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="check_relation_kl_mgpu.json")
-    p.add_argument("--shapes", default="", help="indices into SHAPES, e.g. 0,2 (default: all)")
+    p.add_argument("--cases", default="", help="indices into CASES, e.g. 0,2 (default: all)")
+    p.add_argument("--per_case_timeout_s", type=float, default=120.0, help="each case's subprocess limit")
+    p.add_argument("--tol", type=float, default=2e-2, help="largest relative error counted as ok (bf16)")
+    p.add_argument("--one_case", type=int, default=-1, help=argparse.SUPPRESS)  # the subprocess's mode
     args = p.parse_args(argv)
-    picked = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else list(SHAPES)
+    if args.one_case >= 0:
+        row = run_case(CASES[args.one_case], args.tol)
+        with open(args.out, "w") as f:
+            json.dump(row, f)
+        return row
+    import jax
+
+    picked = [int(i) for i in args.cases.split(",")] if args.cases else list(range(len(CASES)))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv, "rows": []}
-    for shape in picked:
-        try:
-            row = check(shape)
-        except Exception as e:  # noqa: BLE001  (record and go on: this is a debugging call)
-            row = {"shape": shape, "error": f"{type(e).__name__}: {e}"[:2000], "trace": traceback.format_exc()[-3000:]}
+    for i in picked:
+        with tempfile.TemporaryDirectory() as tmp:
+            part = os.path.join(tmp, "case.json")
+            cmd = [sys.executable, "-m", "experiments.check_relation_kl_mgpu", "--one_case", str(i), "--out", part]
+            cmd += ["--tol", str(args.tol)]
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.per_case_timeout_s)
+                row = (
+                    json.load(open(part)) if proc.returncode == 0 else {"case": CASES[i], "returncode": proc.returncode}
+                )
+                if proc.returncode:
+                    row["stderr_tail"] = proc.stderr[-3000:]
+            except subprocess.TimeoutExpired:
+                row = {"case": CASES[i], "timeout_s": args.per_case_timeout_s, "note": "hung or too slow: a deadlock?"}
+            row["seconds"] = time.perf_counter() - t0
         out["rows"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("stderr_tail", "errors")}), flush=True)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
     return out

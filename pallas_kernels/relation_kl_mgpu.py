@@ -23,7 +23,7 @@ With causal masking the later query block needs more key steps; the earlier warp
 arriving on the consumed barriers of the steps it skips so the ring keeps moving.
 
 Limits (callers check; the Triton kernel covers the rest): bf16/f16 inputs, head dim a multiple
-of 64, T a multiple of 2 * block_q and of block_kv, no padding mask or segment ids yet.
+of 64, T a multiple of 2 * block_q and 2 * block_kv, no padding mask or segment ids yet.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def check_shapes(sl, sr, block_q: int, block_kv: int) -> None:
         raise ValueError(f"head dim {D} is not a multiple of {MIN_BLOCK}")
     if block_q % MIN_BLOCK or block_kv % MIN_BLOCK:
         raise ValueError(f"blocks ({block_q}, {block_kv}) must be multiples of {MIN_BLOCK}")
-    if T % (2 * block_q) or T % block_kv:
-        raise ValueError(f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and of block_kv = {block_kv}")
+    if T % (2 * block_q) or T % (2 * block_kv):  # the grids take blocks in pairs (two compute warpgroups)
+        raise ValueError(f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_kv = {2 * block_kv}")
 
 
 def _bcast(row, shape):

@@ -626,6 +626,7 @@ def test_mgpu_forward_names_what_it_cannot_take():
     assert "bfloat16 or float16" in bad((1, 256, 2, 64), (1, 256, 2, 64), jnp.float32, block_q=64, block_kv=64)
     assert "head dim 96" in bad((1, 256, 2, 96), (1, 256, 2, 96), block_q=64, block_kv=64)
     assert "multiple of 2 * block_q" in bad((1, 192, 2, 64), (1, 192, 2, 64), block_q=64, block_kv=64)
+    assert "2 * block_kv = 256" in bad((1, 384, 2, 64), (1, 384, 2, 64), block_q=64, block_kv=128)  # d_right's pairs
     assert "does not fit" in bad((1, 256, 4, 64), (1, 256, 3, 64), block_q=64, block_kv=64)
     assert "multiples of 64" in bad((1, 256, 2, 64), (1, 256, 2, 64), block_q=32, block_kv=64)
     relation_kl_mgpu.check_shapes(
