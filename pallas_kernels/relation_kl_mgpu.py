@@ -236,6 +236,21 @@ def backward(
 
         return pl.run_scoped(body, plgpu.ACC((left.shape[0], right.shape[0]), jnp.float32))
 
+    def streamed(step, context, n_steps, in_specs):
+        """Two compute warpgroups (`context` sets each up, `step` runs per streamed tile) and one
+        memory warpgroup streaming `in_specs`' tiles through a ring; slots released by `step`."""
+        return plgpu.emit_pipeline_warp_specialized(
+            step,
+            grid=(n_steps,),
+            max_concurrent_steps=max(2, min(max_concurrent_steps, n_steps)),
+            num_compute_wgs=2,
+            memory_registers=40,
+            wg_axis="wg",
+            manual_consumed_barriers=True,
+            compute_context=context,
+            in_specs=in_specs,
+        )
+
     def add_product(acc, a, b_smem):
         def body(acc_ref):
             plgpu.wgmma(acc_ref, a.astype(dtype), b_smem)
@@ -282,17 +297,7 @@ def backward(
             plgpu.barrier_arrive(sr_consumed)
             return acc, lse_s, lse_t, g_s, q_base
 
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step,
-            grid=(T // block_kv,),
-            max_concurrent_steps=max(2, min(max_concurrent_steps, T // block_kv)),
-            num_compute_wgs=2,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=context,
-            in_specs=[tile_spec(block_kv), tile_spec(block_kv)],
-        )
+        pipeline = streamed(step, context, T // block_kv, [tile_spec(block_kv), tile_spec(block_kv)])
         pipeline(sr_ref.at[batch, :, r_head, :], tr_ref.at[batch, :, r_head, :])
 
     left_smem = plgpu.SMEM((2, 2, block_q, D), dtype, transforms=tuple(transforms))
@@ -347,17 +352,8 @@ def backward(
             plgpu.barrier_arrive(c_sl)
             return acc, k_base
 
-        pipeline = plgpu.emit_pipeline_warp_specialized(
-            step,
-            grid=(T // block_q,),
-            max_concurrent_steps=max(2, min(max_concurrent_steps, T // block_q)),
-            num_compute_wgs=2,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=context,
-            in_specs=[tile_spec(block_q), tile_spec(block_q), row_spec(block_q), row_spec(block_q), row_spec(block_q)],
-        )
+        specs = [tile_spec(block_q), tile_spec(block_q), row_spec(block_q), row_spec(block_q), row_spec(block_q)]
+        pipeline = streamed(step, context, T // block_q, specs)
         pipeline(
             sl_ref.at[batch, :, head, :],
             tl_ref.at[batch, :, head, :],
