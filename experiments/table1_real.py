@@ -75,7 +75,7 @@ def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=(), extra_big_lr
     long_len = int(native * factor)
     unit = base.train.steps * base.train.batch_size * base.train.grad_accum * native
     cpt_steps = lambda mult: max(1, int(mult * unit // long_len))  # noqa: E731  (batch 1, accum 1 at 32K)
-    return {
+    rows = {
         "linearard": dict(method="linearard", seq_len=native, steps=base.train.steps),
         "cpt_1x": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1),
         "linearard_cpt": dict(
@@ -83,38 +83,15 @@ def train_rows(base, big_mult: int, extra_lrs=(), extra_cpt_lrs=(), extra_big_lr
         ),
         "cpt_Nx": dict(method="cpt", seq_len=long_len, steps=cpt_steps(big_mult), batch=1, accum=1),
         "longred_simplified_Nx": dict(method="longred_simplified", seq_len=native, steps=big_mult * base.train.steps),
-        **{
-            f"linearard_lr{lr:g}": dict(method="linearard", seq_len=native, steps=base.train.steps, lr=lr)
-            for lr in extra_lrs
-        },
-        **{
-            f"cpt_1x_lr{lr:g}": dict(method="cpt", seq_len=long_len, steps=cpt_steps(1), batch=1, accum=1, lr=lr)
-            for lr in extra_cpt_lrs
-        },
-        **{  # LinearARD, then CPT, both stages at this rate (the rate the sweep compares)
-            f"linearard_cpt_lr{lr:g}": dict(
-                method="linearard",
-                seq_len=native,
-                steps=base.train.steps,
-                stage2_steps=cpt_steps(1),
-                stage2_len=long_len,
-                lr=lr,
-                stage2_lr=lr,
-            )
-            for lr in extra_cpt_lrs
-        },
-        **{  # the large-budget baselines at another rate (the rate the 1x rows compare at)
-            f"{name}_lr{lr:g}": dict(r, lr=lr)
-            for lr in extra_big_lrs
-            for name, r in (
-                ("cpt_Nx", dict(method="cpt", seq_len=long_len, steps=cpt_steps(big_mult), batch=1, accum=1)),
-                (
-                    "longred_simplified_Nx",
-                    dict(method="longred_simplified", seq_len=native, steps=big_mult * base.train.steps),
-                ),
-            )
-        },
     }
+    # extra rates: a row as above at another rate (linearard_cpt: both stages at it)
+    rates = {"lr": ("linearard",), "cpt": ("cpt_1x", "linearard_cpt"), "big": ("cpt_Nx", "longred_simplified_Nx")}
+    for kind, lrs in (("lr", extra_lrs), ("cpt", extra_cpt_lrs), ("big", extra_big_lrs)):
+        for name in rates[kind]:
+            for lr in lrs:
+                stage2 = {"stage2_lr": lr} if "stage2_steps" in rows[name] else {}
+                rows[f"{name}_lr{lr:g}"] = dict(rows[name], lr=lr, **stage2)
+    return rows
 
 
 def run_row(base, name: str, r: dict, args) -> dict:

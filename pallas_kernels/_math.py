@@ -21,6 +21,7 @@ valid row), so dS = g_i * (p_s - p_t) * scale with p_x = 2**(c r_x - lse_x).
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 LOG2E = math.log2(math.e)
@@ -35,7 +36,8 @@ M_INIT = -1e30
 EXP2_POLY = (1.0000001, 0.69314694, 0.24022122, 0.05550742, 0.00967546, 0.0013266971)
 EXP2_POLY_MIN = -126.0  # below this (and -inf, a masked logit) exp2_poly returns 0, as ex2.approx.ftz
 _ROUND = 12582912.0  # 1.5 * 2**23: an integer-valued r + _ROUND holds r in its low mantissa bits
-_ROUND_BITS = 0x4B400000  # the bits of _ROUND as float32 (a Python int: Triton lowers no constant bitcast)
+# the bits of _ROUND as a float32, as a Python int (Triton lowers no bitcast of a constant)
+_ROUND_BITS = int(np.array(_ROUND, np.float32).view(np.int32))
 
 
 def exp2_poly(x):

@@ -67,6 +67,24 @@ def _bcast(row, shape):
     return lax.broadcast_in_dim(row, shape, [0])
 
 
+def _tile(left, right):
+    """left @ right^T of two shared-memory tiles by one wgmma, float32 (WGMMA layout)."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, left, plgpu.transpose_ref(right, (1, 0)))
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC((left.shape[0], right.shape[0]), jnp.float32))
+
+
+def _causal_mask(r, row0, col0, transposed=False):
+    """-inf above the diagonal of a tile whose rows start at row0 and columns at col0
+    (transposed: rows are keys, columns queries)."""
+    rows = plgpu.broadcasted_iota(jnp.int32, r.shape, 0, layout=plgpu.Layout.WGMMA) + row0
+    cols = plgpu.broadcasted_iota(jnp.int32, r.shape, 1, layout=plgpu.Layout.WGMMA) + col0
+    return jnp.where(cols >= rows if transposed else rows >= cols, r, -jnp.inf)
+
+
 def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2):
     """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them."""
     check_shapes(sl, sr, block_q, block_kv)
@@ -104,27 +122,18 @@ def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=
             stats = (row(_math.M_INIT), row(0.0), row(_math.M_INIT), row(0.0), row(0.0))
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else ring_steps
 
-            def tile(slot, left, right):
-                def body(acc_ref):
-                    plgpu.wgmma(acc_ref, left, plgpu.transpose_ref(right.at[slot], (1, 0)))
-                    return acc_ref[...]
-
-                return pl.run_scoped(body, plgpu.ACC((block_q, block_kv), jnp.float32))
-
             def step(kv_step, stats, masked):
                 slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
                 plgpu.barrier_wait(sr_loaded.at[slot])
-                r_s = tile(slot, own.at[0], sr_smem)
+                r_s = _tile(own.at[0], sr_smem.at[slot])
                 plgpu.barrier_arrive(sr_consumed.at[slot])
                 plgpu.barrier_wait(tr_loaded.at[slot])
-                r_t = tile(slot, own.at[1], tr_smem)
+                r_t = _tile(own.at[1], tr_smem.at[slot])
                 plgpu.barrier_arrive(tr_consumed.at[slot])
                 diff = r_t - r_s
                 if masked:
-                    rows = plgpu.broadcasted_iota(jnp.int32, r_s.shape, 0, layout=plgpu.Layout.WGMMA)
-                    cols = plgpu.broadcasted_iota(jnp.int32, r_s.shape, 1, layout=plgpu.Layout.WGMMA)
-                    valid = rows + q_base >= cols + kv_step * block_kv
-                    r_s, r_t = jnp.where(valid, r_s, -jnp.inf), jnp.where(valid, r_t, -jnp.inf)
+                    k0 = kv_step * block_kv
+                    r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
                 return _math.online_update(
                     stats, r_s, r_t, diff, c, jnp.exp2, col=functools.partial(_bcast, shape=r_s.shape)
                 )
@@ -222,20 +231,6 @@ def backward(
     row_spec = lambda rows: plgpu.BlockSpec(block_shape=(rows,), index_map=lambda i: (i,))  # noqa: E731
     params = plgpu.CompilerParams(approx_math=True)
 
-    def mask(r, row0, col0, transposed):
-        """Causal mask of a tile whose rows start at row0 and columns at col0 (transposed: rows are
-        keys, columns queries)."""
-        rows = plgpu.broadcasted_iota(jnp.int32, r.shape, 0, layout=plgpu.Layout.WGMMA) + row0
-        cols = plgpu.broadcasted_iota(jnp.int32, r.shape, 1, layout=plgpu.Layout.WGMMA) + col0
-        return jnp.where(cols >= rows if transposed else rows >= cols, r, -jnp.inf)
-
-    def tile(left, right):
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, left, plgpu.transpose_ref(right, (1, 0)))
-            return acc_ref[...]
-
-        return pl.run_scoped(body, plgpu.ACC((left.shape[0], right.shape[0]), jnp.float32))
-
     def streamed(step, context, n_steps, in_specs):
         """Two compute warpgroups (`context` sets each up, `step` runs per streamed tile) and one
         memory warpgroup streaming `in_specs`' tiles through a ring; slots released by `step`."""
@@ -286,12 +281,12 @@ def backward(
         def step(indices, sr_smem, tr_smem, sr_consumed, tr_consumed, carry):
             acc, lse_s, lse_t, g_s, q_base = carry
             own = left2.at[wg]
-            r_s = tile(own.at[0], sr_smem)
-            r_t = tile(own.at[1], tr_smem)
+            r_s = _tile(own.at[0], sr_smem)
+            r_t = _tile(own.at[1], tr_smem)
             plgpu.barrier_arrive(tr_consumed)
             if causal:
                 k0 = indices[0] * block_kv
-                r_s, r_t = mask(r_s, q_base, k0, False), mask(r_t, q_base, k0, False)
+                r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
             ds = _math.grad_logits(r_s, r_t, lse_s, lse_t, g_s, c, jnp.exp2, col=lambda v: _bcast(v, r_s.shape))
             acc = add_product(acc, ds, sr_smem)
             plgpu.barrier_arrive(sr_consumed)
@@ -336,8 +331,8 @@ def backward(
         def step(indices, sl_smem, tl_smem, lss_smem, lst_smem, g_smem, c_sl, c_tl, c_lss, c_lst, c_g, carry):
             acc, k_base = carry
             own = right2.at[wg]
-            rt_s = tile(own.at[0], sl_smem)  # [keys, queries]
-            rt_t = tile(own.at[1], tl_smem)
+            rt_s = _tile(own.at[0], sl_smem)  # [keys, queries]
+            rt_t = _tile(own.at[1], tl_smem)
             plgpu.barrier_arrive(c_tl)
             load = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
             lse_s, lse_t, g_s = load(lss_smem), load(lst_smem), load(g_smem) * scale
@@ -345,7 +340,7 @@ def backward(
                 plgpu.barrier_arrive(b)
             if causal:
                 q0 = indices[0] * block_q
-                rt_s, rt_t = mask(rt_s, k_base, q0, True), mask(rt_t, k_base, q0, True)
+                rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
             col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
             ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
             acc = add_product(acc, ds_t, sl_smem)
