@@ -62,6 +62,15 @@ from lard_jax import sharding as sharding_lib
 from lard_jax.model import REMAT_POLICIES, LlamaConfig, LlamaForCausalLM, collect_qkv, stacked_qkv
 from lard_jax.presets import MODEL_SHAPES
 
+_START = time.perf_counter()
+
+
+def _progress(msg: str) -> None:
+    """One line on stderr with the seconds since the process started (a run cut by its time
+    limit then shows where its time went)."""
+    print(f"[bench_restore_step {time.perf_counter() - _START:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 # configs/base.py's defaults (c.model.scan_layers, c.loss.fused), not imported: ml_collections is
 # not needed to run this bench (tests/test_bench_layouts.py checks the two agree)
 DEFAULT_LAYOUT = "scan"
@@ -212,6 +221,7 @@ def bench_one(
     fused=DEFAULT_FUSED,
     profile_dir="",
 ):
+    _progress(f"{name} {layout}/{'fused' if fused else 'unfused'}/{remat} dp{mesh_data}: building")
     built = build_step(
         SHAPES[name],
         seq_len=seq_len,
@@ -249,7 +259,9 @@ def bench_one(
     }
     with sharding_lib.use_mesh(mesh):
         t0 = time.perf_counter()
+        _progress("built; compiling")
         step = step.lower(state, frozen, batch).compile()  # the executable run below (state still donated)
+        _progress(f"compiled in {time.perf_counter() - t0:.1f} s; warm-up and {reps} timed steps")
         nbytes = _compiled_bytes(step)
         result["compiled_gib"] = None if nbytes is None else nbytes / 2**30
         for _ in range(2):  # compile, then one more warm-up call (compile_s covers both, as before)
@@ -265,6 +277,7 @@ def bench_one(
         result["step_s"] = statistics.median(times)
         result["loss"] = float(m["loss"])
         result["peak_gib"] = (_peak_bytes() or 0) / 2**30
+        _progress(f"step {result['step_s'] * 1e3:.1f} ms, peak {result['peak_gib']:.1f} GiB")
         if profile_dir:  # PROFILE_STEPS more steps under jax.profiler, after the timed ones and the peak memory read
             loss = "fused" if fused else "unfused"
             trace_dir = os.path.join(profile_dir, f"{name}_{layout}_{loss}_{remat}_dp{mesh_data}")

@@ -92,19 +92,35 @@ def run_case(case, tol):
     out = _attempt(row, "mosaic_forward", lambda: m_fwd(*args))
     if out is not None:
         rel.update(fwd_kl=_rel(out[0], ref_kl), fwd_lse_s=_rel(out[1], ref_ls), fwd_lse_t=_rel(out[2], ref_lt))
-    if T <= 2048:  # the dense definition (float64 inputs; the reference repeats the right heads for GQA)
-        f64 = [np.asarray(x, np.float64) for x in args]
-        with jax.enable_x64(True):
-            dense = np.asarray(relation_kl_reference(*map(jnp.asarray, f64), causal=causal, scale=scale))
-        row["triton_fwd_kl_vs_dense"] = _rel(ref_kl, dense)
-        if out is not None:
-            rel["fwd_kl_vs_dense"] = _rel(out[0], dense)
     g = jax.random.uniform(k[4], ref_kl.shape, jnp.float32)
+    dense = None
+    if T <= 2048:  # the dense definition in float64 on the host CPU (the GPU's BLAS has no float64
+        # GEMM); the reference repeats the right heads for GQA
+        cpu = jax.devices("cpu")[0]
+        f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
+        with jax.enable_x64(True), jax.default_device(cpu):
+            g64 = jax.device_put(np.asarray(g, np.float64), cpu)
+
+            def weighted(sl, sr):  # sum(g * kl rows): its gradient is what the backward returns
+                kl = relation_kl_reference(sl, sr, f64[2], f64[3], causal=causal, scale=scale)
+                return jnp.sum(g64 * kl), kl
+
+            (_, kl64), (dl64, dr64) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(f64[0], f64[1])
+            dense = [np.asarray(v) for v in (kl64, dl64, dr64)]
+        row["triton_fwd_kl_vs_dense"] = _rel(ref_kl, dense[0])
+        if out is not None:
+            rel["fwd_kl_vs_dense"] = _rel(out[0], dense[0])
     bargs = (*args, ref_ls, ref_lt, g)
     ref_dl, ref_dr = t_bwd(*bargs)
+    row["triton_bwd_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in (ref_dl, ref_dr)]
+    if dense is not None:
+        row["triton_bwd_vs_dense"] = [_rel(ref_dl, dense[1]), _rel(ref_dr, dense[2])]
     grads = _attempt(row, "mosaic_backward", lambda: m_bwd(*bargs))
     if grads is not None:
         rel.update(bwd_d_left=_rel(grads[0], ref_dl), bwd_d_right=_rel(grads[1], ref_dr))
+        row["mosaic_bwd_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in grads]
+        if dense is not None:
+            rel.update(bwd_d_left_vs_dense=_rel(grads[0], dense[1]), bwd_d_right_vs_dense=_rel(grads[1], dense[2]))
     row["rel_err_vs_triton"] = rel
     row["ok"] = bool(out is not None and grads is not None and all(np.isfinite(v) and v < tol for v in rel.values()))
 
