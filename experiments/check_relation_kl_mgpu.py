@@ -11,13 +11,16 @@ compile costs one case, not the call; the JSON is rewritten after every case. Pe
   * backward, run even if the Mosaic forward failed: d_left / d_right from the Triton forward's
     LSEs and a random row cotangent, against the Triton backward's;
   * median times of the forward and of forward + backward for both kernels.
-`ok` per case: every relative error finite and below --tol (bf16 inputs; d_right of GQA shapes is
-rounded to bf16 per query head before the group sum, the Triton kernel sums in float32).
+Each of VARIANTS (block sizes; the tile-skipping backward or the emit_pipeline one) is checked
+and timed on its own. `ok` per variant, and per case for all of them: every relative error finite
+and below --tol (bf16 inputs; d_right of GQA shapes is rounded to bf16 per query head before the
+group sum, where the Triton kernel sums in float32).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -38,6 +41,14 @@ CASES = (
     (1, 4096, 32, 8, 128, True),
     (2, 8192, 9, 3, 64, True),
     (1, 16384, 32, 32, 128, True),
+)
+
+
+# (name, backward function, block_q, block_kv): the forward with those blocks and that backward
+VARIANTS = (
+    ("skip_64x64", "backward", 64, 64),
+    ("skip_64x128", "backward", 64, 128),
+    ("pipelined_64x64", "backward_pipelined", 64, 64),
 )
 
 
@@ -84,14 +95,8 @@ def run_case(case, tol):
         interpret=False,
     )
     t_fwd = jax.jit(lambda *a: relation_kl_gpu.forward(*a, None, None, cfg=cfg))
-    m_fwd = jax.jit(lambda *a: relation_kl_mgpu.forward(*a, scale=scale, causal=causal))
     t_bwd = jax.jit(lambda *a: relation_kl_gpu.backward(*a[:4], None, None, *a[4:], cfg=cfg))
-    m_bwd = jax.jit(lambda *a: relation_kl_mgpu.backward(*a, scale=scale, causal=causal))
     ref_kl, ref_ls, ref_lt = t_fwd(*args)
-    rel = {}
-    out = _attempt(row, "mosaic_forward", lambda: m_fwd(*args))
-    if out is not None:
-        rel.update(fwd_kl=_rel(out[0], ref_kl), fwd_lse_s=_rel(out[1], ref_ls), fwd_lse_t=_rel(out[2], ref_lt))
     g = jax.random.uniform(k[4], ref_kl.shape, jnp.float32)
     dense = None
     if T <= 2048:  # the dense definition in float64 on the host CPU (the GPU's BLAS has no float64
@@ -108,21 +113,11 @@ def run_case(case, tol):
             (_, kl64), (dl64, dr64) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(f64[0], f64[1])
             dense = [np.asarray(v) for v in (kl64, dl64, dr64)]
         row["triton_fwd_kl_vs_dense"] = _rel(ref_kl, dense[0])
-        if out is not None:
-            rel["fwd_kl_vs_dense"] = _rel(out[0], dense[0])
     bargs = (*args, ref_ls, ref_lt, g)
     ref_dl, ref_dr = t_bwd(*bargs)
     row["triton_bwd_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in (ref_dl, ref_dr)]
     if dense is not None:
         row["triton_bwd_vs_dense"] = [_rel(ref_dl, dense[1]), _rel(ref_dr, dense[2])]
-    grads = _attempt(row, "mosaic_backward", lambda: m_bwd(*bargs))
-    if grads is not None:
-        rel.update(bwd_d_left=_rel(grads[0], ref_dl), bwd_d_right=_rel(grads[1], ref_dr))
-        row["mosaic_bwd_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in grads]
-        if dense is not None:
-            rel.update(bwd_d_left_vs_dense=_rel(grads[0], dense[1]), bwd_d_right_vs_dense=_rel(grads[1], dense[2]))
-    row["rel_err_vs_triton"] = rel
-    row["ok"] = bool(out is not None and grads is not None and all(np.isfinite(v) and v < tol for v in rel.values()))
 
     def both(fwd, bwd):
         def run(*a):
@@ -131,12 +126,40 @@ def run_case(case, tol):
 
         return jax.jit(run)
 
-    ms = {"triton_fwd": _median_ms(t_fwd, args), "triton_fwd_bwd": _median_ms(both(t_fwd, t_bwd), args)}
-    if out is not None:
-        ms["mosaic_fwd"] = _attempt(row, "mosaic_fwd_time", lambda: _median_ms(m_fwd, args))
-    if out is not None and grads is not None:
-        ms["mosaic_fwd_bwd"] = _attempt(row, "mosaic_fwd_bwd_time", lambda: _median_ms(both(m_fwd, m_bwd), args))
-    row["ms"] = ms
+    row["ms"] = {"triton_fwd": _median_ms(t_fwd, args), "triton_fwd_bwd": _median_ms(both(t_fwd, t_bwd), args)}
+
+    def check(m_fwd, m_bwd):  # one variant: errors against Triton (and dense), then times
+        v, rel = {"errors": {}}, {}
+        out = _attempt(v, "forward", lambda: m_fwd(*args))
+        if out is not None:
+            rel.update(fwd_kl=_rel(out[0], ref_kl), fwd_lse_s=_rel(out[1], ref_ls), fwd_lse_t=_rel(out[2], ref_lt))
+            if dense is not None:
+                rel["fwd_kl_vs_dense"] = _rel(out[0], dense[0])
+        grads = _attempt(v, "backward", lambda: m_bwd(*bargs))
+        if grads is not None:
+            rel.update(bwd_d_left=_rel(grads[0], ref_dl), bwd_d_right=_rel(grads[1], ref_dr))
+            v["bwd_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in grads]
+            if dense is not None:
+                rel.update(bwd_d_left_vs_dense=_rel(grads[0], dense[1]), bwd_d_right_vs_dense=_rel(grads[1], dense[2]))
+        v["rel_err_vs_triton"] = rel
+        v["ok"] = bool(out is not None and grads is not None and all(np.isfinite(x) and x < tol for x in rel.values()))
+        ms = v["ms"] = {}
+        if out is not None:
+            ms["fwd"] = _attempt(v, "fwd_time", lambda: _median_ms(m_fwd, args))
+        if out is not None and grads is not None:
+            ms["fwd_bwd"] = _attempt(v, "fwd_bwd_time", lambda: _median_ms(both(m_fwd, m_bwd), args))
+        return v
+
+    row["variants"] = {}
+    for name, backward, bq, bkv in VARIANTS:
+        if T % (2 * bq) or T % (2 * bkv):
+            continue
+        kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv)
+        bwd_fn = getattr(relation_kl_mgpu, backward)
+        row["variants"][name] = check(
+            jax.jit(functools.partial(relation_kl_mgpu.forward, **kw)), jax.jit(functools.partial(bwd_fn, **kw))
+        )
+    row["ok"] = bool(row["variants"]) and all(v["ok"] for v in row["variants"].values())
     return row
 
 
@@ -174,7 +197,11 @@ def main(argv=None):
                 row = {"case": CASES[i], "timeout_s": args.per_case_timeout_s, "note": "hung or too slow: a deadlock?"}
             row["seconds"] = time.perf_counter() - t0
         out["rows"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("stderr_tail", "errors")}), flush=True)
+        brief = {k: v for k, v in row.items() if k not in ("stderr_tail", "errors", "variants")}
+        brief["variants"] = {
+            n: {"ok": v["ok"], "ms": v["ms"], "errors": list(v["errors"])} for n, v in row.get("variants", {}).items()
+        }
+        print(json.dumps(brief), flush=True)
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
     return out

@@ -1,15 +1,18 @@
 """Relation KL as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
-WORK IN PROGRESS (issue 24). Lowered for "cuda" by the CPU tests; NOT YET RUN ON A GPU, so not
-reachable from `relation_kl(impl=...)` and not chosen by "auto". The first device call runs
-`experiments/check_relation_kl_mgpu.py` (exactness against the float64 reference and the
-Triton kernel, then timing); only then does it join the dispatch. Plan and structure:
-docs/kernel_notes.md, "Plan for a Mosaic GPU kernel on Hopper".
+WORK IN PROGRESS (issue 24), not reachable from `relation_kl(impl=...)` and not chosen by "auto"
+yet. First run on an H200 (2026-12-04, docs/raw/check_mgpu_h200_call1.json): the forward and the
+emit_pipeline backward (`backward_pipelined`) agree with the Triton kernels (KL rows 9e-7, d_left
+bitwise, d_right 4e-3: bf16 per head before the GQA sum) on the 7B GQA and SmolLM2 shapes; the
+forward is 0.88x / 1.07x the Triton forward's time there, the backward without tile skipping
+1.6x / 2.0x. `backward` (tile skipping through the forward's hand-written ring) is checked by
+`experiments/check_relation_kl_mgpu.py`. Plan and structure: docs/kernel_notes.md, "Plan for a
+Mosaic GPU kernel on Hopper".
 
 `forward` returns what the Triton forward returns ([B, H, T] float32 KL rows and the two base-2
 LSEs), so its residuals feed either backward. `backward` (d_left over query blocks, d_right over
-key blocks, both through `plgpu.emit_pipeline_warp_specialized`) computes every tile, the causal
-ones masked: no tile skipping in the backward yet.
+key blocks) skips the tiles above the diagonal; `backward_pipelined` computes every tile through
+`plgpu.emit_pipeline_warp_specialized`, the causal ones masked.
 
 Per program (grid: heads x query-block pairs x batch), three warpgroups:
   * two compute warpgroups, one query block each: TMA-load the block's student and teacher left
@@ -213,13 +216,12 @@ def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=
     )(sl, sr, tl, tr)
 
 
-def backward(
+def backward_pipelined(
     sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
 ):
-    """(d_sl, d_sr) of sum(g * kl) given the forward's base-2 LSEs, as `relation_kl_gpu.backward`
-    computes them: d_left over query blocks, d_right over key blocks (one output per query head,
-    groups summed after the kernel). Every tile is computed, causal ones masked: no tile skipping
-    yet (the first device call checks values; skipping comes after)."""
+    """`backward` through `plgpu.emit_pipeline_warp_specialized`: every tile is computed, the
+    causal ones masked (the emitter's grid is the same for every program, so no tile skipping).
+    Exact on the H200 (2026-12-04); kept as the baseline `backward` is timed against."""
     check_shapes(sl, sr, block_q, block_kv)
     B, T, H, D = sl.shape
     Hr = sr.shape[2]
@@ -373,3 +375,256 @@ def backward(
     else:
         d_sr = d_sr_heads
     return d_sl, d_sr
+
+
+def _ring_load(n_steps, steps, copies, consumed):
+    """The memory warpgroup's loop: step i's tiles (`copies`: (source view of step i, shared-memory
+    ring, its "loaded" barriers)) go into slot i % steps once both compute warpgroups released
+    the slot's previous tiles on `consumed`."""
+
+    @pl.loop(0, n_steps)
+    def _(i):
+        slot = lax.rem(i, jnp.array(steps, i.dtype))
+
+        @pl.when(i >= steps)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        for source, ring, loaded in copies:
+            plgpu.copy_gmem_to_smem(source(i), ring.at[slot], loaded.at[slot])
+
+
+def _ring_skip(lo, hi, steps, loaded, consumed):
+    """Steps [lo, hi) of the ring that this compute warpgroup does not need: release their slots.
+    Each step's data is waited for first (it is loaded only after the slot's previous use was
+    released by both warpgroups), so this arrival counts toward this step, and every barrier's
+    phase stays in step with the other warpgroup's."""
+
+    def body(i, _):
+        slot = lax.rem(i, jnp.array(steps, i.dtype))
+        for bar in loaded:
+            plgpu.barrier_wait(bar.at[slot])
+        plgpu.barrier_arrive(consumed.at[slot])
+
+    lax.fori_loop(lo, hi, body, None)
+
+
+def _wgmma_add(acc, a, b_smem, dtype):
+    """acc + a @ b (a from registers, cast to the inputs' dtype; b a shared-memory tile)."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a.astype(dtype), b_smem)
+
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def backward(
+    sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
+):
+    """(d_sl, d_sr) of sum(g * kl) given the forward's base-2 LSEs, as `relation_kl_gpu.backward`
+    computes them, with causal tile skipping: d_left over query blocks (each program streams the
+    key tiles up to its later block's diagonal), d_right over key blocks (each streams the query
+    tiles from its earlier block's diagonal on); one output per query head, groups summed after
+    the kernel. The ring is the forward's: a memory warpgroup, two compute warpgroups, a slot
+    released when both have read it (a warpgroup arrives on the steps it does not need)."""
+    check_shapes(sl, sr, block_q, block_kv)
+    B, T, H, D = sl.shape
+    Hr = sr.shape[2]
+    G = H // Hr
+    dtype = sl.dtype
+    c = scale * _math.LOG2E
+    n_q, n_kv = T // block_q, T // block_kv
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    params = plgpu.CompilerParams(approx_math=True)
+    g_scaled = g * scale
+    ring = lambda n, rows: max(2, min(max_concurrent_steps, n))  # noqa: E731
+
+    # ---- d_left: one query block per compute warpgroup, the right side streamed
+    s_left = ring(n_kv, block_kv)
+
+    def dleft(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dl_ref, scoped):
+        (own2, rows2, sr_ring, tr_ring), (sr_loaded, tr_loaded), consumed, bars = scoped
+        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        pair_base = lax.axis_index("q_seq") * (2 * block_q)
+        kv_block = jnp.array(block_kv, jnp.int32)
+        ring_steps = pl.cdiv(pair_base + 2 * block_q, kv_block) if causal else jnp.array(n_kv, jnp.int32)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_base = pair_base + wg * block_q
+            own, rows = own2.at[wg], rows2.at[wg]
+            at = (batch, pl.ds(q_base, block_q), head)
+            plgpu.copy_gmem_to_smem(sl_ref.at[at], own.at[0], bars.at[5 * wg])
+            plgpu.copy_gmem_to_smem(tl_ref.at[at], own.at[1], bars.at[5 * wg + 1])
+            for i, ref in enumerate((lss_ref, lst_ref, g_ref)):
+                plgpu.copy_gmem_to_smem(
+                    ref.at[batch, head, pl.ds(q_base, block_q)], rows.at[i], bars.at[5 * wg + 2 + i]
+                )
+            for i in range(5):
+                plgpu.barrier_wait(bars.at[5 * wg + i])
+            load = lambda i: plgpu.load(rows.at[i], (), layout=plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
+            lse_s, lse_t, g_s = load(0), load(1), load(2)
+
+            def step(kv_step, acc, masked):
+                slot = lax.rem(kv_step, jnp.array(s_left, kv_step.dtype))
+                plgpu.barrier_wait(sr_loaded.at[slot])
+                r_s = _tile(own.at[0], sr_ring.at[slot])
+                plgpu.barrier_wait(tr_loaded.at[slot])
+                r_t = _tile(own.at[1], tr_ring.at[slot])
+                if masked:
+                    k0 = kv_step * block_kv
+                    r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
+                ds = _math.grad_logits(r_s, r_t, lse_s, lse_t, g_s, c, jnp.exp2, col=lambda v: _bcast(v, r_s.shape))
+                acc = _wgmma_add(acc, ds, sr_ring.at[slot], dtype)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return acc
+
+            acc = plgpu.layout_cast(jnp.full((block_q, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+            if causal:
+                n_full = lax.div(q_base, kv_block)  # key tiles left of the diagonal
+                kv_steps = pl.cdiv(q_base + block_q, kv_block)
+                acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
+                acc = lax.fori_loop(n_full, kv_steps, functools.partial(step, masked=True), acc)
+                _ring_skip(kv_steps, ring_steps, s_left, (sr_loaded, tr_loaded), consumed)
+            else:
+                acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
+            own.at[0][...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(own.at[0], dl_ref.at[at])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            r_head = lax.div(head, jnp.array(G, head.dtype))
+            at = lambda i: (batch, pl.ds(i * block_kv, block_kv), r_head)  # noqa: E731
+            copies = (
+                (lambda i: sr_ref.at[at(i)], sr_ring, sr_loaded),
+                (lambda i: tr_ref.at[at(i)], tr_ring, tr_loaded),
+            )
+            _ring_load(ring_steps, s_left, copies, consumed)
+
+    def dleft_entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: dleft(*refs, scoped),
+            (
+                plgpu.SMEM((2, 2, block_q, D), dtype, transforms=transforms),  # [wg, student/teacher]
+                plgpu.SMEM((2, 3, block_q), jnp.float32),  # [wg, lse_s/lse_t/g]
+                plgpu.SMEM((s_left, block_kv, D), dtype, transforms=transforms),
+                plgpu.SMEM((s_left, block_kv, D), dtype, transforms=transforms),
+            ),
+            (plgpu.Barrier(num_barriers=s_left), plgpu.Barrier(num_barriers=s_left)),
+            plgpu.Barrier(num_arrivals=2, num_barriers=s_left),
+            plgpu.Barrier(num_barriers=10),  # per warpgroup: its block's five TMA copies
+            collective_axes="wg",
+        )
+
+    d_sl = plgpu.kernel(
+        dleft_entry,
+        out_type=jax.ShapeDtypeStruct(sl.shape, dtype),
+        grid=(H, T // (2 * block_q), B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=params,
+    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled)
+
+    # ---- d_right: one key block per compute warpgroup (per query head), the left side streamed
+    s_right = ring(n_q, block_q)
+
+    def dright(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dr_ref, scoped):
+        (own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring), loaded, consumed, bars = scoped
+        sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded = loaded
+        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        pair_base = lax.axis_index("kv_seq") * (2 * block_kv)
+        q_block = jnp.array(block_q, jnp.int32)
+        q_lo = lax.div(pair_base, q_block) if causal else jnp.array(0, jnp.int32)  # the pair's first query tile
+        ring_steps = n_q - q_lo
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            k_base = pair_base + wg * block_kv
+            own = own2.at[wg]
+            r_head = lax.div(head, jnp.array(G, head.dtype))
+            at = (batch, pl.ds(k_base, block_kv), r_head)
+            plgpu.copy_gmem_to_smem(sr_ref.at[at], own.at[0], bars.at[2 * wg])
+            plgpu.copy_gmem_to_smem(tr_ref.at[at], own.at[1], bars.at[2 * wg + 1])
+            plgpu.barrier_wait(bars.at[2 * wg])
+            plgpu.barrier_wait(bars.at[2 * wg + 1])
+
+            def step(i, acc, masked):  # ring step i holds query tile q_lo + i
+                slot = lax.rem(i, jnp.array(s_right, i.dtype))
+                plgpu.barrier_wait(sl_loaded.at[slot])
+                rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
+                plgpu.barrier_wait(tl_loaded.at[slot])
+                rt_t = _tile(own.at[1], tl_ring.at[slot])
+                for bar in (lss_loaded, lst_loaded, g_loaded):
+                    plgpu.barrier_wait(bar.at[slot])
+                load = lambda ring: plgpu.load(ring.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
+                lse_s, lse_t, g_s = load(lss_ring), load(lst_ring), load(g_ring)
+                if masked:
+                    q0 = (q_lo + i) * block_q
+                    rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
+                col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
+                ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
+                acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return acc
+
+            acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+            if causal:
+                own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
+                diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
+                _ring_skip(0, own_lo, s_right, loaded, consumed)
+                acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
+                acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
+            else:
+                acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
+            own.at[0][...] = acc.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(own.at[0], dr_ref.at[batch, pl.ds(k_base, block_kv), head])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            tile = lambda ref: lambda i: ref.at[batch, pl.ds((q_lo + i) * block_q, block_q), head]  # noqa: E731
+            row = lambda ref: lambda i: ref.at[batch, head, pl.ds((q_lo + i) * block_q, block_q)]  # noqa: E731
+            copies = (
+                (tile(sl_ref), sl_ring, sl_loaded),
+                (tile(tl_ref), tl_ring, tl_loaded),
+                (row(lss_ref), lss_ring, lss_loaded),
+                (row(lst_ref), lst_ring, lst_loaded),
+                (row(g_ref), g_ring, g_loaded),
+            )
+            _ring_load(ring_steps, s_right, copies, consumed)
+
+    def dright_entry(*refs):
+        pl.run_scoped(
+            lambda *scoped: dright(*refs, scoped),
+            (
+                plgpu.SMEM((2, 2, block_kv, D), dtype, transforms=transforms),  # [wg, student/teacher]
+                plgpu.SMEM((s_right, block_q, D), dtype, transforms=transforms),
+                plgpu.SMEM((s_right, block_q, D), dtype, transforms=transforms),
+                *(plgpu.SMEM((s_right, block_q), jnp.float32) for _ in range(3)),  # lse_s, lse_t, g
+            ),
+            tuple(plgpu.Barrier(num_barriers=s_right) for _ in range(5)),
+            plgpu.Barrier(num_arrivals=2, num_barriers=s_right),
+            plgpu.Barrier(num_barriers=4),  # per warpgroup and side: its key block's TMA
+            collective_axes="wg",
+        )
+
+    d_sr_heads = plgpu.kernel(
+        dright_entry,
+        out_type=jax.ShapeDtypeStruct((B, T, H, D), dtype),
+        grid=(H, T // (2 * block_kv), B),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=params,
+    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled)
+    if G > 1:  # one output per query head: sum each group (in float32)
+        return d_sl, d_sr_heads.reshape(B, T, Hr, G, D).astype(jnp.float32).sum(3).astype(dtype)
+    return d_sl, d_sr_heads
