@@ -75,6 +75,7 @@ def _progress(msg: str) -> None:
 # not needed to run this bench (tests/test_bench_layouts.py checks the two agree)
 DEFAULT_LAYOUT = "scan"
 DEFAULT_FUSED = True
+DEFAULT_REMAT = "dots_no_batch"  # configs/base.py's model.remat
 LAYOUTS_ALL = (("loop", False), ("scan", False), ("scan", True))  # --layouts_all: (layout, fused)
 PROFILE_STEPS = 2  # --profile_dir: steps traced per run (experiments/trace_summary.py --steps 2)
 
@@ -400,7 +401,8 @@ def layouts_table(results) -> list[dict]:
                     "compiled_gib": r.get("compiled_gib"),
                     "peak_gib": r["peak_gib"],
                     "ratio_to_best": r["tokens_per_s"] / best,
-                    "default": (r["layout"], r["fused"]) == (DEFAULT_LAYOUT, DEFAULT_FUSED),
+                    "default": (r["layout"], r["fused"], r.get("remat"))
+                    == (DEFAULT_LAYOUT, DEFAULT_FUSED, DEFAULT_REMAT),
                 }
             )
     return rows
@@ -414,7 +416,7 @@ def print_layouts_table(rows):
     print("\nLayouts (one process; compiled GiB = the step's arguments + outputs - donated + XLA temp)")
     print(
         f"{'model':10} {'dev':>3} {'layout':6} {'loss':8} {'remat':13} {'tok/s':>9} {'step ms':>8} "
-        f"{'compiled GiB':>12} {'peak GiB':>8} {'vs best':>7}"
+        f"{'compiled GiB':>12} {'proc peak':>9} {'vs best':>7}"
     )
     for r in rows:
         loss = "fused" if r["fused"] else "unfused"
@@ -422,7 +424,7 @@ def print_layouts_table(rows):
         print(
             f"{r['model']:10} {r['devices']:>3} {r['layout']:6} {loss:8} {str(r.get('remat')):13} "
             f"{r['tokens_per_s']:9.0f} "
-            f"{r['step_ms']:8.1f} {_gib(r['compiled_gib']):>12} {_gib(r['peak_gib']):>8} "
+            f"{r['step_ms']:8.1f} {_gib(r['compiled_gib']):>12} {_gib(r['peak_gib']):>9} "
             f"{r['ratio_to_best']:7.3f}{mark}"
         )
 
@@ -432,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="llama2_7b,llama3_8b")
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--batch_per_device", type=int, default=1)
-    p.add_argument("--remat", default="full")
+    p.add_argument("--remat", default=DEFAULT_REMAT, choices=REMAT_POLICIES, help="configs/base.py's default")
     p.add_argument("--kernel_impl", default="auto")
     p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--mesh_data", default="1", help="comma list of data-parallel sizes to run, e.g. 1,2")
