@@ -46,9 +46,9 @@ CASES = (
 
 # (name, backward function, block_q, block_kv): the forward with those blocks and that backward
 VARIANTS = (
-    ("skip_64x64", "backward", 64, 64),
-    ("skip_64x128", "backward", 64, 128),
-    ("pipelined_64x64", "backward_pipelined", 64, 64),
+    ("skip_64x64", "mosaic_backward", 64, 64),
+    ("skip_64x128", "mosaic_backward", 64, 128),
+    ("pipelined_64x64", "mosaic_backward_pipelined", 64, 64),
 )
 
 
@@ -157,7 +157,7 @@ def run_case(case, tol):
         kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv)
         bwd_fn = getattr(relation_kl_mgpu, backward)
         row["variants"][name] = check(
-            jax.jit(functools.partial(relation_kl_mgpu.forward, **kw)), jax.jit(functools.partial(bwd_fn, **kw))
+            jax.jit(functools.partial(relation_kl_mgpu.mosaic_forward, **kw)), jax.jit(functools.partial(bwd_fn, **kw))
         )
     row["ok"] = bool(row["variants"]) and all(v["ok"] for v in row["variants"].values())
     return row

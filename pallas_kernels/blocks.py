@@ -19,6 +19,8 @@ Blocks (`pick_blocks`):
   * clamped to T: no block larger than max(MIN_BLOCK, next_pow2(T));
   * every block a power of two;
   * "pallas_gpu": every block >= 16 (`tl.dot` minimum);
+  * "pallas_mgpu": every block >= 64 (wgmma tiles), one block_q x block_k for
+    all three kernels (the *_dq / *_dk fields follow them);
   * "pallas_tpu": the (8, 128) vreg tiling: blocks >= 8 (sublanes) and key
     blocks, the lane axis of the logit tiles, multiples of 128 unless one
     block spans the whole padded sequence.
@@ -112,6 +114,11 @@ XLA_BLOCKS = BlockSizes(**{f: 512 for f in BLOCK_FIELDS})
 # TPU: one [block_q, block_k] tile per grid step; 128 fills the MXU and the
 # lanes. Not tuned (no TPU was available); the Triton-only fields are unused.
 TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
+# "pallas_mgpu": one block_q x block_k for the forward and both backward kernels (each a pair of
+# 64-row blocks, one per compute warpgroup); 64 x 64 was the fastest of the two measured on an
+# H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json: 64 x 128 is 1.5x slower there).
+MGPU_MIN_BLOCK = 64
+MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS})
 
 
 def next_pow2(x: int) -> int:
@@ -158,6 +165,8 @@ def default_blocks(impl: str, row_bytes: int, batch_heads: int | None = None) ->
         return XLA_BLOCKS
     if impl == "pallas_tpu":
         return TPU_BLOCKS
+    if impl == "pallas_mgpu":
+        return MGPU_BLOCKS
     base = GPU_TILE_TABLE[gpu_table_key(row_bytes, batch_heads)]
     shrink = max(1, row_bytes // GPU_TUNED_ROW_BYTES)
     if shrink == 1:
@@ -191,6 +200,16 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
         if unknown:
             raise ValueError(f"block_sizes: unknown fields {sorted(unknown)}")
         base = dataclasses.replace(default_blocks(impl, row_bytes, batch_heads), **block_sizes)
+        if impl == "pallas_mgpu":  # its backward runs on the forward's blocks: follow them unless given
+            follow = {
+                "block_q_dq": "block_q",
+                "block_q_dk": "block_q",
+                "block_k_dq": "block_k",
+                "block_k_dk": "block_k",
+            }
+            base = dataclasses.replace(
+                base, **{f: getattr(base, src) for f, src in follow.items() if f not in block_sizes}
+            )
     else:
         base = block_sizes
     # Short sequences: no tile larger than T rounded up to a power of two.
@@ -201,6 +220,17 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
             raise ValueError(f"block_sizes: blocks must be powers of two, got {blocks}")
     if impl == "pallas_gpu" and min(blocks.all_blocks()) < MIN_BLOCK:
         raise ValueError(f"block_sizes: pallas_gpu needs blocks >= {MIN_BLOCK} (tl.dot), got {blocks}")
+    if impl == "pallas_mgpu":
+        if min(blocks.all_blocks()) < MGPU_MIN_BLOCK:
+            raise ValueError(f"block_sizes: pallas_mgpu needs blocks >= {MGPU_MIN_BLOCK} (wgmma tiles), got {blocks}")
+        if (blocks.block_q_dq, blocks.block_k_dq, blocks.block_q_dk, blocks.block_k_dk) != (
+            blocks.block_q,
+            blocks.block_k,
+        ) * 2:
+            raise ValueError(
+                "block_sizes: pallas_mgpu runs all three kernels on block_q x block_k; set only those "
+                f"(or the *_dq / *_dk fields equal to them), got {blocks}"
+            )
     if impl == "pallas_tpu":
         Tp = padded_length(T, blocks)
         if min(blocks.all_blocks()) < SUBLANES or any(k % LANES and k != Tp for k in blocks.key_blocks()):

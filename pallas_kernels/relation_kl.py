@@ -10,6 +10,8 @@ kernel outside it, its LSEs named RESIDUALS_NAME for remat policies; see
 layer's Q/K/V, as one launch. One module per impl, all named relation_kl_<impl>.py:
 
     "pallas_gpu"  relation_kl_gpu.py        Pallas -> Triton (NVIDIA GPUs)
+    "pallas_mgpu" relation_kl_mgpu.py       Pallas -> Mosaic GPU (Hopper: TMA, wgmma); bf16/f16,
+                                            no mask or segments, T a multiple of 128 (in progress)
     "pallas_tpu"  relation_kl_tpu.py        Pallas -> Mosaic (TPUs)
     "xla"         relation_kl_xla.py        chunked pure JAX, linear memory
     "reference"   relation_kl_reference.py  dense [T, T], tests and baselines
@@ -51,7 +53,7 @@ from pallas_kernels import blocks as _blocks
 from pallas_kernels.blocks import BlockSizes
 
 _FLOAT_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
-IMPLS = ("auto", "pallas_gpu", "pallas_tpu", "xla", "reference")
+IMPLS = ("auto", "pallas_gpu", "pallas_mgpu", "pallas_tpu", "xla", "reference")
 # Masked keys carry this id; a valid row never has it unless the caller uses
 # INT32_MIN as a segment id (documented limitation).
 _KEY_PAD_ID = int(np.iinfo(np.int32).min)
@@ -76,6 +78,7 @@ class Config:
 
 _KERNEL_MODULES = {
     "pallas_gpu": "pallas_kernels.relation_kl_gpu",
+    "pallas_mgpu": "pallas_kernels.relation_kl_mgpu",
     "pallas_tpu": "pallas_kernels.relation_kl_tpu",
     "xla": "pallas_kernels.relation_kl_xla",
 }
@@ -179,6 +182,17 @@ def relation_kl(
     _impl_module(impl)  # fail early on an unavailable impl
 
     Tp = _blocks.padded_length(T, blocks)
+    if impl == "pallas_mgpu":
+        reason = _impl_module(impl).unsupported_reason(
+            (B, Tp, H, Dp),
+            s_left.dtype,
+            has_ids=mask is not None or segment_ids is not None or Tp != T,
+            interpret=bool(interpret),
+            block_q=blocks.block_q,
+            block_kv=blocks.block_k,
+        )
+        if reason:
+            raise ValueError(f"impl 'pallas_mgpu' cannot take this call: {reason}; impl 'pallas_gpu' can")
     pad = ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D))
     sl, sr, tl, tr = (jnp.pad(x, pad) if pad != ((0, 0),) * 4 else x for x in (s_left, s_right, t_left, t_right))
 

@@ -1,18 +1,18 @@
 """Relation KL as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
-WORK IN PROGRESS (issue 24), not reachable from `relation_kl(impl=...)` and not chosen by "auto"
-yet. First run on an H200 (2026-12-04, docs/raw/check_mgpu_h200_call1.json): the forward and the
-emit_pipeline backward (`backward_pipelined`) agree with the Triton kernels (KL rows 9e-7, d_left
-bitwise, d_right 4e-3: bf16 per head before the GQA sum) on the 7B GQA and SmolLM2 shapes; the
-forward is 0.88x / 1.07x the Triton forward's time there, the backward without tile skipping
-1.6x / 2.0x. `backward` (tile skipping through the forward's hand-written ring) is checked by
-`experiments/check_relation_kl_mgpu.py`. Plan and structure: docs/kernel_notes.md, "Plan for a
-Mosaic GPU kernel on Hopper".
+WORK IN PROGRESS (issue 24): reachable as `relation_kl(impl="pallas_mgpu")` (`forward` and
+`backward` at the end of this file follow relation_kl.py's kernel contract); "auto" does not pick
+it until a full training step has run with it on a GPU. Measured on an H200 (2026-12-04,
+`experiments/check_relation_kl_mgpu.py`; docs/raw/check_mgpu_h200_*.json): exact against the
+Triton kernels and the float64 reference (KL rows to 1e-6, d_left to bf16 rounding, d_right 4e-3
+on GQA shapes: bf16 per query head before the group sum); forward + backward in 0.84-0.90x the
+Triton kernels' time at head dim 128 (T 2048-16384, MHA and GQA), 1.05-1.24x at head dim 64.
+Plan and state: docs/kernel_notes.md, "A Mosaic GPU kernel on Hopper".
 
-`forward` returns what the Triton forward returns ([B, H, T] float32 KL rows and the two base-2
-LSEs), so its residuals feed either backward. `backward` (d_left over query blocks, d_right over
-key blocks) skips the tiles above the diagonal; `backward_pipelined` computes every tile through
-`plgpu.emit_pipeline_warp_specialized`, the causal ones masked.
+`mosaic_forward` returns what the Triton forward returns ([B, H, T] float32 KL rows and the two
+base-2 LSEs), so its residuals feed either backward. `mosaic_backward` (d_left over query blocks,
+d_right over key blocks) skips the tiles above the diagonal; `mosaic_backward_pipelined` computes
+every tile through `plgpu.emit_pipeline_warp_specialized`, the causal ones masked.
 
 Per program (grid: heads x query-block pairs x batch), three warpgroups:
   * two compute warpgroups, one query block each: TMA-load the block's student and teacher left
@@ -88,7 +88,7 @@ def _causal_mask(r, row0, col0, transposed=False):
     return jnp.where(cols >= rows if transposed else rows >= cols, r, -jnp.inf)
 
 
-def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2):
+def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2):
     """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them."""
     check_shapes(sl, sr, block_q, block_kv)
     B, T, H, D = sl.shape
@@ -216,10 +216,10 @@ def forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=
     )(sl, sr, tl, tr)
 
 
-def backward_pipelined(
+def mosaic_backward_pipelined(
     sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
 ):
-    """`backward` through `plgpu.emit_pipeline_warp_specialized`: every tile is computed, the
+    """`mosaic_backward` through `plgpu.emit_pipeline_warp_specialized`: every tile is computed, the
     causal ones masked (the emitter's grid is the same for every program, so no tile skipping).
     Exact on the H200 (2026-12-04); kept as the baseline `backward` is timed against."""
     check_shapes(sl, sr, block_q, block_kv)
@@ -418,7 +418,7 @@ def _wgmma_add(acc, a, b_smem, dtype):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def backward(
+def mosaic_backward(
     sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
 ):
     """(d_sl, d_sr) of sum(g * kl) given the forward's base-2 LSEs, as `relation_kl_gpu.backward`
@@ -628,3 +628,43 @@ def backward(
     if G > 1:  # one output per query head: sum each group (in float32)
         return d_sl, d_sr_heads.reshape(B, T, Hr, G, D).astype(jnp.float32).sum(3).astype(dtype)
     return d_sl, d_sr_heads
+
+
+# ---------------------------------------------- the relation_kl contract (impl "pallas_mgpu") ---
+
+
+def unsupported_reason(shape, dtype, *, has_ids: bool, interpret: bool, block_q: int, block_kv: int) -> str | None:
+    """Why impl "pallas_mgpu" cannot take a relation_kl call of padded left-side `shape`
+    [B, Tp, H, Dp] (None: it can). The Triton kernel ("pallas_gpu") takes all of these."""
+    if plgpu is None:
+        return "this jax has no Pallas Mosaic GPU (jax.experimental.pallas.mosaic_gpu)"
+    if interpret:
+        return "it has no interpret mode (Pallas' interpreter cannot run TMA copies)"
+    if has_ids:
+        return "no padding mask, segment ids or padded length yet (T a multiple of 2 x the blocks)"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {jnp.dtype(dtype).name}: it takes bfloat16 or float16"
+    _, T, _, D = shape
+    if D % MIN_BLOCK:
+        return f"head dim {D} (padded) is not a multiple of {MIN_BLOCK}"
+    if block_q % MIN_BLOCK or block_kv % MIN_BLOCK:
+        return f"blocks ({block_q}, {block_kv}) must be multiples of {MIN_BLOCK}"
+    if T % (2 * block_q) or T % (2 * block_kv):
+        return f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_k = {2 * block_kv}"
+    return None
+
+
+def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
+    """relation_kl's kernel contract (pallas_kernels/relation_kl.py): blocks cfg.blocks.block_q /
+    block_k, for the backward too. q_ids must be None (`unsupported_reason` is checked first)."""
+    assert q_ids is None and k_ids is None, "pallas_mgpu takes no ids (relation_kl checks first)"
+    b = cfg.blocks
+    return mosaic_forward(sl, sr, tl, tr, scale=cfg.scale, causal=cfg.causal, block_q=b.block_q, block_kv=b.block_k)
+
+
+def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
+    assert q_ids is None and k_ids is None, "pallas_mgpu takes no ids (relation_kl checks first)"
+    b = cfg.blocks
+    return mosaic_backward(
+        sl, sr, tl, tr, lse_s, lse_t, g, scale=cfg.scale, causal=cfg.causal, block_q=b.block_q, block_kv=b.block_k
+    )

@@ -602,18 +602,54 @@ def test_mgpu_kernels_lower_to_mosaic_gpu(causal, H, Hr, D):
 
     x = jax.ShapeDtypeStruct((1, 256, H, D), jnp.bfloat16)
     r = jax.ShapeDtypeStruct((1, 256, Hr, D), jnp.bfloat16)
-    fwd = lambda a, b, c, d: relation_kl_mgpu.forward(a, b, c, d, scale=D**-0.5, causal=causal)  # noqa: E731
+    fwd = lambda a, b, c, d: relation_kl_mgpu.mosaic_forward(a, b, c, d, scale=D**-0.5, causal=causal)  # noqa: E731
     text = jax.jit(fwd).trace(x, r, x, r).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     out = jax.eval_shape(fwd, x, r, x, r)
     assert [(o.shape, o.dtype) for o in out] == [((1, H, 256), jnp.float32)] * 3
     row = jax.ShapeDtypeStruct((1, H, 256), jnp.float32)
-    for backward in (relation_kl_mgpu.backward, relation_kl_mgpu.backward_pipelined):  # tile skipping / emitter
+    for backward in (relation_kl_mgpu.mosaic_backward, relation_kl_mgpu.mosaic_backward_pipelined):  # skip / emitter
         bwd = lambda *a, f=backward: f(*a, scale=D**-0.5, causal=causal)  # noqa: E731
         text = jax.jit(bwd).trace(x, r, x, r, row, row, row).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("mosaic_gpu") >= 2  # d_left and d_right
         d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row)
         assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
+
+
+def test_pallas_mgpu_impl_lowers_through_relation_kl():
+    """impl "pallas_mgpu" behind relation_kl's custom_vjp: the merged Q/K/V call of one layer and its
+    gradient lower for "cuda" to Mosaic GPU kernels (forward, d_left, d_right), none of them Triton."""
+    x = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 256, 2, 64), jnp.bfloat16)
+
+    def loss(q, k, v, tq, tk, tv):
+        kls = pallas_kernels.self_relation_kl_multi([(q, tq), (k, tk), (v, tv)], impl="pallas_mgpu")
+        return sum(kl.sum() for kl in kls)
+
+    args = (x, kv, kv, x, kv, kv)
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3 and "triton" not in text.lower()
+
+
+def test_pallas_mgpu_impl_names_what_it_cannot_take():
+    def bad(T=256, dtype=jnp.bfloat16, D=64, **kw):
+        a, b = jnp.ones((1, T, 4, D), dtype), jnp.ones((1, T, 2, D), dtype)
+        with pytest.raises(ValueError) as e:
+            relation_kl(a, b, a, b, impl="pallas_mgpu", **kw)
+        return str(e.value)
+
+    assert "segment ids" in bad(mask=jnp.ones((1, 256), bool))
+    assert "segment ids" in bad(segment_ids=jnp.zeros((1, 256), jnp.int32))
+    assert "padded length" in bad(T=200)  # padding to the blocks needs ids
+    assert "bfloat16 or float16" in bad(dtype=jnp.float32)
+    assert "interpret" in bad(interpret=True)
+    assert "multiple of 64" in bad(D=32)
+    assert "block_q x block_k" in bad(block_sizes={"block_q_dq": 128})
+    assert "pallas_gpu" in bad(T=200)  # names the kernel that can
+    b = pallas_kernels.blocks.pick_blocks(
+        {"block_k": 128}, "pallas_mgpu", 4096, 256, 32
+    )  # the backward follows the forward's blocks
+    assert (b.block_q, b.block_k, b.block_q_dq, b.block_k_dq, b.block_q_dk, b.block_k_dk) == (64, 128) * 3
 
 
 def test_mgpu_forward_names_what_it_cannot_take():
