@@ -10,7 +10,8 @@ compile costs one case, not the call; the JSON is rewritten after every case. Pe
     kernel's own error is the baseline;
   * backward, run even if the Mosaic forward failed: d_left / d_right from the Triton forward's
     LSEs and a random row cotangent, against the Triton backward's;
-  * median times of the forward and of forward + backward for both kernels.
+  * median times of the forward and of forward + backward for both kernels, and of cuDNN flash
+    attention's forward + backward on the same shapes (the issue's yardstick, same process).
 Each of VARIANTS (block sizes; the tile-skipping backward or the emit_pipeline one) is checked
 and timed on its own. `ok` per variant, and per case for all of them: every relative error finite
 and below --tol (bf16 inputs; d_right of GQA shapes is rounded to bf16 per query head before the
@@ -43,6 +44,17 @@ CASES = (
     (1, 16384, 32, 32, 128, True),
 )
 
+# Through the public API, impl "pallas_mgpu" against "pallas_gpu" (the custom_vjp, padding and
+# ids included): (B, T, H, H_right, D, causal, batch kind); kind "padded": row 1 ends 37 tokens
+# early (a key mask); "packed": documents of 900 tokens (segment ids); T 1000: a padded length
+API_CASES = (
+    (1, 1024, 4, 2, 64, True, "plain"),
+    (2, 1000, 4, 2, 64, True, "padded"),
+    (2, 2048, 8, 8, 128, True, "packed"),
+    (1, 4096, 32, 8, 128, True, "plain"),
+    (2, 8192, 9, 3, 64, True, "packed"),
+)
+
 
 # (name, backward function, block_q, block_kv): the forward with those blocks and that backward
 VARIANTS = (
@@ -50,6 +62,8 @@ VARIANTS = (
     ("skip_64x128", "mosaic_backward", 64, 128),
     ("pipelined_64x64", "mosaic_backward_pipelined", 64, 64),
 )
+
+ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-11 the API
 
 
 def _median_ms(fn, args):
@@ -69,6 +83,18 @@ def _attempt(row, key, fn):
     except Exception as e:  # noqa: BLE001  (record, go on with the other parts of the case)
         row.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"[:2000] + "\n" + traceback.format_exc()[-2000:]
         return None
+
+
+def _cudnn_fwd_bwd(causal):
+    import jax
+    import jax.numpy as jnp
+
+    def loss(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return lambda sl, sr, tl, tr: grad(sl, sr, tr)
 
 
 def run_case(case, tol):
@@ -127,6 +153,9 @@ def run_case(case, tol):
         return jax.jit(run)
 
     row["ms"] = {"triton_fwd": _median_ms(t_fwd, args), "triton_fwd_bwd": _median_ms(both(t_fwd, t_bwd), args)}
+    # the issue's yardstick in this process: cuDNN flash attention, forward + backward (q = left,
+    # k = right, v = the teacher's right side: the same shapes, GQA without repeating K/V)
+    row["ms"]["cudnn_attention_fwd_bwd"] = _attempt(row, "cudnn_time", lambda: _median_ms(_cudnn_fwd_bwd(causal), args))
 
     def check(m_fwd, m_bwd):  # one variant: errors against Triton (and dense), then times
         v, rel = {"errors": {}}, {}
@@ -163,22 +192,84 @@ def run_case(case, tol):
     return row
 
 
+def run_api_case(case, tol):
+    """relation_kl(impl="pallas_mgpu") against impl="pallas_gpu" and (T <= 2048) the float64 dense
+    reference: KL rows and the gradients of sum(g * kl) for both student inputs, then times."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import relation_kl
+    from pallas_kernels.relation_kl_reference import relation_kl_reference
+
+    B, T, H, Hr, D, causal, kind = case
+    k = jax.random.split(jax.random.PRNGKey(1), 5)
+    left = lambda i: jax.random.normal(k[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    right = lambda i: jax.random.normal(k[i], (B, T, Hr, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+    args = (left(0), right(1), left(2), right(3))
+    g = jax.random.uniform(k[4], (B, H, T), jnp.float32)
+    kw = {}
+    if kind == "padded":
+        kw["mask"] = jnp.arange(T)[None, :] < jnp.array([T, T - 37])[:, None]
+    if kind == "packed":
+        kw["segment_ids"] = jnp.broadcast_to(jnp.arange(T) // 900, (B, T)).astype(jnp.int32)
+    row = {"case": dict(B=B, T=T, H=H, H_right=Hr, D=D, causal=causal, kind=kind), "errors": {}}
+
+    def make(impl):
+        def loss(sl, sr, tl, tr):
+            kl = relation_kl(sl, sr, tl, tr, causal=causal, impl=impl, **kw)
+            return jnp.sum(g * kl), kl
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+    (_, kl_t), (dl_t, dr_t) = make("pallas_gpu")(*args)
+    out = _attempt(row, "mosaic", lambda: make("pallas_mgpu")(*args))
+    rel = {}
+    if out is not None:
+        (_, kl_m), (dl_m, dr_m) = out
+        rel = dict(kl=_rel(kl_m, kl_t), d_left=_rel(dl_m, dl_t), d_right=_rel(dr_m, dr_t))
+        row["mosaic_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in (kl_m, dl_m, dr_m)]
+    if T <= 2048:
+        cpu = jax.devices("cpu")[0]
+        f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
+        kw64 = {n: jax.device_put(np.asarray(v), cpu) for n, v in kw.items()}
+        with jax.enable_x64(True), jax.default_device(cpu):
+            g64 = jax.device_put(np.asarray(g, np.float64), cpu)
+
+            def weighted(sl, sr):
+                kl = relation_kl_reference(sl, sr, f64[2], f64[3], causal=causal, scale=D**-0.5, **kw64)
+                return jnp.sum(g64 * kl), kl
+
+            (_, kl64), (dl64, dr64) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(f64[0], f64[1])
+        row["triton_vs_dense"] = dict(kl=_rel(kl_t, kl64), d_left=_rel(dl_t, dl64), d_right=_rel(dr_t, dr64))
+        if out is not None:
+            rel.update(
+                kl_vs_dense=_rel(kl_m, kl64), d_left_vs_dense=_rel(dl_m, dl64), d_right_vs_dense=_rel(dr_m, dr64)
+            )
+    row["rel_err_vs_triton"] = rel
+    row["ok"] = bool(out is not None and all(np.isfinite(v) and v < tol for v in rel.values()))
+    row["ms"] = {"triton_fwd_bwd": _median_ms(make("pallas_gpu"), args)}
+    if out is not None:
+        row["ms"]["mosaic_fwd_bwd"] = _attempt(row, "mosaic_time", lambda: _median_ms(make("pallas_mgpu"), args))
+    return row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="check_relation_kl_mgpu.json")
-    p.add_argument("--cases", default="", help="indices into CASES, e.g. 0,2 (default: all)")
+    p.add_argument("--cases", default="", help="indices into ALL_CASES, e.g. 0,2,7 (default: all)")
     p.add_argument("--per_case_timeout_s", type=float, default=120.0, help="each case's subprocess limit")
     p.add_argument("--tol", type=float, default=2e-2, help="largest relative error counted as ok (bf16)")
     p.add_argument("--one_case", type=int, default=-1, help=argparse.SUPPRESS)  # the subprocess's mode
     args = p.parse_args(argv)
     if args.one_case >= 0:
-        row = run_case(CASES[args.one_case], args.tol)
+        case = ALL_CASES[args.one_case]
+        row = (run_api_case if len(case) == 7 else run_case)(case, args.tol)
         with open(args.out, "w") as f:
             json.dump(row, f)
         return row
     import jax
 
-    picked = [int(i) for i in args.cases.split(",")] if args.cases else list(range(len(CASES)))
+    picked = [int(i) for i in args.cases.split(",")] if args.cases else list(range(len(ALL_CASES)))
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv, "rows": []}
     for i in picked:
         with tempfile.TemporaryDirectory() as tmp:
@@ -189,12 +280,18 @@ def main(argv=None):
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.per_case_timeout_s)
                 row = (
-                    json.load(open(part)) if proc.returncode == 0 else {"case": CASES[i], "returncode": proc.returncode}
+                    json.load(open(part))
+                    if proc.returncode == 0
+                    else {"case": ALL_CASES[i], "returncode": proc.returncode}
                 )
                 if proc.returncode:
                     row["stderr_tail"] = proc.stderr[-3000:]
             except subprocess.TimeoutExpired:
-                row = {"case": CASES[i], "timeout_s": args.per_case_timeout_s, "note": "hung or too slow: a deadlock?"}
+                row = {
+                    "case": ALL_CASES[i],
+                    "timeout_s": args.per_case_timeout_s,
+                    "note": "hung or too slow: a deadlock?",
+                }
             row["seconds"] = time.perf_counter() - t0
         out["rows"].append(row)
         brief = {k: v for k, v in row.items() if k not in ("stderr_tail", "errors", "variants")}

@@ -139,9 +139,10 @@ def lane_dim(Dp: int) -> int:
     return round_up(Dp, LANES)
 
 
-def padded_length(T: int, blocks: BlockSizes) -> int:
-    """Sequence length every backend receives: a multiple of every block."""
-    return round_up(T, max(blocks.all_blocks()))
+def padded_length(T: int, blocks: BlockSizes, impl: str = "") -> int:
+    """Sequence length every backend receives: a multiple of every block ("pallas_mgpu": of two
+    of each, one per compute warpgroup)."""
+    return round_up(T, max(blocks.all_blocks()) * (2 if impl == "pallas_mgpu" else 1))
 
 
 def head_dim_class(row_bytes: int) -> int:

@@ -11,7 +11,7 @@ layer's Q/K/V, as one launch. One module per impl, all named relation_kl_<impl>.
 
     "pallas_gpu"  relation_kl_gpu.py        Pallas -> Triton (NVIDIA GPUs)
     "pallas_mgpu" relation_kl_mgpu.py       Pallas -> Mosaic GPU (Hopper: TMA, wgmma); bf16/f16,
-                                            no mask or segments, T a multiple of 128 (in progress)
+                                            head dim a multiple of 64 (in progress)
     "pallas_tpu"  relation_kl_tpu.py        Pallas -> Mosaic (TPUs)
     "xla"         relation_kl_xla.py        chunked pure JAX, linear memory
     "reference"   relation_kl_reference.py  dense [T, T], tests and baselines
@@ -181,12 +181,11 @@ def relation_kl(
     cfg = Config(impl=impl, causal=bool(causal), scale=scale, blocks=blocks, interpret=bool(interpret))
     _impl_module(impl)  # fail early on an unavailable impl
 
-    Tp = _blocks.padded_length(T, blocks)
+    Tp = _blocks.padded_length(T, blocks, impl)
     if impl == "pallas_mgpu":
         reason = _impl_module(impl).unsupported_reason(
             (B, Tp, H, Dp),
             s_left.dtype,
-            has_ids=mask is not None or segment_ids is not None or Tp != T,
             interpret=bool(interpret),
             block_q=blocks.block_q,
             block_kv=blocks.block_k,

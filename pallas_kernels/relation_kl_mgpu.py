@@ -88,9 +88,53 @@ def _causal_mask(r, row0, col0, transposed=False):
     return jnp.where(cols >= rows if transposed else rows >= cols, r, -jnp.inf)
 
 
-def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2):
-    """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them."""
+def _same_segment(r, row_ids, col_ids):
+    """-inf where a tile's row and column ids differ (relation_kl's key mask and segments: key j is
+    valid for row i iff q_ids[i] == k_ids[j]). row_ids: [rows] (WGMMA row layout), col_ids: [cols]."""
+    rows = lax.broadcast_in_dim(row_ids, r.shape, [0])
+    cols = lax.broadcast_in_dim(col_ids, r.shape, [1])
+    return jnp.where(rows == cols, r, -jnp.inf)
+
+
+def _pad(refs, n):
+    """`refs` (a tuple of scoped refs, or one) padded with None to n: the ids buffers a kernel
+    without ids does not allocate."""
+    refs = tuple(refs) if isinstance(refs, (tuple, list)) else (refs,)
+    return refs + (None,) * (n - len(refs))
+
+
+def _with_none(scoped, has_ids):
+    """The forward's scoped refs with None for the ids buffers it did not allocate."""
+    if has_ids:
+        return scoped
+    smem, loaded, consumed, bars = scoped
+    return _pad(smem, 6), _pad(loaded, 3), consumed, bars
+
+
+def _load_ids(ref, axis):
+    """[n] int32 ids from shared memory in the layout of a tile's rows (axis 0) or columns (1)."""
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def mosaic_forward(
+    sl,
+    sr,
+    tl,
+    tr,
+    q_ids=None,
+    k_ids=None,
+    *,
+    scale: float,
+    causal: bool,
+    block_q=64,
+    block_kv=64,
+    max_concurrent_steps=2,
+):
+    """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them.
+    q_ids / k_ids ([B, T] int32, both or neither): key j is valid for row i iff they are equal
+    (relation_kl's encoding of the key mask, segments and padding), on top of `causal`."""
     check_shapes(sl, sr, block_q, block_kv)
+    has_ids = q_ids is not None
     B, T, H, D = sl.shape
     G = H // sr.shape[2]
     dtype = sl.dtype
@@ -98,10 +142,10 @@ def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, bl
     n_kv = T // block_kv
     steps = max(2, min(max_concurrent_steps, n_kv))
 
-    def kernel(sl_ref, sr_ref, tl_ref, tr_ref, kl_ref, lss_ref, lst_ref, scoped):
+    def kernel(sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, kl_ref, lss_ref, lst_ref, scoped):
         smem, loaded, consumed, left_barriers = scoped
-        left_smem, sr_smem, tr_smem, rows_smem = smem
-        sr_loaded, tr_loaded = loaded
+        left_smem, sr_smem, tr_smem, rows_smem, qid_smem, kid_smem = smem
+        sr_loaded, tr_loaded, kid_loaded = loaded
         sr_consumed, tr_consumed = consumed
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
         wg = lax.axis_index("wg")
@@ -119,14 +163,25 @@ def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, bl
             rows_at = (batch, pl.ds(q_base, block_q), head)
             plgpu.copy_gmem_to_smem(sl_ref.at[rows_at], own.at[0], left_barriers.at[2 * wg])
             plgpu.copy_gmem_to_smem(tl_ref.at[rows_at], own.at[1], left_barriers.at[2 * wg + 1])
+            if has_ids:
+                plgpu.copy_gmem_to_smem(
+                    qid_ref.at[batch, pl.ds(q_base, block_q)], qid_smem.at[wg], left_barriers.at[4 + wg]
+                )
             plgpu.barrier_wait(left_barriers.at[2 * wg])
             plgpu.barrier_wait(left_barriers.at[2 * wg + 1])
+            own_ids = None
+            if has_ids:
+                plgpu.barrier_wait(left_barriers.at[4 + wg])
+                own_ids = _load_ids(qid_smem.at[wg], 0)
             row = lambda v: plgpu.layout_cast(jnp.full((block_q,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
             stats = (row(_math.M_INIT), row(0.0), row(_math.M_INIT), row(0.0), row(0.0))
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else ring_steps
 
             def step(kv_step, stats, masked):
                 slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+                if has_ids:  # read before this warpgroup releases the slot
+                    plgpu.barrier_wait(kid_loaded.at[slot])
+                    key_ids = _load_ids(kid_smem.at[slot], 1)
                 plgpu.barrier_wait(sr_loaded.at[slot])
                 r_s = _tile(own.at[0], sr_smem.at[slot])
                 plgpu.barrier_arrive(sr_consumed.at[slot])
@@ -137,6 +192,8 @@ def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, bl
                 if masked:
                     k0 = kv_step * block_kv
                     r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
+                if has_ids:
+                    r_s, r_t = _same_segment(r_s, own_ids, key_ids), _same_segment(r_t, own_ids, key_ids)
                 return _math.online_update(
                     stats, r_s, r_t, diff, c, jnp.exp2, col=functools.partial(_bcast, shape=r_s.shape)
                 )
@@ -152,6 +209,8 @@ def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, bl
                     # step's release and never completes the previous one while the other
                     # warpgroup is still reading it.
                     slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+                    if has_ids:
+                        plgpu.barrier_wait(kid_loaded.at[slot])
                     plgpu.barrier_wait(sr_loaded.at[slot])
                     plgpu.barrier_arrive(sr_consumed.at[slot])
                     plgpu.barrier_wait(tr_loaded.at[slot])
@@ -186,21 +245,28 @@ def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, bl
 
                 plgpu.copy_gmem_to_smem(sr_ref.at[at], sr_smem.at[slot], sr_loaded.at[slot])
                 plgpu.copy_gmem_to_smem(tr_ref.at[at], tr_smem.at[slot], tr_loaded.at[slot])
+                if has_ids:
+                    ids_at = (batch, pl.ds(kv_step * block_kv, block_kv))
+                    plgpu.copy_gmem_to_smem(kid_ref.at[ids_at], kid_smem.at[slot], kid_loaded.at[slot])
 
-    def entry(sl_ref, sr_ref, tl_ref, tr_ref, kl_ref, lss_ref, lst_ref):
+    def entry(*refs):
+        ins, outs = (refs[:6], refs[6:]) if has_ids else ((*refs[:4], None, None), refs[4:])
         transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        ids_smem = (plgpu.SMEM((2, block_q), jnp.int32), plgpu.SMEM((steps, block_kv), jnp.int32))
         smem = (
             plgpu.SMEM((2, 2, block_q, D), dtype, transforms=transforms),  # [wg, student/teacher]
             plgpu.SMEM((steps, block_kv, D), dtype, transforms=transforms),
             plgpu.SMEM((steps, block_kv, D), dtype, transforms=transforms),
             plgpu.SMEM((2, 3, block_q), jnp.float32),  # [wg, kl/lse_s/lse_t]
+            *(ids_smem if has_ids else (None, None)),
         )
+        smem = tuple(x for x in smem if x is not None)
         pl.run_scoped(
-            lambda *scoped: kernel(sl_ref, sr_ref, tl_ref, tr_ref, kl_ref, lss_ref, lst_ref, scoped),
+            lambda *scoped: kernel(*ins, *outs, _with_none(scoped, has_ids)),
             smem,
-            (plgpu.Barrier(num_barriers=steps), plgpu.Barrier(num_barriers=steps)),
+            (plgpu.Barrier(num_barriers=steps),) * (3 if has_ids else 2),
             (plgpu.Barrier(num_arrivals=2, num_barriers=steps),) * 2,
-            plgpu.Barrier(num_barriers=4),  # per warpgroup and side: its left block's TMA
+            plgpu.Barrier(num_barriers=6 if has_ids else 4),  # per warpgroup: its block's TMA copies
             collective_axes="wg",
         )
 
@@ -213,7 +279,7 @@ def mosaic_forward(sl, sr, tl, tr, *, scale: float, causal: bool, block_q=64, bl
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(sl, sr, tl, tr)
+    )(sl, sr, tl, tr, *((q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if has_ids else ()))
 
 
 def mosaic_backward_pipelined(
@@ -419,15 +485,34 @@ def _wgmma_add(acc, a, b_smem, dtype):
 
 
 def mosaic_backward(
-    sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
+    sl,
+    sr,
+    tl,
+    tr,
+    lse_s,
+    lse_t,
+    g,
+    q_ids=None,
+    k_ids=None,
+    *,
+    scale: float,
+    causal: bool,
+    block_q=64,
+    block_kv=64,
+    max_concurrent_steps=2,
 ):
     """(d_sl, d_sr) of sum(g * kl) given the forward's base-2 LSEs, as `relation_kl_gpu.backward`
     computes them, with causal tile skipping: d_left over query blocks (each program streams the
     key tiles up to its later block's diagonal), d_right over key blocks (each streams the query
     tiles from its earlier block's diagonal on); one output per query head, groups summed after
     the kernel. The ring is the forward's: a memory warpgroup, two compute warpgroups, a slot
-    released when both have read it (a warpgroup arrives on the steps it does not need)."""
+    released when both have read it (a warpgroup arrives on the steps it does not need).
+    q_ids / k_ids: as `mosaic_forward`'s (each program holds its own block's ids and streams the
+    other side's with the tiles)."""
     check_shapes(sl, sr, block_q, block_kv)
+    has_ids = q_ids is not None
+    ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if has_ids else ()
+    n_own = 6 if has_ids else 5  # d_left's TMA copies per warpgroup: two tiles, three rows[, ids]
     B, T, H, D = sl.shape
     Hr = sr.shape[2]
     G = H // Hr
@@ -442,8 +527,9 @@ def mosaic_backward(
     # ---- d_left: one query block per compute warpgroup, the right side streamed
     s_left = ring(n_kv, block_kv)
 
-    def dleft(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dl_ref, scoped):
-        (own2, rows2, sr_ring, tr_ring), (sr_loaded, tr_loaded), consumed, bars = scoped
+    def dleft(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dl_ref, scoped):
+        (own2, rows2, sr_ring, tr_ring, qid2, kid_ring), loaded, consumed, bars = scoped
+        sr_loaded, tr_loaded, kid_loaded = loaded
         batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair_base = lax.axis_index("q_seq") * (2 * block_q)
         kv_block = jnp.array(block_kv, jnp.int32)
@@ -455,19 +541,25 @@ def mosaic_backward(
             q_base = pair_base + wg * block_q
             own, rows = own2.at[wg], rows2.at[wg]
             at = (batch, pl.ds(q_base, block_q), head)
-            plgpu.copy_gmem_to_smem(sl_ref.at[at], own.at[0], bars.at[5 * wg])
-            plgpu.copy_gmem_to_smem(tl_ref.at[at], own.at[1], bars.at[5 * wg + 1])
+            plgpu.copy_gmem_to_smem(sl_ref.at[at], own.at[0], bars.at[n_own * wg])
+            plgpu.copy_gmem_to_smem(tl_ref.at[at], own.at[1], bars.at[n_own * wg + 1])
             for i, ref in enumerate((lss_ref, lst_ref, g_ref)):
                 plgpu.copy_gmem_to_smem(
-                    ref.at[batch, head, pl.ds(q_base, block_q)], rows.at[i], bars.at[5 * wg + 2 + i]
+                    ref.at[batch, head, pl.ds(q_base, block_q)], rows.at[i], bars.at[n_own * wg + 2 + i]
                 )
-            for i in range(5):
-                plgpu.barrier_wait(bars.at[5 * wg + i])
+            if has_ids:
+                plgpu.copy_gmem_to_smem(qid_ref.at[batch, pl.ds(q_base, block_q)], qid2.at[wg], bars.at[n_own * wg + 5])
+            for i in range(n_own):
+                plgpu.barrier_wait(bars.at[n_own * wg + i])
             load = lambda i: plgpu.load(rows.at[i], (), layout=plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
             lse_s, lse_t, g_s = load(0), load(1), load(2)
+            own_ids = _load_ids(qid2.at[wg], 0) if has_ids else None
 
             def step(kv_step, acc, masked):
                 slot = lax.rem(kv_step, jnp.array(s_left, kv_step.dtype))
+                if has_ids:
+                    plgpu.barrier_wait(kid_loaded.at[slot])
+                    key_ids = _load_ids(kid_ring.at[slot], 1)
                 plgpu.barrier_wait(sr_loaded.at[slot])
                 r_s = _tile(own.at[0], sr_ring.at[slot])
                 plgpu.barrier_wait(tr_loaded.at[slot])
@@ -475,6 +567,8 @@ def mosaic_backward(
                 if masked:
                     k0 = kv_step * block_kv
                     r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
+                if has_ids:
+                    r_s, r_t = _same_segment(r_s, own_ids, key_ids), _same_segment(r_t, own_ids, key_ids)
                 ds = _math.grad_logits(r_s, r_t, lse_s, lse_t, g_s, c, jnp.exp2, col=lambda v: _bcast(v, r_s.shape))
                 acc = _wgmma_add(acc, ds, sr_ring.at[slot], dtype)
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -486,7 +580,7 @@ def mosaic_backward(
                 kv_steps = pl.cdiv(q_base + block_q, kv_block)
                 acc = lax.fori_loop(0, n_full, functools.partial(step, masked=False), acc)
                 acc = lax.fori_loop(n_full, kv_steps, functools.partial(step, masked=True), acc)
-                _ring_skip(kv_steps, ring_steps, s_left, (sr_loaded, tr_loaded), consumed)
+                _ring_skip(kv_steps, ring_steps, s_left, [b for b in loaded if b is not None], consumed)
             else:
                 acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
             own.at[0][...] = acc.astype(dtype)
@@ -499,24 +593,30 @@ def mosaic_backward(
             plgpu.set_max_registers(40, action="decrease")
             r_head = lax.div(head, jnp.array(G, head.dtype))
             at = lambda i: (batch, pl.ds(i * block_kv, block_kv), r_head)  # noqa: E731
-            copies = (
+            copies = [
                 (lambda i: sr_ref.at[at(i)], sr_ring, sr_loaded),
                 (lambda i: tr_ref.at[at(i)], tr_ring, tr_loaded),
-            )
+            ]
+            if has_ids:
+                copies.append((lambda i: kid_ref.at[batch, pl.ds(i * block_kv, block_kv)], kid_ring, kid_loaded))
             _ring_load(ring_steps, s_left, copies, consumed)
 
     def dleft_entry(*refs):
+        ins, out = refs[:-1], refs[-1]
+        ins = ins if has_ids else (*ins, None, None)
+        ids_smem = (plgpu.SMEM((2, block_q), jnp.int32), plgpu.SMEM((s_left, block_kv), jnp.int32))
         pl.run_scoped(
-            lambda *scoped: dleft(*refs, scoped),
+            lambda smem, loaded, *rest: dleft(*ins, out, (_pad(smem, 6), _pad(loaded, 3), *rest)),
             (
                 plgpu.SMEM((2, 2, block_q, D), dtype, transforms=transforms),  # [wg, student/teacher]
                 plgpu.SMEM((2, 3, block_q), jnp.float32),  # [wg, lse_s/lse_t/g]
                 plgpu.SMEM((s_left, block_kv, D), dtype, transforms=transforms),
                 plgpu.SMEM((s_left, block_kv, D), dtype, transforms=transforms),
+                *(ids_smem if has_ids else ()),
             ),
-            (plgpu.Barrier(num_barriers=s_left), plgpu.Barrier(num_barriers=s_left)),
+            tuple(plgpu.Barrier(num_barriers=s_left) for _ in range(3 if has_ids else 2)),
             plgpu.Barrier(num_arrivals=2, num_barriers=s_left),
-            plgpu.Barrier(num_barriers=10),  # per warpgroup: its block's five TMA copies
+            plgpu.Barrier(num_barriers=2 * n_own),  # per warpgroup: its block's TMA copies
             collective_axes="wg",
         )
 
@@ -528,14 +628,14 @@ def mosaic_backward(
         num_threads=3,
         thread_name="wg",
         compiler_params=params,
-    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled)
+    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids)
 
     # ---- d_right: one key block per compute warpgroup (per query head), the left side streamed
     s_right = ring(n_q, block_q)
 
-    def dright(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dr_ref, scoped):
-        (own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring), loaded, consumed, bars = scoped
-        sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded = loaded
+    def dright(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dr_ref, scoped):
+        (own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring, kid2, qid_ring), loaded, consumed, bars = scoped
+        sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded, qid_loaded = loaded
         batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair_base = lax.axis_index("kv_seq") * (2 * block_kv)
         q_block = jnp.array(block_q, jnp.int32)
@@ -551,11 +651,20 @@ def mosaic_backward(
             at = (batch, pl.ds(k_base, block_kv), r_head)
             plgpu.copy_gmem_to_smem(sr_ref.at[at], own.at[0], bars.at[2 * wg])
             plgpu.copy_gmem_to_smem(tr_ref.at[at], own.at[1], bars.at[2 * wg + 1])
+            if has_ids:
+                plgpu.copy_gmem_to_smem(kid_ref.at[batch, pl.ds(k_base, block_kv)], kid2.at[wg], bars.at[4 + wg])
             plgpu.barrier_wait(bars.at[2 * wg])
             plgpu.barrier_wait(bars.at[2 * wg + 1])
+            own_ids = None
+            if has_ids:
+                plgpu.barrier_wait(bars.at[4 + wg])
+                own_ids = _load_ids(kid2.at[wg], 0)  # the tile's rows are keys
 
             def step(i, acc, masked):  # ring step i holds query tile q_lo + i
                 slot = lax.rem(i, jnp.array(s_right, i.dtype))
+                if has_ids:
+                    plgpu.barrier_wait(qid_loaded.at[slot])
+                    query_ids = _load_ids(qid_ring.at[slot], 1)
                 plgpu.barrier_wait(sl_loaded.at[slot])
                 rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
                 plgpu.barrier_wait(tl_loaded.at[slot])
@@ -567,6 +676,8 @@ def mosaic_backward(
                 if masked:
                     q0 = (q_lo + i) * block_q
                     rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
+                if has_ids:
+                    rt_s, rt_t = _same_segment(rt_s, own_ids, query_ids), _same_segment(rt_t, own_ids, query_ids)
                 col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
                 ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
                 acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)
@@ -577,7 +688,7 @@ def mosaic_backward(
             if causal:
                 own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
                 diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
-                _ring_skip(0, own_lo, s_right, loaded, consumed)
+                _ring_skip(0, own_lo, s_right, [b for b in loaded if b is not None], consumed)
                 acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
                 acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
             else:
@@ -592,27 +703,34 @@ def mosaic_backward(
             plgpu.set_max_registers(40, action="decrease")
             tile = lambda ref: lambda i: ref.at[batch, pl.ds((q_lo + i) * block_q, block_q), head]  # noqa: E731
             row = lambda ref: lambda i: ref.at[batch, head, pl.ds((q_lo + i) * block_q, block_q)]  # noqa: E731
-            copies = (
+            copies = [
                 (tile(sl_ref), sl_ring, sl_loaded),
                 (tile(tl_ref), tl_ring, tl_loaded),
                 (row(lss_ref), lss_ring, lss_loaded),
                 (row(lst_ref), lst_ring, lst_loaded),
                 (row(g_ref), g_ring, g_loaded),
-            )
+            ]
+            if has_ids:
+                ids_at = lambda i: (batch, pl.ds((q_lo + i) * block_q, block_q))  # noqa: E731
+                copies.append((lambda i: qid_ref.at[ids_at(i)], qid_ring, qid_loaded))
             _ring_load(ring_steps, s_right, copies, consumed)
 
     def dright_entry(*refs):
+        ins, out = refs[:-1], refs[-1]
+        ins = ins if has_ids else (*ins, None, None)
+        ids_smem = (plgpu.SMEM((2, block_kv), jnp.int32), plgpu.SMEM((s_right, block_q), jnp.int32))
         pl.run_scoped(
-            lambda *scoped: dright(*refs, scoped),
+            lambda smem, loaded, *rest: dright(*ins, out, (_pad(smem, 8), _pad(loaded, 6), *rest)),
             (
                 plgpu.SMEM((2, 2, block_kv, D), dtype, transforms=transforms),  # [wg, student/teacher]
                 plgpu.SMEM((s_right, block_q, D), dtype, transforms=transforms),
                 plgpu.SMEM((s_right, block_q, D), dtype, transforms=transforms),
                 *(plgpu.SMEM((s_right, block_q), jnp.float32) for _ in range(3)),  # lse_s, lse_t, g
+                *(ids_smem if has_ids else ()),
             ),
-            tuple(plgpu.Barrier(num_barriers=s_right) for _ in range(5)),
+            tuple(plgpu.Barrier(num_barriers=s_right) for _ in range(6 if has_ids else 5)),
             plgpu.Barrier(num_arrivals=2, num_barriers=s_right),
-            plgpu.Barrier(num_barriers=4),  # per warpgroup and side: its key block's TMA
+            plgpu.Barrier(num_barriers=6 if has_ids else 4),  # per warpgroup: its key block's TMA copies
             collective_axes="wg",
         )
 
@@ -624,7 +742,7 @@ def mosaic_backward(
         num_threads=3,
         thread_name="wg",
         compiler_params=params,
-    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled)
+    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids)
     if G > 1:  # one output per query head: sum each group (in float32)
         return d_sl, d_sr_heads.reshape(B, T, Hr, G, D).astype(jnp.float32).sum(3).astype(dtype)
     return d_sl, d_sr_heads
@@ -633,15 +751,13 @@ def mosaic_backward(
 # ---------------------------------------------- the relation_kl contract (impl "pallas_mgpu") ---
 
 
-def unsupported_reason(shape, dtype, *, has_ids: bool, interpret: bool, block_q: int, block_kv: int) -> str | None:
+def unsupported_reason(shape, dtype, *, interpret: bool, block_q: int, block_kv: int) -> str | None:
     """Why impl "pallas_mgpu" cannot take a relation_kl call of padded left-side `shape`
     [B, Tp, H, Dp] (None: it can). The Triton kernel ("pallas_gpu") takes all of these."""
     if plgpu is None:
         return "this jax has no Pallas Mosaic GPU (jax.experimental.pallas.mosaic_gpu)"
     if interpret:
         return "it has no interpret mode (Pallas' interpreter cannot run TMA copies)"
-    if has_ids:
-        return "no padding mask, segment ids or padded length yet (T a multiple of 2 x the blocks)"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"dtype {jnp.dtype(dtype).name}: it takes bfloat16 or float16"
     _, T, _, D = shape
@@ -655,16 +771,28 @@ def unsupported_reason(shape, dtype, *, has_ids: bool, interpret: bool, block_q:
 
 
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
-    """relation_kl's kernel contract (pallas_kernels/relation_kl.py): blocks cfg.blocks.block_q /
-    block_k, for the backward too. q_ids must be None (`unsupported_reason` is checked first)."""
-    assert q_ids is None and k_ids is None, "pallas_mgpu takes no ids (relation_kl checks first)"
+    """relation_kl's kernel contract (pallas_kernels/relation_kl.py), on blocks cfg.blocks.block_q x
+    block_k for the backward too (`unsupported_reason` is checked first)."""
     b = cfg.blocks
-    return mosaic_forward(sl, sr, tl, tr, scale=cfg.scale, causal=cfg.causal, block_q=b.block_q, block_kv=b.block_k)
+    return mosaic_forward(
+        sl, sr, tl, tr, q_ids, k_ids, scale=cfg.scale, causal=cfg.causal, block_q=b.block_q, block_kv=b.block_k
+    )
 
 
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
-    assert q_ids is None and k_ids is None, "pallas_mgpu takes no ids (relation_kl checks first)"
     b = cfg.blocks
     return mosaic_backward(
-        sl, sr, tl, tr, lse_s, lse_t, g, scale=cfg.scale, causal=cfg.causal, block_q=b.block_q, block_kv=b.block_k
+        sl,
+        sr,
+        tl,
+        tr,
+        lse_s,
+        lse_t,
+        g,
+        q_ids,
+        k_ids,
+        scale=cfg.scale,
+        causal=cfg.causal,
+        block_q=b.block_q,
+        block_kv=b.block_k,
     )

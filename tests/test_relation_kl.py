@@ -592,9 +592,9 @@ def test_exp2_split_is_exact(rng, dclass):
 # ------------------------------------------- Mosaic GPU forward (issue 24, in progress) ---
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal,has_ids", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("H,Hr,D", [(4, 2, 64), (2, 2, 128)])
-def test_mgpu_kernels_lower_to_mosaic_gpu(causal, H, Hr, D):
+def test_mgpu_kernels_lower_to_mosaic_gpu(causal, has_ids, H, Hr, D):
     """The Mosaic GPU forward and backward lower for "cuda" here (TMA, barriers, wgmma,
     warpgroups). Pallas' interpreter cannot run their TMA copies, so their values are checked only
     on a GPU (experiments/check_relation_kl_mgpu.py); until then relation_kl cannot reach them."""
@@ -602,17 +602,20 @@ def test_mgpu_kernels_lower_to_mosaic_gpu(causal, H, Hr, D):
 
     x = jax.ShapeDtypeStruct((1, 256, H, D), jnp.bfloat16)
     r = jax.ShapeDtypeStruct((1, 256, Hr, D), jnp.bfloat16)
-    fwd = lambda a, b, c, d: relation_kl_mgpu.mosaic_forward(a, b, c, d, scale=D**-0.5, causal=causal)  # noqa: E731
-    text = jax.jit(fwd).trace(x, r, x, r).lower(lowering_platforms=("cuda",)).as_text()
+    ids = (jax.ShapeDtypeStruct((1, 256), jnp.int32),) * 2 if has_ids else ()
+    fwd = lambda a, b, c, d, *i: relation_kl_mgpu.mosaic_forward(a, b, c, d, *i, scale=D**-0.5, causal=causal)  # noqa: E731
+    text = jax.jit(fwd).trace(x, r, x, r, *ids).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-    out = jax.eval_shape(fwd, x, r, x, r)
+    out = jax.eval_shape(fwd, x, r, x, r, *ids)
     assert [(o.shape, o.dtype) for o in out] == [((1, H, 256), jnp.float32)] * 3
     row = jax.ShapeDtypeStruct((1, H, 256), jnp.float32)
-    for backward in (relation_kl_mgpu.mosaic_backward, relation_kl_mgpu.mosaic_backward_pipelined):  # skip / emitter
+    backwards = [relation_kl_mgpu.mosaic_backward]  # tile skipping; the emitter's version takes no ids
+    backwards += [] if has_ids else [relation_kl_mgpu.mosaic_backward_pipelined]
+    for backward in backwards:
         bwd = lambda *a, f=backward: f(*a, scale=D**-0.5, causal=causal)  # noqa: E731
-        text = jax.jit(bwd).trace(x, r, x, r, row, row, row).lower(lowering_platforms=("cuda",)).as_text()
+        text = jax.jit(bwd).trace(x, r, x, r, row, row, row, *ids).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("mosaic_gpu") >= 2  # d_left and d_right
-        d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row)
+        d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row, *ids)
         assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
 
 
@@ -631,6 +634,26 @@ def test_pallas_mgpu_impl_lowers_through_relation_kl():
     assert text.count("mosaic_gpu") >= 3 and "triton" not in text.lower()
 
 
+@pytest.mark.parametrize("T,masked", [(256, True), (200, False)])  # packed rows with padding; a padded length
+def test_pallas_mgpu_impl_lowers_with_ids(T, masked):
+    """Mask, segment ids and padding reach the Mosaic GPU kernels as relation_kl's ids (key j valid
+    for row i iff the ids match); T is padded to a multiple of 2 x the blocks."""
+    x = jax.ShapeDtypeStruct((2, T, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, T, 2, 64), jnp.bfloat16)
+    kw = {}
+    if masked:
+        kw = dict(
+            mask=jnp.arange(T)[None, :] < jnp.array([[T], [T - 37]]),
+            segment_ids=(jnp.arange(T) // 90)[None].repeat(2, 0),
+        )
+
+    def loss(sl, sr, tl, tr):
+        return relation_kl(sl, sr, tl, tr, impl="pallas_mgpu", **kw).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, kv, x, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 3 and "triton" not in text.lower()
+
+
 def test_pallas_mgpu_impl_names_what_it_cannot_take():
     def bad(T=256, dtype=jnp.bfloat16, D=64, **kw):
         a, b = jnp.ones((1, T, 4, D), dtype), jnp.ones((1, T, 2, D), dtype)
@@ -638,14 +661,11 @@ def test_pallas_mgpu_impl_names_what_it_cannot_take():
             relation_kl(a, b, a, b, impl="pallas_mgpu", **kw)
         return str(e.value)
 
-    assert "segment ids" in bad(mask=jnp.ones((1, 256), bool))
-    assert "segment ids" in bad(segment_ids=jnp.zeros((1, 256), jnp.int32))
-    assert "padded length" in bad(T=200)  # padding to the blocks needs ids
     assert "bfloat16 or float16" in bad(dtype=jnp.float32)
     assert "interpret" in bad(interpret=True)
     assert "multiple of 64" in bad(D=32)
     assert "block_q x block_k" in bad(block_sizes={"block_q_dq": 128})
-    assert "pallas_gpu" in bad(T=200)  # names the kernel that can
+    assert "pallas_gpu" in bad(interpret=True)  # names the kernel that can
     b = pallas_kernels.blocks.pick_blocks(
         {"block_k": 128}, "pallas_mgpu", 4096, 256, 32
     )  # the backward follows the forward's blocks
