@@ -45,14 +45,17 @@ CASES = (
 )
 
 # Through the public API, impl "pallas_mgpu" against "pallas_gpu" (the custom_vjp, padding and
-# ids included): (B, T, H, H_right, D, causal, batch kind); kind "padded": row 1 ends 37 tokens
-# early (a key mask); "packed": documents of 900 tokens (segment ids); T 1000: a padded length
+# ids included): (B, T, H, H_right, D, causal, batch kind, pallas_mgpu's block_sizes); kind
+# "padded": odd rows end 37 tokens early (a key mask); "packed": documents of 900 tokens (segment
+# ids); T 1000: a padded length
 API_CASES = (
-    (1, 1024, 4, 2, 64, True, "plain"),
-    (2, 1000, 4, 2, 64, True, "padded"),
-    (2, 2048, 8, 8, 128, True, "packed"),
-    (1, 4096, 32, 8, 128, True, "plain"),
-    (2, 8192, 9, 3, 64, True, "packed"),
+    (1, 1024, 4, 2, 64, True, "plain", None),
+    (2, 1000, 4, 2, 64, True, "padded", None),
+    (2, 2048, 8, 8, 128, True, "packed", None),
+    (1, 4096, 32, 8, 128, True, "plain", None),
+    (2, 8192, 9, 3, 64, True, "packed", None),
+    (2, 1000, 4, 2, 64, False, "padded", None),
+    (2, 2048, 4, 2, 64, True, "packed", {"block_k": 128}),
 )
 
 
@@ -66,7 +69,7 @@ VARIANTS = (
     ("pipelined_64x64", "mosaic_backward_pipelined", 64, 64, (64, 128)),
 )
 
-ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-11 the API
+ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-13 the API
 
 
 def _median_ms(fn, args):
@@ -131,8 +134,8 @@ def run_case(case, tol):
     if T <= 2048:  # the dense definition in float64 on the host CPU (the GPU's BLAS has no float64
         # GEMM); the reference repeats the right heads for GQA
         cpu = jax.devices("cpu")[0]
-        f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
-        with jax.enable_x64(True), jax.default_device(cpu):
+        with jax.enable_x64(True), jax.default_device(cpu):  # arrays made inside, or they are float32
+            f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
             g64 = jax.device_put(np.asarray(g, np.float64), cpu)
 
             def weighted(sl, sr):  # sum(g * kl rows): its gradient is what the backward returns
@@ -204,7 +207,7 @@ def run_api_case(case, tol):
     from pallas_kernels import relation_kl
     from pallas_kernels.relation_kl_reference import relation_kl_reference
 
-    B, T, H, Hr, D, causal, kind = case
+    B, T, H, Hr, D, causal, kind, block_sizes = case
     k = jax.random.split(jax.random.PRNGKey(1), 5)
     left = lambda i: jax.random.normal(k[i], (B, T, H, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
     right = lambda i: jax.random.normal(k[i], (B, T, Hr, D), jnp.float32).astype(jnp.bfloat16)  # noqa: E731
@@ -212,14 +215,16 @@ def run_api_case(case, tol):
     g = jax.random.uniform(k[4], (B, H, T), jnp.float32)
     kw = {}
     if kind == "padded":
-        kw["mask"] = jnp.arange(T)[None, :] < jnp.array([T, T - 37])[:, None]
+        kw["mask"] = jnp.arange(T)[None, :] < (T - 37 * (jnp.arange(B) % 2))[:, None]
     if kind == "packed":
         kw["segment_ids"] = jnp.broadcast_to(jnp.arange(T) // 900, (B, T)).astype(jnp.int32)
-    row = {"case": dict(B=B, T=T, H=H, H_right=Hr, D=D, causal=causal, kind=kind), "errors": {}}
+    row = {"case": dict(B=B, T=T, H=H, H_right=Hr, D=D, causal=causal, kind=kind, blocks=block_sizes), "errors": {}}
 
     def make(impl):
+        blocks = block_sizes if impl == "pallas_mgpu" else None
+
         def loss(sl, sr, tl, tr):
-            kl = relation_kl(sl, sr, tl, tr, causal=causal, impl=impl, **kw)
+            kl = relation_kl(sl, sr, tl, tr, causal=causal, impl=impl, block_sizes=blocks, **kw)
             return jnp.sum(g * kl), kl
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -233,9 +238,9 @@ def run_api_case(case, tol):
         row["mosaic_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in (kl_m, dl_m, dr_m)]
     if T <= 2048:
         cpu = jax.devices("cpu")[0]
-        f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
-        kw64 = {n: jax.device_put(np.asarray(v), cpu) for n, v in kw.items()}
-        with jax.enable_x64(True), jax.default_device(cpu):
+        with jax.enable_x64(True), jax.default_device(cpu):  # arrays made inside, or they are float32
+            f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
+            kw64 = {n: jax.device_put(np.asarray(v), cpu) for n, v in kw.items()}
             g64 = jax.device_put(np.asarray(g, np.float64), cpu)
 
             def weighted(sl, sr):
@@ -266,7 +271,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.one_case >= 0:
         case = ALL_CASES[args.one_case]
-        row = (run_api_case if len(case) == 7 else run_case)(case, args.tol)
+        row = (run_api_case if len(case) == 8 else run_case)(case, args.tol)
         with open(args.out, "w") as f:
             json.dump(row, f)
         return row

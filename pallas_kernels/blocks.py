@@ -8,15 +8,17 @@ Padding (done once in `relation_kl.relation_kl`, before dispatch):
     two and `tl.dot` needs >= 16; zero columns add nothing to a dot product).
     The TPU backend widens it further to `lane_dim(Dp)`, a multiple of 128
     lanes, inside its own wrapper (its inputs are viewed as [B, T, H * Dq]).
-  * T -> `padded_length(T, blocks)`: a multiple of the largest block; padded
-    rows and keys carry ids that mask them.
+  * T -> `padded_length(T, blocks, impl)`: a multiple of the largest block
+    ("pallas_mgpu": of twice it, a block per compute warpgroup); padded rows
+    and keys carry ids that mask them.
 
 Blocks (`pick_blocks`):
   * defaults per impl: `default_blocks` (GPU: `GPU_TILE_TABLE`, keyed by the
     head-dim class and the grid-size class of the call, shrunk for rows wider
     than 256 bytes; "xla": 512 chunks; TPU: 128, untuned);
   * a dict overrides fields of the defaults, a BlockSizes replaces them;
-  * clamped to T: no block larger than max(MIN_BLOCK, next_pow2(T));
+  * clamped to T: no block larger than max(MIN_BLOCK, next_pow2(T)) ("pallas_mgpu":
+    max(64, ...), padding covers the rest);
   * every block a power of two;
   * "pallas_gpu": every block >= 16 (`tl.dot` minimum);
   * "pallas_mgpu": every block >= 64 (wgmma tiles), one block_q x block_k for
@@ -214,7 +216,7 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
     else:
         base = block_sizes
     # Short sequences: no tile larger than T rounded up to a power of two.
-    cap = max(MIN_BLOCK, next_pow2(T))
+    cap = max(MGPU_MIN_BLOCK if impl == "pallas_mgpu" else MIN_BLOCK, next_pow2(T))
     blocks = dataclasses.replace(base, **{f: min(getattr(base, f), cap) for f in BLOCK_FIELDS})
     for b in blocks.all_blocks():
         if b <= 0 or b & (b - 1):

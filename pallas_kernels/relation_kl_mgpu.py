@@ -25,8 +25,9 @@ Per program (grid: heads x query-block pairs x batch), three warpgroups:
 With causal masking the later query block needs more key steps; the earlier warpgroup keeps
 arriving on the consumed barriers of the steps it skips so the ring keeps moving.
 
-Limits (callers check; the Triton kernel covers the rest): bf16/f16 inputs, head dim a multiple
-of 64, T a multiple of 2 * block_q and 2 * block_kv, no padding mask or segment ids yet.
+Limits (`unsupported_reason`; the Triton kernel covers the rest): bf16/f16 inputs, head dim a
+multiple of 64 whose tiles fit in shared memory (64 and 128), T a multiple of 2 * block_q and
+2 * block_kv (relation_kl pads; padding, key masks and segment ids arrive as ids).
 """
 
 from __future__ import annotations
@@ -88,12 +89,13 @@ def _causal_mask(r, row0, col0, transposed=False):
     return jnp.where(cols >= rows if transposed else rows >= cols, r, -jnp.inf)
 
 
-def _same_segment(r, row_ids, col_ids):
-    """-inf where a tile's row and column ids differ (relation_kl's key mask and segments: key j is
-    valid for row i iff q_ids[i] == k_ids[j]). row_ids: [rows] (WGMMA row layout), col_ids: [cols]."""
-    rows = lax.broadcast_in_dim(row_ids, r.shape, [0])
-    cols = lax.broadcast_in_dim(col_ids, r.shape, [1])
-    return jnp.where(rows == cols, r, -jnp.inf)
+def _same_segment(tiles, row_ids, col_ids):
+    """The tiles with -inf where their row and column ids differ (relation_kl's key mask and
+    segments: key j is valid for row i iff q_ids[i] == k_ids[j]). row_ids: [rows] (WGMMA row
+    layout), col_ids: [cols]; one mask for all the tiles."""
+    shape = tiles[0].shape
+    same = lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
+    return tuple(jnp.where(same, r, -jnp.inf) for r in tiles)
 
 
 def _pad(refs, n):
@@ -193,7 +195,7 @@ def mosaic_forward(
                     k0 = kv_step * block_kv
                     r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
                 if has_ids:
-                    r_s, r_t = _same_segment(r_s, own_ids, key_ids), _same_segment(r_t, own_ids, key_ids)
+                    r_s, r_t = _same_segment((r_s, r_t), own_ids, key_ids)
                 return _math.online_update(
                     stats, r_s, r_t, diff, c, jnp.exp2, col=functools.partial(_bcast, shape=r_s.shape)
                 )
@@ -568,7 +570,7 @@ def mosaic_backward(
                     k0 = kv_step * block_kv
                     r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
                 if has_ids:
-                    r_s, r_t = _same_segment(r_s, own_ids, key_ids), _same_segment(r_t, own_ids, key_ids)
+                    r_s, r_t = _same_segment((r_s, r_t), own_ids, key_ids)
                 ds = _math.grad_logits(r_s, r_t, lse_s, lse_t, g_s, c, jnp.exp2, col=lambda v: _bcast(v, r_s.shape))
                 acc = _wgmma_add(acc, ds, sr_ring.at[slot], dtype)
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -677,7 +679,7 @@ def mosaic_backward(
                     q0 = (q_lo + i) * block_q
                     rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
                 if has_ids:
-                    rt_s, rt_t = _same_segment(rt_s, own_ids, query_ids), _same_segment(rt_t, own_ids, query_ids)
+                    rt_s, rt_t = _same_segment((rt_s, rt_t), own_ids, query_ids)
                 col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
                 ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
                 acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)
@@ -767,7 +769,22 @@ def unsupported_reason(shape, dtype, *, interpret: bool, block_q: int, block_kv:
         return f"blocks ({block_q}, {block_kv}) must be multiples of {MIN_BLOCK}"
     if T % (2 * block_q) or T % (2 * block_kv):
         return f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_k = {2 * block_kv}"
+    need = smem_bytes(D, block_q, block_kv, jnp.dtype(dtype).itemsize)
+    if need > SMEM_BYTES:
+        return f"head dim {D} with blocks ({block_q}, {block_kv}) needs ~{need} bytes of shared memory > {SMEM_BYTES}"
     return None
+
+
+SMEM_BYTES = 232448 - 4096  # Hopper's 227 KiB per block, less room for the barriers
+
+
+def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: int = 2) -> int:
+    """Shared memory of the largest of the three kernels (own tiles of both warpgroups, the ring's
+    tiles and rows; ids at most 2 KiB more), as allocated above."""
+    fwd = 2 * 2 * block_q * D * itemsize + 2 * steps * block_kv * D * itemsize + 2 * 3 * block_q * 4
+    d_left = fwd + steps * block_kv * 4
+    d_right = 2 * 2 * block_kv * D * itemsize + 2 * steps * block_q * D * itemsize + 3 * steps * block_q * 4
+    return max(fwd, d_left, d_right) + 2048
 
 
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):

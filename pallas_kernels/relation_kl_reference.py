@@ -25,8 +25,9 @@ def valid_pairs(B, T, *, mask=None, segment_ids=None, causal=True):
 def _log_softmax_rows(left, right, valid, scale):
     H, Hr = left.shape[2], right.shape[2]
     right = jnp.repeat(right, H // Hr, axis=2)
+    acc = jnp.promote_types(left.dtype, jnp.float32)  # float32, or float64 for float64 inputs
     logits = scale * jnp.einsum(
-        "bihd,bjhd->bhij", left, right, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+        "bihd,bjhd->bhij", left, right, preferred_element_type=acc, precision=jax.lax.Precision.HIGHEST
     )
     # A finite fill keeps fully masked rows NaN-free; they are zeroed below.
     logits = jnp.where(valid, logits, -1e30)

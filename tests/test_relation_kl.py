@@ -596,8 +596,8 @@ def test_exp2_split_is_exact(rng, dclass):
 @pytest.mark.parametrize("H,Hr,D", [(4, 2, 64), (2, 2, 128)])
 def test_mgpu_kernels_lower_to_mosaic_gpu(causal, has_ids, H, Hr, D):
     """The Mosaic GPU forward and backward lower for "cuda" here (TMA, barriers, wgmma,
-    warpgroups). Pallas' interpreter cannot run their TMA copies, so their values are checked only
-    on a GPU (experiments/check_relation_kl_mgpu.py); until then relation_kl cannot reach them."""
+    warpgroups), with and without ids. Pallas' interpreter cannot run their TMA copies, so their
+    values are checked only on a GPU (experiments/check_relation_kl_mgpu.py)."""
     from pallas_kernels import relation_kl_mgpu
 
     x = jax.ShapeDtypeStruct((1, 256, H, D), jnp.bfloat16)
@@ -634,7 +634,7 @@ def test_pallas_mgpu_impl_lowers_through_relation_kl():
     assert text.count("mosaic_gpu") >= 3 and "triton" not in text.lower()
 
 
-@pytest.mark.parametrize("T,masked", [(256, True), (200, False)])  # packed rows with padding; a padded length
+@pytest.mark.parametrize("T,masked", [(256, True), (200, False), (20, False)])  # packed + padding; padded lengths
 def test_pallas_mgpu_impl_lowers_with_ids(T, masked):
     """Mask, segment ids and padding reach the Mosaic GPU kernels as relation_kl's ids (key j valid
     for row i iff the ids match); T is padded to a multiple of 2 x the blocks."""
@@ -664,6 +664,8 @@ def test_pallas_mgpu_impl_names_what_it_cannot_take():
     assert "bfloat16 or float16" in bad(dtype=jnp.float32)
     assert "interpret" in bad(interpret=True)
     assert "multiple of 64" in bad(D=32)
+    assert "shared memory" in bad(D=256)
+    assert "shared memory" in bad(D=128, block_sizes={"block_q": 128, "block_k": 128})
     assert "block_q x block_k" in bad(block_sizes={"block_q_dq": 128})
     assert "pallas_gpu" in bad(interpret=True)  # names the kernel that can
     b = pallas_kernels.blocks.pick_blocks(
