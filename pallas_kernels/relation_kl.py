@@ -15,7 +15,8 @@ layer's Q/K/V, as one launch. One module per impl, all named relation_kl_<impl>.
     "pallas_tpu"  relation_kl_tpu.py        Pallas -> Mosaic (TPUs)
     "xla"         relation_kl_xla.py        chunked pure JAX, linear memory
     "reference"   relation_kl_reference.py  dense [T, T], tests and baselines
-    "auto"        pallas_gpu on GPU, pallas_tpu on TPU, xla elsewhere
+    "auto"        pallas_gpu on GPU (pallas_mgpu on Hopper at head dim 128 once
+                  AUTO_PICKS_MGPU is set), pallas_tpu on TPU, xla elsewhere
 
 Shared by the kernels: `blocks.py` (BlockSizes, defaults, padding and tile
 rules of every backend), `_math.py` (online-softmax / KL tile math) and
@@ -90,11 +91,29 @@ def _impl_module(impl: str):
     return importlib.import_module(_KERNEL_MODULES[impl])
 
 
-def _resolve_impl(impl: str) -> str:
+# "auto" on Hopper (compute capability 9.x) with bf16/f16 inputs and head dim 128 picks the Mosaic
+# GPU kernel once this is True: its kernels are exact and faster than the Triton ones there
+# (docs/kernel_notes.md), but relation_kl's ids path and a full training step with it have not run
+# on a GPU yet (docs/gpu_runbook.md, session A). Head dim 64 stays on Triton (faster there).
+AUTO_PICKS_MGPU = False
+_MGPU_HEAD_DIMS = (128,)
+
+
+def _is_hopper(device) -> bool:
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def _resolve_impl(impl: str, dtype=None, head_dim: int | None = None, device=None) -> str:
+    """The impl "auto" stands for on this backend (dtype / padded head dim: the call's, when known;
+    device: the first device unless given)."""
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = jax.default_backend() if device is None else device.platform
     if backend == "gpu":
+        mgpu_shape = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        mgpu_shape = mgpu_shape and head_dim in _MGPU_HEAD_DIMS
+        if AUTO_PICKS_MGPU and mgpu_shape and _is_hopper(device or jax.devices()[0]):
+            return "pallas_mgpu"
         return "pallas_gpu"
     if backend == "tpu":
         return "pallas_tpu"
@@ -167,7 +186,7 @@ def relation_kl(
     _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale, impl, block_sizes)
     B, T, H, D = s_left.shape
     scale = float(D**-0.5 if scale is None else scale)
-    impl = _resolve_impl(impl)
+    impl = _resolve_impl(impl, s_left.dtype, _blocks.padded_head_dim(D))
     t_left = jax.lax.stop_gradient(t_left)
     t_right = jax.lax.stop_gradient(t_right)
     if impl == "reference":
@@ -274,9 +293,9 @@ def relation_kl_multi(
     buckets: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
         buckets.setdefault((g[0].shape[3], jnp.dtype(g[0].dtype)), []).append(i)
-    resolved = _resolve_impl(impl)
     out = [None] * len(groups)
     for (D, dtype), idx in buckets.items():
+        resolved = _resolve_impl(impl, dtype, _blocks.padded_head_dim(D))
         row_bytes = _blocks.padded_head_dim(D) * dtype.itemsize
         one = _blocks.merge_relations(resolved, row_bytes) if merge is None else bool(merge)
         if len(idx) == 1 or not one:

@@ -674,6 +674,23 @@ def test_pallas_mgpu_impl_names_what_it_cannot_take():
     assert (b.block_q, b.block_k, b.block_q_dq, b.block_k_dq, b.block_q_dk, b.block_k_dk) == (64, 128) * 3
 
 
+def test_auto_picks_the_mosaic_kernel_only_on_hopper_at_head_dim_128_once_enabled(monkeypatch):
+    import importlib
+    from types import SimpleNamespace
+
+    rkl = importlib.import_module("pallas_kernels.relation_kl")  # the module (the package exports the function)
+
+    h200 = SimpleNamespace(platform="gpu", compute_capability="9.0")
+    a100 = SimpleNamespace(platform="gpu", compute_capability="8.0")
+    pick = lambda dtype=jnp.bfloat16, D=128, device=h200: rkl._resolve_impl("auto", dtype, D, device)  # noqa: E731
+    assert pick() == "pallas_gpu"  # off until a GPU session has run relation_kl with it
+    monkeypatch.setattr(rkl, "AUTO_PICKS_MGPU", True)
+    assert pick() == "pallas_mgpu"
+    assert pick(D=64) == pick(dtype=jnp.float32) == pick(device=a100) == "pallas_gpu"
+    assert pick(device=SimpleNamespace(platform="cpu")) == "xla"
+    assert rkl._resolve_impl("pallas_gpu", jnp.bfloat16, 128, h200) == "pallas_gpu"  # explicit stays
+
+
 def test_mgpu_forward_names_what_it_cannot_take():
     from pallas_kernels import relation_kl_mgpu
 
