@@ -192,10 +192,16 @@ def tune(T):
         log(f"tune fwd+bwd {(qq, kq, qk, kk, w, s)}: {ms:.3f} ms {6 * T * T * D * H / ms / 1e9:.0f} TF/s")
         if ms < best_ms:
             best_bwd, best_ms = blocks, ms
-    if best_bwd is not None:  # A/B: the same tiles with libdevice exp2f, and with the teacher's on the FMA pipes
+    if best_bwd is not None:  # A/B: the same tiles with libdevice exp2f, the teacher's exps on the FMA pipes, fused bwd
         slow = dataclasses.replace(best_bwd, fast_exp2=False)
         split = dataclasses.replace(best_bwd, exp2_split=True)
-        variants = (("ex2.approx.ftz", best_bwd), ("libdevice exp2f", slow), ("ftz + teacher exp2_poly", split))
+        fused = dataclasses.replace(best_bwd, fused_bwd=True)  # one backward kernel, d_left by atomic adds
+        variants = (
+            ("ex2.approx.ftz", best_bwd),
+            ("libdevice exp2f", slow),
+            ("ftz + teacher exp2_poly", split),
+            ("ftz + fused backward", fused),
+        )
         for kind, fn, flops in (("fwd", fwd_fn, 2), ("fwd+bwd", fwdbwd_fn, 6)):
             ms = {}
             for name, b in variants:

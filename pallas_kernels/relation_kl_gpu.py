@@ -40,8 +40,9 @@ try:  # jax >= 0.4.36 names it CompilerParams; older: TritonCompilerParams.
 
     _CompilerParams = getattr(_plgpu, "CompilerParams", None) or _plgpu.TritonCompilerParams
     _inline_asm = getattr(_plgpu, "elementwise_inline_asm", None)
+    _atomic_add = getattr(_plgpu, "atomic_add", None)
 except ImportError:  # pragma: no cover - very old jax
-    _CompilerParams = _inline_asm = None
+    _CompilerParams = _inline_asm = _atomic_add = None
 
 
 def _exp2_ftz(x):
@@ -196,6 +197,46 @@ def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_
     dr_ref[...] = acc.astype(dr_ref.dtype)
 
 
+def _dfused_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t):
+    """d_right's loop (one key block, the query tiles from its diagonal on) that also adds each
+    tile's d_left share, ds . s_right, into the float32 d_left by atomic adds: each tile's logits
+    and exponentials once for both gradients, where the two kernels compute them twice."""
+    ins, (dl_ref, dr_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
+    (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref, _), _ = _unpack(
+        ins, 10 if has_ids else 8, has_ids
+    )
+    j = pl.program_id(0)
+    sr, tr = sr_ref[...], tr_ref[...]
+    cols = j * bk + jnp.arange(bk)
+    k_ids = kid_ref[...] if has_ids else None
+
+    def body(i, acc, masked):
+        q0 = pl.multiple_of(i * bq, bq)
+        rows_ds = pl.ds(q0, bq)
+        sl = sl_ref[rows_ds, :]
+        u_s = _dot(sl, sr)
+        u_t = _dot(tl_ref[rows_ds, :], tr)
+        if masked:
+            q_ids = qid_ref[rows_ds] if has_ids else None
+            u_s, u_t = _masked(u_s, u_t, q0 + jnp.arange(bq), cols, q_ids, k_ids, causal)
+        ds = _math.grad_logits(
+            u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds], g_ref[rows_ds] * scale, c, exp2, exp2_t=exp2_t
+        ).astype(sl.dtype)
+        _atomic_add(dl_ref, (rows_ds, slice(None)), _dot(ds, sr, contract=(1, 0)))
+        return acc + _dot(ds, sl, contract=(0, 0))
+
+    acc = jnp.zeros(sr.shape, jnp.float32)
+    if not causal:
+        acc = lax.fori_loop(0, nq, functools.partial(body, masked=has_ids), acc)
+    elif has_ids:
+        acc = lax.fori_loop(lax.div(j * bk, bq), nq, functools.partial(body, masked=True), acc)
+    else:
+        n_diag = lax.div((j + 1) * bk + bq - 1, bq)
+        acc = lax.fori_loop(lax.div(j * bk, bq), n_diag, functools.partial(body, masked=True), acc)
+        acc = lax.fori_loop(n_diag, nq, functools.partial(body, masked=False), acc)
+    dr_ref[...] = acc.astype(dr_ref.dtype)
+
+
 def _specs(B, Tp, H, Hr, Dp, n_tiles, blk, tiled_side, has_ids, reverse):
     """BlockSpecs for (sl, sr, tl, tr[, q_ids, k_ids]); `tiled_side` is 'left' or
     'right': that side is cut into [blk, Dp] tiles along the grid, the other side
@@ -269,6 +310,8 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     params = _compiler_params(bl.num_warps_bwd, bl.num_stages_bwd)
     args = (sl, sr, tl, tr, *ids, lse_s, lse_t, g)
     shapes = dict(B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args)
+    if bl.fused_bwd:
+        return _fused_backward(args, common, params, shapes, cfg, has_ids)
 
     bq, bk = bl.block_q_dq, bl.block_k_dq
     nq, nk = Tp // bq, Tp // bk
@@ -305,3 +348,38 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     if G > 1:
         d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
     return d_sl, d_sr
+
+
+def _fused_backward(args, common, params, shapes, cfg, has_ids):
+    """`BlockSizes(fused_bwd=True)`: one kernel over key blocks (d_right's grid and tiles,
+    block_q_dk x block_k_dk) writes d_right and adds into a zero-initialised float32 d_left by
+    atomic adds. Not deterministic to the last bit (the order of the adds varies on a GPU)."""
+    if _atomic_add is None:  # pragma: no cover - a jax without Pallas Triton atomics
+        raise ValueError("BlockSizes(fused_bwd=True) needs jax.experimental.pallas.triton.atomic_add")
+    sl, sr = args[0], args[1]
+    B, Tp, H, Dp = sl.shape
+    Hr = sr.shape[2]
+    G = H // Hr
+    bl = cfg.blocks
+    bq, bk = bl.block_q_dk, bl.block_k_dk
+    nq, nk = Tp // bq, Tp // bk
+    row_all = pl.BlockSpec((None, None, Tp), lambda p, b, h: (b, h, 0))
+    whole_left = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h, 0))  # every program adds into it
+    d_left = jax.ShapeDtypeStruct((B, Tp, H, Dp), jnp.float32)
+    d_right = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
+    n_in = len(args) + 1
+    d_sl, d_sr = pl.pallas_call(
+        functools.partial(_dfused_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
+        grid=(nk, B, H),
+        in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False) + [row_all] * 3 + [whole_left],
+        out_specs=[whole_left, pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0))],
+        out_shape=[d_left, d_right],
+        input_output_aliases={n_in - 1: 0},  # the zeros d_left starts from
+        compiler_params=params,
+        cost_estimate=cost.estimate("dright", outputs=[d_left, d_right], **shapes),
+        interpret=cfg.interpret,
+        name="relation_kl_dfused",
+    )(*args, jnp.zeros(d_left.shape, d_left.dtype))
+    if G > 1:
+        d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
+    return d_sl.astype(sl.dtype), d_sr
