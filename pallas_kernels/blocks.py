@@ -121,7 +121,8 @@ XLA_BLOCKS = BlockSizes(**{f: 512 for f in BLOCK_FIELDS})
 TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 # "pallas_mgpu": one block_q x block_k for the forward and both backward kernels (each a pair of
 # 64-row blocks, one per compute warpgroup); 64 x 64 was the fastest of the two measured on an
-# H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json: 64 x 128 is 1.5x slower there).
+# H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json, _16k.json: 64 x 128 took 2.05x /
+# 1.47x / 1.34x its time at T 2048 / 4096 / 16384).
 MGPU_MIN_BLOCK = 64
 MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS})
 

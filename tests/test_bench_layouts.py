@@ -122,3 +122,13 @@ def test_variants_are_checked_before_anything_runs():
             assert says in str(e), (bad, e)
         else:
             raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_scan_memory_cpu_compares_every_variant(tmp_path):
+    from experiments import scan_memory_cpu
+
+    out = scan_memory_cpu.main(["--seq_len", "64", "--layers", "3", "--out", str(tmp_path / "m.json")])
+    rows = {(r["layout"], r["fused"], r["remat"]): r for r in out["rows"]}
+    assert set(rows) == set(scan_memory_cpu.VARIANTS)
+    assert all(0 < r["temp_gib"] <= r["compiled_gib"] for r in rows.values())
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == out["rows"]
