@@ -160,51 +160,16 @@ def _dleft_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t
     dl_ref[...] = acc.astype(dl_ref.dtype)
 
 
-def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t):
-    (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref), (dr_ref,) = _unpack(
-        refs, 9 if has_ids else 7, has_ids
-    )
-    j = pl.program_id(0)
-    sr, tr = sr_ref[...], tr_ref[...]
-    cols = j * bk + jnp.arange(bk)
-    k_ids = kid_ref[...] if has_ids else None
-
-    def body(i, acc, masked):
-        q0 = pl.multiple_of(i * bq, bq)
-        rows_ds = pl.ds(q0, bq)
-        sl = sl_ref[rows_ds, :]
-        u_s = _dot(sl, sr)
-        u_t = _dot(tl_ref[rows_ds, :], tr)
-        if masked:
-            q_ids = qid_ref[rows_ds] if has_ids else None
-            u_s, u_t = _masked(u_s, u_t, q0 + jnp.arange(bq), cols, q_ids, k_ids, causal)
-        ds = _math.grad_logits(
-            u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds], g_ref[rows_ds] * scale, c, exp2, exp2_t=exp2_t
-        )
-        return acc + _dot(ds.astype(sl.dtype), sl, contract=(0, 0))
-
-    acc = jnp.zeros(sr.shape, jnp.float32)
-    if not causal:
-        acc = lax.fori_loop(0, nq, functools.partial(body, masked=has_ids), acc)
-    elif has_ids:
-        acc = lax.fori_loop(lax.div(j * bk, bq), nq, functools.partial(body, masked=True), acc)
-    else:
-        # Query blocks from the diagonal: masked until the first block whose first
-        # row is past this key block's last column, unmasked after it.
-        n_diag = lax.div((j + 1) * bk + bq - 1, bq)
-        acc = lax.fori_loop(lax.div(j * bk, bq), n_diag, functools.partial(body, masked=True), acc)
-        acc = lax.fori_loop(n_diag, nq, functools.partial(body, masked=False), acc)
-    dr_ref[...] = acc.astype(dr_ref.dtype)
-
-
-def _dfused_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t):
-    """d_right's loop (one key block, the query tiles from its diagonal on) that also adds each
-    tile's d_left share, ds . s_right, into the float32 d_left by atomic adds: each tile's logits
-    and exponentials once for both gradients, where the two kernels compute them twice."""
-    ins, (dl_ref, dr_ref) = refs[: len(refs) - 2], refs[len(refs) - 2 :]
-    (sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref, _), _ = _unpack(
-        ins, 10 if has_ids else 8, has_ids
-    )
+def _dright_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_t, fused=False):
+    """d_right over one key block (the query tiles from its diagonal on). `fused`: also add each
+    tile's d_left share, ds . s_right, into the float32 d_left by atomic adds (refs then end with
+    the zeros it starts from and the outputs d_left, d_right): each tile's logits and
+    exponentials once for both gradients, where the two kernels compute them twice."""
+    n_out = 2 if fused else 1
+    n_in = (9 if has_ids else 7) + int(fused)
+    ins, outs = _unpack(refs, n_in, has_ids)
+    sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, lss_ref, lst_ref, g_ref = ins[:9]
+    dl_ref, dr_ref = (None, *outs) if n_out == 1 else outs
     j = pl.program_id(0)
     sr, tr = sr_ref[...], tr_ref[...]
     cols = j * bk + jnp.arange(bk)
@@ -222,7 +187,8 @@ def _dfused_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_
         ds = _math.grad_logits(
             u_s, u_t, lss_ref[rows_ds], lst_ref[rows_ds], g_ref[rows_ds] * scale, c, exp2, exp2_t=exp2_t
         ).astype(sl.dtype)
-        _atomic_add(dl_ref, (rows_ds, slice(None)), _dot(ds, sr, contract=(1, 0)))
+        if dl_ref is not None:
+            _atomic_add(dl_ref, (rows_ds, slice(None)), _dot(ds, sr, contract=(1, 0)))
         return acc + _dot(ds, sl, contract=(0, 0))
 
     acc = jnp.zeros(sr.shape, jnp.float32)
@@ -231,6 +197,8 @@ def _dfused_kernel(*refs, c, scale, causal, bq, bk, nq, nk, has_ids, exp2, exp2_
     elif has_ids:
         acc = lax.fori_loop(lax.div(j * bk, bq), nq, functools.partial(body, masked=True), acc)
     else:
+        # Query blocks from the diagonal: masked until the first block whose first
+        # row is past this key block's last column, unmasked after it.
         n_diag = lax.div((j + 1) * bk + bq - 1, bq)
         acc = lax.fori_loop(lax.div(j * bk, bq), n_diag, functools.partial(body, masked=True), acc)
         acc = lax.fori_loop(n_diag, nq, functools.partial(body, masked=False), acc)
@@ -369,7 +337,7 @@ def _fused_backward(args, common, params, shapes, cfg, has_ids):
     d_right = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
     n_in = len(args) + 1
     d_sl, d_sr = pl.pallas_call(
-        functools.partial(_dfused_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
+        functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, fused=True, **common),
         grid=(nk, B, H),
         in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False) + [row_all] * 3 + [whole_left],
         out_specs=[whole_left, pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0))],
