@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -74,6 +75,7 @@ def main(argv=None):
         "jax": jax.__version__,
         "shape": shape,
         "seq_len": args.seq_len,
+        "command": "python -m experiments.scan_memory_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
     }
     if args.out:
