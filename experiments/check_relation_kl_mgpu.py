@@ -307,9 +307,61 @@ def main(argv=None):
             n: {"ok": v["ok"], "ms": v["ms"], "errors": list(v["errors"])} for n, v in row.get("variants", {}).items()
         }
         print(json.dumps(brief), flush=True)
+        out["summary"] = summarize(out["rows"])
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
+    print_summary(out["summary"])
     return out
+
+
+def summarize(rows) -> list[dict]:
+    """One line per case: ok, the Triton / cuDNN / fastest Mosaic forward + backward (ms) and the
+    Mosaic time as a ratio of each (the issue's targets: <= 1.15x cuDNN at D 128, 1.3x at D 64)."""
+    lines = []
+    for row in rows:
+        case, ms = row.get("case"), row.get("ms") or {}
+        line = {"case": case, "ok": row.get("ok", False)}
+        mosaic = {n: v["ms"].get("fwd_bwd") for n, v in row.get("variants", {}).items() if v.get("ok")}
+        mosaic = {n: t for n, t in mosaic.items() if isinstance(t, float)}
+        if "mosaic_fwd_bwd" in ms:  # an API case: relation_kl("pallas_mgpu")
+            mosaic["relation_kl"] = ms["mosaic_fwd_bwd"]
+        triton = ms.get("triton_fwd_bwd")
+        cudnn = ms.get("cudnn_attention_fwd_bwd")
+        if mosaic:
+            best = min(mosaic, key=mosaic.get)
+            line.update(best=best, mosaic_ms=mosaic[best])
+            if isinstance(triton, float):
+                line["vs_triton"] = mosaic[best] / triton
+            if isinstance(cudnn, float):
+                line["vs_cudnn"] = mosaic[best] / cudnn
+        line.update(triton_ms=triton, cudnn_ms=cudnn)
+        lines.append(line)
+    return lines
+
+
+def _case_name(case) -> str:
+    """B2 T8192 H9/3 D64 causal[ packed][ blocks]: a case (dict from a row, or an ALL_CASES tuple)."""
+    if isinstance(case, dict):
+        keys = ("B", "T", "H", "H_right", "D", "causal", "kind", "blocks")
+        case = tuple(case.get(k) for k in keys)
+    B, T, H, Hr, D, causal, *rest = list(case) + [None, None]
+    name = f"B{B} T{T} H{H}/{Hr} D{D} {'causal' if causal else 'full'}"
+    kind, blocks = rest[0], rest[1]
+    return name + (f" {kind}" if kind else "") + (f" {blocks}" if blocks else "")
+
+
+def print_summary(lines) -> None:
+    fmt = lambda v, f: format(v, f) if isinstance(v, float) else "-".rjust(int(f.split(".")[0]))  # noqa: E731
+    print(
+        f"\n{'case':44} {'ok':>5} {'best Mosaic':>16} {'ms':>8} {'Triton':>8} {'cuDNN':>8} {'/Triton':>7} {'/cuDNN':>7}"
+    )
+    for ln in lines:
+        print(
+            f"{_case_name(ln['case']):48} {str(ln['ok']):>5} {ln.get('best', '-'):>16} "
+            f"{fmt(ln.get('mosaic_ms'), '8.3f')} "
+            f"{fmt(ln.get('triton_ms'), '8.3f')} {fmt(ln.get('cudnn_ms'), '8.3f')} "
+            f"{fmt(ln.get('vs_triton'), '7.2f')} {fmt(ln.get('vs_cudnn'), '7.2f')}"
+        )
 
 
 if __name__ == "__main__":

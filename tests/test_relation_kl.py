@@ -741,3 +741,30 @@ def test_mgpu_forward_names_what_it_cannot_take():
     relation_kl_mgpu.check_shapes(
         jnp.zeros((1, 256, 4, 64), jnp.bfloat16), jnp.zeros((1, 256, 2, 64), jnp.bfloat16), 64, 64
     )
+
+
+def test_mgpu_check_summary_picks_the_fastest_exact_variant(capsys):
+    """The device check's summary (experiments/check_relation_kl_mgpu.py): per case the fastest
+    Mosaic variant that passed, as a ratio of the Triton and cuDNN times; failed variants and
+    failed cases are left out of the ratios, not hidden."""
+    from experiments import check_relation_kl_mgpu as check
+
+    rows = [
+        {
+            "case": {"B": 1, "T": 4096, "H": 32, "H_right": 8, "D": 128, "causal": True},
+            "ok": False,
+            "ms": {"triton_fwd_bwd": 1.5, "cudnn_attention_fwd_bwd": 1.2},
+            "variants": {
+                "a": {"ok": True, "ms": {"fwd_bwd": 1.35}},
+                "b": {"ok": False, "ms": {"fwd_bwd": 0.5}},  # faster but wrong: not counted
+            },
+        },
+        {"case": [2, 1000, 4, 2, 64, True, "padded", None], "returncode": 1},
+    ]
+    lines = check.summarize(rows)
+    assert lines[0]["best"] == "a" and lines[0]["vs_triton"] == pytest.approx(0.9)
+    assert lines[0]["vs_cudnn"] == pytest.approx(1.125) and lines[0]["ok"] is False
+    assert "best" not in lines[1] and lines[1]["ok"] is False
+    check.print_summary(lines)
+    printed = capsys.readouterr().out
+    assert "B1 T4096 H32/8 D128 causal" in printed and "B2 T1000 H4/2 D64 causal padded" in printed
