@@ -28,7 +28,7 @@ import math
 import numpy as np
 from jax.experimental import pallas as pl
 
-MATMULS = {"fwd": 2, "dleft": 3, "dright": 3}
+MATMULS = {"fwd": 2, "dleft": 3, "dright": 3, "dfused": 4}  # dfused: BlockSizes(fused_bwd=True)
 EXP2_PER_PAIR = 2
 
 

@@ -103,15 +103,18 @@ def _is_hopper(device) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-def _resolve_impl(impl: str, dtype=None, head_dim: int | None = None, device=None) -> str:
-    """The impl "auto" stands for on this backend (dtype / padded head dim: the call's, when known;
-    device: the first device unless given)."""
+def _resolve_impl(
+    impl: str, dtype=None, head_dim: int | None = None, device=None, *, interpret=False, block_sizes=None
+) -> str:
+    """The impl "auto" stands for on this backend (dtype / head dim: the call's, when known; device:
+    the first device unless given). A call in interpret mode or with its own block sizes (tuned for
+    the Triton kernel) keeps "pallas_gpu" rather than fail in the Mosaic GPU kernel's checks."""
     if impl != "auto":
         return impl
     backend = jax.default_backend() if device is None else device.platform
     if backend == "gpu":
         mgpu_shape = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        mgpu_shape = mgpu_shape and head_dim in _MGPU_HEAD_DIMS
+        mgpu_shape = mgpu_shape and head_dim in _MGPU_HEAD_DIMS and not interpret and block_sizes is None
         if AUTO_PICKS_MGPU and mgpu_shape and _is_hopper(device or jax.devices()[0]):
             return "pallas_mgpu"
         return "pallas_gpu"
@@ -186,7 +189,7 @@ def relation_kl(
     _validate(s_left, s_right, t_left, t_right, mask, segment_ids, causal, scale, impl, block_sizes)
     B, T, H, D = s_left.shape
     scale = float(D**-0.5 if scale is None else scale)
-    impl = _resolve_impl(impl, s_left.dtype, _blocks.padded_head_dim(D))
+    impl = _resolve_impl(impl, s_left.dtype, D, interpret=interpret, block_sizes=block_sizes)
     t_left = jax.lax.stop_gradient(t_left)
     t_right = jax.lax.stop_gradient(t_right)
     if impl == "reference":
@@ -295,7 +298,7 @@ def relation_kl_multi(
         buckets.setdefault((g[0].shape[3], jnp.dtype(g[0].dtype)), []).append(i)
     out = [None] * len(groups)
     for (D, dtype), idx in buckets.items():
-        resolved = _resolve_impl(impl, dtype, _blocks.padded_head_dim(D))
+        resolved = _resolve_impl(impl, dtype, D, interpret=interpret, block_sizes=block_sizes)
         row_bytes = _blocks.padded_head_dim(D) * dtype.itemsize
         one = _blocks.merge_relations(resolved, row_bytes) if merge is None else bool(merge)
         if len(idx) == 1 or not one:

@@ -12,13 +12,15 @@ Three kernels, all on [B, Tp, H, Dp] inputs, grid (tiles, B, H):
   _dright_kernel  one key block, loop over query tiles from the diagonal down:
                   the same dS, d_right += dS^T @ s_left.
 
-Why a d_left/d_right split rather than one backward kernel: a fused kernel
-computes each dS tile once (4 tile matmuls instead of 6) but must scatter one of
-the two gradients with float32 atomics across programs; in Pallas/Triton those
-are element-wise atomic_add on a [block, D] tile, non-deterministic, and they
-serialise in L2 at this tile count (T^2 D / block_k adds per head). The split
-keeps every output block owned by one program (deterministic, no atomics, no
-zero-init pass) at the price of recomputing the two logit tiles once more.
+Why a d_left/d_right split rather than one backward kernel by default: a fused
+kernel computes each dS tile once (4 tile matmuls instead of 6, 2 exponentials per
+pair instead of 4) but must scatter one of the two gradients with float32 atomics
+across programs; in Pallas/Triton those are atomic_add on a [block, D] tile,
+non-deterministic, and they may serialise in L2 at this tile count (T^2 D /
+block_k adds per head). The split keeps every output block owned by one program
+(deterministic, no atomics, no zero-init pass) at the price of recomputing the two
+logit tiles once more. `BlockSizes(fused_bwd=True)` runs the fused variant
+(_dright_kernel with fused=True, `_fused_backward`) so an H200 can decide.
 
 Causal tiles above the diagonal are skipped by loop bounds; tiles entirely below
 it run without any mask arithmetic, only the diagonal ones are masked (unless
@@ -344,7 +346,7 @@ def _fused_backward(args, common, params, shapes, cfg, has_ids):
         out_shape=[d_left, d_right],
         input_output_aliases={n_in - 1: 0},  # the zeros d_left starts from
         compiler_params=params,
-        cost_estimate=cost.estimate("dright", outputs=[d_left, d_right], **shapes),
+        cost_estimate=cost.estimate("dfused", outputs=[d_left, d_right], **shapes),
         interpret=cfg.interpret,
         name="relation_kl_dfused",
     )(*args, jnp.zeros(d_left.shape, d_left.dtype))
