@@ -59,14 +59,14 @@ API_CASES = (
 )
 
 
-# (name, backward function, block_q, block_kv, head dims): the forward with those blocks and that
-# backward (128 x 128 exceeds Hopper's shared memory at head dim 128)
+# (name, block_q, block_kv, head dims): the forward and backward on those blocks (128 x 128 exceeds
+# Hopper's shared memory at head dim 128). The first two sessions' JSON also has "pipelined_64x64",
+# a backward through emit_pipeline_warp_specialized without tile skipping, since removed.
 VARIANTS = (
-    ("skip_64x64", "mosaic_backward", 64, 64, (64, 128)),
-    ("skip_64x128", "mosaic_backward", 64, 128, (64, 128)),
-    ("skip_128x64", "mosaic_backward", 128, 64, (64, 128)),
-    ("skip_128x128", "mosaic_backward", 128, 128, (64,)),
-    ("pipelined_64x64", "mosaic_backward_pipelined", 64, 64, (64, 128)),
+    ("skip_64x64", 64, 64, (64, 128)),
+    ("skip_64x128", 64, 128, (64, 128)),
+    ("skip_128x64", 128, 64, (64, 128)),
+    ("skip_128x128", 128, 128, (64,)),
 )
 
 ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-13 the API
@@ -103,6 +103,29 @@ def _cudnn_fwd_bwd(causal):
     return lambda sl, sr, tl, tr: grad(sl, sr, tr)
 
 
+def _dense64(args, g, *, causal, scale, **kw):
+    """KL rows and d(sum(g * kl))/d(s_left, s_right) from the dense definition
+    (`relation_kl_reference`, which repeats the right heads for GQA) in float64 on the host CPU
+    (the GPU's BLAS has no float64 GEMM); kw: mask / segment_ids."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.relation_kl_reference import relation_kl_reference
+
+    cpu = jax.devices("cpu")[0]
+    with jax.enable_x64(True), jax.default_device(cpu):  # arrays made inside, or they are float32
+        sl, sr, tl, tr = (jax.device_put(np.asarray(x, np.float64), cpu) for x in args)
+        kw = {n: jax.device_put(np.asarray(v), cpu) for n, v in kw.items()}
+        g64 = jax.device_put(np.asarray(g, np.float64), cpu)
+
+        def weighted(sl, sr):
+            kl = relation_kl_reference(sl, sr, tl, tr, causal=causal, scale=scale, **kw)
+            return jnp.sum(g64 * kl), kl
+
+        (_, kl), (dl, dr) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(sl, sr)
+        return [np.asarray(v) for v in (kl, dl, dr)]
+
+
 def run_case(case, tol):
     import jax
     import jax.numpy as jnp
@@ -110,7 +133,6 @@ def run_case(case, tol):
     from pallas_kernels import blocks as blocks_lib
     from pallas_kernels import relation_kl_gpu, relation_kl_mgpu
     from pallas_kernels.relation_kl import Config
-    from pallas_kernels.relation_kl_reference import relation_kl_reference
 
     B, T, H, Hr, D, causal = case
     k = jax.random.split(jax.random.PRNGKey(0), 5)
@@ -130,20 +152,8 @@ def run_case(case, tol):
     t_bwd = jax.jit(lambda *a: relation_kl_gpu.backward(*a[:4], None, None, *a[4:], cfg=cfg))
     ref_kl, ref_ls, ref_lt = t_fwd(*args)
     g = jax.random.uniform(k[4], ref_kl.shape, jnp.float32)
-    dense = None
-    if T <= 2048:  # the dense definition in float64 on the host CPU (the GPU's BLAS has no float64
-        # GEMM); the reference repeats the right heads for GQA
-        cpu = jax.devices("cpu")[0]
-        with jax.enable_x64(True), jax.default_device(cpu):  # arrays made inside, or they are float32
-            f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
-            g64 = jax.device_put(np.asarray(g, np.float64), cpu)
-
-            def weighted(sl, sr):  # sum(g * kl rows): its gradient is what the backward returns
-                kl = relation_kl_reference(sl, sr, f64[2], f64[3], causal=causal, scale=scale)
-                return jnp.sum(g64 * kl), kl
-
-            (_, kl64), (dl64, dr64) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(f64[0], f64[1])
-            dense = [np.asarray(v) for v in (kl64, dl64, dr64)]
+    dense = _dense64(args, g, causal=causal, scale=scale) if T <= 2048 else None
+    if dense is not None:
         row["triton_fwd_kl_vs_dense"] = _rel(ref_kl, dense[0])
     bargs = (*args, ref_ls, ref_lt, g)
     ref_dl, ref_dr = t_bwd(*bargs)
@@ -186,13 +196,13 @@ def run_case(case, tol):
         return v
 
     row["variants"] = {}
-    for name, backward, bq, bkv, head_dims in VARIANTS:
+    for name, bq, bkv, head_dims in VARIANTS:
         if T % (2 * bq) or T % (2 * bkv) or D not in head_dims:
             continue
         kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv)
-        bwd_fn = getattr(relation_kl_mgpu, backward)
         row["variants"][name] = check(
-            jax.jit(functools.partial(relation_kl_mgpu.mosaic_forward, **kw)), jax.jit(functools.partial(bwd_fn, **kw))
+            jax.jit(functools.partial(relation_kl_mgpu.mosaic_forward, **kw)),
+            jax.jit(functools.partial(relation_kl_mgpu.mosaic_backward, **kw)),
         )
     row["ok"] = bool(row["variants"]) and all(v["ok"] for v in row["variants"].values())
     return row
@@ -205,7 +215,6 @@ def run_api_case(case, tol):
     import jax.numpy as jnp
 
     from pallas_kernels import relation_kl
-    from pallas_kernels.relation_kl_reference import relation_kl_reference
 
     B, T, H, Hr, D, causal, kind, block_sizes = case
     k = jax.random.split(jax.random.PRNGKey(1), 5)
@@ -237,17 +246,7 @@ def run_api_case(case, tol):
         rel = dict(kl=_rel(kl_m, kl_t), d_left=_rel(dl_m, dl_t), d_right=_rel(dr_m, dr_t))
         row["mosaic_max_abs"] = [float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in (kl_m, dl_m, dr_m)]
     if T <= 2048:
-        cpu = jax.devices("cpu")[0]
-        with jax.enable_x64(True), jax.default_device(cpu):  # arrays made inside, or they are float32
-            f64 = [jax.device_put(np.asarray(x, np.float64), cpu) for x in args]
-            kw64 = {n: jax.device_put(np.asarray(v), cpu) for n, v in kw.items()}
-            g64 = jax.device_put(np.asarray(g, np.float64), cpu)
-
-            def weighted(sl, sr):
-                kl = relation_kl_reference(sl, sr, f64[2], f64[3], causal=causal, scale=D**-0.5, **kw64)
-                return jnp.sum(g64 * kl), kl
-
-            (_, kl64), (dl64, dr64) = jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True)(f64[0], f64[1])
+        kl64, dl64, dr64 = _dense64(args, g, causal=causal, scale=D**-0.5, **kw)
         row["triton_vs_dense"] = dict(kl=_rel(kl_t, kl64), d_left=_rel(dl_t, dl64), d_right=_rel(dr_t, dr64))
         if out is not None:
             rel.update(

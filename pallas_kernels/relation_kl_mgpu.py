@@ -12,8 +12,9 @@ Plan and state: docs/kernel_notes.md, "A Mosaic GPU kernel on Hopper".
 
 `mosaic_forward` returns what the Triton forward returns ([B, H, T] float32 KL rows and the two
 base-2 LSEs), so its residuals feed either backward. `mosaic_backward` (d_left over query blocks,
-d_right over key blocks) skips the tiles above the diagonal; `mosaic_backward_pipelined` computes
-every tile through `plgpu.emit_pipeline_warp_specialized`, the causal ones masked.
+d_right over key blocks) skips the tiles above the diagonal. (A first backward through
+`plgpu.emit_pipeline_warp_specialized`, which computes every tile, ran 1.5-1.7x slower at T >= 4096
+and was removed: docs/kernel_notes.md.)
 
 Per program (grid: heads x query-block pairs x batch), three warpgroups:
   * two compute warpgroups, one query block each: TMA-load the block's student and teacher left
@@ -41,30 +42,24 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _math
+from pallas_kernels.blocks import MGPU_MIN_BLOCK
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
 except ImportError:  # pragma: no cover - a jax without Mosaic GPU
     plgpu = None
 
-MIN_BLOCK = 64  # wgmma tiles: blocks and the head dim are multiples of 64
+MIN_BLOCK = MGPU_MIN_BLOCK  # wgmma tiles: blocks and the head dim are multiples of 64
 
 
 def check_shapes(sl, sr, block_q: int, block_kv: int) -> None:
     """ValueError naming what this kernel cannot take (the caller then uses the Triton kernel)."""
-    if plgpu is None:
-        raise ValueError("this jax has no Pallas Mosaic GPU (jax.experimental.pallas.mosaic_gpu)")
     B, T, H, D = sl.shape
     if sr.shape[0] != B or sr.shape[1] != T or sr.shape[3] != D or H % sr.shape[2]:
         raise ValueError(f"right side {sr.shape} does not fit left side {sl.shape}")
-    if jnp.dtype(sl.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"dtype {sl.dtype}: the Mosaic GPU kernel takes bfloat16 or float16")
-    if D % MIN_BLOCK:
-        raise ValueError(f"head dim {D} is not a multiple of {MIN_BLOCK}")
-    if block_q % MIN_BLOCK or block_kv % MIN_BLOCK:
-        raise ValueError(f"blocks ({block_q}, {block_kv}) must be multiples of {MIN_BLOCK}")
-    if T % (2 * block_q) or T % (2 * block_kv):  # the grids take blocks in pairs (two compute warpgroups)
-        raise ValueError(f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_kv = {2 * block_kv}")
+    reason = unsupported_reason(sl.shape, sl.dtype, interpret=False, block_q=block_q, block_kv=block_kv)
+    if reason:
+        raise ValueError(reason)
 
 
 def _bcast(row, shape):
@@ -104,14 +99,6 @@ def _pad(refs, n):
     without ids does not allocate."""
     refs = tuple(refs) if isinstance(refs, (tuple, list)) else (refs,)
     return refs + (None,) * (n - len(refs))
-
-
-def _with_none(scoped, has_ids):
-    """The forward's scoped refs with None for the ids buffers it did not allocate."""
-    if has_ids:
-        return scoped
-    smem, loaded, consumed, bars = scoped
-    return _pad(smem, 6), _pad(loaded, 3), consumed, bars
 
 
 def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barriers):
@@ -257,22 +244,14 @@ def mosaic_forward(
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
             r_head = lax.div(head, jnp.array(G, head.dtype))
-
-            @pl.loop(0, ring_steps)
-            def _(kv_step):
-                slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
-                at = (batch, pl.ds(kv_step * block_kv, block_kv), r_head)
-
-                @pl.when(kv_step >= steps)  # the slot's previous tile has been read by both
-                def _():
-                    plgpu.barrier_wait(sr_consumed.at[slot])
-                    plgpu.barrier_wait(tr_consumed.at[slot])
-
-                plgpu.copy_gmem_to_smem(sr_ref.at[at], sr_smem.at[slot], sr_loaded.at[slot])
-                plgpu.copy_gmem_to_smem(tr_ref.at[at], tr_smem.at[slot], tr_loaded.at[slot])
-                if has_ids:
-                    ids_at = (batch, pl.ds(kv_step * block_kv, block_kv))
-                    plgpu.copy_gmem_to_smem(kid_ref.at[ids_at], kid_smem.at[slot], kid_loaded.at[slot])
+            at = lambda i: (batch, pl.ds(i * block_kv, block_kv), r_head)  # noqa: E731
+            copies = [
+                (lambda i: sr_ref.at[at(i)], sr_smem, sr_loaded),
+                (lambda i: tr_ref.at[at(i)], tr_smem, tr_loaded),
+            ]
+            if has_ids:
+                copies.append((lambda i: kid_ref.at[batch, pl.ds(i * block_kv, block_kv)], kid_smem, kid_loaded))
+            _ring_load(ring_steps, steps, copies, (sr_consumed, tr_consumed))
 
     def entry(*refs):
         ins, outs = (refs[:6], refs[6:]) if has_ids else ((*refs[:4], None, None), refs[4:])
@@ -283,11 +262,10 @@ def mosaic_forward(
             plgpu.SMEM((steps, block_kv, D), dtype, transforms=transforms),
             plgpu.SMEM((steps, block_kv, D), dtype, transforms=transforms),
             plgpu.SMEM((2, 3, block_q), jnp.float32),  # [wg, kl/lse_s/lse_t]
-            *(ids_smem if has_ids else (None, None)),
+            *(ids_smem if has_ids else ()),
         )
-        smem = tuple(x for x in smem if x is not None)
-        pl.run_scoped(
-            lambda *scoped: kernel(*ins, *outs, _with_none(scoped, has_ids)),
+        pl.run_scoped(  # None for the ids buffers and their loaded barrier without ids
+            lambda buffers, loaded, *rest: kernel(*ins, *outs, (_pad(buffers, 6), _pad(loaded, 3), *rest)),
             smem,
             (plgpu.Barrier(num_barriers=steps),) * (3 if has_ids else 2),
             (plgpu.Barrier(num_arrivals=2, num_barriers=steps),) * 2,
@@ -307,171 +285,10 @@ def mosaic_forward(
     )(sl, sr, tl, tr, *((q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if has_ids else ()))
 
 
-def mosaic_backward_pipelined(
-    sl, sr, tl, tr, lse_s, lse_t, g, *, scale: float, causal: bool, block_q=64, block_kv=64, max_concurrent_steps=2
-):
-    """`mosaic_backward` through `plgpu.emit_pipeline_warp_specialized`: every tile is computed, the
-    causal ones masked (the emitter's grid is the same for every program, so no tile skipping).
-    Exact on the H200 (2026-12-04); kept as the baseline `backward` is timed against."""
-    check_shapes(sl, sr, block_q, block_kv)
-    B, T, H, D = sl.shape
-    Hr = sr.shape[2]
-    G = H // Hr
-    dtype = sl.dtype
-    c = scale * _math.LOG2E
-    transforms = [plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)]
-    tile_spec = lambda rows: plgpu.BlockSpec(block_shape=(rows, D), index_map=lambda i: (i, 0), transforms=transforms)  # noqa: E731
-    row_spec = lambda rows: plgpu.BlockSpec(block_shape=(rows,), index_map=lambda i: (i,))  # noqa: E731
-    params = plgpu.CompilerParams(approx_math=True)
-
-    def streamed(step, context, n_steps, in_specs):
-        """Two compute warpgroups (`context` sets each up, `step` runs per streamed tile) and one
-        memory warpgroup streaming `in_specs`' tiles through a ring; slots released by `step`."""
-        return plgpu.emit_pipeline_warp_specialized(
-            step,
-            grid=(n_steps,),
-            max_concurrent_steps=max(2, min(max_concurrent_steps, n_steps)),
-            num_compute_wgs=2,
-            memory_registers=40,
-            wg_axis="wg",
-            manual_consumed_barriers=True,
-            compute_context=context,
-            in_specs=in_specs,
-        )
-
-    def add_product(acc, a, b_smem):
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, a.astype(dtype), b_smem)
-
-        return pl.run_state(body)(plgpu.ACC.init(acc))
-
-    # ---- d_left: one query block per compute warpgroup, the right side streamed
-    def dleft_kernel(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dl_ref, smem, bars):
-        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        left2, rows2 = smem
-        r_head = lax.div(head, jnp.array(G, head.dtype))
-
-        def context(pipeline_callback):
-            q_base = lax.axis_index("q_seq") * (2 * block_q) + wg * block_q
-            own, rows = left2.at[wg], rows2.at[wg]
-            at = (batch, pl.ds(q_base, block_q), head)
-            plgpu.copy_gmem_to_smem(sl_ref.at[at], own.at[0], bars.at[5 * wg])
-            plgpu.copy_gmem_to_smem(tl_ref.at[at], own.at[1], bars.at[5 * wg + 1])
-            for i, ref in enumerate((lss_ref, lst_ref, g_ref)):
-                plgpu.copy_gmem_to_smem(
-                    ref.at[batch, head, pl.ds(q_base, block_q)], rows.at[i], bars.at[5 * wg + 2 + i]
-                )
-            for i in range(5):
-                plgpu.barrier_wait(bars.at[5 * wg + i])
-            load = lambda i: plgpu.load(rows.at[i], (), layout=plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
-            acc = plgpu.layout_cast(jnp.full((block_q, D), 0, jnp.float32), plgpu.Layout.WGMMA)
-            acc, *_ = pipeline_callback((acc, load(0), load(1), load(2) * scale, q_base))
-            own.at[0][...] = acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(own.at[0], dl_ref.at[at])
-            plgpu.wait_smem_to_gmem(0)
-
-        def step(indices, sr_smem, tr_smem, sr_consumed, tr_consumed, carry):
-            acc, lse_s, lse_t, g_s, q_base = carry
-            own = left2.at[wg]
-            r_s = _tile(own.at[0], sr_smem)
-            r_t = _tile(own.at[1], tr_smem)
-            plgpu.barrier_arrive(tr_consumed)
-            if causal:
-                k0 = indices[0] * block_kv
-                r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
-            ds = _math.grad_logits(r_s, r_t, lse_s, lse_t, g_s, c, jnp.exp2, col=lambda v: _bcast(v, r_s.shape))
-            acc = add_product(acc, ds, sr_smem)
-            plgpu.barrier_arrive(sr_consumed)
-            return acc, lse_s, lse_t, g_s, q_base
-
-        pipeline = streamed(step, context, T // block_kv, [tile_spec(block_kv), tile_spec(block_kv)])
-        pipeline(sr_ref.at[batch, :, r_head, :], tr_ref.at[batch, :, r_head, :])
-
-    left_smem = plgpu.SMEM((2, 2, block_q, D), dtype, transforms=tuple(transforms))
-    rows_smem = plgpu.SMEM((2, 3, block_q), jnp.float32)
-    d_sl = plgpu.kernel(
-        dleft_kernel,
-        out_type=jax.ShapeDtypeStruct(sl.shape, dtype),
-        scratch_types=[(left_smem, rows_smem), plgpu.Barrier(num_barriers=10)],
-        compiler_params=params,
-        grid=(H, T // (2 * block_q), B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-    )(sl, sr, tl, tr, lse_s, lse_t, g)
-
-    # ---- d_right: one key block per compute warpgroup (per query head), the left side streamed
-    def dright_kernel(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, dr_ref, smem, bars):
-        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        (right2,) = smem
-        r_head = lax.div(head, jnp.array(G, head.dtype))
-
-        def context(pipeline_callback):
-            k_base = lax.axis_index("kv_seq") * (2 * block_kv) + wg * block_kv
-            own = right2.at[wg]
-            plgpu.copy_gmem_to_smem(sr_ref.at[batch, pl.ds(k_base, block_kv), r_head], own.at[0], bars.at[2 * wg])
-            plgpu.copy_gmem_to_smem(tr_ref.at[batch, pl.ds(k_base, block_kv), r_head], own.at[1], bars.at[2 * wg + 1])
-            plgpu.barrier_wait(bars.at[2 * wg])
-            plgpu.barrier_wait(bars.at[2 * wg + 1])
-            acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
-            acc, _ = pipeline_callback((acc, k_base))
-            own.at[0][...] = acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(own.at[0], dr_ref.at[batch, pl.ds(k_base, block_kv), head])
-            plgpu.wait_smem_to_gmem(0)
-
-        def step(indices, sl_smem, tl_smem, lss_smem, lst_smem, g_smem, c_sl, c_tl, c_lss, c_lst, c_g, carry):
-            acc, k_base = carry
-            own = right2.at[wg]
-            rt_s = _tile(own.at[0], sl_smem)  # [keys, queries]
-            rt_t = _tile(own.at[1], tl_smem)
-            plgpu.barrier_arrive(c_tl)
-            load = lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
-            lse_s, lse_t, g_s = load(lss_smem), load(lst_smem), load(g_smem) * scale
-            for b in (c_lss, c_lst, c_g):
-                plgpu.barrier_arrive(b)
-            if causal:
-                q0 = indices[0] * block_q
-                rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
-            col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
-            ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
-            acc = add_product(acc, ds_t, sl_smem)
-            plgpu.barrier_arrive(c_sl)
-            return acc, k_base
-
-        specs = [tile_spec(block_q), tile_spec(block_q), row_spec(block_q), row_spec(block_q), row_spec(block_q)]
-        pipeline = streamed(step, context, T // block_q, specs)
-        pipeline(
-            sl_ref.at[batch, :, head, :],
-            tl_ref.at[batch, :, head, :],
-            lss_ref.at[batch, head, :],
-            lst_ref.at[batch, head, :],
-            g_ref.at[batch, head, :],
-        )
-
-    right_smem = plgpu.SMEM((2, 2, block_kv, D), dtype, transforms=tuple(transforms))
-    d_sr_heads = plgpu.kernel(
-        dright_kernel,
-        out_type=jax.ShapeDtypeStruct((B, T, H, D), dtype),
-        scratch_types=[(right_smem,), plgpu.Barrier(num_barriers=4)],
-        compiler_params=params,
-        grid=(H, T // (2 * block_kv), B),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-    )(sl, sr, tl, tr, lse_s, lse_t, g)
-    if G > 1:  # one output per query head: sum each group (in float32)
-        d_sr = d_sr_heads.reshape(B, T, Hr, G, D).astype(jnp.float32).sum(3).astype(dtype)
-    else:
-        d_sr = d_sr_heads
-    return d_sl, d_sr
-
-
 def _ring_load(n_steps, steps, copies, consumed):
     """The memory warpgroup's loop: step i's tiles (`copies`: (source view of step i, shared-memory
     ring, its "loaded" barriers)) go into slot i % steps once both compute warpgroups released
-    the slot's previous tiles on `consumed`."""
+    the slot's previous tiles on `consumed` (one barrier, or a tuple: every one of them)."""
 
     @pl.loop(0, n_steps)
     def _(i):
@@ -479,7 +296,8 @@ def _ring_load(n_steps, steps, copies, consumed):
 
         @pl.when(i >= steps)
         def _():
-            plgpu.barrier_wait(consumed.at[slot])
+            for bar in consumed if isinstance(consumed, tuple) else (consumed,):
+                plgpu.barrier_wait(bar.at[slot])
 
         for source, ring, loaded in copies:
             plgpu.copy_gmem_to_smem(source(i), ring.at[slot], loaded.at[slot])
@@ -783,7 +601,8 @@ def unsupported_reason(shape, dtype, *, interpret: bool, block_q: int, block_kv:
     if block_q % MIN_BLOCK or block_kv % MIN_BLOCK:
         return f"blocks ({block_q}, {block_kv}) must be multiples of {MIN_BLOCK}"
     if T % (2 * block_q) or T % (2 * block_kv):
-        return f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_k = {2 * block_kv}"
+        # the grids take blocks in pairs (two compute warpgroups); block_kv is BlockSizes.block_k
+        return f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_kv = {2 * block_kv}"
     need = smem_bytes(D, block_q, block_kv, jnp.dtype(dtype).itemsize)
     if need > SMEM_BYTES:
         return f"head dim {D} with blocks ({block_q}, {block_kv}) needs ~{need} bytes of shared memory > {SMEM_BYTES}"

@@ -642,14 +642,11 @@ def test_mgpu_kernels_lower_to_mosaic_gpu(causal, has_ids, H, Hr, D):
     out = jax.eval_shape(fwd, x, r, x, r, *ids)
     assert [(o.shape, o.dtype) for o in out] == [((1, H, 256), jnp.float32)] * 3
     row = jax.ShapeDtypeStruct((1, H, 256), jnp.float32)
-    backwards = [relation_kl_mgpu.mosaic_backward]  # tile skipping; the emitter's version takes no ids
-    backwards += [] if has_ids else [relation_kl_mgpu.mosaic_backward_pipelined]
-    for backward in backwards:
-        bwd = lambda *a, f=backward: f(*a, scale=D**-0.5, causal=causal)  # noqa: E731
-        text = jax.jit(bwd).trace(x, r, x, r, row, row, row, *ids).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("mosaic_gpu") >= 2  # d_left and d_right
-        d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row, *ids)
-        assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
+    bwd = lambda *a: relation_kl_mgpu.mosaic_backward(*a, scale=D**-0.5, causal=causal)  # noqa: E731
+    text = jax.jit(bwd).trace(x, r, x, r, row, row, row, *ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # d_left and d_right
+    d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row, *ids)
+    assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
 
 
 def test_pallas_mgpu_impl_lowers_through_relation_kl():
