@@ -71,11 +71,11 @@ def _progress(msg: str) -> None:
     print(f"[bench_restore_step {time.perf_counter() - _START:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-# configs/base.py's defaults (c.model.scan_layers, c.loss.fused), not imported: ml_collections is
+# configs/base.py's defaults (c.model.scan_layers, c.loss.fused, c.model.remat), not imported: ml_collections is
 # not needed to run this bench (tests/test_bench_layouts.py checks the two agree)
 DEFAULT_LAYOUT = "scan"
 DEFAULT_FUSED = True
-DEFAULT_REMAT = "dots_no_batch"  # configs/base.py's model.remat
+DEFAULT_REMAT = "dots_no_batch"
 LAYOUTS_ALL = (("loop", False), ("scan", False), ("scan", True))  # --layouts_all: (layout, fused)
 PROFILE_STEPS = 2  # --profile_dir: steps traced per run (experiments/trace_summary.py --steps 2)
 

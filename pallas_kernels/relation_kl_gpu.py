@@ -20,7 +20,7 @@ non-deterministic, and they may serialise in L2 at this tile count (T^2 D /
 block_k adds per head). The split keeps every output block owned by one program
 (deterministic, no atomics, no zero-init pass) at the price of recomputing the two
 logit tiles once more. `BlockSizes(fused_bwd=True)` runs the fused variant
-(_dright_kernel with fused=True, `_fused_backward`) so an H200 can decide.
+(_dright_kernel and `_dright` with fused=True) so an H200 can decide.
 
 Causal tiles above the diagonal are skipped by loop bounds; tiles entirely below
 it run without any mask arithmetic, only the diagonal ones are masked (unless
@@ -265,7 +265,6 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     B, Tp, H, Dp = sl.shape
     Hr = sr.shape[2]
-    G = H // Hr
     bl = cfg.blocks
     has_ids = q_ids is not None
     ids = (q_ids, k_ids) if has_ids else ()
@@ -281,7 +280,7 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     args = (sl, sr, tl, tr, *ids, lse_s, lse_t, g)
     shapes = dict(B=B, H=H, T=Tp, D=Dp, causal=cfg.causal, operands=args)
     if bl.fused_bwd:
-        return _fused_backward(args, common, params, shapes, cfg, has_ids)
+        return _dright(args, common, params, shapes, cfg, has_ids, fused=True)
 
     bq, bk = bl.block_q_dq, bl.block_k_dq
     nq, nk = Tp // bq, Tp // bk
@@ -298,33 +297,16 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
         interpret=cfg.interpret,
         name="relation_kl_dleft",
     )(*args)
-
-    bq, bk = bl.block_q_dk, bl.block_k_dk
-    nq, nk = Tp // bq, Tp // bk
-    row_all = pl.BlockSpec((None, None, Tp), lambda p, b, h: (b, h, 0))
-    # One output per query head; grouped heads (GQA) are summed below in f32.
-    out = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
-    d_sr = pl.pallas_call(
-        functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, **common),
-        grid=(nk, B, H),
-        in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False) + [row_all] * 3,
-        out_specs=pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0)),
-        out_shape=out,
-        compiler_params=params,
-        cost_estimate=cost.estimate("dright", outputs=out, **shapes),
-        interpret=cfg.interpret,
-        name="relation_kl_dright",
-    )(*args)
-    if G > 1:
-        d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
-    return d_sl, d_sr
+    return d_sl, _dright(args, common, params, shapes, cfg, has_ids, fused=False)[1]
 
 
-def _fused_backward(args, common, params, shapes, cfg, has_ids):
-    """`BlockSizes(fused_bwd=True)`: one kernel over key blocks (d_right's grid and tiles,
-    block_q_dk x block_k_dk) writes d_right and adds into a zero-initialised float32 d_left by
-    atomic adds. Not deterministic to the last bit (the order of the adds varies on a GPU)."""
-    if _atomic_add is None:  # pragma: no cover - a jax without Pallas Triton atomics
+def _dright(args, common, params, shapes, cfg, has_ids, *, fused):
+    """The d_right kernel over key blocks (block_q_dk x block_k_dk): (None, d_right), or with
+    `fused` (`BlockSizes(fused_bwd=True)`) also d_left, added by atomic adds into a
+    zero-initialised float32 buffer that every program of a head shares: (d_left, d_right). The
+    fused d_left is not deterministic to the last bit (the order of the adds varies on a GPU).
+    One output per query head; grouped heads (GQA) are summed here in float32."""
+    if fused and _atomic_add is None:  # pragma: no cover - a jax without Pallas Triton atomics
         raise ValueError("BlockSizes(fused_bwd=True) needs jax.experimental.pallas.triton.atomic_add")
     sl, sr = args[0], args[1]
     B, Tp, H, Dp = sl.shape
@@ -334,22 +316,32 @@ def _fused_backward(args, common, params, shapes, cfg, has_ids):
     bq, bk = bl.block_q_dk, bl.block_k_dk
     nq, nk = Tp // bq, Tp // bk
     row_all = pl.BlockSpec((None, None, Tp), lambda p, b, h: (b, h, 0))
-    whole_left = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h, 0))  # every program adds into it
-    d_left = jax.ShapeDtypeStruct((B, Tp, H, Dp), jnp.float32)
     d_right = jax.ShapeDtypeStruct((B, Tp, H, Dp), sr.dtype if G == 1 else jnp.float32)
-    n_in = len(args) + 1
-    d_sl, d_sr = pl.pallas_call(
-        functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, fused=True, **common),
+    right_spec = pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0))
+    in_specs = _specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False) + [row_all] * 3
+    if fused:
+        whole_left = pl.BlockSpec((None, Tp, None, Dp), lambda p, b, h: (b, 0, h, 0))  # every program adds into it
+        d_left = jax.ShapeDtypeStruct((B, Tp, H, Dp), jnp.float32)
+        extra = dict(
+            in_specs=in_specs + [whole_left],
+            out_specs=[whole_left, right_spec],
+            out_shape=[d_left, d_right],
+            input_output_aliases={len(args): 0},  # the zeros d_left starts from
+        )
+        operands, outputs = (*args, jnp.zeros(d_left.shape, d_left.dtype)), [d_left, d_right]
+    else:
+        extra = dict(in_specs=in_specs, out_specs=right_spec, out_shape=d_right)
+        operands, outputs = args, d_right
+    out = pl.pallas_call(
+        functools.partial(_dright_kernel, bq=bq, bk=bk, nq=nq, nk=nk, fused=fused, **common),
         grid=(nk, B, H),
-        in_specs=_specs(B, Tp, H, Hr, Dp, nk, bk, "right", has_ids, reverse=False) + [row_all] * 3 + [whole_left],
-        out_specs=[whole_left, pl.BlockSpec((None, bk, None, Dp), lambda p, b, h: (b, p, h, 0))],
-        out_shape=[d_left, d_right],
-        input_output_aliases={n_in - 1: 0},  # the zeros d_left starts from
         compiler_params=params,
-        cost_estimate=cost.estimate("dfused", outputs=[d_left, d_right], **shapes),
+        cost_estimate=cost.estimate("dfused" if fused else "dright", outputs=outputs, **shapes),
         interpret=cfg.interpret,
-        name="relation_kl_dfused",
-    )(*args, jnp.zeros(d_left.shape, d_left.dtype))
+        name="relation_kl_dfused" if fused else "relation_kl_dright",
+        **extra,
+    )(*operands)
+    d_sl, d_sr = out if fused else (None, out)
     if G > 1:
         d_sr = d_sr.reshape(B, Tp, Hr, G, Dp).sum(axis=3)
-    return d_sl.astype(sl.dtype), d_sr
+    return (None if d_sl is None else d_sl.astype(sl.dtype)), d_sr

@@ -13,6 +13,7 @@ def test_defaults_are_the_configs_defaults():
     c = base.get_config()
     assert bench.DEFAULT_LAYOUT == ("scan" if c.model.scan_layers else "loop")
     assert bench.DEFAULT_FUSED == c.loss.fused
+    assert bench.DEFAULT_REMAT == c.model.remat
     assert (bench.DEFAULT_LAYOUT, bench.DEFAULT_FUSED) in bench.LAYOUTS_ALL
 
 
