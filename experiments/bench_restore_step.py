@@ -82,6 +82,7 @@ PROFILE_STEPS = 2  # --profile_dir: steps traced per run (experiments/trace_summ
 SHAPES = {
     "llama2_7b": MODEL_SHAPES["llama2_7b"],
     "llama3_8b": MODEL_SHAPES["llama3_8b"],
+    "smollm2_135m": MODEL_SHAPES["smollm2_135m"],  # the real-model runs' shape (student: linear x8 here)
     "tiny": dict(
         vocab_size=512,
         hidden_size=256,
@@ -165,6 +166,77 @@ def random_weights(abstract, shardings, key):
     return jax.tree_util.tree_unflatten(treedef, [leaf(k, a, sh) for k, a, sh in zip(keys, leaves, shard_leaves)])
 
 
+def _models(shape: dict, remat: str, attention_impl: str, scan_layers: bool = False):
+    """(teacher config, teacher, student): bf16 weights of `shape`; the student is the teacher
+    with linear x8 RoPE (the 7B recipe's 4K -> 32K)."""
+    cfg = LlamaConfig(
+        **shape,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        remat=remat,
+        attention_impl=attention_impl,
+        scan_layers=scan_layers,
+    )
+    student_cfg = cfg.replace(
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=cfg.max_position_embeddings * 8
+    )
+    return cfg, LlamaForCausalLM(cfg), LlamaForCausalLM(student_cfg)
+
+
+def abstract_step(
+    shape: dict,
+    *,
+    seq_len,
+    batch_per_device=1,
+    remat=DEFAULT_REMAT,
+    kernel_impl="auto",
+    attention_impl="xla",
+    layout=DEFAULT_LAYOUT,
+    fused=DEFAULT_FUSED,
+    device=None,
+    trainable_dtype=jnp.float32,
+):
+    """(step, (state, frozen, batch)): `build_step`'s jitted step on ONE device and its arguments as
+    ShapeDtypeStructs, so `step.lower(*args).compile()` compiles it without allocating a weight.
+    `device` (default jax.devices()[0]) may be a device of a compile-only topology
+    (jax.experimental.topologies): experiments/compile_offline.py compiles the H200 step on a
+    machine without a GPU this way. Same models, state layout and shardings as build_step."""
+    device = jax.devices()[0] if device is None else device
+    mesh = sharding_lib.make_mesh(data=1, devices=[device])
+    scan = {"scan": True, "loop": False}[layout]
+    _, teacher, student = _models(shape, remat, attention_impl, scan_layers=scan)
+    abstract = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    shardings = sharding_lib.param_shardings(abstract, mesh)
+    sds = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
+    frozen = jax.tree_util.tree_map(sds, abstract, shardings)
+    lora = trainer.LoraSpec()
+    mask = trainer.trainable_mask(frozen)
+    trainable = jax.eval_shape(
+        lambda f: jax.tree_util.tree_map(
+            lambda x: x.astype(trainable_dtype), trainer.init_trainable(f, mask, lora, jax.random.PRNGKey(3))
+        ),
+        frozen,
+    )
+    optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
+
+    def init_state(t):
+        return trainer.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            trainable=t,
+            opt_state=optimizer.init(t),
+            rng=jax.random.PRNGKey(0),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    replicated = sharding_lib.replicated(mesh)  # one device: every leaf is whole on it (trainer.place_state)
+    state = jax.tree_util.tree_map(lambda x: sds(x, replicated), jax.eval_shape(init_state, trainable))
+    spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
+    bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+    batch = {"input_ids": jax.ShapeDtypeStruct((1, batch_per_device, seq_len), jnp.int32, sharding=bsh)}
+    step = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
+    return step, (state, frozen, batch)
+
+
 def build_step(
     shape: dict,
     *,
@@ -182,23 +254,15 @@ def build_step(
     trainable tree and optimizer state on the mesh, a random batch and the jitted step."""
     devices = jax.devices()[:mesh_data]
     mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
-    cfg = LlamaConfig(**shape, dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention_impl=attention_impl)
+    cfg, teacher, student = _models(shape, remat, attention_impl)
     scan = {"scan": True, "loop": False}[layout]
-    teacher = LlamaForCausalLM(cfg)
-    student = LlamaForCausalLM(
-        cfg.replace(
-            rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=cfg.max_position_embeddings * 8
-        )
-    )
     abstract = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = sharding_lib.param_shardings(abstract, mesh)
 
     frozen = random_weights(abstract, shardings, jax.random.PRNGKey(1))
     if scan:  # the same weights stacked (shardings kept, the layer axis in front; per-layer buffers freed)
         frozen = trainer.to_layout(frozen, True, delete_source=True)
-        cfg = cfg.replace(scan_layers=True)
-        teacher = LlamaForCausalLM(cfg)
-        student = LlamaForCausalLM(student.config.replace(scan_layers=True))
+        cfg, teacher, student = _models(shape, remat, attention_impl, scan_layers=True)
     # The library's step as the pipeline runs it: trainable tree and state placed on the mesh,
     # the jitted step donating the state and returning it in the same shardings.
     mask = trainer.trainable_mask(frozen)
