@@ -21,9 +21,11 @@ def get_config():
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "bfloat16"  # frozen weights' storage dtype
     c.model.trainable_dtype = "float32"  # the student's trainable projections (AdamW in float32)
-    c.model.remat = "dots_no_batch"  # none | full | dots | dots_no_batch: under the scan, "none" keeps every
-    #   elementwise intermediate per layer (Llama-2-7B, T 4096 on an H200: 64.8 GiB, 7,905 tok/s); this policy
-    #   keeps the matmul outputs only (50.2 GiB, 7,995 tok/s): docs/bench_restore_step.md, "Remat in the scan"
+    c.model.remat = "dots_no_batch"  # none | full | dots | dots_no_batch | dots_no_batch_attention: under the
+    #   scan, "none" keeps every elementwise intermediate per layer (Llama-2-7B, T 4096 on an H200: 64.8 GiB,
+    #   7,905 tok/s); this policy keeps the matmul outputs only (50.2 GiB, 7,995 tok/s): docs/bench_restore_step.md,
+    #   "Remat in the scan". dots_no_batch_attention also keeps cuDNN attention's residuals: +1 GiB, no attention
+    #   forward rerun in the backward (deviceless compile; its speed is not measured yet)
     c.model.scan_layers = True  # decoder layers under nn.scan, parameters stacked (False: a Python loop per layer)
     c.model.attention_impl = "xla"  # xla (dense) | cudnn | blockwise (linear memory) | pallas_tpu | auto
     c.model.export_dtype = "checkpoint"  # hf_student/ dtype: checkpoint (GGUF: bf16) | float32 | bfloat16 | float16

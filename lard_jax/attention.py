@@ -39,18 +39,24 @@ Implementations (`LlamaConfig.attention_impl`):
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 IMPLS = ("auto", "xla", "cudnn", "blockwise", "pallas_tpu")
 _NEG = -1e30  # finite "minus infinity": masked scores, initial running max
 
 
 MAX_SEGMENTS = 64  # runs per row that cuDNN's packed path takes (cudnn_masked_attention)
+# The name on what cuDNN attention's backward reads from its forward (its output and softmax
+# statistics; `with_named_residuals`): a remat policy that saves it spares the backward a rerun
+# of the attention forward (model.remat_policy's "dots_no_batch_attention").
+RESIDUALS_NAME = "attention_residuals"
 
 
 class MaskInfo(NamedTuple):
@@ -135,11 +141,17 @@ def attention(
     if impl in ("xla", "cudnn"):
         implementation = "cudnn" if impl == "cudnn" else None
         if mask is None:
+            if impl == "cudnn":
+                causal = lambda q, k, v, _: jax.nn.dot_product_attention(  # noqa: E731
+                    q, k, v, scale=scale, is_causal=True, implementation="cudnn"
+                )
+                return with_named_residuals(causal, q, k, v)
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation)
         if dense is None and impl == "cudnn":
-            return cudnn_masked_attention(
+            masked = lambda q, k, v, info: cudnn_masked_attention(  # noqa: E731
                 q, k, v, info, scale=scale, max_segments=max_segments, block_q=block_q, block_k=block_k
             )
+            return with_named_residuals(masked, q, k, v, info)
         if dense is None:
             dense = dense_mask(info.segment_ids, info.attention_mask, t)
         return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation=implementation)
@@ -344,6 +356,49 @@ def cudnn_masked_attention(
 
 # ----------------------------------------------------------------------------------------------
 # blockwise (linear memory, plain XLA)
+
+
+def with_named_residuals(fn, q, k, v, aux=None):
+    """fn(q, k, v, aux) with the residuals its VJP keeps named RESIDUALS_NAME (q, k, v excepted).
+
+    A remat policy decides per value whether the backward keeps it or reruns what made it; the
+    residuals of cuDNN's VJP (its output and softmax statistics) are not matmul outputs, so
+    "dots_no_batch" drops them and the backward reruns the whole attention forward (31 reruns a
+    step on Llama-2-7B: docs/bench_restore_step.md, "Deviceless compile"). Named, a policy can
+    keep them ("dots_no_batch_attention"). q, k and v stay unnamed: the policy recomputes them
+    from the layer's saved matmuls. `aux`: arrays `fn` reads that take no gradient (the mask).
+    Not differentiated, this is `fn` itself (the inference path, no statistics); differentiated,
+    the same values and gradients as `fn`'s own VJP."""
+    return _named_vjp(_VjpFn(fn), q, k, v, aux)
+
+
+class _VjpFn:
+    """The function and, once its forward has been traced, the structure of its VJP (a custom_vjp's
+    residuals must be arrays, so the structure travels here, beside them)."""
+
+    def __init__(self, fn):
+        self.fn, self.tree = fn, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _named_vjp(f: _VjpFn, q, k, v, aux):
+    return f.fn(q, k, v, aux)
+
+
+def _named_vjp_fwd(f: _VjpFn, q, k, v, aux):
+    out, vjp = jax.vjp(lambda q, k, v: f.fn(q, k, v, aux), q, k, v)
+    leaves, f.tree = jax.tree_util.tree_flatten(vjp)
+    inputs = (id(q), id(k), id(v))
+    return out, ([x if id(x) in inputs else checkpoint_name(x, RESIDUALS_NAME) for x in leaves], aux)
+
+
+def _named_vjp_bwd(f: _VjpFn, res, g):
+    named, aux = res
+    dq, dk, dv = jax.tree_util.tree_unflatten(f.tree, named)(g)
+    return dq, dk, dv, jax.tree_util.tree_map(lambda _: None, aux)
+
+
+_named_vjp.defvjp(_named_vjp_fwd, _named_vjp_bwd)
 
 
 def _round_up(x: int, m: int) -> int:

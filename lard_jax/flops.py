@@ -91,9 +91,12 @@ def _remat_recompute_layer(layer: int, remat: str, attention_impl: str, shapes, 
     with the forward (on an H200 the loop apparently recomputed no layer); the barrier is kept
     outside scans now
     (model._remat_layer). "dots" / "dots_no_batch": dot outputs are saved and the XLA attention is
-    not rerun (measured on CPU); the other attention implementations are custom calls or
-    loops, assumed to rerun their forward (not measured). Unmerged LoRA under "full" also reruns
-    x·A and (x·A)·B in every layer and x·A in a partial top layer (added by the caller; measured)."""
+    not rerun (measured on CPU); the other attention implementations are custom calls or loops
+    and rerun their forward (cuDNN: measured in a deviceless H200 compile, one rerun per layer,
+    experiments/compile_offline.py). "dots_no_batch_attention" also keeps cuDNN's residuals
+    (attention.with_named_residuals): no rerun for cuDNN; blockwise and Pallas still rerun.
+    Unmerged LoRA under "full" also reruns x·A and (x·A)·B in every layer and x·A in a partial top
+    layer (added by the caller; measured)."""
     if remat == "none":
         return 0.0
     if remat == "full":
@@ -101,6 +104,8 @@ def _remat_recompute_layer(layer: int, remat: str, attention_impl: str, shapes, 
         return sum(2.0 * shapes[n][0] * shapes[n][1] for n in rerun) + attn_fwd
     if remat in ("dots", "dots_no_batch"):
         return attn_fwd if attention_impl != "xla" else 0.0
+    if remat == "dots_no_batch_attention":
+        return attn_fwd if attention_impl not in ("xla", "cudnn") else 0.0
     raise ValueError(f"unknown remat {remat!r}")
 
 

@@ -325,3 +325,68 @@ def test_prepare_mask_computes_runs_once_for_cudnn(monkeypatch):
     with_runs = attn.cudnn_masked_attention(q, k, v, info, **kw)
     without = attn.cudnn_masked_attention(q, k, v, attn.MaskInfo(seg, pad), **kw)
     np.testing.assert_array_equal(np.asarray(with_runs), np.asarray(without))
+
+
+# ------------------------------------------------------------ residuals named for a remat policy
+def _named_case(seed, masked):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (2, 24, 4, 8))
+    k = jax.random.normal(keys[1], (2, 24, 2, 8))
+    v = jax.random.normal(keys[2], (2, 24, 2, 8))
+    g = jax.random.normal(keys[3], q.shape)
+    info = None
+    if masked:  # a packed row and a padded row
+        info = attn.MaskInfo(jnp.array([[0] * 15 + [1] * 9, [0] * 24]), jnp.array([[1] * 24, [1] * 17 + [0] * 7]))
+    dense = lambda q, k, v, info: attn.attention(q, k, v, mask=info, impl="xla")  # noqa: E731
+    return q, k, v, g, info, dense
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_named_residuals_keep_values_and_gradients(masked):
+    """with_named_residuals is fn with its VJP's residuals named: the same output and gradients,
+    plainly differentiated, under a policy that keeps the named residuals, and under one that keeps
+    nothing (the forward rerun)."""
+    q, k, v, g, info, dense = _named_case(7 + masked, masked)
+    plain = lambda q, k, v: (dense(q, k, v, info) * g).sum()  # noqa: E731
+    named = lambda q, k, v: (attn.with_named_residuals(dense, q, k, v, info) * g).sum()  # noqa: E731
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(q, k, v)
+    keep = jax.checkpoint_policies.save_only_these_names(attn.RESIDUALS_NAME)
+    for fn in (named, jax.checkpoint(named, policy=keep), jax.checkpoint(named)):
+        got = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        for a, b in zip(got[1], want[1]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    out = attn.with_named_residuals(dense, q, k, v, info)  # not differentiated: fn itself
+    np.testing.assert_array_equal(out, dense(q, k, v, info))
+
+
+def test_the_policy_keeps_the_named_residuals_and_not_the_inputs(capsys):
+    q, k, v, g, info, dense = _named_case(3, False)
+    named = lambda q, k, v: (attn.with_named_residuals(dense, q * 2.0, k, v) * g).sum()  # noqa: E731
+    keep = jax.checkpoint_policies.save_only_these_names(attn.RESIDUALS_NAME)
+    from jax.ad_checkpoint import print_saved_residuals
+
+    print_saved_residuals(jax.checkpoint(named, policy=keep), q, k, v)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(f"named '{attn.RESIDUALS_NAME}'" in ln for ln in lines), lines
+    # q * 2.0 is an input of the attention: recomputed from q, not saved under the name
+    assert not any(ln.startswith("f32[2,24,4,8]") and "named" in ln for ln in lines), lines
+
+
+def test_remat_policy_with_attention_residuals_trains_like_dots_no_batch():
+    """ "dots_no_batch_attention" is "dots_no_batch" plus cuDNN's residuals; on CPU (dense attention,
+    nothing named) the scanned model's loss and gradients are the same."""
+    from lard_jax.model import LlamaForCausalLM
+
+    base = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4)
+    ids = jax.random.randint(jax.random.PRNGKey(4), (2, 16), 0, 61)
+    results = []
+    for remat in ("dots_no_batch", "dots_no_batch_attention"):
+        model = LlamaForCausalLM(LlamaConfig(**base, num_key_value_heads=2, remat=remat, scan_layers=True))
+        params = model.init(jax.random.PRNGKey(0), ids)["params"]
+        results.append(
+            jax.value_and_grad(lambda p, m=model: m.apply({"params": p}, ids).astype(jnp.float32).std())(params)
+        )
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(results[0][1]), jax.tree_util.tree_leaves(results[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -298,3 +298,18 @@ def test_trainer_step(remat, lambda_logit, lora_rank):
         relation_bwd_recompute_matmuls=0,
     )
     assert dots == pytest.approx((b["model_total"] + b["relation_total"] + b["remat_recompute"]) * T, rel=1e-9)
+
+
+def test_attention_residuals_policy_counts_no_cudnn_rerun():
+    """remat "dots_no_batch_attention" keeps cuDNN's residuals (attention.with_named_residuals):
+    no attention forward rerun for cuDNN or dense XLA; blockwise still reruns it."""
+    kw = dict(seq_len=T, remat="dots_no_batch_attention")
+    for impl, reruns in (("cudnn", False), ("xla", False), ("blockwise", True)):
+        b = flops.executed_flops_per_token(CFG, attention_impl=impl, **kw)
+        old = flops.executed_flops_per_token(CFG, attention_impl=impl, seq_len=T, remat="dots_no_batch")
+        if reruns:
+            assert b["remat_recompute"] == old["remat_recompute"] > 0
+        else:
+            assert b["remat_recompute"] == 0.0
+    cudnn_old = flops.executed_flops_per_token(CFG, attention_impl="cudnn", seq_len=T, remat="dots_no_batch")
+    assert cudnn_old["remat_recompute"] > 0  # the rerun the deviceless compile counts (31 per 7B step)
