@@ -89,6 +89,7 @@ def get_config():
     c.train.crash_after_step = 0  # tests only: die (no clean shutdown) after this step's checkpoint
     c.train.nan_at_steps = ()  # fault drill: stage 1's loss and gradients at these steps (1-based) are made NaN
     c.train.extend = False  # resume a workdir with a different train.steps (the lr schedule stretches to it)
+    c.train.retrain = False  # train again in a workdir whose run has finished (its checkpoints deleted): from step 0
 
     c.stage2 = ml_collections.ConfigDict()  # optional light CPT at the extended length
     c.stage2.steps = 0  # 0 = no stage 2

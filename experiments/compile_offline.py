@@ -23,8 +23,10 @@ Then, e.g. the layouts of issue 22 part 3:
 Per variant: compiled GiB (arguments + outputs - donated + XLA temp, as bench_restore_step's
 `compiled_gib`), its parts, the compile seconds, and what one step executes with loops counted
 (experiments/hlo_cost.py): matmul TFLOPs (remat recompute included) and cuDNN attention calls,
-whence the attention forwards the backward reruns (`executed_work`). `--dump DIR` keeps
-XLA's dumps (HLO after optimisation, buffer assignment, memory-usage report) per variant.
+whence the attention forwards the backward reruns (`executed_work`). Mosaic GPU kernels
+(`kernel_impl=pallas_mgpu`) reach XLA as MLIR that is compiled when the program first runs, so
+here they are lowered, not compiled. `--dump DIR` keeps XLA's dumps (HLO after optimisation,
+buffer assignment, memory-usage report: which buffers make the peak) in one directory.
 Timing is not something this gives: tokens/s still need the device (bench_restore_step).
 """
 
@@ -135,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention_impl", default="cudnn", help="what auto picks on the GPU for a maskless batch")
     p.add_argument("--kernel_impl", default="pallas_gpu", help="the relation kernel (auto's pick on the GPU)")
-    p.add_argument("--dump", default="", help="keep XLA's dumps under DIR/<model>_<layout>_<loss>_<remat>")
+    p.add_argument(
+        "--dump",
+        default="",
+        help="keep XLA's dumps (HLO, buffer assignment, memory-usage report) in DIR; the steps' modules "
+        "(*jit_step*) are numbered in the order of the variants",
+    )
     p.add_argument("--out", default="")
     return p
 
@@ -151,6 +158,8 @@ def main(argv=None):
     unknown = [m for m in models if m not in bench.SHAPES]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; expected some of {sorted(bench.SHAPES)}")
+    if args.dump:  # read once, when XLA starts: one directory for every variant, modules in run order
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.dump}".strip()
     try:
         device = compile_only_device(args.target)
     except SetupError as e:
@@ -163,8 +172,6 @@ def main(argv=None):
     for name in models:
         for layout, fused, remat in variants:
             loss = "fused" if fused else "unfused"
-            if args.dump:  # XLA reads the flag per compilation
-                os.environ["XLA_FLAGS"] = f"--xla_dump_to={os.path.join(args.dump, f'{name}_{layout}_{loss}_{remat}')}"
             row = {"model": name, "layout": layout, "fused": fused, "remat": remat}
             try:
                 row.update(

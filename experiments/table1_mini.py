@@ -74,6 +74,7 @@ def main():
             c.train.batch_size = args.batch
             c.train.lr = args.lr
             c.train.checkpoint_every = 10**9
+            c.train.retrain = True  # this script regenerates every row: a rerun in its workdir trains again
             c.train.log_every = 50
             c.eval.enabled = False
             if "stage2_steps" in r:

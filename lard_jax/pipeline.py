@@ -40,6 +40,7 @@ from lard_jax.plan import (  # noqa: F401  (re-exported: the checks' historical 
     build_loader,
     check_against_model,
     check_checkpoint,
+    check_not_finished,
     check_resumable,
     load_run_tokenizer,
     prepare_workdir,
@@ -459,7 +460,7 @@ def _print_outputs(workdir: str, hf_student: str, deleted: str | None) -> None:
     if deleted:
         lines.append(
             f"  training checkpoints deleted ({deleted}; config.train.keep_checkpoints_after=True keeps them); "
-            "rerunning this command trains again from step 0"
+            "rerunning this command stops at once; with --config.train.retrain=True it trains again from step 0"
         )
     print("\n".join(lines))
 

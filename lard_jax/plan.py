@@ -7,7 +7,8 @@ check, in this order, before any device work or weight read:
 
   config keys (validate_config) -> workdir writable -> text sources resolved -> checkpoint headers
   (check_checkpoint) -> tokenizer -> model x config x mesh (check_against_model) -> evaluation
-  settings and held-out text -> resumability of the workdir (check_resumable) -> training text
+  settings and held-out text -> a finished run not retrained by accident (check_not_finished) ->
+  resumability of the workdir (check_resumable) -> training text
   tokenised into the cache (one loader per stage).
 
 A mistake raises ConfigError / hf.CheckpointError (lard_jax.errors.UserError: one line that names
@@ -160,6 +161,7 @@ def resolve(config, *, build_loaders: bool = True) -> Plan:
     eval_spec, eval_docs = None, None
     if config.eval.enabled:  # fail on a bad evaluation setting before training, not after
         eval_spec, eval_docs = _resolve_eval(config, tokenizer, student_max)
+    check_not_finished(config)
     check_resumable(config)
     lora = LoraSpec(rank=config.train.lora_rank, alpha=config.train.lora_alpha, dropout=config.train.lora_dropout)
     opt = optimizer_kwargs(config.train)
@@ -517,6 +519,7 @@ def _data_error(e: Exception, what: str) -> ConfigError:
 # train.steps may change only with train.extend=True (check_resumable).
 _RESUME_FREE_KEYS = {
     "train.extend",
+    "train.retrain",
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
@@ -546,6 +549,21 @@ def _flat(d, prefix=""):
         else:
             out[key] = v
     return out
+
+
+def check_not_finished(config) -> None:
+    """A workdir whose run has finished (summary.json written, training checkpoints deleted, as
+    they are by default) is not trained again from step 0 by running the same command twice:
+    refuse unless config.train.retrain says so. With checkpoints kept (train.keep_checkpoints_after)
+    a rerun resumes at the last step and only exports and evaluates again, so it passes."""
+    finished = os.path.exists(os.path.join(config.workdir, "summary.json"))
+    has_checkpoints = os.path.isdir(os.path.join(config.workdir, "checkpoints"))
+    if finished and not has_checkpoints and not config.train.get("retrain", False):
+        raise ConfigError(
+            f"config.workdir={config.workdir}: it holds a finished run (summary.json, hf_student/) whose "
+            "training checkpoints were deleted, so running again would train from step 0; use a new "
+            "config.workdir, or pass --config.train.retrain=True to train again here (its outputs are replaced)"
+        )
 
 
 def check_resumable(config) -> None:

@@ -315,6 +315,27 @@ def test_resume_with_changed_steps_needs_extend(assets, tmp_path, capsys):
     _fails(capsys, restore_cli.main, argv, "config.train.steps=3", "2-step run", "--config.train.extend=True")
 
 
+def test_a_finished_run_is_not_trained_again_by_accident(assets, tmp_path, capsys):
+    """After a finished run the training checkpoints are gone (the default): the same command again
+    would start from step 0, so it stops with the two ways on, unless train.retrain says so."""
+    run = tmp_path / "run"
+    c = base.get_config()
+    c.workdir = str(run)
+    os.makedirs(run / "hf_student")
+    (run / "summary.json").write_text("{}")
+    with pytest.raises(pipeline.ConfigError, match="train.retrain=True"):
+        pipeline.check_not_finished(c)
+    c.train.retrain = True
+    pipeline.check_not_finished(c)  # asked for
+    c.train.retrain = False
+    os.makedirs(run / "checkpoints")  # kept (train.keep_checkpoints_after): a rerun resumes, nothing retrains
+    pipeline.check_not_finished(c)
+    shutil.rmtree(run / "checkpoints")
+    # through the entry point: one line, before any weight (this module's autouse fixture)
+    _fails(capsys, restore_cli.main, _argv(assets, tmp_path), "holds a finished run", "--config.train.retrain=True")
+    assert not (run / "config.json").exists()  # stopped before the run wrote anything
+
+
 def test_evaluate_without_config(capsys):
     _fails(capsys, evaluate_cli.main, ["evaluate"], "--config is not set", "configs/eval.py")
 
