@@ -124,10 +124,13 @@ def attention(
     block_q: int = 512,
     block_k: int = 512,
     max_segments: int = MAX_SEGMENTS,
+    name_residuals: bool = False,
 ):
     """Causal attention q [B, T, H, D], k/v [B, T, KV, D] -> [B, T, H, D]; see the module doc.
     `max_segments`: the most documents per row that cuDNN's packed path takes (cudnn with a
-    MaskInfo); rows with more go through blockwise attention."""
+    MaskInfo); rows with more go through blockwise attention. `name_residuals`: cuDNN's VJP
+    residuals named RESIDUALS_NAME for a remat policy (`with_named_residuals`; other
+    implementations ignore it)."""
     b, t, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     info = mask if isinstance(mask, MaskInfo) else None
@@ -141,7 +144,7 @@ def attention(
     if impl in ("xla", "cudnn"):
         implementation = "cudnn" if impl == "cudnn" else None
         if mask is None:
-            if impl == "cudnn":
+            if impl == "cudnn" and name_residuals:
                 causal = lambda q, k, v, _: jax.nn.dot_product_attention(  # noqa: E731
                     q, k, v, scale=scale, is_causal=True, implementation="cudnn"
                 )
@@ -151,7 +154,7 @@ def attention(
             masked = lambda q, k, v, info: cudnn_masked_attention(  # noqa: E731
                 q, k, v, info, scale=scale, max_segments=max_segments, block_q=block_q, block_k=block_k
             )
-            return with_named_residuals(masked, q, k, v, info)
+            return with_named_residuals(masked, q, k, v, info) if name_residuals else masked(q, k, v, info)
         if dense is None:
             dense = dense_mask(info.segment_ids, info.attention_mask, t)
         return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation=implementation)
@@ -368,7 +371,8 @@ def with_named_residuals(fn, q, k, v, aux=None):
     keep them ("dots_no_batch_attention"). q, k and v stay unnamed: the policy recomputes them
     from the layer's saved matmuls. `aux`: arrays `fn` reads that take no gradient (the mask).
     Not differentiated, this is `fn` itself (the inference path, no statistics); differentiated,
-    the same values and gradients as `fn`'s own VJP."""
+    the same values and gradients as `fn`'s own VJP. `attention` wraps cuDNN in it only when asked
+    (`name_residuals`, set by the model under that policy), so every other path is the plain call."""
     return _named_vjp(_VjpFn(fn), q, k, v, aux)
 
 

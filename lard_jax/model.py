@@ -293,7 +293,10 @@ class LlamaAttention(nn.Module):
         if cache is not None and cache_index is not None:
             out = attn_lib.decode_attention(q, k, v, cache[0], cache[1], cache_index)
         else:
-            out = attn_lib.attention(q, k, v, mask=mask, impl=cfg.attention_impl)
+            # cuDNN's residuals named only where the policy keeps them: elsewhere the plain call
+            out = attn_lib.attention(
+                q, k, v, mask=mask, impl=cfg.attention_impl, name_residuals=cfg.remat == "dots_no_batch_attention"
+            )
         out = _dense(cfg.hidden_size, cfg.attention_bias, cfg, "o_proj", ("q_heads", "embed"))(
             out.reshape(b, t, h * d), _sub_key(dropout_key, 3)
         )
