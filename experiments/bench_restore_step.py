@@ -218,18 +218,9 @@ def abstract_step(
         frozen,
     )
     optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
-
-    def init_state(t):
-        return trainer.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            trainable=t,
-            opt_state=optimizer.init(t),
-            rng=jax.random.PRNGKey(0),
-            skipped=jnp.zeros((), jnp.int32),
-        )
-
+    abstract_state = jax.eval_shape(lambda t: trainer.initial_state(t, optimizer, jax.random.PRNGKey(0)), trainable)
     replicated = sharding_lib.replicated(mesh)  # one device: every leaf is whole on it (trainer.place_state)
-    state = jax.tree_util.tree_map(lambda x: sds(x, replicated), jax.eval_shape(init_state, trainable))
+    state = jax.tree_util.tree_map(lambda x: sds(x, replicated), abstract_state)
     spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     batch = {"input_ids": jax.ShapeDtypeStruct((1, batch_per_device, seq_len), jnp.int32, sharding=bsh)}

@@ -44,6 +44,7 @@ os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from experiments import bench_restore_step as bench  # noqa: E402
 from experiments import hlo_cost  # noqa: E402
@@ -94,7 +95,9 @@ def executed_work(compiled) -> dict:
     }
 
 
-def compile_variant(device, shape, *, seq_len, batch, layout, fused, remat, attention_impl, kernel_impl):
+def compile_variant(
+    device, shape, *, seq_len, batch, layout, fused, remat, attention_impl, kernel_impl, trainable_dtype="float32"
+):
     """One variant compiled for `device`: memory parts (GiB), compile seconds, attention calls."""
     step, args = bench.abstract_step(
         shape,
@@ -106,6 +109,7 @@ def compile_variant(device, shape, *, seq_len, batch, layout, fused, remat, atte
         layout=layout,
         fused=fused,
         device=device,
+        trainable_dtype=jnp.dtype(trainable_dtype),
     )
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
@@ -137,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention_impl", default="cudnn", help="what auto picks on the GPU for a maskless batch")
     p.add_argument("--kernel_impl", default="pallas_gpu", help="the relation kernel (auto's pick on the GPU)")
+    p.add_argument(
+        "--trainable_dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the trained projections' dtype (configs: float32); bfloat16 halves their gradient stacks, "
+        "which isolates what those stacks hold",
+    )
     p.add_argument(
         "--dump",
         default="",
@@ -185,6 +196,7 @@ def main(argv=None):
                         remat=remat,
                         attention_impl=args.attention_impl,
                         kernel_impl=args.kernel_impl,
+                        trainable_dtype=args.trainable_dtype,
                     )
                 )
                 print(
@@ -204,6 +216,7 @@ def main(argv=None):
         "batch_per_device": args.batch_per_device,
         "attention_impl": args.attention_impl,
         "kernel_impl": args.kernel_impl,
+        "trainable_dtype": args.trainable_dtype,
         "command": "python -m experiments.compile_offline " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
     }

@@ -284,17 +284,18 @@ def place_state(state: TrainState, mesh) -> TrainState:
     )
 
 
+def initial_state(trainable, optimizer, rng) -> TrainState:
+    """Step 0 as a pure function: `trainable`, the optimizer's fresh state, the step's base key
+    `rng` and a count of skipped (non-finite) steps at 0 (`jax.eval_shape` of it gives the state's
+    shapes without making one)."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, trainable=trainable, opt_state=optimizer.init(trainable), rng=rng, skipped=zero)
+
+
 def init_state(trainable, optimizer, rng, mesh) -> TrainState:
-    """Step 0: `trainable` (placed, e.g. by `init_trainable_sharded`), the optimizer's state
-    initialised on the device next to it, the step's base key `rng` and a count of skipped
-    (non-finite) steps at 0; see `place_state`."""
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        trainable=trainable,
-        opt_state=jax.jit(optimizer.init)(trainable),
-        rng=rng,
-        skipped=jnp.zeros((), jnp.int32),
-    )
+    """`initial_state` on the device: the optimizer's state initialised next to `trainable`
+    (placed, e.g. by `init_trainable_sharded`); see `place_state`."""
+    state = jax.jit(initial_state, static_argnums=1)(trainable, optimizer, rng)
     return place_state(state, mesh)
 
 
