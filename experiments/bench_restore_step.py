@@ -74,6 +74,10 @@ def _progress(msg: str) -> None:
 # configs/base.py's defaults (c.model.scan_layers, c.loss.fused, c.model.remat), not imported: ml_collections is
 # not needed to run this bench (tests/test_bench_layouts.py checks the two agree)
 DEFAULT_LAYOUT = "scan"
+# layout -> (scan_layers, LlamaConfig.scan_grads): "scan" is the configs' (per-layer gradients in
+# the compute dtype, lard_jax.layer_scan); "scan_jaxgrad" differentiates the same scan with JAX's own
+# transpose (one float32 accumulator for the stacks: the default until issue 22 part 3's fix)
+LAYOUTS = {"loop": (False, "compute_dtype"), "scan": (True, "compute_dtype"), "scan_jaxgrad": (True, "jax")}
 DEFAULT_FUSED = True
 DEFAULT_REMAT = "dots_no_batch"
 LAYOUTS_ALL = (("loop", False), ("scan", False), ("scan", True))  # --layouts_all: (layout, fused)
@@ -166,7 +170,7 @@ def random_weights(abstract, shardings, key):
     return jax.tree_util.tree_unflatten(treedef, [leaf(k, a, sh) for k, a, sh in zip(keys, leaves, shard_leaves)])
 
 
-def _models(shape: dict, remat: str, attention_impl: str, scan_layers: bool = False):
+def _models(shape: dict, remat: str, attention_impl: str, scan_layers: bool = False, scan_grads="compute_dtype"):
     """(teacher config, teacher, student): bf16 weights of `shape`; the student is the teacher
     with linear x8 RoPE (the 7B recipe's 4K -> 32K)."""
     cfg = LlamaConfig(
@@ -176,6 +180,7 @@ def _models(shape: dict, remat: str, attention_impl: str, scan_layers: bool = Fa
         remat=remat,
         attention_impl=attention_impl,
         scan_layers=scan_layers,
+        scan_grads=scan_grads,
     )
     student_cfg = cfg.replace(
         rope_scaling={"rope_type": "linear", "factor": 8.0}, max_position_embeddings=cfg.max_position_embeddings * 8
@@ -203,8 +208,8 @@ def abstract_step(
     machine without a GPU this way. Same models, state layout and shardings as build_step."""
     device = jax.devices()[0] if device is None else device
     mesh = sharding_lib.make_mesh(data=1, devices=[device])
-    scan = {"scan": True, "loop": False}[layout]
-    _, teacher, student = _models(shape, remat, attention_impl, scan_layers=scan)
+    scan, scan_grads = LAYOUTS[layout]
+    _, teacher, student = _models(shape, remat, attention_impl, scan_layers=scan, scan_grads=scan_grads)
     abstract = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = sharding_lib.param_shardings(abstract, mesh)
     sds = lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)  # noqa: E731
@@ -246,14 +251,14 @@ def build_step(
     devices = jax.devices()[:mesh_data]
     mesh = sharding_lib.make_mesh(data=mesh_data, devices=devices)
     cfg, teacher, student = _models(shape, remat, attention_impl)
-    scan = {"scan": True, "loop": False}[layout]
+    scan, scan_grads = LAYOUTS[layout]
     abstract = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
     shardings = sharding_lib.param_shardings(abstract, mesh)
 
     frozen = random_weights(abstract, shardings, jax.random.PRNGKey(1))
     if scan:  # the same weights stacked (shardings kept, the layer axis in front; per-layer buffers freed)
         frozen = trainer.to_layout(frozen, True, delete_source=True)
-        cfg, teacher, student = _models(shape, remat, attention_impl, scan_layers=True)
+        cfg, teacher, student = _models(shape, remat, attention_impl, scan_layers=True, scan_grads=scan_grads)
     # The library's step as the pipeline runs it: trainable tree and state placed on the mesh,
     # the jitted step donating the state and returning it in the same shardings.
     mask = trainer.trainable_mask(frozen)
@@ -423,8 +428,8 @@ def parse_variants(text: str) -> list[tuple[str, bool, str]]:
         if len(fields) != 3:
             raise ValueError(f"variant {part!r}: expected layout/loss/remat, e.g. scan/fused/full")
         layout, loss, remat = (x.strip() for x in fields)
-        if layout not in ("loop", "scan"):
-            raise ValueError(f"variant {part!r}: layout must be loop or scan, not {layout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"variant {part!r}: layout must be one of {tuple(LAYOUTS)}, not {layout!r}")
         if loss not in ("fused", "unfused"):
             raise ValueError(f"variant {part!r}: loss must be fused or unfused, not {loss!r}")
         if remat not in REMAT_POLICIES:
@@ -497,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_split", action="store_true")
     p.add_argument(
         "--layout",
-        choices=("loop", "scan"),
+        choices=tuple(LAYOUTS),
         default=DEFAULT_LAYOUT,
         help="scan (configs' default): stacked parameters under one lax.scan; loop: per-layer parameters",
     )

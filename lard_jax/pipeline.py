@@ -58,7 +58,11 @@ def build_models(plan: plan_lib.Plan, mesh):
     """(teacher, student, frozen_params): the first weight read. The teacher is the checkpoint with
     the run's numerics; the student is the plan's config (scaled RoPE) with the same numerics."""
     config = plan.config
-    overrides = dict(remat=config.model.remat, attention_impl=config.model.attention_impl)
+    overrides = dict(
+        remat=config.model.remat,
+        attention_impl=config.model.attention_impl,
+        scan_grads=config.model.get("scan_grads", "compute_dtype"),
+    )
     teacher, frozen = hf.load_pretrained(
         config.model.checkpoint,
         dtype=dtype_of(config.model.dtype),

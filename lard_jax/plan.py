@@ -30,7 +30,7 @@ from lard_jax import hf, safetensors_io, trainer
 from lard_jax import rope as rope_lib
 from lard_jax import sharding as sharding_lib
 from lard_jax.errors import UserError
-from lard_jax.model import LlamaConfig, LlamaForCausalLM, dtype_of
+from lard_jax.model import REMAT_POLICIES, SCAN_GRADS, LlamaConfig, LlamaForCausalLM, dtype_of
 from lard_jax.sources import BUILTIN_PREFIX, resolve_source
 from lard_jax.trainer import LoraSpec, LossSpec
 
@@ -302,6 +302,9 @@ def validate_config(config) -> dict | None:
             dtype_of(config.model[key])
         except ValueError as e:
             raise ConfigError(f"config.model.{key}: {e}") from None
+    for key, allowed in (("remat", REMAT_POLICIES), ("scan_grads", SCAN_GRADS)):
+        if key in config.model and config.model[key] not in allowed:
+            raise ConfigError(f"config.model.{key}={config.model[key]!r}; expected one of {allowed}")
     if config.train.trainable not in trainer.PROJECTION_SETS:
         raise ConfigError(
             f"config.train.trainable={config.train.trainable!r}; expected one of {sorted(trainer.PROJECTION_SETS)}"
@@ -519,6 +522,7 @@ def _data_error(e: Exception, what: str) -> ConfigError:
 # train.steps may change only with train.extend=True (check_resumable).
 _RESUME_FREE_KEYS = {
     "train.extend",
+    "model.scan_grads",  # the same gradients either way (tests/test_layer_scan.py)
     "train.retrain",
     "train.log_every",
     "train.checkpoint_every",

@@ -336,6 +336,12 @@ def test_a_finished_run_is_not_trained_again_by_accident(assets, tmp_path, capsy
     assert not (run / "config.json").exists()  # stopped before the run wrote anything
 
 
+@pytest.mark.parametrize("key,value", [("remat", "ful"), ("scan_grads", "bf16")])
+def test_unknown_model_choice_fails_before_weights(assets, tmp_path, capsys, key, value):
+    _fails(capsys, restore_cli.main, _argv(assets, tmp_path, f"--config.model.{key}={value}"), f"config.model.{key}")
+    _no_weights_read(tmp_path)
+
+
 def test_evaluate_without_config(capsys):
     _fails(capsys, evaluate_cli.main, ["evaluate"], "--config is not set", "configs/eval.py")
 

@@ -1,0 +1,152 @@
+"""A scan over stacked layers whose backward hands each layer's weight gradient out in the dtype the
+layer computes with (issue 22 part 3).
+
+Differentiated through `jax.lax.scan`, a layer loop that reads its weights from stacks [L, ...]
+closed over by the body (lard_jax.model.paired_decoder) accumulates their cotangent in a carry of the
+stacks' dtype: with float32 trainable q/k/v/o on Llama-2-7B that is one float32 buffer as large as
+the trainable stacks (6-8 GiB), allocated when the backward starts, beside every layer's residuals,
+where the unrolled loop makes each layer's gradient only when it reaches that layer. Yet each layer's
+gradient is bfloat16 before JAX casts it to float32: Flax's Dense casts its float32 kernel to the
+compute dtype, and the transpose of that cast is the cast back. `layer_scan` runs the same layers with
+a custom VJP whose backward scan emits every layer's gradient with respect to that cast, in bfloat16,
+and casts the stacked result to float32 once the scan is done: the same numbers (the cast is
+lossless), half the buffer at the backward's peak.
+
+How: the forward scan linearizes each layer with `jax.vjp` (so the layer's own `jax.checkpoint`
+policies decide what is saved, exactly as under JAX's scan) and stacks the residuals of the VJP
+function, minus those that are the layer's parameter slices or the loop's constants (found by
+identity): the backward recomputes those from the stacks instead of keeping a copy per layer.
+
+Contract: `step(layer, consts, plain, diff, x) -> (plain, diff)`. `layer` holds the slice of every
+leaf of `stacks` at the layer's index, perturbed (differentiated) leaves passed through `view`;
+`plain` is a carry that is never differentiated (the teacher's hidden state), `diff` the
+differentiated one (the student's hidden state, running loss sums); `consts` are loop invariants
+(RoPE tables, masks) and `x` the layer's slice of `xs`. Only `stacks` and `diff` may carry
+gradients in; a perturbed `consts` or `plain` is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+
+def _slice(leaf, i):
+    return jax.lax.dynamic_index_in_dim(leaf, i, 0, keepdims=False)
+
+
+def _is_perturbed(leaf) -> bool:
+    return bool(leaf.perturbed)
+
+
+def layer_scan(
+    step: Callable,
+    stacks: Any,
+    consts: Any,
+    plain: Any,
+    diff: Any,
+    xs: Any,
+    *,
+    length: int,
+    view: Callable[[tuple, jax.Array], jax.Array] = lambda path, a: a,
+):
+    """(plain, diff) after layers [0, length) of `stacks`, each run as `step` (module docstring).
+    `view(path, slice)` maps a differentiated leaf's layer slice to what the layer computes with
+    (e.g. its cast to bfloat16); the gradient with respect to the stacks is the backward's per-layer
+    gradients of those views, cast to each stack's dtype and zero above `length`."""
+    stack_leaves, stack_def = jax.tree_util.tree_flatten_with_path(stacks)
+    paths = tuple(p for p, _ in stack_leaves)
+    index = jnp.arange(length, dtype=jnp.int32)
+
+    def layer_of(leaves, i, perturbed):
+        """The layer's tree and its differentiated leaves (views), in `stacks`' leaf order."""
+        sliced = [_slice(a, i) for a in leaves]
+        views = [view(p, s) if d else s for p, s, d in zip(paths, sliced, perturbed)]
+        return views
+
+    def run(stacks, consts, plain, diff):
+        leaves = jax.tree_util.tree_leaves(stacks)
+
+        def body(carry, ix):
+            plain, diff = carry
+            i, x = ix
+            layer = stack_def.unflatten([_slice(a, i) for a in leaves])
+            return step(layer, consts, plain, diff, x), None
+
+        (plain, diff), _ = jax.lax.scan(body, (plain, diff), (index, xs))
+        return plain, diff
+
+    fn = jax.custom_vjp(run)
+    meta = {}  # what the forward's tracing learned for the backward's: treedef and identities
+
+    def fwd(stacks, consts, plain, diff):
+        if any(map(_is_perturbed, jax.tree_util.tree_leaves(consts))):
+            raise NotImplementedError("layer_scan: gradients with respect to `consts` are not supported")
+        if any(map(_is_perturbed, jax.tree_util.tree_leaves(plain))):
+            raise NotImplementedError("layer_scan: the `plain` carry must not be differentiated")
+        pert = tuple(_is_perturbed(a) for a in jax.tree_util.tree_leaves(stacks))
+        leaves = [a.value for a in jax.tree_util.tree_leaves(stacks)]
+        consts, plain, diff = jax.tree_util.tree_map(lambda a: a.value, (consts, plain, diff))
+
+        def body(carry, ix):
+            consts, plain, diff = carry  # consts ride in the carry, so the body sees them as its own values
+            i, x = ix
+            views = layer_of(leaves, i, pert)
+            train = [v for v, d in zip(views, pert) if d]
+
+            def g(train, diff):
+                it = iter(train)
+                layer = stack_def.unflatten([next(it) if d else v for v, d in zip(views, pert)])
+                plain_out, diff_out = step(layer, consts, plain, diff, x)
+                return diff_out, plain_out
+
+            diff, vjp_fn, plain = jax.vjp(g, train, diff, has_aux=True)
+            res, res_def = jax.tree_util.tree_flatten(vjp_fn)
+            known = {id(v): k for k, v in enumerate(views)}
+            known.update({id(c): len(views) + k for k, c in enumerate(jax.tree_util.tree_leaves(consts))})
+            refs = tuple(known.get(id(r)) for r in res)
+            meta.update(res_def=res_def, refs=refs)
+            return (consts, plain, diff), [r for r, k in zip(res, refs) if k is None]
+
+        (_, plain, diff), saved = jax.lax.scan(body, (consts, plain, diff), (index, xs))
+        return (plain, diff), (leaves, consts, saved, pert)
+
+    def bwd(res, cts):
+        leaves, consts, saved, pert = res
+        _, ct_diff = cts
+        ct_diff = jax.tree_util.tree_map(
+            lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c,
+            ct_diff,
+            is_leaf=lambda c: isinstance(c, SymbolicZero),
+        )
+        res_def, refs = meta["res_def"], meta["refs"]
+
+        def body(ct, ix):
+            i, saved_i = ix
+            views = layer_of(leaves, i, pert)
+            pool = views + jax.tree_util.tree_leaves(consts)
+            it = iter(saved_i)
+            vjp_fn = res_def.unflatten([next(it) if k is None else pool[k] for k in refs])
+            ct_train, ct_prev = vjp_fn(ct)
+            return ct_prev, ct_train
+
+        ct_diff0, ct_layers = jax.lax.scan(body, ct_diff, (index, saved), reverse=True)
+        it = iter(ct_layers)
+        ct_stacks = []
+        for a, d in zip(leaves, pert):
+            if not d:
+                ct_stacks.append(None)
+                continue
+            g = next(it).astype(a.dtype)
+            if length < a.shape[0]:
+                g = jnp.concatenate([g, jnp.zeros((a.shape[0] - length, *a.shape[1:]), a.dtype)])
+            ct_stacks.append(g)
+        return stack_def.unflatten(ct_stacks), None, None, ct_diff0
+
+    fn.defvjp(fwd, bwd, symbolic_zeros=True)
+    plain, diff = fn(stacks, consts, plain, diff)
+    return jax.lax.stop_gradient(plain), diff
