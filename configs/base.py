@@ -21,11 +21,11 @@ def get_config():
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "bfloat16"  # frozen weights' storage dtype
     c.model.trainable_dtype = "float32"  # the student's trainable projections (AdamW in float32)
-    c.model.remat = "dots_no_batch"  # none | full | dots | dots_no_batch | dots_no_batch_attention: under the
-    #   scan, "none" keeps every elementwise intermediate per layer (Llama-2-7B, T 4096 on an H200: 64.8 GiB,
-    #   7,905 tok/s); this policy keeps the matmul outputs only (50.2 GiB, 7,995 tok/s): docs/bench_restore_step.md,
-    #   "Remat in the scan". dots_no_batch_attention also keeps cuDNN attention's residuals: +1 GiB, no attention
-    #   forward rerun in the backward (deviceless compile; its speed is not measured yet)
+    c.model.remat = "dots_no_batch_attention"  # none | full | dots | dots_no_batch | dots_no_batch_attention:
+    #   the matmul outputs and cuDNN attention's residuals are kept, the rest recomputed (Llama-2-7B, T 4096, H200:
+    #   8,225 tok/s at 48.0 GiB, the loop without remat 8,526 at 48.5; dots_no_batch reruns the attention forward:
+    #   8,077 at 47.1; "none" keeps every elementwise intermediate under the scan: 64.8 GiB).
+    #   docs/bench_restore_step.md, "Remat in the scan" and "Deviceless compile"
     c.model.scan_layers = True  # decoder layers under nn.scan, parameters stacked (False: a Python loop per layer)
     c.model.scan_grads = "compute_dtype"  # how the stacked layers are differentiated: compute_dtype (each layer's
     #   weight gradient leaves the backward scan in bf16, then float32: the same numbers, -3.1 GiB on Llama-2-7B)

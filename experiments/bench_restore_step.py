@@ -79,7 +79,7 @@ DEFAULT_LAYOUT = "scan"
 # transpose (one float32 accumulator for the stacks: the default until issue 22 part 3's fix)
 LAYOUTS = {"loop": (False, "compute_dtype"), "scan": (True, "compute_dtype"), "scan_jaxgrad": (True, "jax")}
 DEFAULT_FUSED = True
-DEFAULT_REMAT = "dots_no_batch"
+DEFAULT_REMAT = "dots_no_batch_attention"
 LAYOUTS_ALL = (("loop", False), ("scan", False), ("scan", True))  # --layouts_all: (layout, fused)
 PROFILE_STEPS = 2  # --profile_dir: steps traced per run (experiments/trace_summary.py --steps 2)
 

@@ -86,21 +86,21 @@ def test_layouts_table_ratios():
 def test_variants_compare_remat_policies_in_one_process(tmp_path, capsys):
     out = tmp_path / "variants.json"
     argv = ["--models", "tiny", "--seq_len", "64", "--reps", "1", "--out", str(out)]
-    results = bench.main(argv + ["--variants", "loop/unfused/full,scan/fused/dots_no_batch"])
+    results = bench.main(argv + ["--variants", "loop/unfused/full,scan/fused/dots_no_batch_attention"])
     assert [(r["layout"], r["fused"], r["remat"]) for r in results] == [
         ("loop", False, "full"),
-        ("scan", True, "dots_no_batch"),
+        ("scan", True, "dots_no_batch_attention"),
     ]
     assert all("error" not in r and "split_s" not in r for r in results), results
     assert abs(results[0]["loss"] - results[1]["loss"]) <= 1e-3 * abs(results[0]["loss"])  # the same step
     table = json.loads(out.read_text())["layouts"]
     assert [(r["layout"], r["remat"], r["default"]) for r in table] == [
         ("loop", "full", False),
-        ("scan", "dots_no_batch", True),
+        ("scan", "dots_no_batch_attention", True),
     ]
     printed = capsys.readouterr().out  # the table names each run's remat policy
     assert any(
-        " scan " in ln and " fused " in ln and " dots_no_batch " in ln and "<- default" in ln
+        " scan " in ln and " fused " in ln and " dots_no_batch_attention " in ln and "<- default" in ln
         for ln in printed.splitlines()
     )
 

@@ -713,9 +713,10 @@ def test_auto_picks_the_mosaic_kernel_only_on_hopper_at_head_dim_128_once_enable
     h200 = SimpleNamespace(platform="gpu", compute_capability="9.0")
     a100 = SimpleNamespace(platform="gpu", compute_capability="8.0")
     pick = lambda dtype=jnp.bfloat16, D=128, device=h200: rkl._resolve_impl("auto", dtype, D, device)  # noqa: E731
-    assert pick() == "pallas_gpu"  # off until a GPU session has run relation_kl with it
+    assert pick() == "pallas_mgpu"  # on since the H200 ran relation_kl and a 7B step with it
+    monkeypatch.setattr(rkl, "AUTO_PICKS_MGPU", False)
+    assert pick() == "pallas_gpu"
     monkeypatch.setattr(rkl, "AUTO_PICKS_MGPU", True)
-    assert pick() == "pallas_mgpu"
     assert pick(D=64) == pick(dtype=jnp.float32) == pick(device=a100) == "pallas_gpu"
     assert pick(device=SimpleNamespace(platform="cpu")) == "xla"
     assert pick(D=96) == "pallas_gpu"  # padded to 128, but measured only at 128
