@@ -12,7 +12,7 @@ compile costs one case, not the call; the JSON is rewritten after every case. Pe
     LSEs and a random row cotangent, against the Triton backward's;
   * median times of the forward and of forward + backward for both kernels, and of cuDNN flash
     attention's forward + backward on the same shapes (the issue's yardstick, same process).
-Each of VARIANTS (block sizes; the tile-skipping backward or the emit_pipeline one) is checked
+Each of VARIANTS (block sizes; the two-kernel tile-skipping backward or the fused one) is checked
 and timed on its own. `ok` per variant, and per case for all of them: every relative error finite
 and below --tol (bf16 inputs; d_right of GQA shapes is rounded to bf16 per query head before the
 group sum, where the Triton kernel sums in float32).
@@ -56,20 +56,26 @@ API_CASES = (
     (2, 8192, 9, 3, 64, True, "packed", None),
     (2, 1000, 4, 2, 64, False, "padded", None),
     (2, 2048, 4, 2, 64, True, "packed", {"block_k": 128}),
+    (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True}),
 )
 
 
-# (name, block_q, block_kv, head dims): the forward and backward on those blocks (128 x 128 exceeds
-# Hopper's shared memory at head dim 128). The first two sessions' JSON also has "pipelined_64x64",
-# a backward through emit_pipeline_warp_specialized without tile skipping, since removed.
+# (name, block_q, block_kv, head dims, fused): the forward and backward on those blocks (128 x 128
+# exceeds Hopper's shared memory at head dim 128); fused: the one-kernel backward
+# (`mosaic_backward_fused`, d_left by TMA reduce-add). The first two sessions' JSON also has
+# "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
+# removed.
 VARIANTS = (
-    ("skip_64x64", 64, 64, (64, 128)),
-    ("skip_64x128", 64, 128, (64, 128)),
-    ("skip_128x64", 128, 64, (64, 128)),
-    ("skip_128x128", 128, 128, (64,)),
+    ("skip_64x64", 64, 64, (64, 128), False),
+    ("skip_64x128", 64, 128, (64, 128), False),
+    ("skip_128x64", 128, 64, (64, 128), False),
+    ("skip_128x128", 128, 128, (64,), False),
+    ("fused_64x64", 64, 64, (64, 128), True),
+    ("fused_64x128", 64, 128, (64,), True),
 )
 
-ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-13 the API
+ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-15 the API (14, 15: fused backward)
 
 
 def _median_ms(fn, args):
@@ -126,7 +132,7 @@ def _dense64(args, g, *, causal, scale, **kw):
         return [np.asarray(v) for v in (kl, dl, dr)]
 
 
-def run_case(case, tol):
+def run_case(case, tol, variants=None):
     import jax
     import jax.numpy as jnp
 
@@ -196,13 +202,14 @@ def run_case(case, tol):
         return v
 
     row["variants"] = {}
-    for name, bq, bkv, head_dims in VARIANTS:
-        if T % (2 * bq) or T % (2 * bkv) or D not in head_dims:
+    for name, bq, bkv, head_dims, fused in VARIANTS:
+        if T % (2 * bq) or T % (2 * bkv) or D not in head_dims or (variants is not None and name not in variants):
             continue
         kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv)
+        bwd = relation_kl_mgpu.mosaic_backward_fused if fused else relation_kl_mgpu.mosaic_backward
         row["variants"][name] = check(
             jax.jit(functools.partial(relation_kl_mgpu.mosaic_forward, **kw)),
-            jax.jit(functools.partial(relation_kl_mgpu.mosaic_backward, **kw)),
+            jax.jit(functools.partial(bwd, **kw)),
         )
     row["ok"] = bool(row["variants"]) and all(v["ok"] for v in row["variants"].values())
     return row
@@ -266,11 +273,18 @@ def main(argv=None):
     p.add_argument("--cases", default="", help="indices into ALL_CASES, e.g. 0,2,7 (default: all)")
     p.add_argument("--per_case_timeout_s", type=float, default=120.0, help="each case's subprocess limit")
     p.add_argument("--tol", type=float, default=2e-2, help="largest relative error counted as ok (bf16)")
+    p.add_argument("--variants", default="", help="comma list of VARIANTS names to run (default: all)")
     p.add_argument("--one_case", type=int, default=-1, help=argparse.SUPPRESS)  # the subprocess's mode
     args = p.parse_args(argv)
+    names = [v[0] for v in VARIANTS]
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if any(v not in names for v in wanted):
+        p.error(f"--variants: unknown {sorted(set(wanted) - set(names))}; expected some of {names}")
     if args.one_case >= 0:
         case = ALL_CASES[args.one_case]
-        row = (run_api_case if len(case) == 8 else run_case)(case, args.tol)
+        row = (run_api_case if len(case) == 8 else functools.partial(run_case, variants=wanted or names))(
+            case, args.tol
+        )
         with open(args.out, "w") as f:
             json.dump(row, f)
         return row
@@ -282,7 +296,7 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as tmp:
             part = os.path.join(tmp, "case.json")
             cmd = [sys.executable, "-m", "experiments.check_relation_kl_mgpu", "--one_case", str(i), "--out", part]
-            cmd += ["--tol", str(args.tol)]
+            cmd += ["--tol", str(args.tol)] + (["--variants", args.variants] if args.variants else [])
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.per_case_timeout_s)

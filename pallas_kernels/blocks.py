@@ -51,7 +51,7 @@ class BlockSizes:
     block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
     block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
     block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
-    num_warps_*/num_stages_*/fast_exp2/exp2_split/fused_bwd: Triton only.
+    num_warps_*/num_stages_*/fast_exp2/exp2_split: Triton only; fused_bwd: Triton and Mosaic GPU.
     """
 
     block_q: int = 128
@@ -68,8 +68,9 @@ class BlockSizes:
     # GPU: the teacher's exponentials by _math.exp2_poly (FMA pipes), the student's on the MUFU.
     # Off until measured (experiments/bench_relation_kl.py's exp2 A/B has the row to decide it).
     exp2_split: bool = False
-    # GPU: one backward kernel (d_right's grid) that also adds d_left by atomic adds, so each tile's
-    # logits and exponentials are computed once, not twice. Off until measured (docs/kernel_notes.md).
+    # GPU: one backward kernel (d_right's grid) that also adds d_left (Triton: per-element atomic
+    # adds, 4.8x slower on the H200 at D 64; Mosaic GPU: a TMA reduce-add per tile, not yet run), so
+    # each tile's logits and exponentials are computed once, not twice (docs/kernel_notes.md).
     fused_bwd: bool = False
 
     def all_blocks(self):

@@ -647,6 +647,14 @@ def test_mgpu_kernels_lower_to_mosaic_gpu(causal, has_ids, H, Hr, D):
     assert text.count("mosaic_gpu") >= 2  # d_left and d_right
     d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row, *ids)
     assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
+    # the one-kernel backward: d_left added by TMA reduce-adds into a float32 buffer aliased in and out
+    fused = lambda *a: relation_kl_mgpu.mosaic_backward_fused(*a, scale=D**-0.5, causal=causal)  # noqa: E731
+    text = jax.jit(fused).trace(x, r, x, r, row, row, row, *ids).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("@mosaic_gpu") == 1 and "reduce.async.bulk" in text and "output_operand_alias" in text
+    assert [(a.shape, a.dtype) for a in jax.eval_shape(fused, x, r, x, r, row, row, row, *ids)] == [
+        (x.shape, jnp.bfloat16),
+        (r.shape, jnp.bfloat16),
+    ]
 
 
 def test_pallas_mgpu_impl_lowers_through_relation_kl():
