@@ -733,6 +733,17 @@ def test_auto_picks_the_mosaic_kernel_only_on_hopper_at_head_dim_128_once_enable
     assert rkl._resolve_impl("pallas_gpu", jnp.bfloat16, 128, h200) == "pallas_gpu"  # explicit stays
 
 
+def test_unscanned_layers_keep_the_triton_kernel_on_gpus(monkeypatch):
+    """A per-layer step would compile one Mosaic GPU kernel per layer: "auto" there means Triton."""
+    from lard_jax.methods import linearard
+
+    assert linearard.kernel_impl_for("auto", scan_layers=False) == "auto"  # this CPU: auto picks xla
+    monkeypatch.setattr(linearard.jax, "default_backend", lambda: "gpu")
+    assert linearard.kernel_impl_for("auto", scan_layers=False) == "pallas_gpu"
+    assert linearard.kernel_impl_for("auto", scan_layers=True) == "auto"
+    assert linearard.kernel_impl_for("pallas_mgpu", scan_layers=False) == "pallas_mgpu"  # asked for
+
+
 def test_mgpu_forward_names_what_it_cannot_take():
     from pallas_kernels import relation_kl_mgpu
 
