@@ -68,9 +68,10 @@ class BlockSizes:
     # GPU: the teacher's exponentials by _math.exp2_poly (FMA pipes), the student's on the MUFU.
     # Off until measured (experiments/bench_relation_kl.py's exp2 A/B has the row to decide it).
     exp2_split: bool = False
-    # GPU: one backward kernel (d_right's grid) that also adds d_left (Triton: per-element atomic
-    # adds, 4.8x slower on the H200 at D 64; Mosaic GPU: a TMA reduce-add per tile, not yet run), so
-    # each tile's logits and exponentials are computed once, not twice (docs/kernel_notes.md).
+    # GPU: one backward kernel (d_right's grid) that also adds d_left, so each tile's logits and
+    # exponentials are computed once, not twice (docs/kernel_notes.md). Triton: per-element atomic
+    # adds, 4.8x slower on the H200 at D 64, off; Mosaic GPU: one TMA reduce-add per tile, faster
+    # than its two kernels, on in MGPU_BLOCKS.
     fused_bwd: bool = False
 
     def all_blocks(self):
@@ -123,9 +124,11 @@ TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 # "pallas_mgpu": one block_q x block_k for the forward and both backward kernels (each a pair of
 # 64-row blocks, one per compute warpgroup); 64 x 64 was the fastest of the two measured on an
 # H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json, _16k.json: 64 x 128 took 2.05x /
-# 1.47x / 1.34x its time at T 2048 / 4096 / 16384).
+# 1.47x / 1.34x its time at T 2048 / 4096 / 16384). fused_bwd: the one-kernel backward (d_left by
+# TMA reduce-add), 0.95x / 0.88x the two-kernel one's forward + backward at T 4096 32/8 heads D 128
+# and T 8192 9/3 heads D 64, exact (docs/raw/check_mgpu_fused_h200_session6.json).
 MGPU_MIN_BLOCK = 64
-MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS})
+MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS}, fused_bwd=True)
 
 
 def next_pow2(x: int) -> int:

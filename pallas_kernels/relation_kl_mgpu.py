@@ -1,20 +1,21 @@
 """Relation KL as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
-WORK IN PROGRESS (issue 24): reachable as `relation_kl(impl="pallas_mgpu")` (`forward` and
-`backward` at the end of this file follow relation_kl.py's kernel contract); "auto" does not pick
-it until a full training step has run with it on a GPU. Measured on an H200 (2026-12-04,
-`experiments/check_relation_kl_mgpu.py`; docs/raw/check_mgpu_h200_*.json): agrees with the
-Triton kernels to bf16 rounding (KL rows to 1e-6, d_left 1e-3, d_right 4e-3 on GQA shapes: bf16
-per query head before the group sum), and with a dense float32 reference at T <= 2048; forward +
-backward in 0.84-0.90x the Triton kernels' time at head dim 128 (T 2048-16384, MHA and GQA),
-1.08-1.24x at head dim 64 (64 x 64 blocks).
+`relation_kl(impl="pallas_mgpu")` (`forward` and `backward` at the end of this file follow
+relation_kl.py's kernel contract); "auto" picks it on Hopper at head dim 128 (bf16/f16). Measured on
+an H200 (`experiments/check_relation_kl_mgpu.py`; docs/raw/check_mgpu_*_h200_*.json): agrees with
+the Triton kernels to bf16 rounding (KL rows to 1e-6, d_left 1e-3, d_right 4e-3 on GQA shapes: bf16
+per query head before the group sum) and with a float64 reference at T <= 2048, through the API
+with key masks, segment ids and padded lengths. With the one-kernel backward (the default blocks)
+forward + backward takes 0.85x the Triton kernels' time and 1.10x cuDNN attention's at T 4096,
+32/8 heads, D 128, and 0.91x / 1.23x at T 8192, 9/3 heads, D 64 (2026-12-05).
 Plan and state: docs/kernel_notes.md, "A Mosaic GPU kernel on Hopper".
 
 `mosaic_forward` returns what the Triton forward returns ([B, H, T] float32 KL rows and the two
-base-2 LSEs), so its residuals feed either backward. `mosaic_backward` (d_left over query blocks,
-d_right over key blocks) skips the tiles above the diagonal. (A first backward through
-`plgpu.emit_pipeline_warp_specialized`, which computes every tile, ran 1.5-1.7x slower at T >= 4096
-and was removed: docs/kernel_notes.md.)
+base-2 LSEs), so its residuals feed either backward. `mosaic_backward_fused` (BlockSizes.fused_bwd,
+on in the default blocks) runs d_right's grid and adds each tile's d_left share by a TMA reduce-add;
+`mosaic_backward` runs two kernels (d_left over query blocks, d_right over key blocks). Both skip
+the tiles above the diagonal. (A first backward through `plgpu.emit_pipeline_warp_specialized`,
+which computes every tile, ran 1.5-1.7x slower at T >= 4096 and was removed: docs/kernel_notes.md.)
 
 Per program (grid: heads x query-block pairs x batch), three warpgroups:
   * two compute warpgroups, one query block each: TMA-load the block's student and teacher left

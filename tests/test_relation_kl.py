@@ -670,6 +670,8 @@ def test_pallas_mgpu_impl_lowers_through_relation_kl():
     args = (x, kv, kv, x, kv, kv)
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3 and "triton" not in text.lower()
+    # the default Mosaic blocks take the one-kernel backward (d_left by TMA reduce-add)
+    assert pallas_kernels.blocks.MGPU_BLOCKS.fused_bwd and "reduce.async.bulk" in text
 
 
 @pytest.mark.parametrize("T,masked", [(256, True), (200, False), (20, False)])  # packed + padding; padded lengths
