@@ -471,10 +471,48 @@ def mosaic_backward(
     )(sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids)
 
     # ---- d_right: one key block per compute warpgroup (per query head), the left side streamed
-    s_right = ring(n_q, block_q)
+    _, d_sr = _key_block_backward(
+        sl,
+        sr,
+        tl,
+        tr,
+        lse_s,
+        lse_t,
+        g_scaled,
+        ids,
+        scale=scale,
+        causal=causal,
+        block_q=block_q,
+        block_kv=block_kv,
+        steps=ring(n_q, block_q),
+        fused=False,
+    )
+    return d_sl, d_sr
 
-    def dright(sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dr_ref, scoped):
-        (own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring, kid2, qid_ring), loaded, consumed, bars = scoped
+
+def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, causal, block_q, block_kv, steps, fused):
+    """The key-block kernel of both backwards: one key block per compute warpgroup (per query
+    head), the query tiles from the pair's diagonal on streamed by the memory warpgroup, d_right
+    accumulated in registers. `fused`: each step's dSᵀ tile is also written to shared memory and
+    read transposed by a second wgmma, dS · s_right, whose [block_q, D] float32 product is added
+    into a float32 d_left by a TMA reduce-add (`mosaic_backward_fused`). Returns (d_left in the
+    inputs' dtype, or None unless fused; d_right, groups summed)."""
+    has_ids = bool(ids)
+    B, T, H, D = sl.shape
+    Hr = sr.shape[2]
+    G = H // Hr
+    dtype = sl.dtype
+    c = scale * _math.LOG2E
+    n_q = T // block_q
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    params = plgpu.CompilerParams(approx_math=True)
+
+    def body(*refs):
+        dl_ref, refs = (refs[0], refs[1:]) if fused else (None, refs)
+        sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dr_ref, scoped = refs
+        buffers, loaded, consumed, bars = scoped
+        own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring, *rest = buffers
+        (ds2, dl2, kid2, qid_ring) = rest if fused else (None, None, *rest)
         sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded, qid_loaded = loaded
         batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         pair_base = lax.axis_index("kv_seq") * (2 * block_kv)
@@ -487,6 +525,8 @@ def mosaic_backward(
             plgpu.set_max_registers(232, action="increase")
             k_base = pair_base + wg * block_kv
             own = own2.at[wg]
+            if fused:
+                ds_smem, dl_smem = ds2.at[wg], dl2.at[wg]
             r_head = lax.div(head, jnp.array(G, head.dtype))
             at = (batch, pl.ds(k_base, block_kv), r_head)
             plgpu.copy_gmem_to_smem(sr_ref.at[at], own.at[0], bars.at[2 * wg])
@@ -501,7 +541,8 @@ def mosaic_backward(
                 own_ids = _load_ids(kid2.at[wg], 0)  # the tile's rows are keys
 
             def step(i, acc, masked):  # ring step i holds query tile q_lo + i
-                slot = lax.rem(i, jnp.array(s_right, i.dtype))
+                slot = lax.rem(i, jnp.array(steps, i.dtype))
+                q0 = (q_lo + i) * block_q if fused else None
                 if has_ids:
                     plgpu.barrier_wait(qid_loaded.at[slot])
                     query_ids = _load_ids(qid_ring.at[slot], 1)
@@ -514,25 +555,42 @@ def mosaic_backward(
                 load = lambda ring: plgpu.load(ring.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
                 lse_s, lse_t, g_s = load(lss_ring), load(lst_ring), load(g_ring)
                 if masked:
-                    q0 = (q_lo + i) * block_q
-                    rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
+                    q0_mask = q0 if fused else (q_lo + i) * block_q
+                    rt_s, rt_t = _causal_mask(rt_s, k_base, q0_mask, True), _causal_mask(rt_t, k_base, q0_mask, True)
                 if has_ids:
                     rt_s, rt_t = _same_segment((rt_s, rt_t), own_ids, query_ids)
                 col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
                 ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
-                acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)
+                if fused:
+                    ds_t = ds_t.astype(dtype)
+                acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)  # d_right += dSᵀ · s_left
                 plgpu.barrier_arrive(consumed.at[slot])
+                if fused:  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
+                    ds_smem[...] = ds_t
+                    plgpu.commit_smem()
+
+                    def dl_body(dl_acc):
+                        plgpu.wgmma(dl_acc, plgpu.transpose_ref(ds_smem, (1, 0)), own.at[0])
+                        return dl_acc[...]
+
+                    part = pl.run_scoped(dl_body, plgpu.ACC((block_q, D), jnp.float32))
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduce has read dl_smem
+                    dl_smem[...] = part
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dl_smem, dl_ref.at[batch, pl.ds(q0, block_q), head], reduction_op="add")
                 return acc
 
             acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
             if causal:
                 own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
                 diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
-                _ring_skip(0, own_lo, s_right, [b for b in loaded if b is not None], consumed)
+                _ring_skip(0, own_lo, steps, [b for b in loaded if b is not None], consumed)
                 acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
                 acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
             else:
                 acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
+            if fused:
+                plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
             own.at[0][...] = acc.astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(own.at[0], dr_ref.at[batch, pl.ds(k_base, block_kv), head])
@@ -553,32 +611,48 @@ def mosaic_backward(
             if has_ids:
                 ids_at = lambda i: (batch, pl.ds((q_lo + i) * block_q, block_q))  # noqa: E731
                 copies.append((lambda i: qid_ref.at[ids_at(i)], qid_ring, qid_loaded))
-            _ring_load(ring_steps, s_right, copies, consumed)
+            _ring_load(ring_steps, steps, copies, consumed)
 
-    dright_entry = _backward_entry(
-        dright,
+    body.__name__ = "dfused" if fused else "dright"  # the kernels' names in profiles (<name>_entry)
+    fused_smem = (
+        plgpu.SMEM((2, block_kv, block_q), dtype, transforms=transforms),  # [wg] dSᵀ
+        plgpu.SMEM((2, block_q, D), jnp.float32),  # [wg] d_left's part, staged for the reduce-add
+    )
+    entry = _backward_entry(
+        body,
         has_ids,
         (
             plgpu.SMEM((2, 2, block_kv, D), dtype, transforms=transforms),  # [wg, student/teacher]
-            plgpu.SMEM((s_right, block_q, D), dtype, transforms=transforms),
-            plgpu.SMEM((s_right, block_q, D), dtype, transforms=transforms),
-            *(plgpu.SMEM((s_right, block_q), jnp.float32) for _ in range(3)),  # lse_s, lse_t, g
+            plgpu.SMEM((steps, block_q, D), dtype, transforms=transforms),
+            plgpu.SMEM((steps, block_q, D), dtype, transforms=transforms),
+            *(plgpu.SMEM((steps, block_q), jnp.float32) for _ in range(3)),  # lse_s, lse_t, g
+            *(fused_smem if fused else ()),
         ),
-        (plgpu.SMEM((2, block_kv), jnp.int32), plgpu.SMEM((s_right, block_q), jnp.int32)),  # own k ids, q ids ring
+        (plgpu.SMEM((2, block_kv), jnp.int32), plgpu.SMEM((steps, block_q), jnp.int32)),  # own k ids, q ids ring
         n_loaded=5,
-        steps=s_right,
+        steps=steps,
         own_barriers=6 if has_ids else 4,  # per warpgroup: its key block's TMA copies
     )
-
-    d_sr_heads = plgpu.kernel(
-        dright_entry,
-        out_type=jax.ShapeDtypeStruct((B, T, H, D), dtype),
-        grid=(H, T // (2 * block_kv), B),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=params,
-    )(sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids)
+    out_type = jax.ShapeDtypeStruct((B, T, H, D), dtype)
+    grid, grid_names = (H, T // (2 * block_kv), B), ("heads", "kv_seq", "batch")
+    d_sl = None
+    if fused:  # d_left's float32 accumulator goes in as a ref (plgpu.kernel's vmap wrapper takes none)
+        d_left = jax.new_ref(jnp.zeros((B, T, H, D), jnp.float32))
+        mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
+        d_sr_heads = pl.kernel(entry, out_type=out_type, mesh=mesh, compiler_params=params, name=entry.__name__)(
+            d_left, sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids
+        )
+        d_sl = d_left[...].astype(dtype)
+    else:
+        d_sr_heads = plgpu.kernel(
+            entry,
+            out_type=out_type,
+            grid=grid,
+            grid_names=grid_names,
+            num_threads=3,
+            thread_name="wg",
+            compiler_params=params,
+        )(sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids)
     if G > 1:  # one output per query head: sum each group (in float32)
         return d_sl, d_sr_heads.reshape(B, T, Hr, G, D).astype(jnp.float32).sum(3).astype(dtype)
     return d_sl, d_sr_heads
@@ -611,149 +685,24 @@ def mosaic_backward_fused(
     not bit-deterministic (the order of the adds varies) and is rounded to the inputs' dtype once,
     after the kernel."""
     check_shapes(sl, sr, block_q, block_kv)
-    has_ids = q_ids is not None
-    ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if has_ids else ()
-    B, T, H, D = sl.shape
-    G = H // sr.shape[2]
-    dtype = sl.dtype
-    c = scale * _math.LOG2E
-    n_q = T // block_q
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    g_scaled = g * scale
-    steps = max(2, min(max_concurrent_steps, n_q))
-
-    def fused(dl_ref, sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dr_ref, scoped):
-        (own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring, ds2, dl2, kid2, qid_ring), loaded, consumed, bars = scoped
-        sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded, qid_loaded = loaded
-        batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
-        pair_base = lax.axis_index("kv_seq") * (2 * block_kv)
-        q_block = jnp.array(block_q, jnp.int32)
-        q_lo = lax.div(pair_base, q_block) if causal else jnp.array(0, jnp.int32)  # the pair's first query tile
-        ring_steps = n_q - q_lo
-
-        @pl.when(wg < 2)
-        def _compute():
-            plgpu.set_max_registers(232, action="increase")
-            k_base = pair_base + wg * block_kv
-            own, ds_smem, dl_smem = own2.at[wg], ds2.at[wg], dl2.at[wg]
-            r_head = lax.div(head, jnp.array(G, head.dtype))
-            at = (batch, pl.ds(k_base, block_kv), r_head)
-            plgpu.copy_gmem_to_smem(sr_ref.at[at], own.at[0], bars.at[2 * wg])
-            plgpu.copy_gmem_to_smem(tr_ref.at[at], own.at[1], bars.at[2 * wg + 1])
-            if has_ids:
-                plgpu.copy_gmem_to_smem(kid_ref.at[batch, pl.ds(k_base, block_kv)], kid2.at[wg], bars.at[4 + wg])
-            plgpu.barrier_wait(bars.at[2 * wg])
-            plgpu.barrier_wait(bars.at[2 * wg + 1])
-            own_ids = None
-            if has_ids:
-                plgpu.barrier_wait(bars.at[4 + wg])
-                own_ids = _load_ids(kid2.at[wg], 0)  # the tile's rows are keys
-
-            def step(i, acc, masked):  # ring step i holds query tile q_lo + i
-                slot = lax.rem(i, jnp.array(steps, i.dtype))
-                q0 = (q_lo + i) * block_q
-                if has_ids:
-                    plgpu.barrier_wait(qid_loaded.at[slot])
-                    query_ids = _load_ids(qid_ring.at[slot], 1)
-                plgpu.barrier_wait(sl_loaded.at[slot])
-                rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
-                plgpu.barrier_wait(tl_loaded.at[slot])
-                rt_t = _tile(own.at[1], tl_ring.at[slot])
-                for bar in (lss_loaded, lst_loaded, g_loaded):
-                    plgpu.barrier_wait(bar.at[slot])
-                load = lambda ring: plgpu.load(ring.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
-                lse_s, lse_t, g_s = load(lss_ring), load(lst_ring), load(g_ring)
-                if masked:
-                    rt_s, rt_t = _causal_mask(rt_s, k_base, q0, True), _causal_mask(rt_t, k_base, q0, True)
-                if has_ids:
-                    rt_s, rt_t = _same_segment((rt_s, rt_t), own_ids, query_ids)
-                col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
-                ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col).astype(dtype)
-                acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)  # d_right += dSᵀ · s_left
-                plgpu.barrier_arrive(consumed.at[slot])
-                # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right, dSᵀ from shared memory
-                ds_smem[...] = ds_t
-                plgpu.commit_smem()
-
-                def dl_body(dl_acc):
-                    plgpu.wgmma(dl_acc, plgpu.transpose_ref(ds_smem, (1, 0)), own.at[0])
-                    return dl_acc[...]
-
-                part = pl.run_scoped(dl_body, plgpu.ACC((block_q, D), jnp.float32))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous step's reduce has read dl_smem
-                dl_smem[...] = part
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dl_smem, dl_ref.at[batch, pl.ds(q0, block_q), head], reduction_op="add")
-                return acc
-
-            acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
-            if causal:
-                own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
-                diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
-                _ring_skip(0, own_lo, steps, [b for b in loaded if b is not None], consumed)
-                acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
-                acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
-            else:
-                acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
-            plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
-            own.at[0][...] = acc.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(own.at[0], dr_ref.at[batch, pl.ds(k_base, block_kv), head])
-            plgpu.wait_smem_to_gmem(0)
-
-        @pl.when(wg == 2)
-        def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-            tile = lambda ref: lambda i: ref.at[batch, pl.ds((q_lo + i) * block_q, block_q), head]  # noqa: E731
-            row = lambda ref: lambda i: ref.at[batch, head, pl.ds((q_lo + i) * block_q, block_q)]  # noqa: E731
-            copies = [
-                (tile(sl_ref), sl_ring, sl_loaded),
-                (tile(tl_ref), tl_ring, tl_loaded),
-                (row(lss_ref), lss_ring, lss_loaded),
-                (row(lst_ref), lst_ring, lst_loaded),
-                (row(g_ref), g_ring, g_loaded),
-            ]
-            if has_ids:
-                ids_at = lambda i: (batch, pl.ds((q_lo + i) * block_q, block_q))  # noqa: E731
-                copies.append((lambda i: qid_ref.at[ids_at(i)], qid_ring, qid_loaded))
-            _ring_load(ring_steps, steps, copies, consumed)
-
-    def entry(*refs):  # operands (d_left's accumulator first), then d_right's per-head output
-        ins, out = refs[:-1], refs[-1]
-        ins = ins if has_ids else (*ins, None, None)
-        smem = (
-            plgpu.SMEM((2, 2, block_kv, D), dtype, transforms=transforms),  # [wg, student/teacher] right tiles
-            plgpu.SMEM((steps, block_q, D), dtype, transforms=transforms),
-            plgpu.SMEM((steps, block_q, D), dtype, transforms=transforms),
-            *(plgpu.SMEM((steps, block_q), jnp.float32) for _ in range(3)),  # lse_s, lse_t, g
-            plgpu.SMEM((2, block_kv, block_q), dtype, transforms=transforms),  # [wg] dSᵀ
-            plgpu.SMEM((2, block_q, D), jnp.float32),  # [wg] d_left's part, staged for the reduce-add
-        )
-        ids_smem = (plgpu.SMEM((2, block_kv), jnp.int32), plgpu.SMEM((steps, block_q), jnp.int32))
-        pl.run_scoped(
-            lambda buffers, loaded, *rest: fused(*ins, out, (_pad(buffers, 10), _pad(loaded, 6), *rest)),
-            (*smem, *(ids_smem if has_ids else ())),
-            tuple(plgpu.Barrier(num_barriers=steps) for _ in range(5 + int(has_ids))),
-            plgpu.Barrier(num_arrivals=2, num_barriers=steps),
-            plgpu.Barrier(num_barriers=6 if has_ids else 4),  # per warpgroup: its key block's TMA copies
-            collective_axes="wg",
-        )
-
-    entry.__name__ = "dfused_entry"
-    d_left = jax.new_ref(jnp.zeros((B, T, H, D), jnp.float32))
-    mesh = plgpu.Mesh(
-        grid=(H, T // (2 * block_kv), B), grid_names=("heads", "kv_seq", "batch"), num_threads=3, thread_name="wg"
+    ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if q_ids is not None else ()
+    steps = max(2, min(max_concurrent_steps, sl.shape[1] // block_q))
+    return _key_block_backward(
+        sl,
+        sr,
+        tl,
+        tr,
+        lse_s,
+        lse_t,
+        g * scale,
+        ids,
+        scale=scale,
+        causal=causal,
+        block_q=block_q,
+        block_kv=block_kv,
+        steps=steps,
+        fused=True,
     )
-    d_sr_heads = pl.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct((B, T, H, D), dtype),
-        mesh=mesh,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(d_left, sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids)
-    d_sl = d_left[...].astype(dtype)
-    if G > 1:  # one output per query head: sum each group (in float32)
-        return d_sl, d_sr_heads.reshape(B, T, sr.shape[2], G, D).astype(jnp.float32).sum(3).astype(dtype)
-    return d_sl, d_sr_heads
 
 
 # ---------------------------------------------- the relation_kl contract (impl "pallas_mgpu") ---
