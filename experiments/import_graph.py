@@ -5,7 +5,8 @@
 
 Rules (tests/test_layers.py checks them too): no module of lard_jax/ or pallas_kernels/ imports
 experiments/ or tests/; no import cycle among lard_jax modules (imports inside functions count);
-a test imports no other test module (only tests/tiny.py and tests/kernel_cases.py are shared).
+a test imports no other test module (only tests/tiny.py, tests/kernel_cases.py and tests/fused_setup.py
+are shared).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_TEST_HELPERS = {"tests.tiny", "tests.kernel_cases", "tests.conftest", "tests"}
+SHARED_TEST_HELPERS = {"tests.tiny", "tests.kernel_cases", "tests.fused_setup", "tests.conftest", "tests"}
 
 
 def module_name(path: str) -> str:

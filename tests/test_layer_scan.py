@@ -11,8 +11,6 @@ dtype (issue 22 part 3), against JAX's own scan transpose.
 (The memory this saves on Llama-2-7B: experiments/compile_offline.py, docs/bench_restore_step.md.)
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +19,7 @@ import pytest
 from lard_jax import trainer
 from lard_jax.layer_scan import layer_scan
 from lard_jax.model import LlamaConfig, LlamaForCausalLM
+from tests.fused_setup import loss_and_grads, setup
 
 L, D, B, N = 5, 16, 8, 3  # stacked layers, width, batch, layers run
 
@@ -121,16 +120,13 @@ def test_refuses_gradients_it_does_not_compute():
     [("none", "dots_no_batch", None), ("merged", "full", (0, 2)), ("dropout", "none", None)],
 )
 def test_fused_loss_bf16_gradients_equal_jax_transpose(lora_kind, remat, layers):
-    sys.path.insert(0, "tests")
-    from test_scan import _loss_and_grads, _setup
-
-    teacher, student, params, lora, t, batch = _setup("scan", lora_kind, True, remat)
+    teacher, student, params, lora, t, batch = setup("scan", lora_kind, True, remat)
     out = {}
     for scan_grads in ("jax", "compute_dtype"):
         te = LlamaForCausalLM(teacher.config.replace(dtype="bfloat16", scan_grads=scan_grads))
         st = LlamaForCausalLM(student.config.replace(dtype="bfloat16", scan_grads=scan_grads))
         spec = trainer.LossSpec(fused=True, kernel_impl="xla", layers=layers)
-        out[scan_grads] = _loss_and_grads(te, st, spec, lora, t, params, batch)
+        out[scan_grads] = loss_and_grads(te, st, spec, lora, t, params, batch)
     (ref_loss, _, ref_g), (loss, _, g) = out["jax"], out["compute_dtype"]
     assert float(ref_loss) > 1e-3
     assert float(loss) == float(ref_loss)

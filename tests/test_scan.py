@@ -17,32 +17,17 @@ import pytest
 
 from lard_jax import generate, losses, sharding, trainer
 from lard_jax.model import (
-    LlamaConfig,
     LlamaForCausalLM,
-    init_params,
     is_stacked,
     param_logical_axes,
     relation_inputs,
     stack_layers,
     unstack_layers,
 )
-
-CFG = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=16,
-)
-ROPE = {"rope_type": "linear", "factor": 4.0}
-
-
-def _params(cfg=CFG, seed=0):
-    _, params = init_params(cfg, jax.random.PRNGKey(seed))
-    # larger weights: relation maps far from uniform, so the loss and its gradients are not tiny
-    return jax.tree_util.tree_map(lambda x: x * 8 if x.ndim == 2 else x, params)
+from tests.fused_setup import CFG
+from tests.fused_setup import loss_and_grads as _loss_and_grads
+from tests.fused_setup import scaled_params as _params
+from tests.fused_setup import setup as _setup
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6, what=""):
@@ -134,37 +119,6 @@ def test_lora_trainable_tree_in_both_layouts():
 
 
 # ------------------------------------------------------------------------------------ fused loss
-def _setup(layout, lora_kind, gqa=True, remat="none"):
-    cfg = CFG.replace(remat=remat, num_key_value_heads=2 if gqa else 4, scan_layers=layout == "scan")
-    params = _params(cfg.replace(scan_layers=False))
-    teacher = LlamaForCausalLM(cfg)
-    student = LlamaForCausalLM(cfg.replace(rope_scaling=ROPE))
-    lora = {
-        "none": trainer.LoraSpec(),
-        "merged": trainer.LoraSpec(rank=4, alpha=8.0),
-        "dropout": trainer.LoraSpec(rank=4, alpha=8.0, dropout=0.3),
-    }[lora_kind]
-    t = trainer.init_trainable(params, trainer.trainable_mask(params), lora, jax.random.PRNGKey(5))
-    if lora.enabled:  # a nonzero B, as after some training
-        t = jax.tree_util.tree_map_with_path(
-            lambda p, x: (
-                0.05 * jax.random.normal(jax.random.PRNGKey(6), x.shape) if getattr(p[-1], "key", "") == "lora_b" else x
-            ),
-            t,
-        )
-    if layout == "scan":  # the same weights and factors, stacked
-        params, t = stack_layers(params), stack_layers(t)
-    ids = jax.random.randint(jax.random.PRNGKey(7), (2, 12), 0, 64)
-    mask = jnp.ones((2, 12), bool).at[1, 8:].set(False)
-    return teacher, student, params, lora, t, {"input_ids": ids, "mask": mask}
-
-
-def _loss_and_grads(teacher, student, spec, lora, t, params, batch):
-    fn = trainer.make_loss_fn(teacher, student, spec, lora)
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(t, params, batch, jax.random.PRNGKey(9))
-    return loss, metrics, grads
-
-
 @pytest.mark.parametrize(
     "layout,lora_kind,gqa,layers,remat",
     [
