@@ -1041,7 +1041,9 @@ def paired_decoder(
                     (s_x, acc0),
                     (counts_xs, key_xs),
                     length=n_scan,
-                    view=functools.partial(_compute_view, dtype_of(student_cfg.dtype)),
+                    view=lambda path, a: _compute_view(  # path[0]: 0 the teacher's stacks, 1 the student's
+                        dtype_of((teacher_cfg, student_cfg)[path[0].idx].dtype), path, a
+                    ),
                 )
             else:
 

@@ -55,19 +55,22 @@ def _reference(w_stack, dtype):
     return acc + jnp.sum(h)
 
 
-def _layer_scan(w_stack, dtype, c=C, x0=X0):
+def _layer_scan(w_stack, dtype, c=C, x0=X0, t_stack=T, f_stack=F, scale=None):
     def step(layer, c, plain, diff, x):
-        return _layer(layer["w"], layer["f"], layer["t"], c, plain, diff, x, dtype)
+        (t,), trained = layer
+        if scale is not None:  # a traced value the step closes over (as the model's layer_fn does)
+            x = x * scale
+        return _layer(trained["w"], trained["f"], t, c, plain, diff, x, dtype)
 
     _, (h, acc) = layer_scan(
         step,
-        {"w": w_stack, "f": F, "t": T},
+        ((t_stack,), {"w": w_stack, "f": f_stack}),  # (plain_stacks, diff_stacks)
         c,
         x0,
         (X0, jnp.float32(0)),
         COUNTS,
         length=N,
-        view=lambda path, a: a.astype(dtype),
+        view=lambda path, a: a if getattr(path[-1], "key", "") == "f" else a.astype(dtype),  # the layer's casts
     )
     return acc + jnp.sum(h)
 
@@ -110,8 +113,55 @@ def test_forward_keeps_activations_only_and_backward_emits_compute_dtype():
 def test_refuses_gradients_it_does_not_compute():
     with pytest.raises(NotImplementedError, match="consts"):
         jax.grad(lambda c: _layer_scan(W, jnp.float32, c=c))(C)
-    with pytest.raises(NotImplementedError, match="plain"):
+    with pytest.raises(NotImplementedError, match="plain` carry"):
         jax.grad(lambda x0: _layer_scan(W, jnp.float32, x0=x0))(X0)
+    with pytest.raises(NotImplementedError, match="plain_stacks"):  # its gradient would be lost
+        jax.grad(lambda t: _layer_scan(W, jnp.float32, t_stack=t))(T)
+    with pytest.raises(NotImplementedError, match="closes over"):
+        jax.grad(lambda s: _layer_scan(W, jnp.float32, scale=s))(jnp.float32(2.0))
+
+
+def _micro_batches(loss):
+    """Micro-batch losses summed by a lax.scan, the gradient taken outside it."""
+
+    def total(w):
+        return jax.lax.scan(lambda acc, s: (acc + loss(w, s), None), 0.0, jnp.array([1.0, 0.5]))[0]
+
+    return total
+
+
+@pytest.mark.parametrize("transform", ["jit_grad_checkpoint", "grad_jit", "grad_outside_scan"])
+def test_under_enclosing_traces(transform):
+    """Values the step closes over that are tracers of an enclosing trace (here a scale computed
+    under jit / inside a scan) are hoisted, not leaked: the same gradients as JAX's transpose."""
+    dtype = jnp.bfloat16
+
+    def make(fn):
+        def loss(w, s=jnp.float32(1.0)):
+            return fn(w, dtype, scale=s * 1.5) if fn is _layer_scan else fn(w, dtype, s * 1.5)
+
+        return loss
+
+    def ref_with_scale(w, dtype, scale):
+        def body(carry, ix):
+            i, x = ix
+            return _layer(w[i], F[i], T[i], C, *carry, x * scale, dtype), None
+
+        (_, (h, acc)), _ = jax.lax.scan(body, (X0, (X0, jnp.float32(0))), (jnp.arange(N), COUNTS))
+        return acc + jnp.sum(h)
+
+    outs = []
+    for fn in (ref_with_scale, _layer_scan):
+        loss = make(fn)
+        if transform == "jit_grad_checkpoint":
+            g = jax.jit(jax.grad(jax.checkpoint(lambda w, loss=loss: loss(w, jnp.float32(1.0)))))(W)
+        elif transform == "grad_jit":
+            g = jax.grad(jax.jit(lambda w, loss=loss: loss(w, jnp.float32(1.0))))(W)
+        else:
+            g = jax.jit(jax.grad(_micro_batches(loss)))(W)
+        outs.append(np.asarray(g))
+    assert np.abs(outs[0]).max() > 1e-2
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
 
 
 # ------------------------------------------------------------------ the fused loss (paired_decoder)
@@ -134,6 +184,25 @@ def test_fused_loss_bf16_gradients_equal_jax_transpose(lora_kind, remat, layers)
         assert a.dtype == b.dtype == jnp.float32, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
     assert any(np.abs(np.asarray(b)).max() > 1e-4 for b in jax.tree_util.tree_leaves(ref_g))
+
+
+def test_fused_loss_under_checkpoint_and_grad_of_jit():
+    """The relation loss closes over values derived from the batch (its mask): under jit of grad of
+    checkpoint, and grad of jit, they are hoisted, and the gradients equal JAX's transpose's."""
+    teacher, student, params, lora, t, batch = setup("scan", "none", True, "dots_no_batch")
+    grads = {}
+    for scan_grads in ("jax", "compute_dtype"):
+        te = LlamaForCausalLM(teacher.config.replace(dtype="bfloat16", scan_grads=scan_grads))
+        st = LlamaForCausalLM(student.config.replace(dtype="bfloat16", scan_grads=scan_grads))
+        fn = trainer.make_loss_fn(te, st, trainer.LossSpec(fused=True, kernel_impl="xla"), lora)
+        loss = lambda t, b, fn=fn: fn(t, params, b, jax.random.PRNGKey(9))[0]  # noqa: E731
+        grads[scan_grads] = (
+            jax.jit(jax.grad(jax.checkpoint(loss)))(t, batch),
+            jax.grad(jax.jit(loss))(t, batch),
+        )
+    for ref, new in zip(grads["jax"], grads["compute_dtype"]):
+        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_scan_grads_is_refused():
