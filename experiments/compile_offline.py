@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of layout/loss/remat (bench_restore_step's syntax); default: the loop and the default",
     )
     p.add_argument("--attention_impl", default="cudnn", help="what auto picks on the GPU for a maskless batch")
-    p.add_argument("--kernel_impl", default="pallas_gpu", help="the relation kernel (auto's pick on the GPU)")
+    p.add_argument(
+        "--kernel_impl",
+        default="pallas_gpu",
+        help="the relation kernel: pallas_gpu (Triton; compiled here, so its memory counts) or pallas_mgpu "
+        "(auto's pick on Hopper at head dim 128; lowered only). The deviceless device has no compute "
+        "capability for auto to read",
+    )
     p.add_argument(
         "--trainable_dtype",
         default="float32",
