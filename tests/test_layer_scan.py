@@ -186,9 +186,10 @@ def test_fused_loss_bf16_gradients_equal_jax_transpose(lora_kind, remat, layers)
     assert any(np.abs(np.asarray(b)).max() > 1e-4 for b in jax.tree_util.tree_leaves(ref_g))
 
 
-def test_fused_loss_under_checkpoint_and_grad_of_jit():
+def test_fused_loss_under_checkpoint():
     """The relation loss closes over values derived from the batch (its mask): under jit of grad of
-    checkpoint, and grad of jit, they are hoisted, and the gradients equal JAX's transpose's."""
+    checkpoint they are hoisted, and the gradients equal JAX's transpose's (grad of jit and a
+    gradient outside a micro-batch scan: test_under_enclosing_traces)."""
     teacher, student, params, lora, t, batch = setup("scan", "none", True, "dots_no_batch")
     grads = {}
     for scan_grads in ("jax", "compute_dtype"):
@@ -196,13 +197,10 @@ def test_fused_loss_under_checkpoint_and_grad_of_jit():
         st = LlamaForCausalLM(student.config.replace(dtype="bfloat16", scan_grads=scan_grads))
         fn = trainer.make_loss_fn(te, st, trainer.LossSpec(fused=True, kernel_impl="xla"), lora)
         loss = lambda t, b, fn=fn: fn(t, params, b, jax.random.PRNGKey(9))[0]  # noqa: E731
-        grads[scan_grads] = (
-            jax.jit(jax.grad(jax.checkpoint(loss)))(t, batch),
-            jax.grad(jax.jit(loss))(t, batch),
-        )
-    for ref, new in zip(grads["jax"], grads["compute_dtype"]):
-        for a, b in zip(jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(ref)):
-            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+        grads[scan_grads] = jax.jit(jax.grad(jax.checkpoint(loss)))(t, batch)
+    for a, b in zip(jax.tree_util.tree_leaves(grads["compute_dtype"]), jax.tree_util.tree_leaves(grads["jax"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert max(float(np.abs(np.asarray(b)).max()) for b in jax.tree_util.tree_leaves(grads["jax"])) > 1e-4
 
 
 def test_unknown_scan_grads_is_refused():
