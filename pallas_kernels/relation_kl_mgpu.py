@@ -120,7 +120,7 @@ def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barri
             collective_axes="wg",
         )
 
-    entry.__name__ = f"{body.__name__}_entry"  # the kernel's name in profiles: dleft_entry, dright_entry
+    entry.__name__ = f"relation_kl_mgpu_{body.__name__}"  # the kernel's name in profiles (trace_summary's "relation")
     return entry
 
 
@@ -274,6 +274,7 @@ def mosaic_forward(
             collective_axes="wg",
         )
 
+    entry.__name__ = "relation_kl_mgpu_fwd"  # the kernel's name in profiles (trace_summary's "relation")
     row = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
     return plgpu.kernel(
         entry,
@@ -613,7 +614,7 @@ def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, c
                 copies.append((lambda i: qid_ref.at[ids_at(i)], qid_ring, qid_loaded))
             _ring_load(ring_steps, steps, copies, consumed)
 
-    body.__name__ = "dfused" if fused else "dright"  # the kernels' names in profiles (<name>_entry)
+    body.__name__ = "dfused" if fused else "dright"  # the kernels' names in profiles: relation_kl_mgpu_<name>
     fused_smem = (
         plgpu.SMEM((2, block_kv, block_q), dtype, transforms=transforms),  # [wg] dSᵀ
         plgpu.SMEM((2, block_q, D), jnp.float32),  # [wg] d_left's part, staged for the reduce-add
