@@ -58,12 +58,16 @@ API_CASES = (
     (2, 2048, 4, 2, 64, True, "packed", {"block_k": 128}),
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True}),
     (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True}),
+    (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "schedule_barrier": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "schedule_barrier": True}),
+    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "schedule_barrier": True}),
 )
 
 
-# (name, block_q, block_kv, head dims, fused): the forward and backward on those blocks (128 x 128
-# exceeds Hopper's shared memory at head dim 128); fused: the one-kernel backward
-# (`mosaic_backward_fused`, d_left by TMA reduce-add). The first two sessions' JSON also has
+# (name, block_q, block_kv, head dims, fused[, keyword arguments of both kernels]): the forward and
+# backward on those blocks (128 x 128 exceeds Hopper's shared memory at head dim 128); fused: the
+# one-kernel backward (`mosaic_backward_fused`, d_left by TMA reduce-add); *_sched: with the
+# compute warpgroups' ping-pong (BlockSizes.schedule_barrier). The first two sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
 VARIANTS = (
@@ -73,9 +77,10 @@ VARIANTS = (
     ("skip_128x128", 128, 128, (64,), False),
     ("fused_64x64", 64, 64, (64, 128), True),
     ("fused_64x128", 64, 128, (64,), True),
+    ("fused_64x64_sched", 64, 64, (64, 128), True, {"schedule_barrier": True}),
 )
 
-ALL_CASES = CASES + API_CASES  # --cases indexes this: 0-6 the kernels, 7-15 the API (14, 15: fused backward)
+ALL_CASES = CASES + API_CASES  # --cases: 0-6 the kernels, 7-18 the API (14-18 fused backward, 16-18 ping-pong)
 
 
 def _median_ms(fn, args):
@@ -202,10 +207,10 @@ def run_case(case, tol, variants=None):
         return v
 
     row["variants"] = {}
-    for name, bq, bkv, head_dims, fused in VARIANTS:
+    for name, bq, bkv, head_dims, fused, *extra in VARIANTS:
         if T % (2 * bq) or T % (2 * bkv) or D not in head_dims or (variants is not None and name not in variants):
             continue
-        kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv)
+        kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv, **(extra[0] if extra else {}))
         bwd = relation_kl_mgpu.mosaic_backward_fused if fused else relation_kl_mgpu.mosaic_backward
         row["variants"][name] = check(
             jax.jit(functools.partial(relation_kl_mgpu.mosaic_forward, **kw)),

@@ -20,6 +20,7 @@ tile products per (row, key) pair that the call needs, and the rates that implie
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import os
 import sys
@@ -31,7 +32,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from experiments.timing import median_seconds  # noqa: E402
-from pallas_kernels import self_relation_kl_multi  # noqa: E402
+from pallas_kernels import BlockSizes, self_relation_kl_multi  # noqa: E402
+
+BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSizes) if f.type in (bool, "bool"))
 
 
 class CudaProfilerRange:
@@ -81,9 +84,21 @@ def layer_inputs(B, T, heads, D, key=0, dtype=jnp.bfloat16):
     return pairs
 
 
-def build(impl):
+def parse_impl(spec):
+    """ "pallas_mgpu:schedule_barrier" -> ("pallas_mgpu", {"schedule_barrier": True}): an impl and
+    the boolean BlockSizes fields set for it (None: the impl's defaults)."""
+    impl, *flags = spec.split(":")
+    unknown = [f for f in flags if f not in BOOL_FIELDS]
+    if unknown:
+        raise ValueError(f"{spec!r}: {unknown} are not boolean BlockSizes fields {BOOL_FIELDS}")
+    return impl, ({f: True for f in flags} or None)
+
+
+def build(spec):
+    impl, blocks = parse_impl(spec)
+
     def loss(students, teachers):
-        rows = self_relation_kl_multi(list(zip(students, teachers)), impl=impl)
+        rows = self_relation_kl_multi(list(zip(students, teachers)), impl=impl, block_sizes=blocks)
         return sum(jnp.sum(r) for r in rows)
 
     return jax.jit(jax.value_and_grad(loss))
@@ -97,7 +112,11 @@ def pair_counts(B, T, heads):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--impls", default="pallas_gpu,pallas_mgpu")
+    p.add_argument(
+        "--impls",
+        default="pallas_gpu,pallas_mgpu",
+        help="comma list; impl:field sets a boolean BlockSizes field, e.g. pallas_mgpu:schedule_barrier",
+    )
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--heads", default="9,3,3", help="heads per relation ([q | k | v] of a layer)")
@@ -109,6 +128,10 @@ def main(argv=None):
     heads = tuple(int(h) for h in a.heads.split(","))
     if a.B < 1 or a.T < 1 or a.head_dim < 1 or not heads or min(heads) < 1:
         p.error("--B, --T, --head_dim and every --heads entry must be positive")
+    try:
+        [parse_impl(s) for s in a.impls.split(",")]
+    except ValueError as e:
+        p.error(str(e))
     students, teachers = zip(*layer_inputs(a.B, a.T, heads, a.head_dim))
     counts = pair_counts(a.B, a.T, heads)
     result = {

@@ -51,7 +51,8 @@ class BlockSizes:
     block_q/block_k: forward tiles (also the chunk sizes of the "xla" impl).
     block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
     block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
-    num_warps_*/num_stages_*/fast_exp2/exp2_split: Triton only; fused_bwd: Triton and Mosaic GPU.
+    num_warps_*/num_stages_*/fast_exp2/exp2_split: Triton only; fused_bwd: Triton and Mosaic GPU;
+    schedule_barrier: Mosaic GPU only.
     """
 
     block_q: int = 128
@@ -73,6 +74,10 @@ class BlockSizes:
     # adds, 4.8x slower on the H200 at D 64, off; Mosaic GPU: one TMA reduce-add per tile, faster
     # than its two kernels, on in MGPU_BLOCKS.
     fused_bwd: bool = False
+    # Mosaic GPU: FlashAttention-3's ping-pong. The two compute warpgroups meet at a barrier after
+    # issuing a step's logit wgmmas and after its exponentials, so one warpgroup's tensor-core work
+    # runs while the other's exponentials do. Off until an H200 says it pays (docs/kernel_notes.md).
+    schedule_barrier: bool = False
 
     def all_blocks(self):
         return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dk, self.block_k_dk)

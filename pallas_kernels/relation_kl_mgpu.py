@@ -78,6 +78,35 @@ def _tile(left, right):
     return pl.run_scoped(body, plgpu.ACC((left.shape[0], right.shape[0]), jnp.float32))
 
 
+def _tile_pair(left_s, right_s, left_t, right_t, after_issue=None):
+    """(left_s @ right_sᵀ, left_t @ right_tᵀ): both wgmmas issued before either is waited for;
+    `after_issue` (the schedule barrier's meeting) runs between issuing and waiting."""
+
+    def body(acc_s, acc_t):
+        plgpu.wgmma(acc_s, left_s, plgpu.transpose_ref(right_s, (1, 0)))
+        plgpu.wgmma(acc_t, left_t, plgpu.transpose_ref(right_t, (1, 0)))
+        if after_issue is not None:
+            after_issue()
+        return acc_s[...], acc_t[...]
+
+    shape = (left_s.shape[0], right_s.shape[0])
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
+def _meeting(barrier):
+    """Both compute warpgroups arrive, then wait for each other (FlashAttention-3's schedule
+    barrier): with one warpgroup a meeting ahead of the other, each one's wgmmas run while the
+    other computes exponentials. Every compute warpgroup must meet equally often."""
+    if barrier is None:
+        return lambda: None
+
+    def meet():
+        plgpu.barrier_arrive(barrier)
+        plgpu.barrier_wait(barrier)
+
+    return meet
+
+
 def _causal_mask(r, row0, col0, transposed=False):
     """-inf above the diagonal of a tile whose rows start at row0 and columns at col0
     (transposed: rows are keys, columns queries)."""
@@ -102,10 +131,11 @@ def _pad(refs, n):
     return refs + (None,) * (n - len(refs))
 
 
-def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barriers):
+def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barriers, schedule_barrier=False):
     """plgpu.kernel's entry for a backward kernel `body(*inputs, qid, kid, out, scoped)`: scoped
     refs (shared memory, the ring's "loaded" barriers, its "consumed" barrier, the own block's
-    barriers), with None for the ids buffers and their loaded barrier when there are no ids."""
+    barriers, and with `schedule_barrier` the compute warpgroups' meeting barrier), with None for
+    the ids buffers and their loaded barrier when there are no ids."""
 
     def entry(*refs):
         ins, out = refs[:-1], refs[-1]
@@ -117,6 +147,7 @@ def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barri
             tuple(plgpu.Barrier(num_barriers=steps) for _ in range(n_loaded + int(has_ids))),
             plgpu.Barrier(num_arrivals=2, num_barriers=steps),
             plgpu.Barrier(num_barriers=own_barriers),
+            *((plgpu.Barrier(num_arrivals=2),) if schedule_barrier else ()),
             collective_axes="wg",
         )
 
@@ -142,10 +173,13 @@ def mosaic_forward(
     block_q=64,
     block_kv=64,
     max_concurrent_steps=2,
+    schedule_barrier=False,
 ):
     """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them.
     q_ids / k_ids ([B, T] int32, both or neither): key j is valid for row i iff they are equal
-    (relation_kl's encoding of the key mask, segments and padding), on top of `causal`."""
+    (relation_kl's encoding of the key mask, segments and padding), on top of `causal`.
+    schedule_barrier: a step's two logit wgmmas are issued together and the compute warpgroups
+    ping-pong (`_meeting`; BlockSizes.schedule_barrier)."""
     check_shapes(sl, sr, block_q, block_kv)
     has_ids = q_ids is not None
     B, T, H, D = sl.shape
@@ -156,7 +190,8 @@ def mosaic_forward(
     steps = max(2, min(max_concurrent_steps, n_kv))
 
     def kernel(sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, kl_ref, lss_ref, lst_ref, scoped):
-        smem, loaded, consumed, left_barriers = scoped
+        smem, loaded, consumed, left_barriers, *sched = scoped
+        meet = _meeting(sched[0] if schedule_barrier else None)
         left_smem, sr_smem, tr_smem, rows_smem, qid_smem, kid_smem = smem
         sr_loaded, tr_loaded, kid_loaded = loaded
         sr_consumed, tr_consumed = consumed
@@ -189,6 +224,8 @@ def mosaic_forward(
             row = lambda v: plgpu.layout_cast(jnp.full((block_q,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
             stats = (row(_math.M_INIT), row(0.0), row(_math.M_INIT), row(0.0), row(0.0))
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else ring_steps
+            if schedule_barrier:  # warpgroup 1 runs a meeting ahead: its wgmmas meet 0's exponentials
+                pl.when(wg == 1)(meet)
 
             def step(kv_step, stats, masked):
                 slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
@@ -196,20 +233,30 @@ def mosaic_forward(
                     plgpu.barrier_wait(kid_loaded.at[slot])
                     key_ids = _load_ids(kid_smem.at[slot], 1)
                 plgpu.barrier_wait(sr_loaded.at[slot])
-                r_s = _tile(own.at[0], sr_smem.at[slot])
-                plgpu.barrier_arrive(sr_consumed.at[slot])
-                plgpu.barrier_wait(tr_loaded.at[slot])
-                r_t = _tile(own.at[1], tr_smem.at[slot])
-                plgpu.barrier_arrive(tr_consumed.at[slot])
+                if schedule_barrier:
+                    plgpu.barrier_wait(tr_loaded.at[slot])
+                    r_s, r_t = _tile_pair(own.at[0], sr_smem.at[slot], own.at[1], tr_smem.at[slot], meet)
+                    plgpu.barrier_arrive(sr_consumed.at[slot])
+                    plgpu.barrier_arrive(tr_consumed.at[slot])
+                else:
+                    r_s = _tile(own.at[0], sr_smem.at[slot])
+                    plgpu.barrier_arrive(sr_consumed.at[slot])
+                    plgpu.barrier_wait(tr_loaded.at[slot])
+                    r_t = _tile(own.at[1], tr_smem.at[slot])
+                    plgpu.barrier_arrive(tr_consumed.at[slot])
                 diff = r_t - r_s
                 if masked:
                     k0 = kv_step * block_kv
                     r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
                 if has_ids:
                     r_s, r_t = _same_segment((r_s, r_t), own_ids, key_ids)
-                return _math.online_update(
+                stats = _math.online_update(
                     stats, r_s, r_t, diff, c, jnp.exp2, col=functools.partial(_bcast, shape=r_s.shape)
                 )
+                if schedule_barrier:  # the exponentials stay before the meeting
+                    stats = lax.optimization_barrier(stats)
+                    meet()
+                return stats
 
             if causal:
                 n_full = lax.div(q_base, jnp.array(block_kv, jnp.int32))  # key tiles left of the diagonal
@@ -228,10 +275,15 @@ def mosaic_forward(
                     plgpu.barrier_arrive(sr_consumed.at[slot])
                     plgpu.barrier_wait(tr_loaded.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
+                    if schedule_barrier:  # the step's two meetings, which the other warpgroup holds
+                        meet()
+                        meet()
 
                 lax.fori_loop(kv_steps, ring_steps, skip, None)
             else:
                 stats = lax.fori_loop(0, kv_steps, functools.partial(step, masked=False), stats)
+            if schedule_barrier:  # warpgroup 0's last meeting: the one 1 held before its loop
+                pl.when(wg == 0)(meet)
             kl, lse_s, lse_t = _math.finalize(stats, c)
             out = rows_smem.at[wg]  # [3, block_q]
             for i, v in enumerate((kl, lse_s, lse_t)):
@@ -271,6 +323,7 @@ def mosaic_forward(
             (plgpu.Barrier(num_barriers=steps),) * (3 if has_ids else 2),
             (plgpu.Barrier(num_arrivals=2, num_barriers=steps),) * 2,
             plgpu.Barrier(num_barriers=6 if has_ids else 4),  # per warpgroup: its block's TMA copies
+            *((plgpu.Barrier(num_arrivals=2),) if schedule_barrier else ()),  # the compute warpgroups' meetings
             collective_axes="wg",
         )
 
@@ -305,17 +358,20 @@ def _ring_load(n_steps, steps, copies, consumed):
             plgpu.copy_gmem_to_smem(source(i), ring.at[slot], loaded.at[slot])
 
 
-def _ring_skip(lo, hi, steps, loaded, consumed):
+def _ring_skip(lo, hi, steps, loaded, consumed, per_step=None):
     """Steps [lo, hi) of the ring that this compute warpgroup does not need: release their slots.
     Each step's data is waited for first (it is loaded only after the slot's previous use was
     released by both warpgroups), so this arrival counts toward this step, and every barrier's
-    phase stays in step with the other warpgroup's."""
+    phase stays in step with the other warpgroup's. `per_step`: also run per skipped step (the
+    schedule barrier's meetings of a step)."""
 
     def body(i, _):
         slot = lax.rem(i, jnp.array(steps, i.dtype))
         for bar in loaded:
             plgpu.barrier_wait(bar.at[slot])
         plgpu.barrier_arrive(consumed.at[slot])
+        if per_step is not None:
+            per_step()
 
     lax.fori_loop(lo, hi, body, None)
 
@@ -491,13 +547,31 @@ def mosaic_backward(
     return d_sl, d_sr
 
 
-def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, causal, block_q, block_kv, steps, fused):
+def _key_block_backward(
+    sl,
+    sr,
+    tl,
+    tr,
+    lse_s,
+    lse_t,
+    g_scaled,
+    ids,
+    *,
+    scale,
+    causal,
+    block_q,
+    block_kv,
+    steps,
+    fused,
+    schedule_barrier=False,
+):
     """The key-block kernel of both backwards: one key block per compute warpgroup (per query
     head), the query tiles from the pair's diagonal on streamed by the memory warpgroup, d_right
     accumulated in registers. `fused`: each step's dSᵀ tile is also written to shared memory and
     read transposed by a second wgmma, dS · s_right, whose [block_q, D] float32 product is added
     into a float32 d_left by a TMA reduce-add (`mosaic_backward_fused`). Returns (d_left in the
-    inputs' dtype, or None unless fused; d_right, groups summed)."""
+    inputs' dtype, or None unless fused; d_right, groups summed). `schedule_barrier`: a step's two
+    logit wgmmas are issued together and the compute warpgroups ping-pong (`_meeting`)."""
     has_ids = bool(ids)
     B, T, H, D = sl.shape
     Hr = sr.shape[2]
@@ -511,7 +585,8 @@ def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, c
     def body(*refs):
         dl_ref, refs = (refs[0], refs[1:]) if fused else (None, refs)
         sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dr_ref, scoped = refs
-        buffers, loaded, consumed, bars = scoped
+        buffers, loaded, consumed, bars, *sched = scoped
+        meet = _meeting(sched[0] if schedule_barrier else None)
         own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring, *rest = buffers
         (ds2, dl2, kid2, qid_ring) = rest if fused else (None, None, *rest)
         sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded, qid_loaded = loaded
@@ -548,9 +623,13 @@ def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, c
                     plgpu.barrier_wait(qid_loaded.at[slot])
                     query_ids = _load_ids(qid_ring.at[slot], 1)
                 plgpu.barrier_wait(sl_loaded.at[slot])
-                rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
-                plgpu.barrier_wait(tl_loaded.at[slot])
-                rt_t = _tile(own.at[1], tl_ring.at[slot])
+                if schedule_barrier:
+                    plgpu.barrier_wait(tl_loaded.at[slot])
+                    rt_s, rt_t = _tile_pair(own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], meet)
+                else:
+                    rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
+                    plgpu.barrier_wait(tl_loaded.at[slot])
+                    rt_t = _tile(own.at[1], tl_ring.at[slot])
                 for bar in (lss_loaded, lst_loaded, g_loaded):
                     plgpu.barrier_wait(bar.at[slot])
                 load = lambda ring: plgpu.load(ring.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
@@ -564,6 +643,9 @@ def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, c
                 ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
                 if fused:
                     ds_t = ds_t.astype(dtype)
+                if schedule_barrier:  # the exponentials stay before the meeting
+                    ds_t = lax.optimization_barrier(ds_t)
+                    meet()
                 acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)  # d_right += dSᵀ · s_left
                 plgpu.barrier_arrive(consumed.at[slot])
                 if fused:  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
@@ -582,14 +664,19 @@ def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, c
                 return acc
 
             acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
+            if schedule_barrier:  # warpgroup 1 runs a meeting ahead: its wgmmas meet 0's exponentials
+                pl.when(wg == 1)(meet)
             if causal:
                 own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
                 diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
-                _ring_skip(0, own_lo, steps, [b for b in loaded if b is not None], consumed)
+                two_meetings = (lambda: (meet(), meet())) if schedule_barrier else None
+                _ring_skip(0, own_lo, steps, [b for b in loaded if b is not None], consumed, two_meetings)
                 acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
                 acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
             else:
                 acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
+            if schedule_barrier:  # warpgroup 0's last meeting: the one 1 held before its loop
+                pl.when(wg == 0)(meet)
             if fused:
                 plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
             own.at[0][...] = acc.astype(dtype)
@@ -633,6 +720,7 @@ def _key_block_backward(sl, sr, tl, tr, lse_s, lse_t, g_scaled, ids, *, scale, c
         n_loaded=5,
         steps=steps,
         own_barriers=6 if has_ids else 4,  # per warpgroup: its key block's TMA copies
+        schedule_barrier=schedule_barrier,
     )
     out_type = jax.ShapeDtypeStruct((B, T, H, D), dtype)
     grid, grid_names = (H, T // (2 * block_kv), B), ("heads", "kv_seq", "batch")
@@ -675,6 +763,7 @@ def mosaic_backward_fused(
     block_q=64,
     block_kv=64,
     max_concurrent_steps=2,
+    schedule_barrier=False,
 ):
     """(d_sl, d_sr) as `mosaic_backward` computes them, in one kernel: the d_right kernel's grid
     (a key block per compute warpgroup, the query tiles from the diagonal on streamed by the memory
@@ -684,7 +773,7 @@ def mosaic_backward_fused(
     FlashAttention-3's dQ pattern). So each pair of tiles computes its two logit tiles and
     exponentials once, not twice (the two-kernel backward recomputes them for d_left). d_left is
     not bit-deterministic (the order of the adds varies) and is rounded to the inputs' dtype once,
-    after the kernel."""
+    after the kernel. schedule_barrier: as in `mosaic_forward`."""
     check_shapes(sl, sr, block_q, block_kv)
     ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if q_ids is not None else ()
     steps = max(2, min(max_concurrent_steps, sl.shape[1] // block_q))
@@ -703,6 +792,7 @@ def mosaic_backward_fused(
         block_kv=block_kv,
         steps=steps,
         fused=True,
+        schedule_barrier=schedule_barrier,
     )
 
 
@@ -746,16 +836,29 @@ def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: in
 
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
     """relation_kl's kernel contract (pallas_kernels/relation_kl.py), on blocks cfg.blocks.block_q x
-    block_k for the backward too (`unsupported_reason` is checked first)."""
+    block_k for the backward too (`unsupported_reason` is checked first); BlockSizes.schedule_barrier
+    for the forward and the fused backward."""
     b = cfg.blocks
     return mosaic_forward(
-        sl, sr, tl, tr, q_ids, k_ids, scale=cfg.scale, causal=cfg.causal, block_q=b.block_q, block_kv=b.block_k
+        sl,
+        sr,
+        tl,
+        tr,
+        q_ids,
+        k_ids,
+        scale=cfg.scale,
+        causal=cfg.causal,
+        block_q=b.block_q,
+        block_kv=b.block_k,
+        schedule_barrier=b.schedule_barrier,
     )
 
 
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
-    """`BlockSizes.fused_bwd`: the one-kernel backward (`mosaic_backward_fused`), else two kernels."""
+    """`BlockSizes.fused_bwd`: the one-kernel backward (`mosaic_backward_fused`, with
+    BlockSizes.schedule_barrier), else two kernels (without it)."""
     b = cfg.blocks
+    sched = {"schedule_barrier": b.schedule_barrier} if b.fused_bwd else {}
     return (mosaic_backward_fused if b.fused_bwd else mosaic_backward)(
         sl,
         sr,
@@ -770,4 +873,5 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
         causal=cfg.causal,
         block_q=b.block_q,
         block_kv=b.block_k,
+        **sched,
     )

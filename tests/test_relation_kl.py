@@ -8,6 +8,7 @@ over at most a few hundred terms); bf16 1e-2 (8-bit mantissa inputs, dS cast to
 bf16 before the gradient matmuls).
 """
 
+import functools
 import re
 
 import jax
@@ -655,6 +656,33 @@ def test_mgpu_kernels_lower_to_mosaic_gpu(causal, has_ids, H, Hr, D):
         (x.shape, jnp.bfloat16),
         (r.shape, jnp.bfloat16),
     ]
+
+
+@pytest.mark.parametrize("causal,has_ids,D", [(True, True, 64), (False, False, 128)])
+def test_mgpu_schedule_barrier_lowers(causal, has_ids, D):
+    """BlockSizes.schedule_barrier (the compute warpgroups' ping-pong, FlashAttention-3's schedule
+    barrier): the forward and the fused backward lower with it, to modules other than without it.
+    Whether every warpgroup meets equally often (else the kernel hangs) is checked on a GPU
+    (experiments/check_relation_kl_mgpu.py's *_sched variants)."""
+    from pallas_kernels import relation_kl_mgpu
+
+    x = jax.ShapeDtypeStruct((1, 256, 4, D), jnp.bfloat16)
+    r = jax.ShapeDtypeStruct((1, 256, 2, D), jnp.bfloat16)
+    row = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
+    ids = (jax.ShapeDtypeStruct((1, 256), jnp.int32),) * 2 if has_ids else ()
+    kw = dict(scale=D**-0.5, causal=causal)
+
+    def lowered(fn, *args):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    for sched in (True, False):
+        fwd = functools.partial(relation_kl_mgpu.mosaic_forward, schedule_barrier=sched, **kw)
+        bwd = functools.partial(relation_kl_mgpu.mosaic_backward_fused, schedule_barrier=sched, **kw)
+        text = (lowered(fwd, x, r, x, r, *ids), lowered(bwd, x, r, x, r, row, row, row, *ids))
+        assert all("mosaic_gpu" in t for t in text)
+        if sched:
+            with_barrier = text
+    assert with_barrier[0] != text[0] and with_barrier[1] != text[1]
 
 
 def test_pallas_mgpu_impl_lowers_through_relation_kl():
