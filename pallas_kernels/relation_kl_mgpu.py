@@ -78,19 +78,43 @@ def _tile(left, right):
     return pl.run_scoped(body, plgpu.ACC((left.shape[0], right.shape[0]), jnp.float32))
 
 
-def _tile_pair(left_s, right_s, left_t, right_t, after_issue=None):
+def _tile_pair(left_s, right_s, left_t, right_t, after_issue=None, second=True):
     """(left_s @ right_sᵀ, left_t @ right_tᵀ): both wgmmas issued before either is waited for;
-    `after_issue` (the schedule barrier's meeting) runs between issuing and waiting."""
+    `after_issue` (the schedule barrier's meeting) runs between issuing and waiting. second=False
+    (ABLATIONS' "teacher_logits"): the first product stands in for both."""
 
     def body(acc_s, acc_t):
         plgpu.wgmma(acc_s, left_s, plgpu.transpose_ref(right_s, (1, 0)))
-        plgpu.wgmma(acc_t, left_t, plgpu.transpose_ref(right_t, (1, 0)))
+        if second:
+            plgpu.wgmma(acc_t, left_t, plgpu.transpose_ref(right_t, (1, 0)))
         if after_issue is not None:
             after_issue()
-        return acc_s[...], acc_t[...]
+        a = acc_s[...]
+        return a, (acc_t[...] if second else a)
 
     shape = (left_s.shape[0], right_s.shape[0])
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
+# Timing instrumentation (`ablate=` of mosaic_forward / mosaic_backward_fused): leave one stage's
+# work out, so that time differences say what bounds a kernel where no hardware counters can be
+# read (docs/kernel_notes.md). The results are wrong on purpose; never for training.
+#   "exp": every exponential becomes one FMA (the MUFU's work moves to the FMA pipes);
+#   "teacher_logits": the student's logit tile stands in for the teacher's (one wgmma per step
+#     fewer; the teacher's tiles are still loaded);
+#   "d_left": the fused backward skips d_left's wgmma and its reduce-add.
+ABLATIONS = ("exp", "teacher_logits", "d_left")
+
+
+def _check_ablate(ablate, allowed=ABLATIONS):
+    bad = sorted(set(ablate) - set(allowed))
+    if bad:
+        raise ValueError(f"ablate: {bad} not in {allowed}")
+    return frozenset(ablate)
+
+
+def _exp2_for(ablate):
+    return (lambda x: x * 0.5 + 1.0) if "exp" in ablate else jnp.exp2
 
 
 def _meeting(barrier):
@@ -174,12 +198,15 @@ def mosaic_forward(
     block_kv=64,
     max_concurrent_steps=2,
     schedule_barrier=False,
+    ablate=(),
 ):
     """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them.
     q_ids / k_ids ([B, T] int32, both or neither): key j is valid for row i iff they are equal
     (relation_kl's encoding of the key mask, segments and padding), on top of `causal`.
     schedule_barrier: a step's two logit wgmmas are issued together and the compute warpgroups
-    ping-pong (`_meeting`; BlockSizes.schedule_barrier)."""
+    ping-pong (`_meeting`; BlockSizes.schedule_barrier). ablate: timing only (ABLATIONS)."""
+    ablate = _check_ablate(ablate, ("exp", "teacher_logits"))
+    exp2 = _exp2_for(ablate)
     check_shapes(sl, sr, block_q, block_kv)
     has_ids = q_ids is not None
     B, T, H, D = sl.shape
@@ -235,14 +262,15 @@ def mosaic_forward(
                 plgpu.barrier_wait(sr_loaded.at[slot])
                 if schedule_barrier:
                     plgpu.barrier_wait(tr_loaded.at[slot])
-                    r_s, r_t = _tile_pair(own.at[0], sr_smem.at[slot], own.at[1], tr_smem.at[slot], meet)
+                    second = "teacher_logits" not in ablate
+                    r_s, r_t = _tile_pair(own.at[0], sr_smem.at[slot], own.at[1], tr_smem.at[slot], meet, second)
                     plgpu.barrier_arrive(sr_consumed.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
                 else:
                     r_s = _tile(own.at[0], sr_smem.at[slot])
                     plgpu.barrier_arrive(sr_consumed.at[slot])
                     plgpu.barrier_wait(tr_loaded.at[slot])
-                    r_t = _tile(own.at[1], tr_smem.at[slot])
+                    r_t = r_s if "teacher_logits" in ablate else _tile(own.at[1], tr_smem.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
                 diff = r_t - r_s
                 if masked:
@@ -251,7 +279,7 @@ def mosaic_forward(
                 if has_ids:
                     r_s, r_t = _same_segment((r_s, r_t), own_ids, key_ids)
                 stats = _math.online_update(
-                    stats, r_s, r_t, diff, c, jnp.exp2, col=functools.partial(_bcast, shape=r_s.shape)
+                    stats, r_s, r_t, diff, c, exp2, col=functools.partial(_bcast, shape=r_s.shape)
                 )
                 if schedule_barrier:  # the exponentials stay before the meeting
                     stats = lax.optimization_barrier(stats)
@@ -564,6 +592,7 @@ def _key_block_backward(
     steps,
     fused,
     schedule_barrier=False,
+    ablate=frozenset(),
 ):
     """The key-block kernel of both backwards: one key block per compute warpgroup (per query
     head), the query tiles from the pair's diagonal on streamed by the memory warpgroup, d_right
@@ -571,7 +600,9 @@ def _key_block_backward(
     read transposed by a second wgmma, dS · s_right, whose [block_q, D] float32 product is added
     into a float32 d_left by a TMA reduce-add (`mosaic_backward_fused`). Returns (d_left in the
     inputs' dtype, or None unless fused; d_right, groups summed). `schedule_barrier`: a step's two
-    logit wgmmas are issued together and the compute warpgroups ping-pong (`_meeting`)."""
+    logit wgmmas are issued together and the compute warpgroups ping-pong (`_meeting`). ablate:
+    timing only (ABLATIONS)."""
+    exp2 = _exp2_for(ablate)
     has_ids = bool(ids)
     B, T, H, D = sl.shape
     Hr = sr.shape[2]
@@ -625,11 +656,12 @@ def _key_block_backward(
                 plgpu.barrier_wait(sl_loaded.at[slot])
                 if schedule_barrier:
                     plgpu.barrier_wait(tl_loaded.at[slot])
-                    rt_s, rt_t = _tile_pair(own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], meet)
+                    second = "teacher_logits" not in ablate
+                    rt_s, rt_t = _tile_pair(own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], meet, second)
                 else:
                     rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
                     plgpu.barrier_wait(tl_loaded.at[slot])
-                    rt_t = _tile(own.at[1], tl_ring.at[slot])
+                    rt_t = rt_s if "teacher_logits" in ablate else _tile(own.at[1], tl_ring.at[slot])
                 for bar in (lss_loaded, lst_loaded, g_loaded):
                     plgpu.barrier_wait(bar.at[slot])
                 load = lambda ring: plgpu.load(ring.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
@@ -640,7 +672,7 @@ def _key_block_backward(
                 if has_ids:
                     rt_s, rt_t = _same_segment((rt_s, rt_t), own_ids, query_ids)
                 col = lambda v: lax.broadcast_in_dim(v, rt_s.shape, [1])  # noqa: E731
-                ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, jnp.exp2, col=col)
+                ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, exp2, col=col)
                 if fused:
                     ds_t = ds_t.astype(dtype)
                 if schedule_barrier:  # the exponentials stay before the meeting
@@ -648,7 +680,9 @@ def _key_block_backward(
                     meet()
                 acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)  # d_right += dSᵀ · s_left
                 plgpu.barrier_arrive(consumed.at[slot])
-                if fused:  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
+                if (
+                    fused and "d_left" not in ablate
+                ):  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
                     ds_smem[...] = ds_t
                     plgpu.commit_smem()
 
@@ -764,6 +798,7 @@ def mosaic_backward_fused(
     block_kv=64,
     max_concurrent_steps=2,
     schedule_barrier=False,
+    ablate=(),
 ):
     """(d_sl, d_sr) as `mosaic_backward` computes them, in one kernel: the d_right kernel's grid
     (a key block per compute warpgroup, the query tiles from the diagonal on streamed by the memory
@@ -773,7 +808,8 @@ def mosaic_backward_fused(
     FlashAttention-3's dQ pattern). So each pair of tiles computes its two logit tiles and
     exponentials once, not twice (the two-kernel backward recomputes them for d_left). d_left is
     not bit-deterministic (the order of the adds varies) and is rounded to the inputs' dtype once,
-    after the kernel. schedule_barrier: as in `mosaic_forward`."""
+    after the kernel. schedule_barrier: as in `mosaic_forward`. ablate: timing only (ABLATIONS)."""
+    ablate = _check_ablate(ablate)
     check_shapes(sl, sr, block_q, block_kv)
     ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if q_ids is not None else ()
     steps = max(2, min(max_concurrent_steps, sl.shape[1] // block_q))
@@ -793,6 +829,7 @@ def mosaic_backward_fused(
         steps=steps,
         fused=True,
         schedule_barrier=schedule_barrier,
+        ablate=ablate,
     )
 
 
