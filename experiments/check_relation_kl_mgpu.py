@@ -64,10 +64,13 @@ API_CASES = (
 )
 
 
-# (name, block_q, block_kv, head dims, fused[, keyword arguments of both kernels]): the forward and
-# backward on those blocks (128 x 128 exceeds Hopper's shared memory at head dim 128); fused: the
-# one-kernel backward (`mosaic_backward_fused`, d_left by TMA reduce-add); *_sched: with the
-# compute warpgroups' ping-pong (BlockSizes.schedule_barrier). The first two sessions' JSON also has
+# (name, block_q, block_kv, head dims, fused[, keyword arguments of both kernels, or a pair
+# (forward's, backward's)]): the forward and backward on those blocks (128 x 128 exceeds Hopper's
+# shared memory at head dim 128); fused: the one-kernel backward (`mosaic_backward_fused`, d_left by
+# TMA reduce-add); *_sched: with the compute warpgroups' ping-pong (BlockSizes.schedule_barrier;
+# _bwd: in the backward only; _ring3: a 3-slot ring, D 64 only, for the warpgroup that runs half a
+# step behind); *_pair: the two logit wgmmas issued together without the ping-pong (the other half
+# of the change). The first two sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
 VARIANTS = (
@@ -78,7 +81,25 @@ VARIANTS = (
     ("fused_64x64", 64, 64, (64, 128), True),
     ("fused_64x128", 64, 128, (64,), True),
     ("fused_64x64_sched", 64, 64, (64, 128), True, {"schedule_barrier": True}),
+    ("fused_64x64_pair", 64, 64, (64, 128), True, {"pair_wgmmas": True}),
+    ("fused_64x64_sched_bwd", 64, 64, (64, 128), True, ({}, {"schedule_barrier": True})),
+    ("fused_64x64_sched_ring3", 64, 64, (64,), True, {"schedule_barrier": True, "max_concurrent_steps": 3}),
 )
+
+
+def variant_kernels(variant, **kw):
+    """(forward, backward) of one VARIANTS entry, with `kw` (scale, causal) bound."""
+    from pallas_kernels import relation_kl_mgpu
+
+    _, bq, bkv, _, fused, *extra = variant
+    kw = dict(kw, block_q=bq, block_kv=bkv)
+    fwd_kw, bwd_kw = (extra[0] if isinstance(extra[0], tuple) else (extra[0], extra[0])) if extra else ({}, {})
+    bwd = relation_kl_mgpu.mosaic_backward_fused if fused else relation_kl_mgpu.mosaic_backward
+    return (
+        functools.partial(relation_kl_mgpu.mosaic_forward, **kw, **fwd_kw),
+        functools.partial(bwd, **kw, **bwd_kw),
+    )
+
 
 ALL_CASES = CASES + API_CASES  # --cases: 0-6 the kernels, 7-18 the API (14-18 fused backward, 16-18 ping-pong)
 
@@ -142,7 +163,7 @@ def run_case(case, tol, variants=None):
     import jax.numpy as jnp
 
     from pallas_kernels import blocks as blocks_lib
-    from pallas_kernels import relation_kl_gpu, relation_kl_mgpu
+    from pallas_kernels import relation_kl_gpu
     from pallas_kernels.relation_kl import Config
 
     B, T, H, Hr, D, causal = case
@@ -207,15 +228,11 @@ def run_case(case, tol, variants=None):
         return v
 
     row["variants"] = {}
-    for name, bq, bkv, head_dims, fused, *extra in VARIANTS:
+    for variant in VARIANTS:
+        name, bq, bkv, head_dims = variant[:4]
         if T % (2 * bq) or T % (2 * bkv) or D not in head_dims or (variants is not None and name not in variants):
             continue
-        kw = dict(scale=scale, causal=causal, block_q=bq, block_kv=bkv, **(extra[0] if extra else {}))
-        bwd = relation_kl_mgpu.mosaic_backward_fused if fused else relation_kl_mgpu.mosaic_backward
-        row["variants"][name] = check(
-            jax.jit(functools.partial(relation_kl_mgpu.mosaic_forward, **kw)),
-            jax.jit(functools.partial(bwd, **kw)),
-        )
+        row["variants"][name] = check(*(jax.jit(k) for k in variant_kernels(variant, scale=scale, causal=causal)))
     row["ok"] = bool(row["variants"]) and all(v["ok"] for v in row["variants"].values())
     return row
 

@@ -76,7 +76,8 @@ class BlockSizes:
     fused_bwd: bool = False
     # Mosaic GPU: FlashAttention-3's ping-pong. The two compute warpgroups meet at a barrier after
     # issuing a step's logit wgmmas and after its exponentials, so one warpgroup's tensor-core work
-    # runs while the other's exponentials do. Off until an H200 says it pays (docs/kernel_notes.md).
+    # runs while the other's exponentials do. The forward and the one-kernel backward take it (the
+    # two-kernel backward ignores it). Off until an H200 says it pays (docs/kernel_notes.md).
     schedule_barrier: bool = False
 
     def all_blocks(self):

@@ -212,6 +212,7 @@ def relation_kl(
             interpret=bool(interpret),
             block_q=blocks.block_q,
             block_kv=blocks.block_k,
+            fused_bwd=blocks.fused_bwd,
         )
         if reason:
             raise ValueError(f"impl 'pallas_mgpu' cannot take this call: {reason}; impl 'pallas_gpu' can")

@@ -102,7 +102,8 @@ def _tile_pair(left_s, right_s, left_t, right_t, after_issue=None, second=True):
 #   "exp": every exponential becomes one FMA (the MUFU's work moves to the FMA pipes);
 #   "teacher_logits": the student's logit tile stands in for the teacher's (one wgmma per step
 #     fewer; the teacher's tiles are still loaded);
-#   "d_left": the fused backward skips d_left's wgmma and its reduce-add.
+#   "d_left": the fused backward skips d_left's wgmma and its reduce-add (and the dSᵀ tile's
+#     store to shared memory that feeds them).
 ABLATIONS = ("exp", "teacher_logits", "d_left")
 
 
@@ -198,13 +199,17 @@ def mosaic_forward(
     block_kv=64,
     max_concurrent_steps=2,
     schedule_barrier=False,
+    pair_wgmmas=None,
     ablate=(),
 ):
     """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them.
     q_ids / k_ids ([B, T] int32, both or neither): key j is valid for row i iff they are equal
     (relation_kl's encoding of the key mask, segments and padding), on top of `causal`.
     schedule_barrier: a step's two logit wgmmas are issued together and the compute warpgroups
-    ping-pong (`_meeting`; BlockSizes.schedule_barrier). ablate: timing only (ABLATIONS)."""
+    ping-pong (`_meeting`; BlockSizes.schedule_barrier). pair_wgmmas (default: schedule_barrier):
+    the two logit wgmmas issued together, with or without the ping-pong (an A/B of the two
+    halves of the change). ablate: timing only (ABLATIONS)."""
+    pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
     ablate = _check_ablate(ablate, ("exp", "teacher_logits"))
     exp2 = _exp2_for(ablate)
     check_shapes(sl, sr, block_q, block_kv)
@@ -260,7 +265,7 @@ def mosaic_forward(
                     plgpu.barrier_wait(kid_loaded.at[slot])
                     key_ids = _load_ids(kid_smem.at[slot], 1)
                 plgpu.barrier_wait(sr_loaded.at[slot])
-                if schedule_barrier:
+                if pair:
                     plgpu.barrier_wait(tr_loaded.at[slot])
                     second = "teacher_logits" not in ablate
                     r_s, r_t = _tile_pair(own.at[0], sr_smem.at[slot], own.at[1], tr_smem.at[slot], meet, second)
@@ -592,6 +597,7 @@ def _key_block_backward(
     steps,
     fused,
     schedule_barrier=False,
+    pair_wgmmas=None,
     ablate=frozenset(),
 ):
     """The key-block kernel of both backwards: one key block per compute warpgroup (per query
@@ -601,7 +607,8 @@ def _key_block_backward(
     into a float32 d_left by a TMA reduce-add (`mosaic_backward_fused`). Returns (d_left in the
     inputs' dtype, or None unless fused; d_right, groups summed). `schedule_barrier`: a step's two
     logit wgmmas are issued together and the compute warpgroups ping-pong (`_meeting`). ablate:
-    timing only (ABLATIONS)."""
+    timing only (ABLATIONS). pair_wgmmas: as in `mosaic_forward`."""
+    pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
     exp2 = _exp2_for(ablate)
     has_ids = bool(ids)
     B, T, H, D = sl.shape
@@ -654,7 +661,7 @@ def _key_block_backward(
                     plgpu.barrier_wait(qid_loaded.at[slot])
                     query_ids = _load_ids(qid_ring.at[slot], 1)
                 plgpu.barrier_wait(sl_loaded.at[slot])
-                if schedule_barrier:
+                if pair:
                     plgpu.barrier_wait(tl_loaded.at[slot])
                     second = "teacher_logits" not in ablate
                     rt_s, rt_t = _tile_pair(own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], meet, second)
@@ -798,6 +805,7 @@ def mosaic_backward_fused(
     block_kv=64,
     max_concurrent_steps=2,
     schedule_barrier=False,
+    pair_wgmmas=None,
     ablate=(),
 ):
     """(d_sl, d_sr) as `mosaic_backward` computes them, in one kernel: the d_right kernel's grid
@@ -808,7 +816,8 @@ def mosaic_backward_fused(
     FlashAttention-3's dQ pattern). So each pair of tiles computes its two logit tiles and
     exponentials once, not twice (the two-kernel backward recomputes them for d_left). d_left is
     not bit-deterministic (the order of the adds varies) and is rounded to the inputs' dtype once,
-    after the kernel. schedule_barrier: as in `mosaic_forward`. ablate: timing only (ABLATIONS)."""
+    after the kernel. schedule_barrier, pair_wgmmas: as in `mosaic_forward`. ablate: timing only
+    (ABLATIONS)."""
     ablate = _check_ablate(ablate)
     check_shapes(sl, sr, block_q, block_kv)
     ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if q_ids is not None else ()
@@ -829,6 +838,7 @@ def mosaic_backward_fused(
         steps=steps,
         fused=True,
         schedule_barrier=schedule_barrier,
+        pair_wgmmas=pair_wgmmas,
         ablate=ablate,
     )
 
@@ -836,9 +846,12 @@ def mosaic_backward_fused(
 # ---------------------------------------------- the relation_kl contract (impl "pallas_mgpu") ---
 
 
-def unsupported_reason(shape, dtype, *, interpret: bool, block_q: int, block_kv: int) -> str | None:
+def unsupported_reason(
+    shape, dtype, *, interpret: bool, block_q: int, block_kv: int, fused_bwd: bool = False
+) -> str | None:
     """Why impl "pallas_mgpu" cannot take a relation_kl call of padded left-side `shape`
-    [B, Tp, H, Dp] (None: it can). The Triton kernel ("pallas_gpu") takes all of these."""
+    [B, Tp, H, Dp] (None: it can) with the one-kernel backward (`fused_bwd`) or the two-kernel one.
+    The Triton kernel ("pallas_gpu") takes all of these."""
     if plgpu is None:
         return "this jax has no Pallas Mosaic GPU (jax.experimental.pallas.mosaic_gpu)"
     if interpret:
@@ -853,21 +866,27 @@ def unsupported_reason(shape, dtype, *, interpret: bool, block_q: int, block_kv:
     if T % (2 * block_q) or T % (2 * block_kv):
         # the grids take blocks in pairs (two compute warpgroups); block_kv is BlockSizes.block_k
         return f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_kv = {2 * block_kv}"
-    need = smem_bytes(D, block_q, block_kv, jnp.dtype(dtype).itemsize)
+    need = smem_bytes(D, block_q, block_kv, jnp.dtype(dtype).itemsize, fused_bwd=fused_bwd)
     if need > SMEM_BYTES:
-        return f"head dim {D} with blocks ({block_q}, {block_kv}) needs ~{need} bytes of shared memory > {SMEM_BYTES}"
+        return (
+            f"head dim {D} with blocks ({block_q}, {block_kv}) needs ~{need} bytes of shared memory > {SMEM_BYTES}"
+            + (" (the one-kernel backward; BlockSizes(fused_bwd=False) needs less)" if fused_bwd else "")
+        )
     return None
 
 
 SMEM_BYTES = 232448 - 4096  # Hopper's 227 KiB per block, less room for the barriers
 
 
-def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: int = 2) -> int:
-    """Shared memory of the largest of the three kernels (own tiles of both warpgroups, the ring's
-    tiles and rows; ids at most 2 KiB more), as allocated above."""
+def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: int = 2, fused_bwd: bool = False) -> int:
+    """Shared memory of the largest of the kernels a call runs (own tiles of both warpgroups, the
+    ring's tiles and rows; ids at most 2 KiB more), as allocated above; `fused_bwd`: the one-kernel
+    backward, whose d_right grid also stages each warpgroup's dSᵀ tile and float32 d_left part."""
     fwd = 2 * 2 * block_q * D * itemsize + 2 * steps * block_kv * D * itemsize + 2 * 3 * block_q * 4
     d_left = fwd + steps * block_kv * 4
     d_right = 2 * 2 * block_kv * D * itemsize + 2 * steps * block_q * D * itemsize + 3 * steps * block_q * 4
+    if fused_bwd:
+        d_right += 2 * block_kv * block_q * itemsize + 2 * block_q * D * 4
     return max(fwd, d_left, d_right) + 2048
 
 

@@ -353,7 +353,7 @@ def test_named_residuals_keep_values_and_gradients(masked):
     keep = jax.checkpoint_policies.save_only_these_names(attn.RESIDUALS_NAME)
     for fn in (named, jax.checkpoint(named, policy=keep), jax.checkpoint(named)):
         got = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(q, k, v)
-        np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # a float32 sum of 1,536 products, jit vs eager
         for a, b in zip(got[1], want[1]):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     out = attn.with_named_residuals(dense, q, k, v, info)  # not differentiated: fn itself

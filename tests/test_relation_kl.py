@@ -685,6 +685,24 @@ def test_mgpu_schedule_barrier_lowers(causal, has_ids, D):
     assert with_barrier[0] != text[0] and with_barrier[1] != text[1]
 
 
+def test_check_script_variants_lower():
+    """experiments/check_relation_kl_mgpu.py's ping-pong variants (both halves of the change, the
+    backward alone, a 3-slot ring) build and lower for "cuda": the next GPU call times them."""
+    from experiments import check_relation_kl_mgpu as check
+
+    x = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    r = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    row = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
+    new = [
+        v for v in check.VARIANTS if v[0] in ("fused_64x64_pair", "fused_64x64_sched_bwd", "fused_64x64_sched_ring3")
+    ]
+    assert len(new) == 3
+    for variant in new:
+        fwd, bwd = check.variant_kernels(variant, scale=0.125, causal=True)
+        for fn, args in ((fwd, (x, r, x, r)), (bwd, (x, r, x, r, row, row, row))):
+            assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_pallas_mgpu_impl_lowers_through_relation_kl():
     """impl "pallas_mgpu" behind relation_kl's custom_vjp: the merged Q/K/V call of one layer and its
     gradient lower for "cuda" to Mosaic GPU kernels (forward, d_left, d_right), none of them Triton."""
@@ -734,6 +752,8 @@ def test_pallas_mgpu_impl_names_what_it_cannot_take():
     assert "multiple of 64" in bad(D=32)
     assert "shared memory" in bad(D=256)
     assert "shared memory" in bad(D=128, block_sizes={"block_q": 128, "block_k": 128})
+    # the one-kernel backward (the default) also stages dSᵀ and d_left: 64 x 128 at D 128 does not fit
+    assert "fused_bwd=False" in bad(D=128, block_sizes={"block_k": 128})
     assert "block_q x block_k" in bad(block_sizes={"block_q_dq": 128})
     assert "pallas_gpu" in bad(interpret=True)  # names the kernel that can
     b = pallas_kernels.blocks.pick_blocks(
