@@ -27,6 +27,10 @@ Per program (grid: heads x query-block pairs x batch), three warpgroups:
     "loaded" barrier (TMA) and a "consumed" barrier (both compute warpgroups arrive).
 With causal masking the later query block needs more key steps; the earlier warpgroup keeps
 arriving on the consumed barriers of the steps it skips so the ring keeps moving.
+`BlockSizes.schedule_barrier` (off until measured) adds FlashAttention-3's ping-pong: the compute
+warpgroups meet after issuing a step's logit wgmmas and after its exponentials (`_meeting`), so one
+warpgroup's wgmmas overlap the other's exponentials. `ABLATIONS` (timing only) leave one stage out
+(`experiments/ablate_relation_kl_mgpu.py`).
 
 Limits (`unsupported_reason`; the Triton kernel covers the rest): bf16/f16 inputs, head dim a
 multiple of 64 whose tiles fit in shared memory (64 and 128), T a multiple of 2 * block_q and
