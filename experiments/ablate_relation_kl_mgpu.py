@@ -20,7 +20,6 @@ D 64). `--schedule_barrier` ablates the ping-pong variant instead.
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -31,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments.profile_relation_kl import layer_inputs  # noqa: E402
+from experiments.timing import median_seconds  # noqa: E402
 from pallas_kernels import relation_kl_mgpu  # noqa: E402
 
 FWD_VARIANTS = ((), ("exp",), ("teacher_logits",), ("exp", "teacher_logits"))
@@ -49,26 +50,22 @@ def parse_cases(text):
 
 
 def inputs(B, T, H, D, abstract):
-    """Self-relation inputs (left = right) and the backward's row inputs."""
-    x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
-    row = jax.ShapeDtypeStruct((B, H, T), jnp.float32)
+    """(student, teacher) of a self-relation (profile_relation_kl's layer inputs) and the
+    backward's row cotangent; abstract: their shapes only (a dry run)."""
     if abstract:
-        return (x, x), (row, row, row)
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    s = jax.random.normal(k1, x.shape, jnp.float32)
-    t = (s + 0.3 * jax.random.normal(k2, x.shape)).astype(x.dtype)
-    g = jax.random.uniform(k3, row.shape, jnp.float32)
-    return (s.astype(x.dtype), t), g
+        x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+        return (x, x), jax.ShapeDtypeStruct((B, H, T), jnp.float32)
+    ((s, t),) = layer_inputs(B, T, (H,), D)
+    return (s, t), jax.random.uniform(jax.random.PRNGKey(99), (B, H, T), jnp.float32)
 
 
-def kernels(ablate, D, schedule_barrier):
-    kw = dict(scale=D**-0.5, causal=True, schedule_barrier=schedule_barrier)
-    fwd = functools.partial(relation_kl_mgpu.mosaic_forward, ablate=tuple(a for a in ablate if a != "d_left"), **kw)
-    bwd = functools.partial(relation_kl_mgpu.mosaic_backward_fused, ablate=ablate, **kw)
-    return (
-        jax.jit(lambda s, t: fwd(s, s, t, t)),
-        jax.jit(lambda s, t, ls, lt, g: bwd(s, s, t, t, ls, lt, g)),
-    )
+def kernel(kind, ablate, D, schedule_barrier):
+    """The jitted forward ((s, t) -> KL rows and LSEs) or fused backward ((s, t, lse_s, lse_t, g)
+    -> gradients) of a self-relation, with `ablate`."""
+    kw = dict(scale=D**-0.5, causal=True, schedule_barrier=schedule_barrier, ablate=ablate)
+    if kind == "fwd":
+        return jax.jit(lambda s, t: relation_kl_mgpu.mosaic_forward(s, s, t, t, **kw))
+    return jax.jit(lambda s, t, ls, lt, g: relation_kl_mgpu.mosaic_backward_fused(s, s, t, t, ls, lt, g, **kw))
 
 
 def name(ablate):
@@ -94,23 +91,20 @@ def main(argv=None):
         "rows": [],
     }
     for B, T, H, D in cases:
-        (s, t), g_or_rows = inputs(B, T, H, D, a.dry_run)
+        (s, t), g = inputs(B, T, H, D, a.dry_run)
+        # the backward's row inputs: the forward's LSEs as it is (an ablated backward's times do not
+        # depend on them; its outputs are wrong anyway)
+        rows = (g, g) if a.dry_run else kernel("fwd", (), D, a.schedule_barrier)(s, t)[1:]
         for kind, variants in (("fwd", FWD_VARIANTS), ("bwd", BWD_VARIANTS)):
             base = None
             for ablate in variants:
-                fwd, bwd = kernels(ablate, D, a.schedule_barrier)
+                fn = kernel(kind, ablate, D, a.schedule_barrier)
+                args = (s, t) if kind == "fwd" else (s, t, *rows, g)
                 row = {"case": dict(B=B, T=T, H=H, D=D), "kernel": kind, "ablate": list(ablate)}
                 if a.dry_run:
-                    args = (s, t) if kind == "fwd" else (s, t, *g_or_rows)
-                    text = (fwd if kind == "fwd" else bwd).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-                    row["lowered"] = "mosaic_gpu" in text
+                    row["lowered"] = "mosaic_gpu" in fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
                 else:
-                    from experiments.timing import median_seconds
-
                     t0 = time.time()
-                    _, ls, lt = jax.block_until_ready(fwd(s, t))  # LSEs of this variant's forward
-                    args = (s, t) if kind == "fwd" else (s, t, ls, lt, g_or_rows)
-                    fn = fwd if kind == "fwd" else bwd
                     row["ms"] = round(1e3 * median_seconds(fn, *args, budget=1.5, max_reps=30), 4)
                     row["compile_and_time_s"] = round(time.time() - t0, 1)
                     base = row["ms"] if base is None else base

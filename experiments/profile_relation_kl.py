@@ -13,9 +13,10 @@ two calls do nothing):
         --section ComputeWorkloadAnalysis --section WarpStateStats --section InstructionStats \\
         python3 -m experiments.profile_relation_kl --reps 0 > $OUT/ncu.txt
 
+(On the H200 with jax 0.11.2 ncu died this way before profiling a kernel: docs/kernel_notes.md.)
 `--reps 0` skips the timing (under ncu every kernel is replayed per section, so times mean
-nothing there). Prints a table and writes JSON (`--out`): ms per call, the exponentials and
-tile products per (row, key) pair that the call needs, and the rates that implies.
+nothing there). Prints a table and writes JSON (`--out`): ms per call, the call's causal
+(row, key) pairs and ns per pair.
 """
 
 import argparse
@@ -104,12 +105,6 @@ def build(spec):
     return jax.jit(jax.value_and_grad(loss))
 
 
-def pair_counts(B, T, heads):
-    """Causal (row, key) pairs of the call (the kernels skip the masked half)."""
-    pairs = B * sum(heads) * T * (T + 1) / 2
-    return {"causal_pairs": pairs}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
@@ -133,13 +128,13 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     students, teachers = zip(*layer_inputs(a.B, a.T, heads, a.head_dim))
-    counts = pair_counts(a.B, a.T, heads)
+    causal_pairs = a.B * sum(heads) * a.T * (a.T + 1) / 2  # (row, key) pairs; the kernels skip the rest
     result = {
         "shape": {"B": a.B, "T": a.T, "heads": heads, "head_dim": a.head_dim, "dtype": "bfloat16"},
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "command": "python3 -m experiments.profile_relation_kl " + " ".join(sys.argv[1:] if argv is None else argv),
-        **counts,
+        "causal_pairs": causal_pairs,
         "rows": [],
     }
     print(f"device {result['device']}, jax {jax.__version__}, shape {result['shape']}", flush=True)
@@ -159,7 +154,7 @@ def main(argv=None):
         if a.reps > 0:
             sec = median_seconds(fn, students, teachers, budget=2.0, max_reps=30)
             row["ms"] = round(sec * 1e3, 3)
-            row["ns_per_causal_pair"] = round(sec * 1e9 / counts["causal_pairs"], 5)
+            row["ns_per_causal_pair"] = round(sec * 1e9 / causal_pairs, 5)
         if not a.no_profile_call:
             with CudaProfilerRange():
                 jax.block_until_ready(fn(students, teachers))

@@ -60,19 +60,13 @@ def _hoisted_step(step, layer, consts, plain, diff, x):
     step2(layer, (consts, hoisted), plain, diff, x) evaluating that jaxpr. A custom VJP must not
     close over tracers (under jit of grad of checkpoint, or grad outside a micro-batch scan, they
     would leak)."""
-    flat, in_tree = jax.tree_util.tree_flatten((layer, consts, plain, diff, x))
-    out_tree = {}
-
-    def flat_step(*leaves):
-        out, out_tree["tree"] = jax.tree_util.tree_flatten(step(*jax.tree_util.tree_unflatten(in_tree, leaves)))
-        return out
-
-    closed = jax.make_jaxpr(flat_step)(*flat)
+    closed, out_shape = jax.make_jaxpr(step, return_shape=True)(layer, consts, plain, diff, x)
+    out_tree = jax.tree_util.tree_structure(out_shape)
 
     def step2(layer, consts2, plain, diff, x):
         consts, hoisted = consts2
         leaves = jax.tree_util.tree_leaves((layer, consts, plain, diff, x))
-        return jax.tree_util.tree_unflatten(out_tree["tree"], jax.core.eval_jaxpr(closed.jaxpr, hoisted, *leaves))
+        return jax.tree_util.tree_unflatten(out_tree, jax.core.eval_jaxpr(closed.jaxpr, hoisted, *leaves))
 
     return step2, list(closed.consts)
 

@@ -28,7 +28,7 @@ Per program (grid: heads x query-block pairs x batch), three warpgroups:
 With causal masking the later query block needs more key steps; the earlier warpgroup keeps
 arriving on the consumed barriers of the steps it skips so the ring keeps moving.
 `BlockSizes.schedule_barrier` (off until measured) adds FlashAttention-3's ping-pong: the compute
-warpgroups meet after issuing a step's logit wgmmas and after its exponentials (`_meeting`), so one
+warpgroups meet after issuing a step's logit wgmmas and after its exponentials (`_PingPong`), so one
 warpgroup's wgmmas overlap the other's exponentials. `ABLATIONS` (timing only) leave one stage out
 (`experiments/ablate_relation_kl_mgpu.py`).
 
@@ -122,18 +122,43 @@ def _exp2_for(ablate):
     return (lambda x: x * 0.5 + 1.0) if "exp" in ablate else jnp.exp2
 
 
-def _meeting(barrier):
-    """Both compute warpgroups arrive, then wait for each other (FlashAttention-3's schedule
-    barrier): with one warpgroup a meeting ahead of the other, each one's wgmmas run while the
-    other computes exponentials. Every compute warpgroup must meet equally often."""
-    if barrier is None:
-        return lambda: None
+class _PingPong:
+    """FlashAttention-3's schedule barrier between the two compute warpgroups (`barrier`: one of
+    two arrivals; None: off, and every method emits nothing). A meeting is an arrival and a wait
+    for the other warpgroup's. Per ring step a warpgroup meets twice, after issuing its logit
+    wgmmas (`meet`, passed to `_tile_pair`) and after its exponentials (`after_exponentials`);
+    a step it skips still holds both (`skipped_step`). Warpgroup 1 meets once before its loops
+    (`before_loops`) and warpgroup 0 once after them (`after_loops`), so warpgroup 1 runs a meeting
+    ahead: its wgmmas overlap 0's exponentials and the other way round. Both meet 2 x ring steps
+    + 1 times, or the kernel hangs."""
 
-    def meet():
-        plgpu.barrier_arrive(barrier)
-        plgpu.barrier_wait(barrier)
+    def __init__(self, barrier, wg):
+        self.barrier, self.wg = barrier, wg
 
-    return meet
+    def meet(self):
+        if self.barrier is not None:
+            plgpu.barrier_arrive(self.barrier)
+            plgpu.barrier_wait(self.barrier)
+
+    def after_exponentials(self, values):
+        """`values`, kept before the meeting by an optimization barrier."""
+        if self.barrier is None:
+            return values
+        values = lax.optimization_barrier(values)
+        self.meet()
+        return values
+
+    def skipped_step(self):
+        self.meet()
+        self.meet()
+
+    def before_loops(self):
+        if self.barrier is not None:
+            pl.when(self.wg == 1)(self.meet)
+
+    def after_loops(self):
+        if self.barrier is not None:
+            pl.when(self.wg == 0)(self.meet)
 
 
 def _causal_mask(r, row0, col0, transposed=False):
@@ -210,7 +235,7 @@ def mosaic_forward(
     q_ids / k_ids ([B, T] int32, both or neither): key j is valid for row i iff they are equal
     (relation_kl's encoding of the key mask, segments and padding), on top of `causal`.
     schedule_barrier: a step's two logit wgmmas are issued together and the compute warpgroups
-    ping-pong (`_meeting`; BlockSizes.schedule_barrier). pair_wgmmas (default: schedule_barrier):
+    ping-pong (`_PingPong`; BlockSizes.schedule_barrier). pair_wgmmas (default: schedule_barrier):
     the two logit wgmmas issued together, with or without the ping-pong (an A/B of the two
     halves of the change). ablate: timing only (ABLATIONS)."""
     pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
@@ -227,12 +252,12 @@ def mosaic_forward(
 
     def kernel(sl_ref, sr_ref, tl_ref, tr_ref, qid_ref, kid_ref, kl_ref, lss_ref, lst_ref, scoped):
         smem, loaded, consumed, left_barriers, *sched = scoped
-        meet = _meeting(sched[0] if schedule_barrier else None)
         left_smem, sr_smem, tr_smem, rows_smem, qid_smem, kid_smem = smem
         sr_loaded, tr_loaded, kid_loaded = loaded
         sr_consumed, tr_consumed = consumed
         batch, head = lax.axis_index("batch"), lax.axis_index("heads")
         wg = lax.axis_index("wg")
+        ping_pong = _PingPong(sched[0] if schedule_barrier else None, wg)
         pair_base = lax.axis_index("q_seq") * (2 * block_q)
         if causal:  # the later block of the pair needs this many key steps; the ring serves both
             ring_steps = pl.cdiv(pair_base + 2 * block_q, jnp.array(block_kv, jnp.int32))
@@ -260,8 +285,7 @@ def mosaic_forward(
             row = lambda v: plgpu.layout_cast(jnp.full((block_q,), v, jnp.float32), plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
             stats = (row(_math.M_INIT), row(0.0), row(_math.M_INIT), row(0.0), row(0.0))
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else ring_steps
-            if schedule_barrier:  # warpgroup 1 runs a meeting ahead: its wgmmas meet 0's exponentials
-                pl.when(wg == 1)(meet)
+            ping_pong.before_loops()
 
             def step(kv_step, stats, masked):
                 slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
@@ -272,7 +296,9 @@ def mosaic_forward(
                 if pair:
                     plgpu.barrier_wait(tr_loaded.at[slot])
                     second = "teacher_logits" not in ablate
-                    r_s, r_t = _tile_pair(own.at[0], sr_smem.at[slot], own.at[1], tr_smem.at[slot], meet, second)
+                    r_s, r_t = _tile_pair(
+                        own.at[0], sr_smem.at[slot], own.at[1], tr_smem.at[slot], ping_pong.meet, second
+                    )
                     plgpu.barrier_arrive(sr_consumed.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
                 else:
@@ -290,10 +316,7 @@ def mosaic_forward(
                 stats = _math.online_update(
                     stats, r_s, r_t, diff, c, exp2, col=functools.partial(_bcast, shape=r_s.shape)
                 )
-                if schedule_barrier:  # the exponentials stay before the meeting
-                    stats = lax.optimization_barrier(stats)
-                    meet()
-                return stats
+                return ping_pong.after_exponentials(stats)
 
             if causal:
                 n_full = lax.div(q_base, jnp.array(block_kv, jnp.int32))  # key tiles left of the diagonal
@@ -312,15 +335,12 @@ def mosaic_forward(
                     plgpu.barrier_arrive(sr_consumed.at[slot])
                     plgpu.barrier_wait(tr_loaded.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
-                    if schedule_barrier:  # the step's two meetings, which the other warpgroup holds
-                        meet()
-                        meet()
+                    ping_pong.skipped_step()
 
                 lax.fori_loop(kv_steps, ring_steps, skip, None)
             else:
                 stats = lax.fori_loop(0, kv_steps, functools.partial(step, masked=False), stats)
-            if schedule_barrier:  # warpgroup 0's last meeting: the one 1 held before its loop
-                pl.when(wg == 0)(meet)
+            ping_pong.after_loops()
             kl, lse_s, lse_t = _math.finalize(stats, c)
             out = rows_smem.at[wg]  # [3, block_q]
             for i, v in enumerate((kl, lse_s, lse_t)):
@@ -610,10 +630,11 @@ def _key_block_backward(
     read transposed by a second wgmma, dS · s_right, whose [block_q, D] float32 product is added
     into a float32 d_left by a TMA reduce-add (`mosaic_backward_fused`). Returns (d_left in the
     inputs' dtype, or None unless fused; d_right, groups summed). `schedule_barrier`: a step's two
-    logit wgmmas are issued together and the compute warpgroups ping-pong (`_meeting`). ablate:
+    logit wgmmas are issued together and the compute warpgroups ping-pong (`_PingPong`). ablate:
     timing only (ABLATIONS). pair_wgmmas: as in `mosaic_forward`."""
     pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
     exp2 = _exp2_for(ablate)
+    with_d_left = fused and "d_left" not in ablate
     has_ids = bool(ids)
     B, T, H, D = sl.shape
     Hr = sr.shape[2]
@@ -628,11 +649,11 @@ def _key_block_backward(
         dl_ref, refs = (refs[0], refs[1:]) if fused else (None, refs)
         sl_ref, sr_ref, tl_ref, tr_ref, lss_ref, lst_ref, g_ref, qid_ref, kid_ref, dr_ref, scoped = refs
         buffers, loaded, consumed, bars, *sched = scoped
-        meet = _meeting(sched[0] if schedule_barrier else None)
         own2, sl_ring, tl_ring, lss_ring, lst_ring, g_ring, *rest = buffers
         (ds2, dl2, kid2, qid_ring) = rest if fused else (None, None, *rest)
         sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded, qid_loaded = loaded
         batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        ping_pong = _PingPong(sched[0] if schedule_barrier else None, wg)
         pair_base = lax.axis_index("kv_seq") * (2 * block_kv)
         q_block = jnp.array(block_q, jnp.int32)
         q_lo = lax.div(pair_base, q_block) if causal else jnp.array(0, jnp.int32)  # the pair's first query tile
@@ -668,7 +689,9 @@ def _key_block_backward(
                 if pair:
                     plgpu.barrier_wait(tl_loaded.at[slot])
                     second = "teacher_logits" not in ablate
-                    rt_s, rt_t = _tile_pair(own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], meet, second)
+                    rt_s, rt_t = _tile_pair(
+                        own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], ping_pong.meet, second
+                    )
                 else:
                     rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
                     plgpu.barrier_wait(tl_loaded.at[slot])
@@ -686,14 +709,10 @@ def _key_block_backward(
                 ds_t = _math.grad_logits(rt_s, rt_t, lse_s, lse_t, g_s, c, exp2, col=col)
                 if fused:
                     ds_t = ds_t.astype(dtype)
-                if schedule_barrier:  # the exponentials stay before the meeting
-                    ds_t = lax.optimization_barrier(ds_t)
-                    meet()
+                ds_t = ping_pong.after_exponentials(ds_t)
                 acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)  # d_right += dSᵀ · s_left
                 plgpu.barrier_arrive(consumed.at[slot])
-                if (
-                    fused and "d_left" not in ablate
-                ):  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
+                if with_d_left:  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
                     ds_smem[...] = ds_t
                     plgpu.commit_smem()
 
@@ -709,19 +728,17 @@ def _key_block_backward(
                 return acc
 
             acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
-            if schedule_barrier:  # warpgroup 1 runs a meeting ahead: its wgmmas meet 0's exponentials
-                pl.when(wg == 1)(meet)
+            ping_pong.before_loops()
             if causal:
                 own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
                 diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
-                two_meetings = (lambda: (meet(), meet())) if schedule_barrier else None
-                _ring_skip(0, own_lo, steps, [b for b in loaded if b is not None], consumed, two_meetings)
+                loaded_bars = [b for b in loaded if b is not None]
+                _ring_skip(0, own_lo, steps, loaded_bars, consumed, ping_pong.skipped_step)
                 acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
                 acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
             else:
                 acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
-            if schedule_barrier:  # warpgroup 0's last meeting: the one 1 held before its loop
-                pl.when(wg == 0)(meet)
+            ping_pong.after_loops()
             if fused:
                 plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
             own.at[0][...] = acc.astype(dtype)

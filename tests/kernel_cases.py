@@ -1,7 +1,7 @@
 """Shared helpers of the relation_kl kernel tests (tests/test_relation_kl*.py).
 
 Not a test module: the float64 dense reference, error measure, input builders,
-the case options, the f32 contract check, and the `rng` fixture (defined as
+the case options, the f32 contract check, lowering for "cuda" (`cuda_text`), and the `rng` fixture (defined as
 `rng_fixture`; a test module that imports `rng_fixture` gets the fixture "rng").
 """
 
@@ -127,6 +127,12 @@ def assert_matches_reference(kl, grads, ref, ref_grads, kw):
         assert np.all(np.asarray(kl)[np.broadcast_to(pad[:, None], kl.shape)] == 0)
         assert np.all(np.asarray(d_sr)[pad] == 0)
         assert np.all(np.asarray(d_sl)[pad] == 0)
+
+
+def cuda_text(fn, *args):
+    """The text of fn (jitted here) lowered for "cuda" on this machine: the Mosaic GPU kernels
+    lower without a GPU (their values are checked on one)."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def pallas_call_costs(fn, *args):

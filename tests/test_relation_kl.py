@@ -21,6 +21,7 @@ from pallas_kernels import BlockSizes, cost, relation_kl, self_relation_kl
 from tests.kernel_cases import (
     assert_matches_reference,
     case_kwargs,
+    cuda_text,
     make_inputs,
     pallas_call_costs,
     reference64,
@@ -638,19 +639,19 @@ def test_mgpu_kernels_lower_to_mosaic_gpu(causal, has_ids, H, Hr, D):
     r = jax.ShapeDtypeStruct((1, 256, Hr, D), jnp.bfloat16)
     ids = (jax.ShapeDtypeStruct((1, 256), jnp.int32),) * 2 if has_ids else ()
     fwd = lambda a, b, c, d, *i: relation_kl_mgpu.mosaic_forward(a, b, c, d, *i, scale=D**-0.5, causal=causal)  # noqa: E731
-    text = jax.jit(fwd).trace(x, r, x, r, *ids).lower(lowering_platforms=("cuda",)).as_text()
+    text = cuda_text(fwd, x, r, x, r, *ids)
     assert "mosaic_gpu" in text
     out = jax.eval_shape(fwd, x, r, x, r, *ids)
     assert [(o.shape, o.dtype) for o in out] == [((1, H, 256), jnp.float32)] * 3
     row = jax.ShapeDtypeStruct((1, H, 256), jnp.float32)
     bwd = lambda *a: relation_kl_mgpu.mosaic_backward(*a, scale=D**-0.5, causal=causal)  # noqa: E731
-    text = jax.jit(bwd).trace(x, r, x, r, row, row, row, *ids).lower(lowering_platforms=("cuda",)).as_text()
+    text = cuda_text(bwd, x, r, x, r, row, row, row, *ids)
     assert text.count("mosaic_gpu") >= 2  # d_left and d_right
     d_sl, d_sr = jax.eval_shape(bwd, x, r, x, r, row, row, row, *ids)
     assert (d_sl.shape, d_sr.shape) == (x.shape, r.shape) and d_sl.dtype == d_sr.dtype == jnp.bfloat16
     # the one-kernel backward: d_left added by TMA reduce-adds into a float32 buffer aliased in and out
     fused = lambda *a: relation_kl_mgpu.mosaic_backward_fused(*a, scale=D**-0.5, causal=causal)  # noqa: E731
-    text = jax.jit(fused).trace(x, r, x, r, row, row, row, *ids).lower(lowering_platforms=("cuda",)).as_text()
+    text = cuda_text(fused, x, r, x, r, row, row, row, *ids)
     assert text.count("@mosaic_gpu") == 1 and "reduce.async.bulk" in text and "output_operand_alias" in text
     assert [(a.shape, a.dtype) for a in jax.eval_shape(fused, x, r, x, r, row, row, row, *ids)] == [
         (x.shape, jnp.bfloat16),
@@ -671,18 +672,13 @@ def test_mgpu_schedule_barrier_lowers(causal, has_ids, D):
     row = jax.ShapeDtypeStruct((1, 4, 256), jnp.float32)
     ids = (jax.ShapeDtypeStruct((1, 256), jnp.int32),) * 2 if has_ids else ()
     kw = dict(scale=D**-0.5, causal=causal)
-
-    def lowered(fn, *args):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
+    text = {}
     for sched in (True, False):
         fwd = functools.partial(relation_kl_mgpu.mosaic_forward, schedule_barrier=sched, **kw)
         bwd = functools.partial(relation_kl_mgpu.mosaic_backward_fused, schedule_barrier=sched, **kw)
-        text = (lowered(fwd, x, r, x, r, *ids), lowered(bwd, x, r, x, r, row, row, row, *ids))
-        assert all("mosaic_gpu" in t for t in text)
-        if sched:
-            with_barrier = text
-    assert with_barrier[0] != text[0] and with_barrier[1] != text[1]
+        text[sched] = (cuda_text(fwd, x, r, x, r, *ids), cuda_text(bwd, x, r, x, r, row, row, row, *ids))
+        assert all("mosaic_gpu" in t for t in text[sched])
+    assert text[True][0] != text[False][0] and text[True][1] != text[False][1]
 
 
 def test_check_script_variants_lower():
@@ -700,7 +696,7 @@ def test_check_script_variants_lower():
     for variant in new:
         fwd, bwd = check.variant_kernels(variant, scale=0.125, causal=True)
         for fn, args in ((fwd, (x, r, x, r)), (bwd, (x, r, x, r, row, row, row))):
-            assert "mosaic_gpu" in jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in cuda_text(fn, *args)
 
 
 def test_pallas_mgpu_impl_lowers_through_relation_kl():
