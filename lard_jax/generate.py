@@ -12,8 +12,11 @@ cached per `program_config` -- so the prefill compiles once per (batch, width, c
 decode loop once per (batch, cache) bucket, shared by every model with an equal program config
 (teacher, RoPE-scaled and restored students of one architecture). The cache is {"k", "v"} of
 [layers, batch, kv_heads, cache_len, head_dim] in the compute dtype (GQA: kv_heads, not query
-heads). Generation runs max_new_tokens steps; with `eos_id` each row's output is cut after its
-first eos.
+heads). The decode loop is a `while_loop` that runs until max_new_tokens tokens or until every
+row of the batch has produced a stop token (`eos_id`: one id or several, an int32 argument padded
+with -1, so one compiled loop serves every eos); each row's output is cut after its first stop
+token, so the result is the full-length decode's cut there (a row that stopped keeps decoding,
+ignored, while others run). Without `eos_id` every row gets max_new_tokens tokens.
 
 RoPE whose frequencies depend on the length (transformers' `dynamic_rope_update`, 5.x): HF's
 cached generate recomputes the frequencies from max(position_ids) + 1 of each forward and only
@@ -136,10 +139,28 @@ def program_config(cfg: LlamaConfig) -> LlamaConfig:
     return cfg
 
 
+# Stop ids are padded with -1 (never an argmax) to a fixed count, so eos / no eos / a few eos ids
+# all run the same compiled decode loop.
+MIN_STOP_IDS = 4
+
+
+def _stop_ids(eos_id: int | Sequence[int] | None) -> np.ndarray:
+    """int32 [S]: the stop ids padded with -1 to S = max(MIN_STOP_IDS, next power of two)."""
+    ids = [] if eos_id is None else [int(eos_id)] if np.ndim(eos_id) == 0 else [int(e) for e in eos_id]
+    if any(e < 0 for e in ids):
+        raise ValueError(f"greedy_generate: eos ids must be >= 0, got {ids}")
+    out = np.full(max(MIN_STOP_IDS, _pow2_at_least(len(ids))), -1, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def _decoding_programs(cfg: LlamaConfig):
     """(prefill, decode), jitted once per program config; jax compiles each per argument shape:
-    prefill per (batch, prompt width, cache length), decode per (batch, cache length, output cap)."""
+    prefill per (batch, prompt width, cache length), decode per (batch, cache length, output cap)
+    (and stop-id count, MIN_STOP_IDS unless more ids are given). The decode loop's trip count and
+    stop ids are traced arguments; it returns (tokens [B, cap], tokens produced: a scalar, at most
+    `steps`; fewer when every row stopped early)."""
     model = LlamaForCausalLM(cfg)
 
     def prefill(params, tokens, lengths, freq, *, cache_len: int):
@@ -150,13 +171,23 @@ def _decoding_programs(cfg: LlamaConfig):
         )
         return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
 
-    def decode(params, first, cache, lengths, freq_decode, steps):
+    def decode(params, first, cache, lengths, freq_decode, steps, stop_ids):
         # freq_decode [cap - 1, B, D/2]: row i - 1 for the token fed at step i; `steps` (traced):
-        # the tokens wanted, so one program serves every max_new_tokens up to cap
+        # the tokens wanted, so one program serves every max_new_tokens up to cap; stop_ids [S]
+        # (traced, -1 = none): the loop ends once every row has produced one of them. Entries of
+        # `out` past the last step stay 0; a row's entries after its first stop id are decoded on
+        # (while other rows run) and ignored by the caller.
         out = jnp.zeros((freq_decode.shape[0] + 1, first.shape[0]), jnp.int32).at[0].set(first)
 
-        def step(i, carry):
-            token, cache, out = carry
+        def stopped(token):
+            return jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+
+        def running(carry):
+            i, _, _, _, done = carry
+            return (i < steps) & ~jnp.all(done)
+
+        def step(carry):
+            i, token, cache, out, done = carry
             index = lengths + i - 1  # the token fed goes to position P + i - 1 (= valid cache entries)
             logits, cache = model.apply(
                 {"params": params},
@@ -167,10 +198,12 @@ def _decoding_programs(cfg: LlamaConfig):
                 rope_inv_freq=freq_decode[i - 1],
             )
             nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-            return nxt, cache, out.at[i].set(nxt)
+            return i + 1, nxt, cache, out.at[i].set(nxt), done | stopped(nxt)
 
-        _, _, out = jax.lax.fori_loop(1, steps, step, (first, cache, out))
-        return out.T  # [B, cap]
+        produced, _, _, out, _ = jax.lax.while_loop(
+            running, step, (jnp.asarray(1, jnp.int32), first, cache, out, stopped(first))
+        )
+        return out.T, produced  # [B, cap], tokens produced (the prefill's included)
 
     donate = () if jax.default_backend() == "cpu" else (2,)  # the cache is updated in place
     return jax.jit(prefill, static_argnames=("cache_len",)), jax.jit(decode, donate_argnums=donate)
@@ -182,28 +215,50 @@ def greedy_generate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     batch_size: int = 8,
     bucket: int | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of every prompt: a list of max_new_tokens new ids per prompt (cut after
-    the first `eos_id` if given). Prompts run `batch_size` at a time (a short last batch is padded
-    with copies so the compiled shape repeats; a single short batch to a power of two).
+    """Greedy continuation of every prompt: a list of max_new_tokens new ids per prompt, cut after
+    the first `eos_id` if given (an int, or several ids: cut after the first of any). Prompts run
+    `batch_size` at a time (a short last batch is padded with copies so the compiled shape repeats;
+    a single short batch to a power of two); a batch's decode loop stops as soon as every row has
+    produced an eos (the output is the same as decoding all max_new_tokens and cutting).
 
     Shapes: the prompt width and the cache length are `bucket_length(..., bucket)` (the fixed
     ladder by default, or multiples of an int `bucket`); the prefill compiles once per (rows,
     width, cache) and the decode loop once per (rows, cache, output cap = max(128, next power of
-    two of max_new_tokens)), for any model whose `program_config` is equal (parameters and RoPE
-    frequencies are arguments)."""
+    two of max_new_tokens)), for any model whose `program_config` is equal (parameters, RoPE
+    frequencies, the step count and the eos ids are arguments)."""
+    return _greedy_generate(
+        model, params, prompts, max_new_tokens, eos_id=eos_id, batch_size=batch_size, bucket=bucket
+    )[0]
+
+
+def _greedy_generate(
+    model: LlamaForCausalLM,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_id: int | Sequence[int] | None = None,
+    batch_size: int = 8,
+    bucket: int | None = None,
+) -> tuple[list[list[int]], list[int]]:
+    """greedy_generate's (outputs, tokens produced by each batch's decode: max_new_tokens unless
+    every row of the batch stopped earlier)."""
     if max_new_tokens < 1:
-        return [[] for _ in prompts]
+        return [[] for _ in prompts], []
     prompts = [list(map(int, p)) for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ValueError("greedy_generate: every prompt needs at least one token")
+    stop_ids = _stop_ids(eos_id)
+    stop_set = {int(e) for e in stop_ids if e >= 0}
     cfg = _decoding_config(model.config)
     prefill, decode = _decoding_programs(program_config(cfg))
     cap = max(128, _pow2_at_least(max_new_tokens))
     out: list[list[int]] = []
+    produced: list[int] = []
     for first in range(0, len(prompts), batch_size):
         chunk = prompts[first : first + batch_size]
         rows = batch_size if len(prompts) > batch_size else min(batch_size, _pow2_at_least(len(chunk)))
@@ -219,13 +274,18 @@ def greedy_generate(
         steps = lengths[None, :] + np.arange(cap - 1)[:, None] + 1
         freq_decode = rope_inv_freq_for_lengths(cfg, np.minimum(steps, lengths[None, :] + max_new_tokens))
         token, cache = prefill(params, tokens, lengths, freq_prefill, cache_len=cache_len)
-        new = np.asarray(decode(params, token, cache, lengths, freq_decode, np.int32(max_new_tokens)))
+        new, count = decode(params, token, cache, lengths, freq_decode, np.int32(max_new_tokens), stop_ids)
+        new, count = np.asarray(new), int(count)
+        produced.append(count)
         for r in range(len(chunk)):
             ids = new[r, :max_new_tokens].tolist()
-            if eos_id is not None and eos_id in ids:
-                ids = ids[: ids.index(eos_id) + 1]
+            cut = next((k for k, t in enumerate(ids) if t in stop_set), None)
+            if cut is not None:
+                ids = ids[: cut + 1]
+            # every row either stopped within the tokens produced or the loop ran all of them
+            assert cut is not None and cut < count or count == max_new_tokens, (cut, count)
             out.append(ids)
-    return out
+    return out, produced
 
 
 @functools.lru_cache(maxsize=64)

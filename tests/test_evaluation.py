@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from lard_jax.evaluation import distortion, multiple_choice, perplexity, report, synthetic
+from lard_jax.evaluation import adapters, distortion, multiple_choice, perplexity, report, synthetic
 from lard_jax.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -327,6 +327,77 @@ def test_score_prediction_cases():
         == 0.5
     )
     assert synthetic.score_prediction("common_words", "1. Apple 2. pear", ["apple", "pear"]) == 1.0
+
+
+def test_text_after_eos_scores_so_stopping_at_eos_is_opt_in():
+    """The scorers read the decoded text of everything generated, eos skipped: an answer written
+    after an eos counts in the full-length decode and not once generation stops at the eos (and
+    digits either side of it join), which is why EvalSpec.stop_at_eos is off by default."""
+    full = TOK.encode(" Sure.") + [TOK.eos_id] + TOK.encode(" 48213")
+    cut = full[: full.index(TOK.eos_id) + 1]
+    assert synthetic.score_prediction("passkey", TOK.decode(full), ["48213"]) == 1.0
+    assert synthetic.score_prediction("passkey", TOK.decode(cut), ["48213"]) == 0.0
+    joined = TOK.encode(" 482") + [TOK.eos_id] + TOK.encode("13")
+    assert synthetic.score_prediction("niah_single", TOK.decode(joined), ["48213"]) == 1.0
+    assert (
+        synthetic.score_prediction("niah_single", TOK.decode(joined[: joined.index(TOK.eos_id) + 1]), ["48213"]) == 0.0
+    )
+
+
+def test_generate_fn_stops_at_the_tokenizers_eos_only_when_asked():
+    import jax
+    import ml_collections
+
+    from lard_jax import generate
+    from lard_jax.evaluation import runner, tasks
+    from lard_jax.model import LlamaConfig, init_params
+
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    rng = np.random.default_rng()
+    model, params = init_params(cfg, jax.random.PRNGKey(int(rng.integers(1 << 30))))
+    params = jax.tree_util.tree_map(lambda x: x * 20 if x.ndim == 2 else x, params)
+    prompts = [rng.integers(3, V, int(n)).tolist() for n in rng.integers(3, 30, 3)]
+    full = generate.greedy_generate(model, params, prompts, 16)
+    eos = full[1][5]  # a token the model emits: stands in for the tokenizer's eos
+    cut = [r[: r.index(eos) + 1] if eos in r else r for r in full]
+    fn = adapters.generate_fn_for(model, params, eos_id=eos)
+    assert fn.batch(prompts, 16) == cut and [fn(p, 16) for p in prompts] == cut
+    assert adapters.generate_fn_for(model, params).batch(prompts, 16) == full  # no eos: every token
+
+    class Tok(ByteTokenizer):
+        eos_id = eos
+
+    spec = runner.EvalSpec(native_len=64)
+    assert spec.stop_at_eos is False
+    ctx = tasks.TaskContext(model=model, params=params, tokenizer=Tok(), docs=[], spec=spec, progress=False)
+    assert ctx.generate.eos_id is None and ctx.generate.batch(prompts, 16) == full
+    spec = dataclasses.replace(spec, stop_at_eos=True)
+    ctx = tasks.TaskContext(model=model, params=params, tokenizer=Tok(), docs=[], spec=spec, progress=False)
+    assert ctx.generate.eos_id == eos and ctx.generate.batch(prompts, 16) == cut
+    config = ml_collections.ConfigDict(
+        dict(
+            native_len=0,
+            ppl_lengths=(),
+            max_windows=1,
+            passkey_lengths=(),
+            passkey_samples=1,
+            depths=(0.5,),
+            niah_lengths=(),
+            cloze_samples=0,
+            harness_tasks="",
+        )
+    )
+    assert runner.eval_spec_from_config(config, 64).stop_at_eos is False
+    config.stop_at_eos = True
+    assert runner.eval_spec_from_config(config, 64).stop_at_eos is True
 
 
 # ----------------------------------------------------------------------------- relation distortion

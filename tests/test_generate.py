@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
+from lard_jax import compile_cache, hf
 from lard_jax import generate as gen
-from lard_jax import hf
 from lard_jax.evaluation import runner as eval_runner
 from lard_jax.model import LlamaConfig, init_params
 
@@ -139,3 +139,86 @@ def test_eos_cut_batch_padding_and_blockwise_prefill():
     cut = gen.greedy_generate(model, params, prompts[:3], 6, eos_id=eos, batch_size=3)[0]
     assert cut == full[0][: full[0].index(eos) + 1]
     assert gen.greedy_generate(model, params, prompts, 0) == [[]] * 4
+
+
+def _peaked_model(seed):
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    model, params = init_params(cfg, jax.random.PRNGKey(seed))
+    return model, jax.tree_util.tree_map(lambda x: x * 20 if x.ndim == 2 else x, params)
+
+
+def _cut(ids, stops):
+    first = next((k for k, t in enumerate(ids) if t in stops), None)
+    return ids if first is None else ids[: first + 1]
+
+
+def _staggered_eos(full):
+    """A token some rows emit first at different steps and at least one row never emits, or None."""
+    for tok in sorted({t for row in full for t in row}):
+        firsts = [row.index(tok) if tok in row else None for row in full]
+        hit = {f for f in firsts if f is not None}
+        if None in firsts and len(hit) >= 2:
+            return tok
+    return None
+
+
+def test_eos_stops_the_loop_early_with_the_full_decodes_tokens():
+    seed = int(np.random.default_rng().integers(1 << 30))  # fresh inputs each run; the seed is in the messages
+    model, params = _peaked_model(seed % 1000)
+    rng = np.random.default_rng(seed)
+    new = 24
+    for _ in range(20):  # draw until some token stops rows at different steps and misses one row
+        prompts = [rng.integers(1, 50, int(n)).tolist() for n in rng.integers(3, 20, 6)]
+        full, produced = gen._greedy_generate(model, params, prompts, new)
+        eos = _staggered_eos(full)
+        if eos is not None:
+            break
+    assert eos is not None, f"seed {seed}: no staggered eos in 20 draws"
+    assert produced == [new] and [len(r) for r in full] == [new] * 6, seed
+    # (a) the full decode is the cached decode of before (equal to recomputation without a cache)
+    assert full == [gen.greedy_generate_recompute(model, params, p, new) for p in prompts], seed
+    got, produced = gen._greedy_generate(model, params, prompts, new, eos_id=eos)
+    assert got == [_cut(r, {eos}) for r in full], seed
+    assert any(eos not in r for r in got) and len({len(r) for r in got if r[-1] == eos}) >= 2, seed
+    assert produced == [new], seed  # a row never stopped: the loop ran to the end
+    assert gen.greedy_generate(model, params, prompts, new, eos_id=eos) == got
+    # (b) every row stops: the loop ends at the last row's first eos, well before max_new_tokens
+    step = int(rng.integers(1, 6))
+    stops = sorted({r[step] for r in full[:4]})  # <= 4 ids: the same compiled program
+    got, produced = gen._greedy_generate(model, params, prompts[:4], new, eos_id=stops)
+    assert got == [_cut(r, set(stops)) for r in full[:4]], seed
+    assert produced == [max(len(r) for r in got)] and produced[0] <= step + 1 < new, (seed, produced)
+    one, produced = gen._greedy_generate(model, params, prompts[:1], new, eos_id=full[0][step])
+    assert one == [_cut(full[0], {full[0][step]})] and produced == [len(one[0])] and produced[0] < new, seed
+    # batches of one model call: each batch stops on its own
+    got, produced = gen._greedy_generate(model, params, prompts[:4], new, eos_id=stops, batch_size=2)
+    assert got == [_cut(r, set(stops)) for r in full[:4]], seed
+    assert len(produced) == 2 and max(produced) <= step + 1, (seed, produced)
+
+
+def test_one_decode_program_serves_every_eos_and_model():
+    model, params = _peaked_model(3)
+    _, other_params = _peaked_model(4)  # another model of the same program config
+    rng = np.random.default_rng()
+    prompts = [rng.integers(1, 50, int(n)).tolist() for n in rng.integers(3, 20, 4)]
+    full = gen.greedy_generate(model, params, prompts, 20)  # compiles (or reuses) the programs
+    first, second = full[0][1], full[1][4]
+    with compile_cache.CompileCounter() as counter:
+        a = gen.greedy_generate(model, params, prompts, 20, eos_id=first)
+        b = gen.greedy_generate(model, params, prompts, 20, eos_id=second)
+        c = gen.greedy_generate(model, params, prompts, 20, eos_id=[second, first])
+        gen.greedy_generate(model, other_params, prompts, 20, eos_id=second)
+        gen.greedy_generate(model, params, prompts, 9, eos_id=first)  # another step count, same cap
+    assert counter.compiles == 0, counter.names
+    assert a == [_cut(r, {first}) for r in full] and b == [_cut(r, {second}) for r in full]
+    assert c == [_cut(r, {first, second}) for r in full]
+    with pytest.raises(ValueError, match="eos ids must be >= 0"):
+        gen.greedy_generate(model, params, prompts, 4, eos_id=-1)

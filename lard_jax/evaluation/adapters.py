@@ -123,24 +123,33 @@ def logits_fn_for(model: LlamaForCausalLM, params) -> Callable[[np.ndarray], np.
     return fn
 
 
-def generate_fn_for(model: LlamaForCausalLM, params, *, batch_size: int = 8) -> Callable[[list[int], int], list[int]]:
+def generate_fn_for(
+    model: LlamaForCausalLM, params, *, batch_size: int = 8, eos_id: int | Sequence[int] | None = None
+) -> Callable[[list[int], int], list[int]]:
     """Greedy decoding with a KV cache (lard_jax.generate.greedy_generate): one prefill, then one
     cached step per new token; programs compiled once per length bucket and shared between models
     of one program config. Token for token the same as transformers' generate(do_sample=False)
     (tests/test_generate.py). `fn(prompt_ids, max_new_tokens)` decodes one prompt;
     `fn.batch(prompts, max_new_tokens)` decodes many, `batch_size` rows at a time (each row as it
-    would alone: its own positions and cache)."""
+    would alone: its own positions and cache).
+
+    `eos_id` (the tokenizer's, or None): each output is cut after its first eos and a batch stops
+    decoding once every row has one (the same compiled loop for any eos). None (the default)
+    decodes all max_new_tokens. The synthetic tasks score the decoded text of everything generated
+    (special tokens skipped), so text a model writes after its eos counts there without `eos_id`
+    and not with it: scores can differ (EvalSpec.stop_at_eos chooses)."""
     from lard_jax.generate import greedy_generate, linear_memory_model
 
     model = linear_memory_model(model)  # long prompts: no [T, T] attention matrix in the prefill
 
     def fn(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        return greedy_generate(model, params, [prompt_ids], max_new_tokens)[0]
+        return greedy_generate(model, params, [prompt_ids], max_new_tokens, eos_id=eos_id)[0]
 
     def batch(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        return greedy_generate(model, params, prompts, max_new_tokens, batch_size=batch_size)
+        return greedy_generate(model, params, prompts, max_new_tokens, eos_id=eos_id, batch_size=batch_size)
 
     fn.batch = batch
+    fn.eos_id = eos_id
     return fn
 
 

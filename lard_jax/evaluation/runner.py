@@ -48,6 +48,10 @@ class EvalSpec:
     add_bos: str = "tokenizer"  # harness-style scoring: "tokenizer" | "always" | "never"
     max_length: int = 0  # harness-style left truncation; 0 = the model's max_position_embeddings
     tasks: Sequence[str] = tasks_lib.DEFAULT_TASKS  # registered task names, run in this order
+    # greedy generation (passkey, NIAH, ...) stops at the tokenizer's eos: faster, but the scorers
+    # then no longer see text generated after an eos (decode skips the eos and keeps what
+    # follows), so scores can differ from the default full-length decode
+    stop_at_eos: bool = False
 
 
 def check_spec(spec: EvalSpec, tokenizer) -> None:
@@ -133,6 +137,7 @@ def eval_spec_from_config(eval_cfg, native_len: int) -> EvalSpec:
         add_bos=multiple_choice.bos_mode(eval_cfg.get("add_bos", "tokenizer")),
         max_length=int(eval_cfg.get("max_length", 0) or 0),
         tasks=tuple(eval_cfg.get("tasks", ()) or tasks_lib.DEFAULT_TASKS),
+        stop_at_eos=bool(eval_cfg.get("stop_at_eos", False)),
     )
 
 

@@ -53,7 +53,10 @@ class TaskContext:
 
     @functools.cached_property
     def generate(self):
-        return generate_fn_for(self.model, self.params, batch_size=self.spec.batch_size)
+        # stop_at_eos: decoding stops at the tokenizer's eos (faster; text after an eos no longer
+        # scores, so results can differ from the full-length decode's: off by default)
+        eos = getattr(self.tokenizer, "eos_id", None) if getattr(self.spec, "stop_at_eos", False) else None
+        return generate_fn_for(self.model, self.params, batch_size=self.spec.batch_size, eos_id=eos)
 
 
 @register("short_ppl")
