@@ -209,6 +209,47 @@ def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barri
     return entry
 
 
+def _kernel_accumulating_into(entry, acc, out_type, mesh, params):
+    """A Mosaic kernel `entry(acc_ref, *input_refs, out_ref)` that adds into `acc` (its first
+    argument, aliased to its second output): a call returns (out, acc after the kernel).
+
+    pl.kernel takes such an accumulator as a `jax.new_ref`, but its ref discharge re-traces the
+    body as JAX's `new_body`, and the Mosaic GPU lowering names the CUDA kernel after that
+    (`new_body_mosaic_gpu_kernel`, found in the SASS by experiments/sass_relation_kl.py), so a
+    profile could not tell the relation loss's backward from anything else. The discharged form
+    written out here (the accumulator an input aliased to an output, the body reading the input's
+    ref) keeps `entry.__name__`; it needs jax's `_mpmd_map`, and without it (another jax) the ref
+    form runs instead."""
+    try:
+        from jax._src.pallas import mpmd
+    except ImportError:  # pragma: no cover - a jax without the module
+        mpmd = None
+    if mpmd is None or not hasattr(mpmd, "_mpmd_map"):  # pragma: no cover
+
+        def call_with_ref(acc_value, *args):
+            ref = jax.new_ref(acc_value)
+            out = pl.kernel(entry, out_type=out_type, mesh=mesh, compiler_params=params, name=entry.__name__)(
+                ref, *args
+            )
+            return out, ref[...]
+
+        return call_with_ref
+
+    def aliased(acc_in, *refs):
+        *ins, out, _acc_out = refs  # the output ref aliases acc_in's buffer (as the discharge does)
+        entry(acc_in, *ins, out)
+
+    aliased.__name__ = entry.__name__
+    acc_type = jax.ShapeDtypeStruct(acc.shape, acc.dtype)
+    return mpmd._mpmd_map(
+        [(mesh, aliased)],
+        (out_type, acc_type),
+        input_output_aliases={0: 1},
+        compiler_params=params,
+        name=entry.__name__,
+    )
+
+
 def _load_ids(ref, axis):
     """[n] int32 ids from shared memory in the layout of a tile's rows (axis 0) or columns (1)."""
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
@@ -787,13 +828,13 @@ def _key_block_backward(
     out_type = jax.ShapeDtypeStruct((B, T, H, D), dtype)
     grid, grid_names = (H, T // (2 * block_kv), B), ("heads", "kv_seq", "batch")
     d_sl = None
-    if fused:  # d_left's float32 accumulator goes in as a ref (plgpu.kernel's vmap wrapper takes none)
-        d_left = jax.new_ref(jnp.zeros((B, T, H, D), jnp.float32))
+    if fused:  # d_left's float32 accumulator: zeros, aliased to a second output
         mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
-        d_sr_heads = pl.kernel(entry, out_type=out_type, mesh=mesh, compiler_params=params, name=entry.__name__)(
-            d_left, sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids
+        zeros = jnp.zeros((B, T, H, D), jnp.float32)
+        d_sr_heads, d_left = _kernel_accumulating_into(entry, zeros, out_type, mesh, params)(
+            zeros, sl, sr, tl, tr, lse_s, lse_t, g_scaled, *ids
         )
-        d_sl = d_left[...].astype(dtype)
+        d_sl = d_left.astype(dtype)
     else:
         d_sr_heads = plgpu.kernel(
             entry,
