@@ -180,39 +180,48 @@ def hgmma_groups(body):
     return groups
 
 
-def loop_profile(body, pairs_per_step: int) -> dict:
-    """Per (row, key) pair: what one step of the loop (`body`, one warp's instructions; the
-    warpgroup's 4 warps each run it and together cover `pairs_per_step` pairs) asks of each unit."""
-    per_pair = WARPS_PER_WARPGROUP / pairs_per_step  # warp instructions per pair, per instruction in the body
+def loop_profile(
+    body, pairs_per_step: int, warps_per_step: int = WARPS_PER_WARPGROUP, concurrent: int = COMPUTE_WARPGROUPS
+) -> dict:
+    """Per (row, key) pair: what one step of the loop asks of each unit. `body`: one warp's
+    instructions for the step; `warps_per_step` warps each run it and together cover
+    `pairs_per_step` pairs (a Mosaic compute warpgroup: 4 warps, block_q x block_kv; a Triton
+    program: num_warps warps, block_q x block_k); `concurrent` such steps run on an SM at once (the
+    Mosaic kernels' two compute warpgroups; Triton programs resident per SM)."""
+    per_pair = warps_per_step / pairs_per_step  # warp instructions per pair, per instruction in the body
     counts = collections.Counter(unit_of(op) for _, _, op, _ in body)
     ops = collections.Counter(op for _, _, op, _ in body)
-    tensor_fmas = sum(
+    # an HGMMA is in each of a warpgroup's 4 warps' streams, and is one wgmma of the warpgroup
+    tensor_fmas = (warps_per_step / WARPS_PER_WARPGROUP) * sum(
         int(m.group(1)) * int(m.group(2)) * int(m.group(3)) for _, _, op, _ in body if (m := _HGMMA.match(op))
     )
     clocks = {unit: counts[unit] * per_pair * 32 / lanes for unit, lanes in LANES_PER_SM.items()}
     clocks["tensor"] = tensor_fmas / pairs_per_step / TENSOR_FMA_PER_SM_CLOCK
     clocks["issue"] = len(body) * per_pair / SCHEDULERS_PER_SM
     stall = sum(s for _, s, _, _ in body)
-    tensor_step = tensor_fmas / TENSOR_FMA_PER_SM_CLOCK  # one warpgroup's wgmmas, the SM's tensor cores to themselves
+    tensor_step = tensor_fmas / TENSOR_FMA_PER_SM_CLOCK  # the step's wgmmas, the SM's tensor cores to themselves
+    softmax_step = stall * max(1.0, warps_per_step / SCHEDULERS_PER_SM)  # a scheduler's warps of the step in turn
     return {
         "instructions": len(body),
         "by_unit": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
         "top_opcodes": dict(ops.most_common(12)),
         "pairs_per_step": pairs_per_step,
+        "warps_per_step": warps_per_step,
+        "concurrent_steps": concurrent,
         "warp_instructions_per_pair": {u: round(c * per_pair, 6) for u, c in counts.items()},
         "sm_clocks_per_pair": {u: round(c, 6) for u, c in sorted(clocks.items(), key=lambda kv: -kv[1])},
         "bound_unit": max(clocks, key=clocks.get),
         "stall_sum": stall,
-        # one warp's scheduled cycles per step, over the pairs both compute warpgroups cover while
-        # each runs one step at the same time: the loop's latency-bound clocks per pair per SM
-        "stall_clocks_per_pair": round(stall / (COMPUTE_WARPGROUPS * pairs_per_step), 6),
+        # the step's scheduled cycles on a scheduler, over the pairs of the steps that run at once:
+        # the loop's latency-bound clocks per pair per SM
+        "stall_clocks_per_pair": round(softmax_step / (concurrent * pairs_per_step), 6),
         # two bracketing models of the step, from the listing alone (variable latencies ignored):
-        # "serial", each warpgroup's wgmma then its softmax and the two warpgroups one after the
-        # other; "alternating", the same step with the other warpgroup's filling its gaps
-        # (FlashAttention-3's ping-pong at its best), never below a unit's own bound
-        "serial_clocks_per_pair": round((tensor_step + stall) / pairs_per_step, 6),
+        # "serial", the step's wgmmas then its softmax and the concurrent steps one after the
+        # other; "alternating", the concurrent steps filling each other's gaps (FlashAttention-3's
+        # ping-pong at its best), never below a unit's own bound
+        "serial_clocks_per_pair": round((tensor_step + softmax_step) / pairs_per_step, 6),
         "alternating_clocks_per_pair": round(
-            max((tensor_step + stall) / (COMPUTE_WARPGROUPS * pairs_per_step), *clocks.values()), 6
+            max((tensor_step + softmax_step) / (concurrent * pairs_per_step), *clocks.values()), 6
         ),
         "tensor_fma_per_pair": round(tensor_fmas / pairs_per_step, 1),
         "hgmma_groups": [{"hgmma": n, "fma": f, "instructions_before_wait": w} for n, f, w in hgmma_groups(body)],
@@ -235,12 +244,14 @@ def parse_ptxas(text: str) -> dict:
     return out
 
 
-def kernel_report(sass_text: str, ptxas_text: str, pairs_per_step: int) -> dict:
+def kernel_report(sass_text: str, ptxas_text: str, pairs_per_step: int, **step) -> dict:
+    """ptxas's report and each main loop's profile (`loop_profile`; `step`: its warps_per_step,
+    concurrent)."""
     instructions, labels = parse_sass(sass_text)
     loops = []
     for start, end in main_loops(instructions, labels):
         body = [i for i in instructions if start <= i[0] <= end]
-        loops.append({"start": hex(start), "end": hex(end), **loop_profile(body, pairs_per_step)})
+        loops.append({"start": hex(start), "end": hex(end), **loop_profile(body, pairs_per_step, **step)})
     return {"ptxas": parse_ptxas(ptxas_text), "instructions": len(instructions), "loops": loops}
 
 
@@ -272,6 +283,12 @@ def _cuda_root() -> str:
     import jax
 
     raise SetupError("no nvdisasm; " + SETUP.format(version=jax.__version__))
+
+
+def _ptxas() -> str:
+    """The ptxas Mosaic's compile runs (the first on PATH; else nvidia-cuda-nvcc's), used for the
+    Triton kernels' PTX too, so that both listings come from one compiler."""
+    return shutil.which("ptxas") or os.path.join(_cuda_root(), "bin", "ptxas")
 
 
 def build_stand_in_driver(directory: str) -> str:
@@ -340,6 +357,7 @@ def compile_variant(variant_name: str, head_dim: int, kinds, dump_dir: str, driv
     env = dict(os.environ)
     env.update(
         LD_LIBRARY_PATH=driver_dir + os.pathsep + env.get("LD_LIBRARY_PATH", ""),
+        PATH=os.path.dirname(_ptxas()) + os.pathsep + env.get("PATH", ""),
         MOSAIC_GPU_DUMP_TO=dump_dir,
         MOSAIC_GPU_DUMP_SASS_CTRL="1",
         MOSAIC_GPU_DUMP_PTXAS="1",
@@ -375,6 +393,154 @@ def compile_variant(variant_name: str, head_dim: int, kinds, dump_dir: str, driv
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# The Triton kernels ("pallas_gpu"): XLA compiles them for a compile-only H200 and dumps their PTX;
+# ptxas and nvdisasm (pip) make the SASS, whose control codes are read from the encoding.
+
+TRITON_KERNELS = ("fwd", "dleft", "dright")
+TRITON_SHAPES = {64: (4, 8192, 15), 128: (1, 16384, 32)}  # (B, T, heads): SmolLM2's merged layer, the 7B's
+_ENCODED = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*/\* (0x[0-9a-f]{16}) \*/\s*$")
+_HIGH_WORD = re.compile(r"^\s*/\* (0x[0-9a-f]{16}) \*/\s*$")
+
+
+def _wait_mask(wait: int) -> str:
+    """The barriers an instruction waits on, as Mosaic's listing writes them ("-", "2", "2&1", "0x32")."""
+    bits = [str(b) for b in range(5, -1, -1) if wait >> b & 1]
+    return "-" if not bits else "&".join(bits) if len(bits) <= 2 else f"0x{wait:x}"
+
+
+def control_listing(nvdisasm_hex: str) -> str:
+    """`nvdisasm -hex -c` output rewritten as Mosaic's SASS_CTRL listing
+    (`wait:read:write:yield:stall /*address*/ instruction`), so that `parse_sass` reads both. The
+    control bits are bits 41-61 of each instruction's high word: stall (4), yield (1), write
+    barrier (3), read barrier (3), wait mask (6), as Jia et al. decoded them for Volta. On Hopper
+    the decode reproduces Mosaic's own listing of the same cubin field for field (1,920
+    instructions of the forward, ptxas 13.0; tests/test_sass_relation_kl.py keeps a sample)."""
+    out, lines = [], nvdisasm_hex.splitlines()
+    for k, line in enumerate(lines):
+        m = _ENCODED.search(line)
+        high = _HIGH_WORD.match(lines[k + 1]) if m and k + 1 < len(lines) else None
+        if not m or not high:
+            if line.strip().endswith(":") and line.strip().startswith(".L_x_"):
+                out.append(line.strip())
+            continue
+        c = int(high.group(1), 16) >> 41
+        stall, yields, write, read, wait = c & 15, (c >> 4) & 1, (c >> 5) & 7, (c >> 8) & 7, (c >> 11) & 63
+        ctrl = ":".join(
+            (
+                _wait_mask(wait),
+                str(read) if read != 7 else "-",
+                str(write) if write != 7 else "-",
+                "Y" if yields else "-",
+                f"{stall:02d}",
+            )
+        )
+        out.append(f"   {ctrl}        /*{m.group(1)}*/                   {m.group(2)} ;")
+    return "\n".join(out)
+
+
+def _triton_child(head_dim: int, B: int, T: int, H: int) -> None:
+    """Compile d(sum of relation_kl(impl="pallas_gpu"))/d(student) for the compile-only H200;
+    XLA_FLAGS (set by the parent) dumps the Triton kernels' PTX."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import compile_offline
+    from pallas_kernels.relation_kl import relation_kl
+
+    sharding = jax.sharding.SingleDeviceSharding(compile_offline.compile_only_device("h200"))
+    x = jax.ShapeDtypeStruct((B, T, H, head_dim), jnp.bfloat16, sharding=sharding)
+
+    def loss(s, t):
+        return relation_kl(s, s, t, t, causal=True, impl="pallas_gpu").sum()
+
+    jax.jit(jax.grad(loss), in_shardings=(sharding, sharding), out_shardings=sharding).trace(x, x).lower().compile()
+
+
+def triton_blocks(head_dim: int, B: int, T: int, H: int):
+    from pallas_kernels import blocks as _blocks
+
+    return _blocks.pick_blocks(None, "pallas_gpu", T, head_dim * 2, batch_heads=B * H)
+
+
+def compile_triton(head_dim: int, shape, dump_dir: str) -> dict:
+    """{kind: (SASS listing, ptxas report)} of the three Triton kernels at one shape."""
+    B, T, H = shape
+    env = dict(os.environ)
+    env.update(XLA_FLAGS=f"--xla_dump_to={dump_dir}", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", CUDA_VISIBLE_DEVICES="-1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.sass_relation_kl",
+        "--_triton_child",
+        str(head_dim),
+        str(B),
+        str(T),
+        str(H),
+    ]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    bin_dir = os.path.join(_cuda_root(), "bin")
+    out = {}
+    for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptx"))):
+        with open(path) as f:
+            ptx = f.read()
+        m = re.search(r"\.entry relation_kl_(fwd|dleft|dright)\(", ptx)
+        if not m:
+            continue
+        cubin = path[: -len(".ptx")] + ".cubin"
+        report = subprocess.run(
+            [_ptxas(), "-arch=sm_90a", "-v", "-o", cubin, path],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        listing = subprocess.run(
+            [os.path.join(bin_dir, "nvdisasm"), "-hex", "-c", cubin], capture_output=True, text=True, check=True
+        ).stdout
+        out[m.group(1)] = (control_listing(listing), report.stdout + report.stderr)
+    missing = [k for k in TRITON_KERNELS if k not in out]
+    if missing:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(
+            f"Triton D{head_dim}: no PTX for {missing} in the XLA dump (exit {proc.returncode}):\n{tail}"
+        )
+    return out
+
+
+def ctas_per_sm(registers: int, warps: int) -> int:
+    """Programs an SM holds by its 64K registers alone (allocated per thread in steps of 8)."""
+    per_thread = -(-max(registers, 1) // 8) * 8
+    return max(1, 65536 // (per_thread * 32 * warps))
+
+
+def triton_rows(head_dim: int, shape, dump_dir: str, keep_dir=None) -> list:
+    blocks = triton_blocks(head_dim, *shape)
+    steps = {
+        "fwd": (blocks.block_q * blocks.block_k, blocks.num_warps_fwd),
+        "dleft": (blocks.block_q_dq * blocks.block_k_dq, blocks.num_warps_bwd),
+        "dright": (blocks.block_q_dk * blocks.block_k_dk, blocks.num_warps_bwd),
+    }
+    rows = []
+    for kind, (listing, report) in compile_triton(head_dim, shape, dump_dir).items():
+        pairs, warps = steps[kind]
+        regs = parse_ptxas(report).get("registers", 255)
+        row = {
+            "variant": "triton",
+            "head_dim": head_dim,
+            "kernel": kind,
+            "shape": dict(zip(("B", "T", "H"), shape)),
+            "blocks": blocks.__dict__ if hasattr(blocks, "__dict__") else str(blocks),
+            **kernel_report(listing, report, pairs, warps_per_step=warps, concurrent=ctas_per_sm(regs, warps)),
+        }
+        rows.append(row)
+        if keep_dir:
+            os.makedirs(keep_dir, exist_ok=True)
+            with open(os.path.join(keep_dir, f"triton_d{head_dim}_{kind}.sass"), "w") as f:
+                f.write(listing)
+    return rows
+
+
 def pairs_per_step(variant_name: str) -> int:
     from experiments.check_relation_kl_mgpu import VARIANTS
 
@@ -406,6 +572,9 @@ def table(rows) -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_triton_child"]:
+        _triton_child(*(int(v) for v in argv[1:5]))
+        return None
     if argv[:1] == ["--_child"]:
         _, variant_name, head_dim, seq_len, kinds = argv
         _child(variant_name, int(head_dim), int(seq_len), kinds.split(","))
@@ -420,6 +589,11 @@ def main(argv=None):
     p.add_argument("--kernels", default="fwd,bwd", help="fwd (forward), bwd (one-kernel backward)")
     p.add_argument("--out", default=None, help="JSON")
     p.add_argument("--keep_sass", default=None, help="directory to copy each kernel's SASS and ptxas report into")
+    p.add_argument(
+        "--triton",
+        action="store_true",
+        help="also the Triton kernels (impl='pallas_gpu') at each head dim, at TRITON_SHAPES",
+    )
     a = p.parse_args(argv)
     from experiments.check_relation_kl_mgpu import VARIANTS
 
@@ -443,11 +617,10 @@ def main(argv=None):
         _cuda_root()
     except (ImportError, SetupError):
         p.error(SETUP.format(version=jax.__version__))
-    ptxas = os.path.join(_cuda_root(), "bin", "ptxas")
-    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    version = subprocess.run([_ptxas(), "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     result = {
         "jax": jax.__version__,
-        "ptxas": version[-1] if version else None,
+        "ptxas": f"{_ptxas()}: {version[-1]}" if version else _ptxas(),
         "command": "python -m experiments.sass_relation_kl " + " ".join(argv),
         "rows": [],
     }
@@ -471,6 +644,14 @@ def main(argv=None):
                             with open(stem + ".ptxas", "w") as f:
                                 f.write(ptxas)
                     print(f"{v} D{d} {kind}: {row['ptxas']}, {len(row['loops'])} main loop(s)", flush=True)
+        if a.triton:
+            for d in head_dims:
+                if d not in TRITON_SHAPES:
+                    p.error(f"--triton: no shape for head dim {d}; expected some of {sorted(TRITON_SHAPES)}")
+                rows = triton_rows(d, TRITON_SHAPES[d], tempfile.mkdtemp(dir=tmp), a.keep_sass)
+                result["rows"].extend(rows)
+                for row in rows:
+                    print(f"triton D{d} {row['kernel']}: {row['ptxas']}, {len(row['loops'])} main loop(s)", flush=True)
     print(table(result["rows"]))
     if a.out:
         with open(a.out, "w") as f:

@@ -171,3 +171,42 @@ def test_the_serial_and_alternating_models_bracket_the_step():
     alternating = max((tensor_step + loop["stall_sum"]) / (2 * 4096), *loop["sm_clocks_per_pair"].values())
     assert loop["alternating_clocks_per_pair"] == pytest.approx(alternating, abs=1e-6)
     assert loop["alternating_clocks_per_pair"] <= loop["serial_clocks_per_pair"]
+
+
+# Five instructions of the Mosaic forward as `nvdisasm -hex -c` prints them (ptxas 13.0), and the
+# control fields Mosaic's own SASS_CTRL listing gives them (the whole kernel agrees, 1,920 of 1,920).
+NVDISASM_HEX = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                              /* 0x00000a00ff017b82 */
+                                                                                       /* 0x000fe20000000800 */
+        /*0010*/                   S2R R8, SR_TID.X ;                                  /* 0x0000000000087919 */
+                                                                                       /* 0x000e6e0000002100 */
+        /*00c0*/                   ULEA UR31, UR4, UR31, 0x18 ;                        /* 0x0000001f041f7291 */
+                                                                                       /* 0x004fc8000f8ec03f */
+        /*00f0*/                   SHF.R.U32.HI R0, RZ, 0x5, R8.reuse ;                /* 0x00000005ff007819 */
+                                                                                       /* 0x102fe20000011608 */
+.L_x_7:
+        /*5e20*/                   FADD R17, -R18, R21 ;                               /* 0x0000001512117221 */
+                                                                                       /* 0x032fe20000000100 */
+"""
+MOSAIC_CTRL = ["-:-:-:Y:01", "-:-:1:Y:07", "2:-:-:-:04", "1:-:-:Y:01", "0x32:-:-:Y:01"]
+
+
+def test_control_codes_decode_as_mosaic_lists_them():
+    listing = sass.control_listing(NVDISASM_HEX)
+    ctrl = [line.split()[0] for line in listing.splitlines() if "/*" in line]
+    assert ctrl == MOSAIC_CTRL
+    instructions, labels = sass.parse_sass(listing)
+    assert [(a, s, op) for a, s, op, _ in instructions] == [
+        (0x0, 1, "LDC"),
+        (0x10, 7, "S2R"),
+        (0xC0, 4, "ULEA"),
+        (0xF0, 1, "SHF.R.U32.HI"),
+        (0x5E20, 1, "FADD"),
+    ]
+    assert labels == {".L_x_7": 0x5E20}
+
+
+def test_programs_per_sm_by_registers():
+    assert sass.ctas_per_sm(255, 4) == 2  # 256 registers a thread, 128 threads: 32K of 64K
+    assert sass.ctas_per_sm(138, 4) == 3  # rounded up to 144
+    assert sass.ctas_per_sm(168, 8) == 1
