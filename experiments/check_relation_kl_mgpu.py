@@ -61,6 +61,9 @@ API_CASES = (
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "schedule_barrier": True}),
     (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "schedule_barrier": True}),
     (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "schedule_barrier": True}),
+    (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "overlap_softmax": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "overlap_softmax": True}),
+    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "overlap_softmax": True}),
 )
 
 
@@ -70,7 +73,8 @@ API_CASES = (
 # TMA reduce-add); *_sched: with the compute warpgroups' ping-pong (BlockSizes.schedule_barrier;
 # _bwd: in the backward only; _ring3: a 3-slot ring, D 64 only, for the warpgroup that runs half a
 # step behind); *_pair: the two logit wgmmas issued together without the ping-pong (the other half
-# of the change). The first two sessions' JSON also has
+# of the change); *_overlap: the forward issues each next step's logit wgmmas before its own softmax
+# (BlockSizes.overlap_softmax). The first two sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
 VARIANTS = (
@@ -84,6 +88,7 @@ VARIANTS = (
     ("fused_64x64_pair", 64, 64, (64, 128), True, {"pair_wgmmas": True}),
     ("fused_64x64_sched_bwd", 64, 64, (64, 128), True, ({}, {"schedule_barrier": True})),
     ("fused_64x64_sched_ring3", 64, 64, (64,), True, {"schedule_barrier": True, "max_concurrent_steps": 3}),
+    ("fused_64x64_overlap", 64, 64, (64, 128), True, ({"overlap_softmax": True}, {})),
 )
 
 
@@ -101,7 +106,7 @@ def variant_kernels(variant, **kw):
     )
 
 
-ALL_CASES = CASES + API_CASES  # --cases: 0-6 the kernels, 7-18 the API (14-18 fused backward, 16-18 ping-pong)
+ALL_CASES = CASES + API_CASES  # --cases: 0-6 the kernels, 7-21 the API (14-21 fused backward, 16-18 ping-pong, 19-21 overlap_softmax)
 
 
 def _median_ms(fn, args):

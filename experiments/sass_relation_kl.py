@@ -158,25 +158,41 @@ def main_loops(instructions, labels):
 
 
 def hgmma_groups(body):
-    """[(HGMMAs in the group, its FMAs, instructions between its last HGMMA and the wait)] for each
-    run of HGMMAs that ends at a `WARPGROUP.DEPBAR` (a wgmma group and where it is waited on). The
-    loop is read around: a group still in flight at the back edge is waited on in the next step."""
-    groups, count, fmas, since = [], 0, 0, None
-    for k, (_, _, op, _) in enumerate(body + body):
-        if k >= len(body) and since is None:
+    """One dict per run of HGMMAs that ends at a `WARPGROUP.DEPBAR` (a wgmma group and where it is
+    waited on): its HGMMAs and FMAs; `instructions_before_wait`, between its last HGMMA and the
+    wait; and its window, from its first HGMMA to the wait: `window_instructions`, the stall
+    cycles ptxas scheduled there (`window_cycles`: what the warp does while the wgmma may run)
+    and the exponentials among them (`window_mufu`). The loop is read around: a group still in
+    flight at the back edge is waited on in the next step."""
+    groups, group = [], None
+    for k, (_, stall, op, _) in enumerate(body + body):
+        if k >= len(body) and group is None:
             break  # the second pass only finishes a group left in flight at the back edge
         m = _HGMMA.match(op)
         if m:
             if k >= len(body):
                 break  # already counted in the first pass
-            count, since = count + 1, 0
-            fmas += int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+            if group is None:
+                group = dict(
+                    hgmma=0, fma=0, instructions_before_wait=0, window_instructions=0, window_cycles=0, window_mufu=0
+                )
+            else:
+                group["window_instructions"] += 1
+                group["window_cycles"] += stall
+            group["hgmma"] += 1
+            group["fma"] += int(m.group(1)) * int(m.group(2)) * int(m.group(3))
+            group["instructions_before_wait"] = 0
             continue
-        if op.startswith("WARPGROUP.DEPBAR") and count:
-            groups.append((count, fmas, since))
-            count, fmas, since = 0, 0, None
-        elif since is not None:
-            since += 1
+        if group is None:
+            continue
+        if op.startswith("WARPGROUP.DEPBAR"):
+            groups.append(group)
+            group = None
+            continue
+        group["instructions_before_wait"] += 1
+        group["window_instructions"] += 1
+        group["window_cycles"] += stall
+        group["window_mufu"] += op.startswith("MUFU")
     return groups
 
 
@@ -200,6 +216,11 @@ def loop_profile(
     clocks["issue"] = len(body) * per_pair / SCHEDULERS_PER_SM
     stall = sum(s for _, s, _, _ in body)
     tensor_step = tensor_fmas / TENSOR_FMA_PER_SM_CLOCK  # the step's wgmmas, the SM's tensor cores to themselves
+    groups = hgmma_groups(body)
+    # what of the wgmmas the warp waits for: a group's time on the tensor cores less the cycles the
+    # warp spends issuing its window (the SM's tensor cores to this step alone)
+    scale = warps_per_step / WARPS_PER_WARPGROUP
+    exposed = sum(max(0.0, g["fma"] * scale / TENSOR_FMA_PER_SM_CLOCK - g["window_cycles"]) for g in groups)
     softmax_step = stall * max(1.0, warps_per_step / SCHEDULERS_PER_SM)  # a scheduler's warps of the step in turn
     return {
         "instructions": len(body),
@@ -219,12 +240,14 @@ def loop_profile(
         # "serial", the step's wgmmas then its softmax and the concurrent steps one after the
         # other; "alternating", the concurrent steps filling each other's gaps (FlashAttention-3's
         # ping-pong at its best), never below a unit's own bound
-        "serial_clocks_per_pair": round((tensor_step + softmax_step) / pairs_per_step, 6),
+        "serial_clocks_per_pair": round((exposed + softmax_step) / pairs_per_step, 6),
         "alternating_clocks_per_pair": round(
-            max((tensor_step + softmax_step) / (concurrent * pairs_per_step), *clocks.values()), 6
+            max((exposed + softmax_step) / (concurrent * pairs_per_step), *clocks.values()), 6
         ),
+        "tensor_clocks_per_step": round(tensor_step, 1),
+        "exposed_tensor_clocks_per_step": round(exposed, 1),
         "tensor_fma_per_pair": round(tensor_fmas / pairs_per_step, 1),
-        "hgmma_groups": [{"hgmma": n, "fma": f, "instructions_before_wait": w} for n, f, w in hgmma_groups(body)],
+        "hgmma_groups": groups,
         "masked": any(op.startswith("FSEL") for _, _, op, _ in body),
     }
 
@@ -553,13 +576,13 @@ def table(rows) -> str:
     lines = [
         "| variant | D | kernel | loop | regs | instr | "
         + " | ".join(f"{u} clk/pair" for u in units)
-        + " | stall clk/pair | serial | alternating | wgmma waits (instr before wait) |",
+        + " | stall clk/pair | serial | alternating | wgmma windows (instr/MUFU) |",
         "|---|---|---|---|---|---|" + "---|" * len(units) + "---|---|---|---|",
     ]
     for r in rows:
         for k, lp in enumerate(r["loops"]):
             clocks = lp["sm_clocks_per_pair"]
-            waits = ", ".join(str(g["instructions_before_wait"]) for g in lp["hgmma_groups"])
+            waits = ", ".join(f"{g['window_instructions']}/{g['window_mufu']}" for g in lp["hgmma_groups"])
             lines.append(
                 f"| {r['variant']} | {r['head_dim']} | {r['kernel']} | {k}{' masked' if lp['masked'] else ''} "
                 f"| {r['ptxas'].get('registers', '?')} | {lp['instructions']} | "

@@ -52,7 +52,7 @@ class BlockSizes:
     block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
     block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
     num_warps_*/num_stages_*/fast_exp2/exp2_split: Triton only; fused_bwd: Triton and Mosaic GPU;
-    schedule_barrier: Mosaic GPU only.
+    schedule_barrier, overlap_softmax: Mosaic GPU only.
     """
 
     block_q: int = 128
@@ -79,6 +79,11 @@ class BlockSizes:
     # runs while the other's exponentials do. The forward and the one-kernel backward take it (the
     # two-kernel backward ignores it). Off until an H200 says it pays (docs/kernel_notes.md).
     schedule_barrier: bool = False
+    # Mosaic GPU forward: each step issues the next step's logit wgmmas before its own softmax, so
+    # they run under it (FlashAttention-3's intra-warpgroup overlap; the SASS showed every wgmma
+    # waited on at once, docs/kernel_notes.md "Eighth session"). Not with schedule_barrier. Off
+    # until an H200 says it is exact and pays.
+    overlap_softmax: bool = False
 
     def all_blocks(self):
         return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dk, self.block_k_dk)

@@ -100,6 +100,45 @@ def _tile_pair(left_s, right_s, left_t, right_t, after_issue=None, second=True):
     return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
+class _OverlappedLogits:
+    """A compute warpgroup's logit tiles, issued a step ahead (`mosaic_forward(overlap_softmax=True)`,
+    FlashAttention-3's intra-warpgroup overlap): `issue(kv)` waits for key step kv's tiles and starts
+    the student's and the teacher's wgmma into the two accumulators, whose work then runs under the
+    caller's softmax of step kv - 1; `read(kv)` waits for them and returns (student tile, teacher
+    tile, key ids or None) as values, and releases the step's ring slot. Every ring barrier is
+    waited on and arrived at once per use, in the same order as without the overlap."""
+
+    def __init__(self, accs, own, rings, loaded, consumed, key_ids, steps, second=True):
+        self.accs, self.own, self.rings, self.loaded, self.consumed = accs, own, rings, loaded, consumed
+        self.key_ids, self.steps = key_ids, steps  # key_ids: (ids ring, its loaded barriers) or None
+        self.second = second  # False: ABLATIONS' "teacher_logits" (the student's tile for both)
+
+    def _slot(self, kv):
+        return lax.rem(kv, jnp.array(self.steps, kv.dtype))
+
+    def issue(self, kv):
+        slot = self._slot(kv)
+        zeros = plgpu.layout_cast(jnp.zeros(self.accs[0].shape, jnp.float32), plgpu.Layout.WGMMA)
+        for i, (acc, ring, loaded) in enumerate(zip(self.accs, self.rings, self.loaded)):
+            plgpu.barrier_wait(loaded.at[slot])
+            if i == 0 or self.second:
+                acc[...] = zeros  # wgmma accumulates
+                plgpu.wgmma(acc, self.own.at[i], plgpu.transpose_ref(ring.at[slot], (1, 0)))
+
+    def read(self, kv):
+        slot = self._slot(kv)
+        key_ids = None
+        if self.key_ids is not None:  # read before the slot is released
+            ids_ring, ids_loaded = self.key_ids
+            plgpu.barrier_wait(ids_loaded.at[slot])
+            key_ids = _load_ids(ids_ring.at[slot], 1)
+        r_s = plgpu.wgmma_accumulator_load(self.accs[0], wait_n=0)
+        r_t = plgpu.wgmma_accumulator_load(self.accs[1], wait_n=None) if self.second else r_s
+        for consumed in self.consumed:
+            plgpu.barrier_arrive(consumed.at[slot])
+        return r_s, r_t, key_ids
+
+
 # Timing instrumentation (`ablate=` of mosaic_forward / mosaic_backward_fused): leave one stage's
 # work out, so that time differences say what bounds a kernel where no hardware counters can be
 # read (docs/kernel_notes.md). The results are wrong on purpose; never for training.
@@ -270,6 +309,7 @@ def mosaic_forward(
     max_concurrent_steps=2,
     schedule_barrier=False,
     pair_wgmmas=None,
+    overlap_softmax=False,
     ablate=(),
 ):
     """(kl, lse_s, lse_t), each [B, H, T] float32, as `relation_kl_gpu.forward` returns them.
@@ -278,8 +318,13 @@ def mosaic_forward(
     schedule_barrier: a step's two logit wgmmas are issued together and the compute warpgroups
     ping-pong (`_PingPong`; BlockSizes.schedule_barrier). pair_wgmmas (default: schedule_barrier):
     the two logit wgmmas issued together, with or without the ping-pong (an A/B of the two
-    halves of the change). ablate: timing only (ABLATIONS)."""
+    halves of the change). overlap_softmax: each step reads its logit tiles (issued by the step
+    before), issues the next step's wgmmas into the same accumulators and runs its softmax while
+    they run (FlashAttention-3's intra-warpgroup overlap; `_OverlappedLogits`); not with the
+    ping-pong. ablate: timing only (ABLATIONS)."""
     pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
+    if overlap_softmax and (schedule_barrier or pair):
+        raise ValueError("overlap_softmax: not with schedule_barrier or pair_wgmmas (one schedule at a time)")
     ablate = _check_ablate(ablate, ("exp", "teacher_logits"))
     exp2 = _exp2_for(ablate)
     check_shapes(sl, sr, block_q, block_kv)
@@ -328,8 +373,21 @@ def mosaic_forward(
             kv_steps = pl.cdiv(q_base + block_q, jnp.array(block_kv, jnp.int32)) if causal else ring_steps
             ping_pong.before_loops()
 
+            def softmax(kv_step, stats, r_s, r_t, key_ids, masked):
+                diff = r_t - r_s
+                if masked:
+                    k0 = kv_step * block_kv
+                    r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
+                if has_ids:
+                    r_s, r_t = _same_segment((r_s, r_t), own_ids, key_ids)
+                stats = _math.online_update(
+                    stats, r_s, r_t, diff, c, exp2, col=functools.partial(_bcast, shape=r_s.shape)
+                )
+                return ping_pong.after_exponentials(stats)
+
             def step(kv_step, stats, masked):
                 slot = lax.rem(kv_step, jnp.array(steps, kv_step.dtype))
+                key_ids = None
                 if has_ids:  # read before this warpgroup releases the slot
                     plgpu.barrier_wait(kid_loaded.at[slot])
                     key_ids = _load_ids(kid_smem.at[slot], 1)
@@ -348,21 +406,59 @@ def mosaic_forward(
                     plgpu.barrier_wait(tr_loaded.at[slot])
                     r_t = r_s if "teacher_logits" in ablate else _tile(own.at[1], tr_smem.at[slot])
                     plgpu.barrier_arrive(tr_consumed.at[slot])
-                diff = r_t - r_s
-                if masked:
-                    k0 = kv_step * block_kv
-                    r_s, r_t = _causal_mask(r_s, q_base, k0), _causal_mask(r_t, q_base, k0)
-                if has_ids:
-                    r_s, r_t = _same_segment((r_s, r_t), own_ids, key_ids)
-                stats = _math.online_update(
-                    stats, r_s, r_t, diff, c, exp2, col=functools.partial(_bcast, shape=r_s.shape)
-                )
-                return ping_pong.after_exponentials(stats)
+                return softmax(kv_step, stats, r_s, r_t, key_ids, masked)
 
+            def overlapped_step(kv_step, carry, masked, logits):
+                """The softmax of step kv_step (its tiles read by the step before) under the wgmmas
+                of step kv_step + 1, which are waited on and read before the loop's back edge (an
+                accumulator in flight across it makes ptxas serialize every wgmma: its loop-carried
+                copies read the accumulator registers)."""
+                stats, r_s, r_t, key_ids = carry
+                logits.issue(kv_step + 1)
+                stats = softmax(kv_step, stats, r_s, r_t, key_ids, masked)
+                return (stats, *logits.read(kv_step + 1))
+
+            def loops(stats, logits=None):
+                """Steps [0, kv_steps), without the diagonal's mask left of it (causal). With
+                `logits` (overlap_softmax): every step but the last issues the next one's wgmmas
+                before its softmax."""
+                n_full = lax.div(q_base, jnp.array(block_kv, jnp.int32)) if causal else kv_steps
+                if logits is None:
+                    stats = lax.fori_loop(0, n_full, functools.partial(step, masked=False), stats)
+                    if causal:
+                        stats = lax.fori_loop(n_full, kv_steps, functools.partial(step, masked=True), stats)
+                    return stats
+                first = jnp.array(0, jnp.int32)
+                logits.issue(first)  # kv_steps >= 1 always
+                carry = (stats, *logits.read(first))
+                last = kv_steps - 1  # causal: the diagonal's last tile (kv_steps > n_full)
+                run = functools.partial(overlapped_step, logits=logits)
+                carry = lax.fori_loop(0, jnp.minimum(n_full, last), functools.partial(run, masked=False), carry)
+                if causal:
+                    carry = lax.fori_loop(n_full, last, functools.partial(run, masked=True), carry)
+                return softmax(last, *carry, masked=causal)
+
+            if overlap_softmax:
+                stats = pl.run_scoped(
+                    lambda acc_s, acc_t: loops(
+                        stats,
+                        _OverlappedLogits(
+                            (acc_s, acc_t),
+                            own,
+                            (sr_smem, tr_smem),
+                            (sr_loaded, tr_loaded),
+                            (sr_consumed, tr_consumed),
+                            (kid_smem, kid_loaded) if has_ids else None,
+                            steps,
+                            "teacher_logits" not in ablate,
+                        ),
+                    ),
+                    plgpu.ACC((block_q, block_kv), jnp.float32),
+                    plgpu.ACC((block_q, block_kv), jnp.float32),
+                )
+            else:
+                stats = loops(stats)
             if causal:
-                n_full = lax.div(q_base, jnp.array(block_kv, jnp.int32))  # key tiles left of the diagonal
-                stats = lax.fori_loop(0, n_full, functools.partial(step, masked=False), stats)
-                stats = lax.fori_loop(n_full, kv_steps, functools.partial(step, masked=True), stats)
 
                 def skip(kv_step, _):  # steps only the other block needs: release their slots
                     # Wait for the step's data first: it is loaded only after the slot's previous
@@ -379,8 +475,6 @@ def mosaic_forward(
                     ping_pong.skipped_step()
 
                 lax.fori_loop(kv_steps, ring_steps, skip, None)
-            else:
-                stats = lax.fori_loop(0, kv_steps, functools.partial(step, masked=False), stats)
             ping_pong.after_loops()
             kl, lse_s, lse_t = _math.finalize(stats, c)
             out = rows_smem.at[wg]  # [3, block_q]
@@ -955,7 +1049,7 @@ def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: in
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
     """relation_kl's kernel contract (pallas_kernels/relation_kl.py), on blocks cfg.blocks.block_q x
     block_k for the backward too (`unsupported_reason` is checked first); BlockSizes.schedule_barrier
-    for the forward and the fused backward."""
+    for the forward and the fused backward, BlockSizes.overlap_softmax for the forward."""
     b = cfg.blocks
     return mosaic_forward(
         sl,
@@ -969,6 +1063,7 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
         block_q=b.block_q,
         block_kv=b.block_k,
         schedule_barrier=b.schedule_barrier,
+        overlap_softmax=b.overlap_softmax,
     )
 
 

@@ -95,8 +95,18 @@ def test_per_pair_arithmetic_of_the_loop():
     stall = sum(s for a, s, _, _ in sass.parse_sass(LISTING)[0] if 0x10 <= a <= 0x160)
     assert loop["stall_sum"] == stall
     assert loop["stall_clocks_per_pair"] == pytest.approx(stall / (2 * 4096), abs=1e-6)
-    # one group of 2 HGMMAs, waited on after one more instruction
-    assert loop["hgmma_groups"] == [{"hgmma": 2, "fma": 2 * 64 * 64 * 16, "instructions_before_wait": 1}]
+    # one group of 2 HGMMAs, waited on after one more instruction (stall 2); its window: the
+    # second HGMMA (stall 4) and that instruction, no exponential
+    assert loop["hgmma_groups"] == [
+        {
+            "hgmma": 2,
+            "fma": 2 * 64 * 64 * 16,
+            "instructions_before_wait": 1,
+            "window_instructions": 2,
+            "window_cycles": 6,
+            "window_mufu": 0,
+        }
+    ]
     assert not loop["masked"]
 
 
@@ -160,15 +170,20 @@ def test_a_wgmma_group_left_in_flight_is_waited_on_in_the_next_step():
 """
     (loop,) = sass.kernel_report(listing, "", pairs_per_step=64 * 64)["loops"]
     # after the HGMMA: the branch, then FADD, FADD around the back edge
-    assert loop["hgmma_groups"] == [{"hgmma": 1, "fma": 64 * 128 * 16, "instructions_before_wait": 3}]
+    (group,) = loop["hgmma_groups"]
+    assert (group["hgmma"], group["fma"], group["instructions_before_wait"]) == (1, 64 * 128 * 16, 3)
+    assert (group["window_instructions"], group["window_cycles"], group["window_mufu"]) == (3, 7, 0)
     assert loop["tensor_fma_per_pair"] == 32.0
 
 
 def test_the_serial_and_alternating_models_bracket_the_step():
     (loop,) = sass.kernel_report(LISTING, "", pairs_per_step=64 * 64)["loops"]
     tensor_step = 2 * 64 * 64 * 16 / 2048  # one warpgroup's two HGMMAs on the SM's tensor cores
-    assert loop["serial_clocks_per_pair"] == pytest.approx((tensor_step + loop["stall_sum"]) / 4096, abs=1e-6)
-    alternating = max((tensor_step + loop["stall_sum"]) / (2 * 4096), *loop["sm_clocks_per_pair"].values())
+    assert loop["tensor_clocks_per_step"] == tensor_step == 64
+    exposed = tensor_step - 6  # less the cycles the warp issues inside the group's window
+    assert loop["exposed_tensor_clocks_per_step"] == exposed
+    assert loop["serial_clocks_per_pair"] == pytest.approx((exposed + loop["stall_sum"]) / 4096, abs=1e-6)
+    alternating = max((exposed + loop["stall_sum"]) / (2 * 4096), *loop["sm_clocks_per_pair"].values())
     assert loop["alternating_clocks_per_pair"] == pytest.approx(alternating, abs=1e-6)
     assert loop["alternating_clocks_per_pair"] <= loop["serial_clocks_per_pair"]
 
@@ -210,3 +225,24 @@ def test_programs_per_sm_by_registers():
     assert sass.ctas_per_sm(255, 4) == 2  # 256 registers a thread, 128 threads: 32K of 64K
     assert sass.ctas_per_sm(138, 4) == 3  # rounded up to 144
     assert sass.ctas_per_sm(168, 8) == 1
+
+
+def test_a_wgmma_under_the_softmax_is_not_counted_twice():
+    # the group's window holds 3 exponentials of 8 stall cycles each: 24 of the HGMMA's 64
+    # tensor clocks pass while the warp issues them, 40 are left exposed
+    listing = """
+.L_x_0:
+   -:-:-:Y:01        /*0000*/                   WARPGROUP.ARRIVE ;
+   -:-:-:Y:01        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24, gsb0 ;
+   -:-:-:Y:08        /*0020*/                   MUFU.EX2 R13, R2 ;
+   -:-:-:Y:08        /*0030*/                   MUFU.EX2 R14, R3 ;
+   -:-:-:Y:08        /*0040*/                   MUFU.EX2 R15, R4 ;
+   -:-:-:-:02        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+   -:-:-:Y:05        /*0060*/              @P0 BRA `(.L_x_0) ;
+   -:-:-:Y:05        /*0070*/                   EXIT ;
+"""
+    (loop,) = sass.kernel_report(listing, "", pairs_per_step=64 * 128)["loops"]
+    (group,) = loop["hgmma_groups"]
+    assert (group["window_instructions"], group["window_cycles"], group["window_mufu"]) == (3, 24, 3)
+    assert loop["tensor_clocks_per_step"] == 64 and loop["exposed_tensor_clocks_per_step"] == 40
+    assert loop["serial_clocks_per_pair"] == pytest.approx((40 + loop["stall_sum"]) / (64 * 128), abs=1e-6)
