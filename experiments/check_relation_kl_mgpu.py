@@ -74,7 +74,9 @@ API_CASES = (
 # _bwd: in the backward only; _ring3: a 3-slot ring, D 64 only, for the warpgroup that runs half a
 # step behind); *_pair: the two logit wgmmas issued together without the ping-pong (the other half
 # of the change); *_overlap: the forward issues each next step's logit wgmmas before its own softmax
-# (BlockSizes.overlap_softmax). The first two sessions' JSON also has
+# (BlockSizes.overlap_softmax; _ring3: its ring a slot longer, since a step's tiles are now needed
+# at the start of the step before; the forward alone fits 3 slots at D 128). The first two
+# sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
 VARIANTS = (
@@ -89,6 +91,7 @@ VARIANTS = (
     ("fused_64x64_sched_bwd", 64, 64, (64, 128), True, ({}, {"schedule_barrier": True})),
     ("fused_64x64_sched_ring3", 64, 64, (64,), True, {"schedule_barrier": True, "max_concurrent_steps": 3}),
     ("fused_64x64_overlap", 64, 64, (64, 128), True, ({"overlap_softmax": True}, {})),
+    ("fused_64x64_overlap_ring3", 64, 64, (64, 128), True, ({"overlap_softmax": True, "max_concurrent_steps": 3}, {})),
 )
 
 
@@ -106,7 +109,9 @@ def variant_kernels(variant, **kw):
     )
 
 
-ALL_CASES = CASES + API_CASES  # --cases: 0-6 the kernels, 7-21 the API (14-21 fused backward, 16-18 ping-pong, 19-21 overlap_softmax)
+ALL_CASES = (
+    CASES + API_CASES
+)  # --cases: 0-6 the kernels, 7-21 the API (14-21 fused backward, 16-18 ping-pong, 19-21 overlap_softmax)
 
 
 def _median_ms(fn, args):
