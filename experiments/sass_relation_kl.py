@@ -462,9 +462,10 @@ def control_listing(nvdisasm_hex: str) -> str:
     return "\n".join(out)
 
 
-def _triton_child(head_dim: int, B: int, T: int, H: int) -> None:
-    """Compile d(sum of relation_kl(impl="pallas_gpu"))/d(student) for the compile-only H200;
-    XLA_FLAGS (set by the parent) dumps the Triton kernels' PTX."""
+def _triton_child(head_dim: int, B: int, T: int, H: int, field: str = "plain") -> None:
+    """Compile d(sum of relation_kl(impl="pallas_gpu"))/d(student) for the compile-only H200, on
+    the tile table's blocks (`field`: one boolean BlockSizes field set, or "plain"); XLA_FLAGS
+    (set by the parent) dumps the Triton kernels' PTX."""
     import jax
     import jax.numpy as jnp
 
@@ -474,19 +475,25 @@ def _triton_child(head_dim: int, B: int, T: int, H: int) -> None:
     sharding = jax.sharding.SingleDeviceSharding(compile_offline.compile_only_device("h200"))
     x = jax.ShapeDtypeStruct((B, T, H, head_dim), jnp.bfloat16, sharding=sharding)
 
+    blocks = triton_blocks(head_dim, B, T, H, field)
+
     def loss(s, t):
-        return relation_kl(s, s, t, t, causal=True, impl="pallas_gpu").sum()
+        return relation_kl(s, s, t, t, causal=True, impl="pallas_gpu", block_sizes=blocks).sum()
 
     jax.jit(jax.grad(loss), in_shardings=(sharding, sharding), out_shardings=sharding).trace(x, x).lower().compile()
 
 
-def triton_blocks(head_dim: int, B: int, T: int, H: int):
+def triton_blocks(head_dim: int, B: int, T: int, H: int, field: str = "plain"):
+    """The tile table's blocks for the shape, with one boolean field set unless `field` is "plain"."""
+    import dataclasses
+
     from pallas_kernels import blocks as _blocks
 
-    return _blocks.pick_blocks(None, "pallas_gpu", T, head_dim * 2, batch_heads=B * H)
+    blocks = _blocks.pick_blocks(None, "pallas_gpu", T, head_dim * 2, batch_heads=B * H)
+    return blocks if field == "plain" else dataclasses.replace(blocks, **{field: True})
 
 
-def compile_triton(head_dim: int, shape, dump_dir: str) -> dict:
+def compile_triton(head_dim: int, shape, dump_dir: str, field: str = "plain") -> dict:
     """{kind: (SASS listing, ptxas report)} of the three Triton kernels at one shape."""
     B, T, H = shape
     env = dict(os.environ)
@@ -500,6 +507,7 @@ def compile_triton(head_dim: int, shape, dump_dir: str) -> dict:
         str(B),
         str(T),
         str(H),
+        field,
     ]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
@@ -537,19 +545,20 @@ def ctas_per_sm(registers: int, warps: int) -> int:
     return max(1, 65536 // (per_thread * 32 * warps))
 
 
-def triton_rows(head_dim: int, shape, dump_dir: str, keep_dir=None) -> list:
-    blocks = triton_blocks(head_dim, *shape)
+def triton_rows(head_dim: int, shape, dump_dir: str, keep_dir=None, field: str = "plain") -> list:
+    blocks = triton_blocks(head_dim, *shape, field)
     steps = {
         "fwd": (blocks.block_q * blocks.block_k, blocks.num_warps_fwd),
         "dleft": (blocks.block_q_dq * blocks.block_k_dq, blocks.num_warps_bwd),
         "dright": (blocks.block_q_dk * blocks.block_k_dk, blocks.num_warps_bwd),
     }
     rows = []
-    for kind, (listing, report) in compile_triton(head_dim, shape, dump_dir).items():
+    name = "triton" if field == "plain" else f"triton:{field}"
+    for kind, (listing, report) in compile_triton(head_dim, shape, dump_dir, field).items():
         pairs, warps = steps[kind]
         regs = parse_ptxas(report).get("registers", 255)
         row = {
-            "variant": "triton",
+            "variant": name,
             "head_dim": head_dim,
             "kernel": kind,
             "shape": dict(zip(("B", "T", "H"), shape)),
@@ -559,7 +568,8 @@ def triton_rows(head_dim: int, shape, dump_dir: str, keep_dir=None) -> list:
         rows.append(row)
         if keep_dir:
             os.makedirs(keep_dir, exist_ok=True)
-            with open(os.path.join(keep_dir, f"triton_d{head_dim}_{kind}.sass"), "w") as f:
+            stem = "triton" if field == "plain" else f"triton_{field}"
+            with open(os.path.join(keep_dir, f"{stem}_d{head_dim}_{kind}.sass"), "w") as f:
                 f.write(listing)
     return rows
 
@@ -596,7 +606,7 @@ def table(rows) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_triton_child"]:
-        _triton_child(*(int(v) for v in argv[1:5]))
+        _triton_child(*(int(v) for v in argv[1:5]), *argv[5:6])
         return None
     if argv[:1] == ["--_child"]:
         _, variant_name, head_dim, seq_len, kinds = argv
@@ -614,8 +624,11 @@ def main(argv=None):
     p.add_argument("--keep_sass", default=None, help="directory to copy each kernel's SASS and ptxas report into")
     p.add_argument(
         "--triton",
-        action="store_true",
-        help="also the Triton kernels (impl='pallas_gpu') at each head dim, at TRITON_SHAPES",
+        nargs="?",
+        const="plain",
+        default="",
+        help="also the Triton kernels (impl='pallas_gpu') at each head dim, at TRITON_SHAPES: a comma list of "
+        "'plain' (the tile table's blocks) and boolean BlockSizes fields to set (e.g. plain,overlap_softmax)",
     )
     a = p.parse_args(argv)
     from experiments.check_relation_kl_mgpu import VARIANTS
@@ -632,6 +645,19 @@ def main(argv=None):
     for k in kinds:
         if k not in KERNEL_NAMES:
             p.error(f"unknown kernel {k!r}; expected some of {sorted(KERNEL_NAMES)}")
+    import dataclasses
+
+    from pallas_kernels.blocks import BlockSizes
+
+    flags = sorted(f.name for f in dataclasses.fields(BlockSizes) if f.type in (bool, "bool"))
+    triton_fields = [f for f in a.triton.split(",") if f]
+    for f in triton_fields:
+        if f != "plain" and f not in flags:
+            p.error(f"--triton: {f!r} is neither 'plain' nor a boolean BlockSizes field ({flags})")
+    if triton_fields:
+        for d in head_dims:
+            if d not in TRITON_SHAPES:
+                p.error(f"--triton: no shape for head dim {d}; expected some of {sorted(TRITON_SHAPES)}")
     import jax
 
     try:
@@ -667,14 +693,15 @@ def main(argv=None):
                             with open(stem + ".ptxas", "w") as f:
                                 f.write(ptxas)
                     print(f"{v} D{d} {kind}: {row['ptxas']}, {len(row['loops'])} main loop(s)", flush=True)
-        if a.triton:
+        for field in triton_fields:
             for d in head_dims:
-                if d not in TRITON_SHAPES:
-                    p.error(f"--triton: no shape for head dim {d}; expected some of {sorted(TRITON_SHAPES)}")
-                rows = triton_rows(d, TRITON_SHAPES[d], tempfile.mkdtemp(dir=tmp), a.keep_sass)
+                rows = triton_rows(d, TRITON_SHAPES[d], tempfile.mkdtemp(dir=tmp), a.keep_sass, field)
                 result["rows"].extend(rows)
                 for row in rows:
-                    print(f"triton D{d} {row['kernel']}: {row['ptxas']}, {len(row['loops'])} main loop(s)", flush=True)
+                    print(
+                        f"{row['variant']} D{d} {row['kernel']}: {row['ptxas']}, {len(row['loops'])} main loop(s)",
+                        flush=True,
+                    )
     print(table(result["rows"]))
     if a.out:
         with open(a.out, "w") as f:

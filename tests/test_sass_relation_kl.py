@@ -120,6 +120,12 @@ def test_unknown_or_two_kernel_variants_are_refused(capsys):
     with pytest.raises(SystemExit):
         sass.main(["--kernels", "fwd,dleft"])
     assert "unknown kernel 'dleft'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sass.main(["--triton", "plain,fused"])
+    assert "'fused' is neither 'plain' nor a boolean BlockSizes field" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sass.main(["--triton", "--head_dims", "96"])
+    assert "no shape for head dim 96" in capsys.readouterr().err
 
 
 def _module_names(kind, head_dim=64):
