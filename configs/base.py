@@ -127,5 +127,5 @@ def get_config():
     c.eval.tasks = ()  # evaluation tasks by registered name, in order; () = all (lard_jax.evaluation.tasks)
     c.eval.native_len = 0  # 0 = data.seq_len
     c.eval.distortion = True  # per-layer/head relation distortion against the teacher
-    c.eval.stop_at_eos = False  # synthetic tasks stop decoding at the eos (faster; text after an eos then no longer scores)
+    c.eval.stop_at_eos = False  # synthetic tasks stop decoding at eos (faster; text after it no longer scores)
     return c

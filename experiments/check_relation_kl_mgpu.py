@@ -73,9 +73,10 @@ API_CASES = (
 # TMA reduce-add); *_sched: with the compute warpgroups' ping-pong (BlockSizes.schedule_barrier;
 # _bwd: in the backward only; _ring3: a 3-slot ring, D 64 only, for the warpgroup that runs half a
 # step behind); *_pair: the two logit wgmmas issued together without the ping-pong (the other half
-# of the change); *_overlap: the forward issues each next step's logit wgmmas before its own softmax
-# (BlockSizes.overlap_softmax; _ring3: its ring a slot longer, since a step's tiles are now needed
-# at the start of the step before; the forward alone fits 3 slots at D 128). The first two
+# of the change); *_overlap: each step issues the next step's logit wgmmas before its own
+# exponentials (BlockSizes.overlap_softmax; _fwd: in the forward only; _ring3: the forward's ring a
+# slot longer, since a step's tiles are now needed at the start of the step before, the forward
+# alone fitting 3 slots at D 128; _ring3_bwd: the backward's too, D 64 only). The first two
 # sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
@@ -90,8 +91,17 @@ VARIANTS = (
     ("fused_64x64_pair", 64, 64, (64, 128), True, {"pair_wgmmas": True}),
     ("fused_64x64_sched_bwd", 64, 64, (64, 128), True, ({}, {"schedule_barrier": True})),
     ("fused_64x64_sched_ring3", 64, 64, (64,), True, {"schedule_barrier": True, "max_concurrent_steps": 3}),
-    ("fused_64x64_overlap", 64, 64, (64, 128), True, ({"overlap_softmax": True}, {})),
-    ("fused_64x64_overlap_ring3", 64, 64, (64, 128), True, ({"overlap_softmax": True, "max_concurrent_steps": 3}, {})),
+    ("fused_64x64_overlap", 64, 64, (64, 128), True, {"overlap_softmax": True}),
+    ("fused_64x64_overlap_fwd", 64, 64, (64, 128), True, ({"overlap_softmax": True}, {})),
+    (
+        "fused_64x64_overlap_ring3",
+        64,
+        64,
+        (64, 128),
+        True,
+        ({"overlap_softmax": True, "max_concurrent_steps": 3}, {"overlap_softmax": True}),
+    ),
+    ("fused_64x64_overlap_ring3_bwd", 64, 64, (64,), True, {"overlap_softmax": True, "max_concurrent_steps": 3}),
 )
 
 

@@ -79,10 +79,11 @@ class BlockSizes:
     # runs while the other's exponentials do. The forward and the one-kernel backward take it (the
     # two-kernel backward ignores it). Off until an H200 says it pays (docs/kernel_notes.md).
     schedule_barrier: bool = False
-    # Mosaic GPU forward: each step issues the next step's logit wgmmas before its own softmax, so
-    # they run under it (FlashAttention-3's intra-warpgroup overlap; the SASS showed every wgmma
-    # waited on at once, docs/kernel_notes.md "Eighth session"). Not with schedule_barrier. Off
-    # until an H200 says it is exact and pays.
+    # Mosaic GPU forward and one-kernel backward: each step issues the next step's logit wgmmas
+    # before its own exponentials, so they run under them (FlashAttention-3's intra-warpgroup
+    # overlap; docs/kernel_notes.md "Eighth session": the SASS showed each warpgroup's wgmmas and
+    # softmax nearly in series). Not with schedule_barrier. Off until an H200 says it is exact and
+    # pays.
     overlap_softmax: bool = False
 
     def all_blocks(self):

@@ -757,6 +757,7 @@ def _key_block_backward(
     fused,
     schedule_barrier=False,
     pair_wgmmas=None,
+    overlap_softmax=False,
     ablate=frozenset(),
 ):
     """The key-block kernel of both backwards: one key block per compute warpgroup (per query
@@ -766,8 +767,12 @@ def _key_block_backward(
     into a float32 d_left by a TMA reduce-add (`mosaic_backward_fused`). Returns (d_left in the
     inputs' dtype, or None unless fused; d_right, groups summed). `schedule_barrier`: a step's two
     logit wgmmas are issued together and the compute warpgroups ping-pong (`_PingPong`). ablate:
-    timing only (ABLATIONS). pair_wgmmas: as in `mosaic_forward`."""
+    timing only (ABLATIONS). pair_wgmmas: as in `mosaic_forward`. overlap_softmax: each step issues
+    the next step's logit wgmmas before its own exponentials (`_OverlappedLogits`); not with the
+    ping-pong."""
     pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
+    if overlap_softmax and (schedule_barrier or pair):
+        raise ValueError("overlap_softmax: not with schedule_barrier or pair_wgmmas (one schedule at a time)")
     exp2 = _exp2_for(ablate)
     with_d_left = fused and "d_left" not in ablate
     has_ids = bool(ids)
@@ -814,20 +819,29 @@ def _key_block_backward(
                 plgpu.barrier_wait(bars.at[4 + wg])
                 own_ids = _load_ids(kid2.at[wg], 0)  # the tile's rows are keys
 
-            def step(i, acc, masked):  # ring step i holds query tile q_lo + i
+            def step(i, acc, masked, logits=None, issue_next=False):  # ring step i holds query tile q_lo + i
+                """One query tile. With `logits` (overlap_softmax) the step's logit tiles come in
+                the carry (read by the step before) and, with `issue_next`, the next step's
+                wgmmas are issued first, to run under this step's exponentials."""
+                if logits is not None:
+                    acc, rt_s, rt_t = acc
                 slot = lax.rem(i, jnp.array(steps, i.dtype))
                 q0 = (q_lo + i) * block_q if fused else None
                 if has_ids:
                     plgpu.barrier_wait(qid_loaded.at[slot])
                     query_ids = _load_ids(qid_ring.at[slot], 1)
-                plgpu.barrier_wait(sl_loaded.at[slot])
-                if pair:
+                if logits is not None:
+                    if issue_next:
+                        logits.issue(i + 1)
+                elif pair:
+                    plgpu.barrier_wait(sl_loaded.at[slot])
                     plgpu.barrier_wait(tl_loaded.at[slot])
                     second = "teacher_logits" not in ablate
                     rt_s, rt_t = _tile_pair(
                         own.at[0], sl_ring.at[slot], own.at[1], tl_ring.at[slot], ping_pong.meet, second
                     )
                 else:
+                    plgpu.barrier_wait(sl_loaded.at[slot])
                     rt_s = _tile(own.at[0], sl_ring.at[slot])  # [keys, queries]
                     plgpu.barrier_wait(tl_loaded.at[slot])
                     rt_t = rt_s if "teacher_logits" in ablate else _tile(own.at[1], tl_ring.at[slot])
@@ -860,19 +874,59 @@ def _key_block_backward(
                     dl_smem[...] = part
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(dl_smem, dl_ref.at[batch, pl.ds(q0, block_q), head], reduction_op="add")
-                return acc
+                if logits is None:
+                    return acc
+                if not issue_next:
+                    return acc, rt_s, rt_t
+                nxt_s, nxt_t, _ = logits.read(i + 1)  # done already: d_right's wgmma waited for every group
+                return acc, nxt_s, nxt_t
+
+            def loops(acc, logits=None):
+                """Ring steps [0, ring_steps): causal, the diagonal's (masked) then the rest. With
+                `logits` (overlap_softmax), every step but the last issues the next one's logit
+                wgmmas first; the last one takes the mask either way (harmless off the diagonal)."""
+                if causal:
+                    own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
+                    diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
+                    loaded_bars = [b for b in loaded if b is not None]
+                    _ring_skip(0, own_lo, steps, loaded_bars, consumed, ping_pong.skipped_step)
+                    segments = ((own_lo, diag_end, True), (diag_end, ring_steps, False))
+                else:
+                    own_lo, segments = jnp.array(0, jnp.int32), ((0, ring_steps, False),)
+                if logits is None:
+                    for lo, hi, masked in segments:
+                        acc = lax.fori_loop(lo, hi, functools.partial(step, masked=masked), acc)
+                    return acc
+                logits.issue(own_lo)
+                carry = (acc, *logits.read(own_lo)[:2])
+                last = ring_steps - 1
+                for lo, hi, masked in segments:
+                    run = functools.partial(step, masked=masked, logits=logits, issue_next=True)
+                    carry = lax.fori_loop(lo, jnp.minimum(hi, last), run, carry)
+                return step(last, carry, masked=causal, logits=logits)[0]
 
             acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
             ping_pong.before_loops()
-            if causal:
-                own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
-                diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
-                loaded_bars = [b for b in loaded if b is not None]
-                _ring_skip(0, own_lo, steps, loaded_bars, consumed, ping_pong.skipped_step)
-                acc = lax.fori_loop(own_lo, diag_end, functools.partial(step, masked=True), acc)
-                acc = lax.fori_loop(diag_end, ring_steps, functools.partial(step, masked=False), acc)
+            if overlap_softmax:
+                acc = pl.run_scoped(
+                    lambda acc_s, acc_t: loops(
+                        acc,
+                        _OverlappedLogits(
+                            (acc_s, acc_t),
+                            own,
+                            (sl_ring, tl_ring),
+                            (sl_loaded, tl_loaded),
+                            (),  # the slot is released after d_right's wgmma, by the step
+                            None,
+                            steps,
+                            "teacher_logits" not in ablate,
+                        ),
+                    ),
+                    plgpu.ACC((block_kv, block_q), jnp.float32),
+                    plgpu.ACC((block_kv, block_q), jnp.float32),
+                )
             else:
-                acc = lax.fori_loop(0, ring_steps, functools.partial(step, masked=False), acc)
+                acc = loops(acc)
             ping_pong.after_loops()
             if fused:
                 plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
@@ -962,6 +1016,7 @@ def mosaic_backward_fused(
     max_concurrent_steps=2,
     schedule_barrier=False,
     pair_wgmmas=None,
+    overlap_softmax=False,
     ablate=(),
 ):
     """(d_sl, d_sr) as `mosaic_backward` computes them, in one kernel: the d_right kernel's grid
@@ -972,7 +1027,8 @@ def mosaic_backward_fused(
     FlashAttention-3's dQ pattern). So each pair of tiles computes its two logit tiles and
     exponentials once, not twice (the two-kernel backward recomputes them for d_left). d_left is
     not bit-deterministic (the order of the adds varies) and is rounded to the inputs' dtype once,
-    after the kernel. schedule_barrier, pair_wgmmas: as in `mosaic_forward`. ablate: timing only
+    after the kernel. schedule_barrier, pair_wgmmas, overlap_softmax: as in `mosaic_forward` (the
+    overlap: the next query tile's logit wgmmas under this tile's exponentials). ablate: timing only
     (ABLATIONS)."""
     ablate = _check_ablate(ablate)
     check_shapes(sl, sr, block_q, block_kv)
@@ -995,6 +1051,7 @@ def mosaic_backward_fused(
         fused=True,
         schedule_barrier=schedule_barrier,
         pair_wgmmas=pair_wgmmas,
+        overlap_softmax=overlap_softmax,
         ablate=ablate,
     )
 
@@ -1049,7 +1106,7 @@ def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: in
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
     """relation_kl's kernel contract (pallas_kernels/relation_kl.py), on blocks cfg.blocks.block_q x
     block_k for the backward too (`unsupported_reason` is checked first); BlockSizes.schedule_barrier
-    for the forward and the fused backward, BlockSizes.overlap_softmax for the forward."""
+    and overlap_softmax for the forward and the fused backward."""
     b = cfg.blocks
     return mosaic_forward(
         sl,
@@ -1069,9 +1126,9 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
 
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     """`BlockSizes.fused_bwd`: the one-kernel backward (`mosaic_backward_fused`, with
-    BlockSizes.schedule_barrier), else two kernels (without it)."""
+    BlockSizes.schedule_barrier and overlap_softmax), else two kernels (without them)."""
     b = cfg.blocks
-    sched = {"schedule_barrier": b.schedule_barrier} if b.fused_bwd else {}
+    sched = {"schedule_barrier": b.schedule_barrier, "overlap_softmax": b.overlap_softmax} if b.fused_bwd else {}
     return (mosaic_backward_fused if b.fused_bwd else mosaic_backward)(
         sl,
         sr,

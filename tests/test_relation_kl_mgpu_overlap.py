@@ -35,6 +35,25 @@ def test_overlap_softmax_lowers_to_another_kernel(D, causal, has_ids):
     assert "mosaic_gpu" in on and on != off
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal,has_ids", [(True, False), (True, True), (False, True)])
+def test_backward_overlap_lowers_to_another_kernel(D, causal, has_ids):
+    x, r, _, _, *ids = _shapes(D, has_ids)
+    row = jax.ShapeDtypeStruct((1, 4, T), jnp.float32)
+    args = (x, r, x, r, row, row, row, *ids)
+    kw = dict(scale=D**-0.5, causal=causal)
+    on = cuda_text(functools.partial(relation_kl_mgpu.mosaic_backward_fused, overlap_softmax=True, **kw), *args)
+    off = cuda_text(functools.partial(relation_kl_mgpu.mosaic_backward_fused, **kw), *args)
+    assert "mosaic_gpu" in on and on != off
+    with pytest.raises(ValueError, match="overlap_softmax: not with schedule_barrier"):
+        jax.eval_shape(
+            functools.partial(
+                relation_kl_mgpu.mosaic_backward_fused, overlap_softmax=True, schedule_barrier=True, **kw
+            ),
+            *args,
+        )
+
+
 def test_overlap_softmax_takes_the_teacher_logits_ablation():
     args = _shapes(64, False)
     kw = dict(scale=0.125, causal=True, overlap_softmax=True)
@@ -66,10 +85,28 @@ def test_block_sizes_field_reaches_the_forward():
     on = cuda_text(functools.partial(fwd, True), *args)
     assert "mosaic_gpu" in on and on != cuda_text(functools.partial(fwd, False), *args)
 
+    row = jax.ShapeDtypeStruct((1, 4, T), jnp.float32)
+
+    def bwd(overlap, fused, *a):
+        blocks = BlockSizes(block_q=64, block_k=64, overlap_softmax=overlap, fused_bwd=fused)
+        cfg = SimpleNamespace(blocks=blocks, scale=0.125, causal=True)
+        return relation_kl_mgpu.backward(*a[:4], None, None, *a[4:], cfg=cfg)
+
+    bwd_args = (*args, row, row, row)
+    assert cuda_text(functools.partial(bwd, True, True), *bwd_args) != cuda_text(
+        functools.partial(bwd, False, True), *bwd_args
+    )
+    # the two-kernel backward has no such schedule: the flag leaves it as it is
+    assert cuda_text(functools.partial(bwd, True, False), *bwd_args) == cuda_text(
+        functools.partial(bwd, False, False), *bwd_args
+    )
+
 
 def test_the_check_variant_and_api_cases_carry_it():
     from experiments import check_relation_kl_mgpu as check
 
+    names = {v[0] for v in check.VARIANTS}
+    assert {"fused_64x64_overlap_fwd", "fused_64x64_overlap_ring3", "fused_64x64_overlap_ring3_bwd"} <= names
     (variant,) = [v for v in check.VARIANTS if v[0] == "fused_64x64_overlap"]
     fwd, bwd = check.variant_kernels(variant, scale=0.125, causal=True)
     args = _shapes(64, False)
@@ -77,6 +114,8 @@ def test_the_check_variant_and_api_cases_carry_it():
     assert cuda_text(fwd, *args) != cuda_text(
         functools.partial(relation_kl_mgpu.mosaic_forward, scale=0.125, causal=True), *args
     )
-    assert "mosaic_gpu" in cuda_text(bwd, *args[:4], row, row, row)
+    assert cuda_text(bwd, *args[:4], row, row, row) != cuda_text(
+        functools.partial(relation_kl_mgpu.mosaic_backward_fused, scale=0.125, causal=True), *args[:4], row, row, row
+    )
     cases = [c for c in check.API_CASES if c[-1] and c[-1].get("overlap_softmax")]
     assert {(c[5], c[6]) for c in cases} == {(True, "packed"), (True, "padded"), (False, "padded")}

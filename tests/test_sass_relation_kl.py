@@ -128,21 +128,22 @@ def test_unknown_or_two_kernel_variants_are_refused(capsys):
     assert "no shape for head dim 96" in capsys.readouterr().err
 
 
-def _module_names(kind, head_dim=64):
-    """The Mosaic modules (serialized MLIR) that lowering one kernel for "cuda" produces."""
+def _modules(monkeypatch, kind, head_dim=64):
+    """The Mosaic modules (serialized MLIR) that lowering one kernel for "cuda" produces (the
+    lowering records each in `KNOWN_KERNELS`, emptied here so that earlier tests' do not count)."""
     from jax.experimental.mosaic.gpu import core
 
+    monkeypatch.setattr(core, "KNOWN_KERNELS", {})
     fn, args = sass._lowerable("fused_64x64", head_dim, 256)[kind]
-    before = set(core.KNOWN_KERNELS)
     fn.trace(*args).lower(lowering_platforms=("cuda",))
-    return [core.KNOWN_KERNELS[k] for k in set(core.KNOWN_KERNELS) - before]
+    return list(core.KNOWN_KERNELS.values())
 
 
 @pytest.mark.parametrize("kind,name", [("fwd", b"relation_kl_mgpu_fwd"), ("bwd", b"relation_kl_mgpu_dfused")])
-def test_the_mosaic_kernels_carry_their_names(kind, name):
+def test_the_mosaic_kernels_carry_their_names(monkeypatch, kind, name):
     # a profile (experiments/trace_summary.py) counts a kernel as the relation loss by its name;
     # the one-kernel backward used to compile as JAX's `new_body_mosaic_gpu_kernel`
-    (module,) = _module_names(kind)
+    (module,) = _modules(monkeypatch, kind)
     assert name in module and b"new_body" not in module
 
 
