@@ -16,7 +16,7 @@ ablated kernel are wrong on purpose; only the times mean anything.
 
 Shapes (`--cases`, B,T,H,D;...): the paper's T 16384, 32 heads, D 128 (where the kernel is
 1.22x cuDNN attention) and SmolLM2's layer as the fused loss merges it (B 4, T 8192, 15 heads,
-D 64). `--schedule_barrier` ablates the ping-pong variant instead.
+D 64). `--schedule_barrier` ablates the ping-pong variant instead, `--overlap_softmax` the overlapped one.
 """
 
 import argparse
@@ -59,10 +59,12 @@ def inputs(B, T, H, D, abstract):
     return (s, t), jax.random.uniform(jax.random.PRNGKey(99), (B, H, T), jnp.float32)
 
 
-def kernel(kind, ablate, D, schedule_barrier):
+def kernel(kind, ablate, D, schedule_barrier, overlap_softmax=False):
     """The jitted forward ((s, t) -> KL rows and LSEs) or fused backward ((s, t, lse_s, lse_t, g)
     -> gradients) of a self-relation, with `ablate`."""
     kw = dict(scale=D**-0.5, causal=True, schedule_barrier=schedule_barrier, ablate=ablate)
+    if overlap_softmax:
+        kw["overlap_softmax"] = True
     if kind == "fwd":
         return jax.jit(lambda s, t: relation_kl_mgpu.mosaic_forward(s, s, t, t, **kw))
     return jax.jit(lambda s, t, ls, lt, g: relation_kl_mgpu.mosaic_backward_fused(s, s, t, t, ls, lt, g, **kw))
@@ -76,6 +78,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default=DEFAULT_CASES, help="B,T,H,D;... (self-relation, causal, bf16)")
     p.add_argument("--schedule_barrier", action="store_true", help="ablate the ping-pong variant")
+    p.add_argument("--overlap_softmax", action="store_true", help="ablate the overlapped variant (BlockSizes)")
     p.add_argument("--dry_run", action="store_true", help="lower every variant for cuda (no GPU needed)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -83,22 +86,25 @@ def main(argv=None):
         cases = parse_cases(a.cases)
     except ValueError as e:
         p.error(str(e))
+    if a.schedule_barrier and a.overlap_softmax:
+        p.error("--schedule_barrier and --overlap_softmax: one schedule at a time")
     result = {
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "command": "python3 -m experiments.ablate_relation_kl_mgpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "schedule_barrier": a.schedule_barrier,
+        "overlap_softmax": a.overlap_softmax,
         "rows": [],
     }
     for B, T, H, D in cases:
         (s, t), g = inputs(B, T, H, D, a.dry_run)
         # the backward's row inputs: the forward's LSEs as it is (an ablated backward's times do not
         # depend on them; its outputs are wrong anyway)
-        rows = (g, g) if a.dry_run else kernel("fwd", (), D, a.schedule_barrier)(s, t)[1:]
+        rows = (g, g) if a.dry_run else kernel("fwd", (), D, a.schedule_barrier, a.overlap_softmax)(s, t)[1:]
         for kind, variants in (("fwd", FWD_VARIANTS), ("bwd", BWD_VARIANTS)):
             base = None
             for ablate in variants:
-                fn = kernel(kind, ablate, D, a.schedule_barrier)
+                fn = kernel(kind, ablate, D, a.schedule_barrier, a.overlap_softmax)
                 args = (s, t) if kind == "fwd" else (s, t, *rows, g)
                 row = {"case": dict(B=B, T=T, H=H, D=D), "kernel": kind, "ablate": list(ablate)}
                 if a.dry_run:

@@ -119,3 +119,17 @@ def test_the_check_variant_and_api_cases_carry_it():
     )
     cases = [c for c in check.API_CASES if c[-1] and c[-1].get("overlap_softmax")]
     assert {(c[5], c[6]) for c in cases} == {(True, "packed"), (True, "padded"), (False, "padded")}
+
+
+def test_the_ablation_script_takes_the_overlapped_kernels(tmp_path, capsys):
+    from experiments import ablate_relation_kl_mgpu as ablate_mod
+
+    result = ablate_mod.main(
+        ["--dry_run", "--overlap_softmax", "--cases", "1,256,2,64", "--out", str(tmp_path / "a.json")]
+    )
+    rows = result["rows"]
+    assert len(rows) == len(ablate_mod.FWD_VARIANTS) + len(ablate_mod.BWD_VARIANTS)
+    assert all(r["lowered"] for r in rows) and result["overlap_softmax"]
+    with pytest.raises(SystemExit):
+        ablate_mod.main(["--dry_run", "--overlap_softmax", "--schedule_barrier"])
+    assert "one schedule at a time" in capsys.readouterr().err
