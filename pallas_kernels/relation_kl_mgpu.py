@@ -113,6 +113,16 @@ class _OverlappedLogits:
         self.key_ids, self.steps = key_ids, steps  # key_ids: (ids ring, its loaded barriers) or None
         self.second = second  # False: ABLATIONS' "teacher_logits" (the student's tile for both)
 
+    @classmethod
+    def scoped(cls, run, shape, own, rings, loaded, consumed=(), key_ids=None, *, steps, second=True):
+        """run(logits) with its two [shape] float32 accumulators allocated around it. `consumed`: the
+        slots' release barriers, arrived at by `read` (() where the caller releases the slot)."""
+        return pl.run_scoped(
+            lambda acc_s, acc_t: run(cls((acc_s, acc_t), own, rings, loaded, consumed, key_ids, steps, second)),
+            plgpu.ACC(shape, jnp.float32),
+            plgpu.ACC(shape, jnp.float32),
+        )
+
     def _slot(self, kv):
         return lax.rem(kv, jnp.array(self.steps, kv.dtype))
 
@@ -439,22 +449,16 @@ def mosaic_forward(
                 return softmax(last, *carry, masked=causal)
 
             if overlap_softmax:
-                stats = pl.run_scoped(
-                    lambda acc_s, acc_t: loops(
-                        stats,
-                        _OverlappedLogits(
-                            (acc_s, acc_t),
-                            own,
-                            (sr_smem, tr_smem),
-                            (sr_loaded, tr_loaded),
-                            (sr_consumed, tr_consumed),
-                            (kid_smem, kid_loaded) if has_ids else None,
-                            steps,
-                            "teacher_logits" not in ablate,
-                        ),
-                    ),
-                    plgpu.ACC((block_q, block_kv), jnp.float32),
-                    plgpu.ACC((block_q, block_kv), jnp.float32),
+                stats = _OverlappedLogits.scoped(
+                    functools.partial(loops, stats),
+                    (block_q, block_kv),
+                    own,
+                    (sr_smem, tr_smem),
+                    (sr_loaded, tr_loaded),
+                    (sr_consumed, tr_consumed),
+                    (kid_smem, kid_loaded) if has_ids else None,
+                    steps=steps,
+                    second="teacher_logits" not in ablate,
                 )
             else:
                 stats = loops(stats)
@@ -907,23 +911,15 @@ def _key_block_backward(
 
             acc = plgpu.layout_cast(jnp.full((block_kv, D), 0, jnp.float32), plgpu.Layout.WGMMA)
             ping_pong.before_loops()
-            if overlap_softmax:
-                acc = pl.run_scoped(
-                    lambda acc_s, acc_t: loops(
-                        acc,
-                        _OverlappedLogits(
-                            (acc_s, acc_t),
-                            own,
-                            (sl_ring, tl_ring),
-                            (sl_loaded, tl_loaded),
-                            (),  # the slot is released after d_right's wgmma, by the step
-                            None,
-                            steps,
-                            "teacher_logits" not in ablate,
-                        ),
-                    ),
-                    plgpu.ACC((block_kv, block_q), jnp.float32),
-                    plgpu.ACC((block_kv, block_q), jnp.float32),
+            if overlap_softmax:  # the slot is released after d_right's wgmma, by the step
+                acc = _OverlappedLogits.scoped(
+                    functools.partial(loops, acc),
+                    (block_kv, block_q),
+                    own,
+                    (sl_ring, tl_ring),
+                    (sl_loaded, tl_loaded),
+                    steps=steps,
+                    second="teacher_logits" not in ablate,
                 )
             else:
                 acc = loops(acc)
