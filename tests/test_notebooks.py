@@ -16,12 +16,16 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 from lard_jax import safetensors_io  # noqa: E402
+from tests import conftest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = os.path.join(ROOT, "experiments", "notebooks")
 
 
-def _execute(name: str, workdir) -> "nbformat.NotebookNode":
+def _execute(name: str, workdir, *, fast_compile: bool) -> "nbformat.NotebookNode":
+    """`fast_compile`: the kernel and every Python it starts compile with the suite's flags
+    (tests/conftest.py), for a notebook whose time is compiling (a few training steps); a notebook
+    that evaluates runs its programs more than it compiles them, faster with XLA's defaults."""
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     env = dict(
         os.environ,
@@ -31,6 +35,8 @@ def _execute(name: str, workdir) -> "nbformat.NotebookNode":
         PYTHONUNBUFFERED="1",
     )
     env.pop("XLA_FLAGS", None)  # conftest's 8 fake devices: a notebook (or its subprocesses) picks its own
+    if fast_compile:
+        env = conftest.with_site_flags(env, conftest.in_effect())
     client = nbclient.NotebookClient(
         nb, timeout=300, kernel_name="python3", allow_errors=False, resources={"metadata": {"path": NOTEBOOKS}}
     )
@@ -69,9 +75,10 @@ def test_committed_without_outputs(name):
     assert all(not c.outputs and c.execution_count is None for c in code_cells)
 
 
+@pytest.mark.slow
 def test_quickstart_colab(tmp_path):
     workdir = tmp_path / "quickstart"
-    nb = _execute("quickstart_colab.ipynb", workdir)
+    nb = _execute("quickstart_colab.ipynb", workdir, fast_compile=False)  # 20 steps and an evaluation
 
     report = json.loads((workdir / "report.json").read_text())
     assert report["meta"]["model_order"] == ["teacher", "scaled", "restored"]
@@ -101,9 +108,10 @@ def test_quickstart_colab(tmp_path):
     assert "linear" in _text(nb)  # the restored student's config carries the scaled RoPE
 
 
+@pytest.mark.slow
 def test_tpu_vm_multihost(tmp_path):
     workdir = tmp_path / "multihost"
-    nb = _execute("tpu_vm_multihost.ipynb", workdir)
+    nb = _execute("tpu_vm_multihost.ipynb", workdir, fast_compile=True)  # 3 runs of 4 steps: compilation
     text = _text(nb)
 
     # the pod command the guide prints

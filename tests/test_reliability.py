@@ -32,6 +32,7 @@ import pytest
 from experiments import restore as restore_cli
 from lard_jax import compile_cache, hf, preemption, safetensors_io, trainer, workdir_lock
 from lard_jax.model import LlamaForCausalLM
+from tests.conftest import cpu_env
 from tests.tiny import save_tiny_teacher, write_word_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +73,7 @@ def _flags(assets, workdir, *extra):
     ]
 
 
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device per process
+ENV = cpu_env()  # one CPU device per process
 
 
 def _cli(assets, workdir, *extra, timeout=300):
@@ -237,7 +238,6 @@ def _two_processes(assets, workdir, logs, *extra):
     ]
 
 
-@pytest.mark.slow
 def _run_two(assets, workdir, paths, flags, *, timeout, interrupt=False):
     """Both processes to the end (after SIGTERM to process 1 at step 3 when `interrupt`); their
     logs' texts. Killed if still running when it fails."""
@@ -258,6 +258,7 @@ def _run_two(assets, workdir, paths, flags, *, timeout, interrupt=False):
     return procs, [p.read_text() for p in paths]
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_the_preemption_step(assets, tmp_path):
     """SIGTERM to process 1 only: JAX's preemption sync manager (the coordination service) makes
     both processes checkpoint the same step and stop; rerunning both resumes there."""

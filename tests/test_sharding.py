@@ -11,6 +11,8 @@
   equal the single-device results; outside use_mesh no constraint is emitted.
 """
 
+import functools
+
 import flax
 import flax.linen as nn
 import jax
@@ -198,21 +200,30 @@ def _forward(model):
     return jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, attention_mask=mask, mutable=["intermediates"]))
 
 
-@pytest.mark.parametrize("stacked", [False, True], ids=["per_layer", "stacked"])
-@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_on_a_mesh_equals_one_device(mesh_shape, stacked):
+@functools.cache
+def _one_device_forward(stacked):
+    """The model, parameters, batch and single-device logits of test_forward_on_a_mesh_equals_one_device:
+    the same for every mesh, so compiled once per layout (and checked to carry no constraint)."""
     cfg = CFG.replace(scan_layers=stacked, remat="full" if stacked else "none")
     params, model = _params(stacked=stacked), LlamaForCausalLM(cfg)
     ids, mask = _ids(1), jnp.ones((8, 12), bool).at[3, 9:].set(False)
-    want, _ = _forward(model)(params, ids, mask)
-    assert "sharding_constraint" not in _forward(model).lower(params, ids, mask).as_text()
+    fn = _forward(model)
+    assert "sharding_constraint" not in fn.lower(params, ids, mask).as_text()
+    want, _ = fn(params, ids, mask)
+    return model, params, ids, mask, np.asarray(want)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_layer", "stacked"])
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_on_a_mesh_equals_one_device(mesh_shape, stacked):
+    model, params, ids, mask, want = _one_device_forward(stacked)
     mesh = sharding.make_mesh(*mesh_shape)
     placed = jax.device_put(params, sharding.param_shardings(params, mesh))
     with sharding.use_mesh(mesh):
         fn = _forward(model)
         assert "sharding_constraint" in fn.lower(placed, ids, mask).as_text()
         got, state = fn(placed, jax.device_put(ids, sharding.batch_sharding(mesh)), mask)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     # the hidden states between blocks come out with the constrained sharding (stacked: layers in front)
     spec = sharding.logical_to_spec(HIDDEN_AXES, (8, 12, CFG.hidden_size), mesh)
     inter = state["intermediates"]

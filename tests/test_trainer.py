@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from lard_jax import hf, losses, pipeline, safetensors_io, trainer
+from lard_jax import compile_cache, hf, losses, pipeline, safetensors_io, trainer
 from lard_jax.model import LlamaForCausalLM, relation_inputs
+from tests.conftest import cpu_env
 from tests.tiny import save_tiny_teacher, write_word_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,13 +169,16 @@ def _cli(assets, workdir, *extra):
         "--config.mesh.tensor=2",
         *extra,
     ]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(args, cwd=ROOT, env=cpu_env(8), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted(assets, tmp_path):
     straight = _cli(assets, tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # the same programs: the crashed run loads the straight run's instead of compiling them again
+    cache = compile_cache.CACHE_SUBDIR
+    shutil.copytree(tmp_path / "straight" / cache, tmp_path / "resumed" / cache)
     crashed = _cli(assets, tmp_path / "resumed", "--config.train.crash_after_step=4")
     assert crashed.returncode == 17, crashed.stderr[-3000:]
     assert not os.path.exists(tmp_path / "resumed" / "hf_student")
