@@ -64,6 +64,9 @@ API_CASES = (
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "overlap_softmax": True}),
     (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "overlap_softmax": True}),
     (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "overlap_softmax": True}),
+    (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "merge_d_left": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "merge_d_left": True}),
+    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "merge_d_left": True}),
 )
 
 
@@ -76,7 +79,8 @@ API_CASES = (
 # of the change); *_overlap: each step issues the next step's logit wgmmas before its own
 # exponentials (BlockSizes.overlap_softmax; _fwd: in the forward only; _ring3: the forward's ring a
 # slot longer, since a step's tiles are now needed at the start of the step before, the forward
-# alone fitting 3 slots at D 128; _ring3_bwd: the backward's too, D 64 only). The first two
+# alone fitting 3 slots at D 128; _ring3_bwd: the backward's too, D 64 only); *_merge: the backward
+# sums the two warpgroups' d_left parts before one reduce-add (BlockSizes.merge_d_left). The first two
 # sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
@@ -102,6 +106,7 @@ VARIANTS = (
         ({"overlap_softmax": True, "max_concurrent_steps": 3}, {"overlap_softmax": True}),
     ),
     ("fused_64x64_overlap_ring3_bwd", 64, 64, (64,), True, {"overlap_softmax": True, "max_concurrent_steps": 3}),
+    ("fused_64x64_merge", 64, 64, (64, 128), True, ({}, {"merge_d_left": True})),
 )
 
 
@@ -119,9 +124,9 @@ def variant_kernels(variant, **kw):
     )
 
 
-ALL_CASES = (
-    CASES + API_CASES
-)  # --cases: 0-6 the kernels, 7-21 the API (14-21 fused backward, 16-18 ping-pong, 19-21 overlap_softmax)
+# --cases: 0-6 the kernels, 7-24 the API (14-24 fused backward, 16-18 ping-pong, 19-21 overlap_softmax,
+# 22-24 merge_d_left)
+ALL_CASES = CASES + API_CASES
 
 
 def _median_ms(fn, args):

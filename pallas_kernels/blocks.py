@@ -52,7 +52,7 @@ class BlockSizes:
     block_q_dq/block_k_dq: tiles of the d_left kernel (grid over query blocks).
     block_q_dk/block_k_dk: tiles of the d_right kernel (grid over key blocks).
     num_warps_*/num_stages_*/fast_exp2/exp2_split: Triton only; fused_bwd: Triton and Mosaic GPU;
-    schedule_barrier, overlap_softmax: Mosaic GPU only.
+    schedule_barrier, overlap_softmax, merge_d_left: Mosaic GPU only.
     """
 
     block_q: int = 128
@@ -82,9 +82,14 @@ class BlockSizes:
     # Mosaic GPU forward and one-kernel backward: each step issues the next step's logit wgmmas
     # before its own exponentials, so they run under them (FlashAttention-3's intra-warpgroup
     # overlap; docs/kernel_notes.md "Eighth session": the SASS showed each warpgroup's wgmmas and
-    # softmax nearly in series). Not with schedule_barrier. Off until an H200 says it is exact and
-    # pays.
+    # softmax nearly in series). Not with schedule_barrier. Exact on an H100 (2026-12-05) but slower
+    # (docs/kernel_notes.md "Ninth session"): off.
     overlap_softmax: bool = False
+    # Mosaic GPU one-kernel backward: the two compute warpgroups' d_left parts of a query tile
+    # summed by one wgmma pair and added by one TMA reduce-add instead of two, the warpgroups taking
+    # turns (d_left's reduce-add traffic halved; the ablation found d_left ~45% of the D 128
+    # backward). Not with schedule_barrier or overlap_softmax.
+    merge_d_left: bool = False
 
     def all_blocks(self):
         return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dk, self.block_k_dk)

@@ -234,11 +234,15 @@ def _pad(refs, n):
     return refs + (None,) * (n - len(refs))
 
 
-def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barriers, schedule_barrier=False):
+def _backward_entry(
+    body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barriers, schedule_barrier=False, merge_d_left=False
+):
     """plgpu.kernel's entry for a backward kernel `body(*inputs, qid, kid, out, scoped)`: scoped
     refs (shared memory, the ring's "loaded" barriers, its "consumed" barrier, the own block's
-    barriers, and with `schedule_barrier` the compute warpgroups' meeting barrier), with None for
-    the ids buffers and their loaded barrier when there are no ids."""
+    barriers, with `schedule_barrier` the compute warpgroups' meeting barrier, and with
+    `merge_d_left` the merged d_left's "dS written" (both warpgroups arrive) and "dS read" (the
+    step's owner arrives) barriers, one of each per owner), with None for the ids buffers and
+    their loaded barrier when there are no ids."""
 
     def entry(*refs):
         ins, out = refs[:-1], refs[-1]
@@ -251,6 +255,7 @@ def _backward_entry(body, has_ids, smem, ids_smem, *, n_loaded, steps, own_barri
             plgpu.Barrier(num_arrivals=2, num_barriers=steps),
             plgpu.Barrier(num_barriers=own_barriers),
             *((plgpu.Barrier(num_arrivals=2),) if schedule_barrier else ()),
+            *((plgpu.Barrier(num_arrivals=2, num_barriers=2), plgpu.Barrier(num_barriers=2)) if merge_d_left else ()),
             collective_axes="wg",
         )
 
@@ -762,6 +767,7 @@ def _key_block_backward(
     schedule_barrier=False,
     pair_wgmmas=None,
     overlap_softmax=False,
+    merge_d_left=False,
     ablate=frozenset(),
 ):
     """The key-block kernel of both backwards: one key block per compute warpgroup (per query
@@ -773,10 +779,22 @@ def _key_block_backward(
     logit wgmmas are issued together and the compute warpgroups ping-pong (`_PingPong`). ablate:
     timing only (ABLATIONS). pair_wgmmas: as in `mosaic_forward`. overlap_softmax: each step issues
     the next step's logit wgmmas before its own exponentials (`_OverlappedLogits`); not with the
-    ping-pong."""
+    ping-pong. merge_d_left (fused only): the two compute warpgroups' d_left parts of a query tile
+    are one product, [dS₀ | dS₁] · [s_right₀ ; s_right₁] (two wgmmas into one accumulator), added by
+    one reduce-add instead of two; the warpgroups take turns computing it (step i: warpgroup i % 2)
+    and both run every step from the pair's first query tile (the second one's first steps fully
+    masked). It halves d_left's reduce-add traffic, which the ablation found to be about half of
+    the D 128 backward (docs/kernel_notes.md, "Ninth session"). Not with the ping-pong or
+    overlap_softmax."""
     pair = schedule_barrier if pair_wgmmas is None else bool(pair_wgmmas)
     if overlap_softmax and (schedule_barrier or pair):
         raise ValueError("overlap_softmax: not with schedule_barrier or pair_wgmmas (one schedule at a time)")
+    if merge_d_left and not fused:
+        raise ValueError("merge_d_left: the one-kernel (fused) backward only")
+    if merge_d_left and (schedule_barrier or pair or overlap_softmax):
+        raise ValueError(
+            "merge_d_left: not with schedule_barrier, pair_wgmmas or overlap_softmax (one schedule at a time)"
+        )
     exp2 = _exp2_for(ablate)
     with_d_left = fused and "d_left" not in ablate
     has_ids = bool(ids)
@@ -798,6 +816,7 @@ def _key_block_backward(
         sl_loaded, tl_loaded, lss_loaded, lst_loaded, g_loaded, qid_loaded = loaded
         batch, head, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         ping_pong = _PingPong(sched[0] if schedule_barrier else None, wg)
+        ds_written, ds_read = sched[-2:] if merge_d_left else (None, None)
         pair_base = lax.axis_index("kv_seq") * (2 * block_kv)
         q_block = jnp.array(block_q, jnp.int32)
         q_lo = lax.div(pair_base, q_block) if causal else jnp.array(0, jnp.int32)  # the pair's first query tile
@@ -822,6 +841,36 @@ def _key_block_backward(
             if has_ids:
                 plgpu.barrier_wait(bars.at[4 + wg])
                 own_ids = _load_ids(kid2.at[wg], 0)  # the tile's rows are keys
+
+            def merged_d_left(i, ds_t, q0):
+                """Step i's d_left part of both warpgroups, by warpgroup i % 2 (merge_d_left). Each
+                warpgroup writes its dSᵀ tile once the previous step's owner has read both, then
+                the owner sums [dS₀ | dS₁] · [s_right₀ ; s_right₁] and reduce-adds it."""
+                owner = lax.rem(i, jnp.array(2, i.dtype))
+
+                @pl.when(i > 0)
+                def _():
+                    plgpu.barrier_wait(ds_read.at[1 - owner])
+
+                ds_smem[...] = ds_t
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_written.at[owner])
+
+                @pl.when(wg == owner)
+                def _():
+                    plgpu.barrier_wait(ds_written.at[owner])
+
+                    def dl_body(dl_acc):
+                        for w in range(2):
+                            plgpu.wgmma(dl_acc, plgpu.transpose_ref(ds2.at[w], (1, 0)), own2.at[w].at[0])
+                        return dl_acc[...]
+
+                    part = pl.run_scoped(dl_body, plgpu.ACC((block_q, D), jnp.float32))
+                    plgpu.barrier_arrive(ds_read.at[owner])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its previous reduce has read dl_smem
+                    dl_smem[...] = part
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(dl_smem, dl_ref.at[batch, pl.ds(q0, block_q), head], reduction_op="add")
 
             def step(i, acc, masked, logits=None, issue_next=False):  # ring step i holds query tile q_lo + i
                 """One query tile. With `logits` (overlap_softmax) the step's logit tiles come in
@@ -865,7 +914,9 @@ def _key_block_backward(
                 ds_t = ping_pong.after_exponentials(ds_t)
                 acc = _wgmma_add(acc, ds_t, sl_ring.at[slot], dtype)  # d_right += dSᵀ · s_left
                 plgpu.barrier_arrive(consumed.at[slot])
-                if with_d_left:  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
+                if with_d_left and merge_d_left:
+                    merged_d_left(i, ds_t, q0)
+                elif with_d_left:  # d_left's part of this query tile: dS · s_right = (dSᵀ)ᵀ · s_right
                     ds_smem[...] = ds_t
                     plgpu.commit_smem()
 
@@ -890,7 +941,8 @@ def _key_block_backward(
                 `logits` (overlap_softmax), every step but the last issues the next one's logit
                 wgmmas first; the last one takes the mask either way (harmless off the diagonal)."""
                 if causal:
-                    own_lo = lax.div(k_base, q_block) - q_lo  # ring steps before this block's diagonal
+                    # ring steps before this block's diagonal (merge_d_left: both run from the pair's first)
+                    own_lo = jnp.array(0, jnp.int32) if merge_d_left else lax.div(k_base, q_block) - q_lo
                     diag_end = pl.cdiv(k_base + block_kv, q_block) - q_lo  # the last ring step that needs the mask, + 1
                     loaded_bars = [b for b in loaded if b is not None]
                     _ring_skip(0, own_lo, steps, loaded_bars, consumed, ping_pong.skipped_step)
@@ -924,6 +976,8 @@ def _key_block_backward(
             else:
                 acc = loops(acc)
             ping_pong.after_loops()
+            if merge_d_left:  # the last step's owner has read s_right of both (own.at[0] is overwritten next)
+                plgpu.barrier_wait(ds_read.at[lax.rem(ring_steps - 1, jnp.array(2, jnp.int32))])
             if fused:
                 plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
             own.at[0][...] = acc.astype(dtype)
@@ -968,6 +1022,7 @@ def _key_block_backward(
         steps=steps,
         own_barriers=6 if has_ids else 4,  # per warpgroup: its key block's TMA copies
         schedule_barrier=schedule_barrier,
+        merge_d_left=merge_d_left,
     )
     out_type = jax.ShapeDtypeStruct((B, T, H, D), dtype)
     grid, grid_names = (H, T // (2 * block_kv), B), ("heads", "kv_seq", "batch")
@@ -1013,6 +1068,7 @@ def mosaic_backward_fused(
     schedule_barrier=False,
     pair_wgmmas=None,
     overlap_softmax=False,
+    merge_d_left=False,
     ablate=(),
 ):
     """(d_sl, d_sr) as `mosaic_backward` computes them, in one kernel: the d_right kernel's grid
@@ -1024,8 +1080,9 @@ def mosaic_backward_fused(
     exponentials once, not twice (the two-kernel backward recomputes them for d_left). d_left is
     not bit-deterministic (the order of the adds varies) and is rounded to the inputs' dtype once,
     after the kernel. schedule_barrier, pair_wgmmas, overlap_softmax: as in `mosaic_forward` (the
-    overlap: the next query tile's logit wgmmas under this tile's exponentials). ablate: timing only
-    (ABLATIONS)."""
+    overlap: the next query tile's logit wgmmas under this tile's exponentials). merge_d_left: one
+    reduce-add per query tile and pair of key blocks, not two (`_key_block_backward`). ablate:
+    timing only (ABLATIONS)."""
     ablate = _check_ablate(ablate)
     check_shapes(sl, sr, block_q, block_kv)
     ids = (q_ids.astype(jnp.int32), k_ids.astype(jnp.int32)) if q_ids is not None else ()
@@ -1048,6 +1105,7 @@ def mosaic_backward_fused(
         schedule_barrier=schedule_barrier,
         pair_wgmmas=pair_wgmmas,
         overlap_softmax=overlap_softmax,
+        merge_d_left=merge_d_left,
         ablate=ablate,
     )
 
@@ -1122,9 +1180,13 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
 
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     """`BlockSizes.fused_bwd`: the one-kernel backward (`mosaic_backward_fused`, with
-    BlockSizes.schedule_barrier and overlap_softmax), else two kernels (without them)."""
+    BlockSizes.schedule_barrier, overlap_softmax and merge_d_left), else two kernels (without them)."""
     b = cfg.blocks
-    sched = {"schedule_barrier": b.schedule_barrier, "overlap_softmax": b.overlap_softmax} if b.fused_bwd else {}
+    sched = (
+        {"schedule_barrier": b.schedule_barrier, "overlap_softmax": b.overlap_softmax, "merge_d_left": b.merge_d_left}
+        if b.fused_bwd
+        else {}
+    )
     return (mosaic_backward_fused if b.fused_bwd else mosaic_backward)(
         sl,
         sr,
