@@ -91,13 +91,14 @@ def _impl_module(impl: str):
     return importlib.import_module(_KERNEL_MODULES[impl])
 
 
-# "auto" on Hopper (compute capability 9.x) with bf16/f16 inputs and head dim 128 picks the Mosaic
-# GPU kernel: on the H200 it agrees with the Triton kernel (relation_kl's API with key masks,
-# segment ids, padded lengths, non-causal) and is faster (0.86-0.90x Triton's forward + backward at
-# T 4096; a Llama-2-7B step 8,372 against 8,077 tokens/s): docs/kernel_notes.md. Head dim 64 stays
-# on Triton (faster there). False sends every "auto" call to the Triton kernel.
+# "auto" on Hopper (compute capability 9.x) with bf16/f16 inputs and head dim 64 or 128 picks the
+# Mosaic GPU kernel: it agrees with the Triton kernel (relation_kl's API with key masks, segment
+# ids, padded lengths, non-causal; H200 and H100) and is faster: 0.86-0.90x Triton's forward +
+# backward at T 4096 D 128 and a Llama-2-7B step 8,372 against 8,077 tokens/s (H200); at D 64
+# 0.93x Triton's at T 8192 9/3 heads and SmolLM2's step 86,974 against 82,333 tokens/s (H100,
+# 2026-12-05, docs/kernel_notes.md "Ninth session"). False sends every "auto" call to Triton.
 AUTO_PICKS_MGPU = True
-_MGPU_HEAD_DIMS = (128,)
+_MGPU_HEAD_DIMS = (64, 128)
 
 
 def _is_hopper(device) -> bool:

@@ -1,7 +1,7 @@
 """Relation KL as Pallas Mosaic GPU kernels (Hopper: TMA, wgmma, warp specialisation).
 
 `relation_kl(impl="pallas_mgpu")` (`forward` and `backward` at the end of this file follow
-relation_kl.py's kernel contract); "auto" picks it on Hopper at head dim 128 (bf16/f16). Measured on
+relation_kl.py's kernel contract); "auto" picks it on Hopper at head dims 64 and 128 (bf16/f16). Measured on
 an H200 (`experiments/check_relation_kl_mgpu.py`; docs/raw/check_mgpu_*_h200_*.json): agrees with
 the Triton kernels to bf16 rounding (KL rows to 1e-6, d_left 1e-3, d_right 4e-3 on GQA shapes: bf16
 per query head before the group sum) and with a float64 reference at T <= 2048, through the API

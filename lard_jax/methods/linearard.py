@@ -34,7 +34,7 @@ class Config:
 
 def kernel_impl_for(impl: str, scan_layers: bool) -> str:
     """The relation kernel a step runs: "auto", except that per-layer (unscanned) layers on a GPU
-    take the Triton kernel. "auto" picks the Mosaic GPU kernel on Hopper at head dim 128, and each
+    take the Triton kernel. "auto" picks the Mosaic GPU kernel on Hopper at head dims 64 and 128, and each
     call site of a Mosaic GPU kernel is compiled on its own: a scanned step has one per kernel (its
     compile took 13.7 s against 3.8 s with Triton on Llama-2-7B shapes), a per-layer one has one per
     layer (on the H200 the loop layout's 7B step was still compiling when its 170 s limit ended it; the
