@@ -88,7 +88,7 @@ class BlockSizes:
     # Mosaic GPU one-kernel backward: the two compute warpgroups' d_left parts of a query tile
     # summed by one wgmma pair and added by one TMA reduce-add instead of two, the warpgroups taking
     # turns (d_left's reduce-add traffic halved; the ablation found d_left ~45% of the D 128
-    # backward). Not with schedule_barrier or overlap_softmax.
+    # backward). Not with schedule_barrier or overlap_softmax. On in MGPU_BLOCKS_WIDE (D 128).
     merge_d_left: bool = False
 
     def all_blocks(self):
@@ -144,8 +144,13 @@ TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 # 1.47x / 1.34x its time at T 2048 / 4096 / 16384). fused_bwd: the one-kernel backward (d_left by
 # TMA reduce-add), 0.95x / 0.88x the two-kernel one's forward + backward at T 4096 32/8 heads D 128
 # and T 8192 9/3 heads D 64, exact (docs/raw/check_mgpu_fused_h200_session6.json).
+# merge_d_left (one reduce-add per query tile and pair of key blocks): on for rows of 128 bytes and
+# more (bf16 D 128), where it took the forward + backward from 1.24x to 1.09x cuDNN attention's time
+# at T 16384 and from 1.07-1.11x to 1.00-1.01x at T 4096; off at D 64, where it was 1.5% slower
+# (H100, docs/raw/check_merge_*_h100_session9.json; docs/kernel_notes.md "Ninth session").
 MGPU_MIN_BLOCK = 64
 MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS}, fused_bwd=True)
+MGPU_BLOCKS_WIDE = dataclasses.replace(MGPU_BLOCKS, merge_d_left=True)
 
 
 def next_pow2(x: int) -> int:
@@ -194,7 +199,7 @@ def default_blocks(impl: str, row_bytes: int, batch_heads: int | None = None) ->
     if impl == "pallas_tpu":
         return TPU_BLOCKS
     if impl == "pallas_mgpu":
-        return MGPU_BLOCKS
+        return MGPU_BLOCKS_WIDE if head_dim_class(row_bytes) == 128 else MGPU_BLOCKS
     base = GPU_TILE_TABLE[gpu_table_key(row_bytes, batch_heads)]
     shrink = max(1, row_bytes // GPU_TUNED_ROW_BYTES)
     if shrink == 1:
