@@ -6,6 +6,7 @@ kernel, it reaches the one-kernel backward only through relation_kl's block size
 where it has no meaning, and the check script carries it. Its values need a GPU
 (experiments/check_relation_kl_mgpu.py's `fused_64x64_merge` and API cases 22-24)."""
 
+import dataclasses
 import functools
 from types import SimpleNamespace
 
@@ -107,3 +108,12 @@ def test_the_check_variant_and_api_cases_carry_it():
     cases = [c for c in check.API_CASES if c[-1] and c[-1].get("merge_d_left")]
     assert all(c[-1].get("fused_bwd") for c in cases)
     assert {(c[5], c[6]) for c in cases} == {(True, "packed"), (True, "padded"), (False, "padded")}
+
+
+def test_default_blocks_merge_at_head_dim_128_only():
+    """The measured default: merged at bf16 D 128 (rows of 256 bytes), not at D 64 (128 bytes)."""
+    from pallas_kernels import blocks
+
+    wide, narrow = blocks.default_blocks("pallas_mgpu", 256), blocks.default_blocks("pallas_mgpu", 128)
+    assert wide.merge_d_left and wide.fused_bwd and not narrow.merge_d_left and narrow.fused_bwd
+    assert dataclasses.replace(wide, merge_d_left=False) == narrow
