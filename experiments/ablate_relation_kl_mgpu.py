@@ -16,7 +16,8 @@ ablated kernel are wrong on purpose; only the times mean anything.
 
 Shapes (`--cases`, B,T,H,D;...): the paper's T 16384, 32 heads, D 128 (where the kernel is
 1.22x cuDNN attention) and SmolLM2's layer as the fused loss merges it (B 4, T 8192, 15 heads,
-D 64). `--schedule_barrier` ablates the ping-pong variant instead, `--overlap_softmax` the overlapped one.
+D 64). `--schedule_barrier` ablates the ping-pong variant instead, `--overlap_softmax` the
+overlapped one, `--merge_d_left` the backward with merged d_left (the default at D 128).
 """
 
 import argparse
@@ -59,12 +60,14 @@ def inputs(B, T, H, D, abstract):
     return (s, t), jax.random.uniform(jax.random.PRNGKey(99), (B, H, T), jnp.float32)
 
 
-def kernel(kind, ablate, D, schedule_barrier, overlap_softmax=False):
+def kernel(kind, ablate, D, schedule_barrier, overlap_softmax=False, merge_d_left=False):
     """The jitted forward ((s, t) -> KL rows and LSEs) or fused backward ((s, t, lse_s, lse_t, g)
-    -> gradients) of a self-relation, with `ablate`."""
+    -> gradients) of a self-relation, with `ablate` (merge_d_left: the backward's only)."""
     kw = dict(scale=D**-0.5, causal=True, schedule_barrier=schedule_barrier, ablate=ablate)
     if overlap_softmax:
         kw["overlap_softmax"] = True
+    if merge_d_left and kind == "bwd":
+        kw["merge_d_left"] = True
     if kind == "fwd":
         return jax.jit(lambda s, t: relation_kl_mgpu.mosaic_forward(s, s, t, t, **kw))
     return jax.jit(lambda s, t, ls, lt, g: relation_kl_mgpu.mosaic_backward_fused(s, s, t, t, ls, lt, g, **kw))
@@ -79,6 +82,7 @@ def main(argv=None):
     p.add_argument("--cases", default=DEFAULT_CASES, help="B,T,H,D;... (self-relation, causal, bf16)")
     p.add_argument("--schedule_barrier", action="store_true", help="ablate the ping-pong variant")
     p.add_argument("--overlap_softmax", action="store_true", help="ablate the overlapped variant (BlockSizes)")
+    p.add_argument("--merge_d_left", action="store_true", help="the backward with merged d_left (BlockSizes)")
     p.add_argument("--dry_run", action="store_true", help="lower every variant for cuda (no GPU needed)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -86,14 +90,15 @@ def main(argv=None):
         cases = parse_cases(a.cases)
     except ValueError as e:
         p.error(str(e))
-    if a.schedule_barrier and a.overlap_softmax:
-        p.error("--schedule_barrier and --overlap_softmax: one schedule at a time")
+    if a.schedule_barrier + a.overlap_softmax + a.merge_d_left > 1:
+        p.error("--schedule_barrier, --overlap_softmax and --merge_d_left: one schedule at a time")
     result = {
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "command": "python3 -m experiments.ablate_relation_kl_mgpu " + " ".join(sys.argv[1:] if argv is None else argv),
         "schedule_barrier": a.schedule_barrier,
         "overlap_softmax": a.overlap_softmax,
+        "merge_d_left": a.merge_d_left,
         "rows": [],
     }
     for B, T, H, D in cases:
@@ -104,7 +109,7 @@ def main(argv=None):
         for kind, variants in (("fwd", FWD_VARIANTS), ("bwd", BWD_VARIANTS)):
             base = None
             for ablate in variants:
-                fn = kernel(kind, ablate, D, a.schedule_barrier, a.overlap_softmax)
+                fn = kernel(kind, ablate, D, a.schedule_barrier, a.overlap_softmax, a.merge_d_left)
                 args = (s, t) if kind == "fwd" else (s, t, *rows, g)
                 row = {"case": dict(B=B, T=T, H=H, D=D), "kernel": kind, "ablate": list(ablate)}
                 if a.dry_run:

@@ -976,7 +976,8 @@ def _key_block_backward(
             else:
                 acc = loops(acc)
             ping_pong.after_loops()
-            if merge_d_left:  # the last step's owner has read s_right of both (own.at[0] is overwritten next)
+            if with_d_left and merge_d_left:  # the last step's owner has read both s_right tiles (own.at[0] is
+                # overwritten next); without d_left (ablated) nobody arrives on ds_read
                 plgpu.barrier_wait(ds_read.at[lax.rem(ring_steps - 1, jnp.array(2, jnp.int32))])
             if fused:
                 plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done

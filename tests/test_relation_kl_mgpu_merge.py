@@ -117,3 +117,30 @@ def test_default_blocks_merge_at_head_dim_128_only():
     wide, narrow = blocks.default_blocks("pallas_mgpu", 256), blocks.default_blocks("pallas_mgpu", 128)
     assert wide.merge_d_left and wide.fused_bwd and not narrow.merge_d_left and narrow.fused_bwd
     assert dataclasses.replace(wide, merge_d_left=False) == narrow
+
+
+def test_the_ablation_script_takes_the_merged_backward(tmp_path, capsys):
+    """Ablating d_left from the merged backward must not leave its final barrier wait behind (that
+    kernel would hang: nobody arrives on "dS read"); here: every ablated variant lowers."""
+    from experiments import ablate_relation_kl_mgpu as ablate_mod
+
+    out = str(tmp_path / "a.json")
+    result = ablate_mod.main(["--dry_run", "--merge_d_left", "--cases", "1,256,2,64", "--out", out])
+    assert result["merge_d_left"] and all(r["lowered"] for r in result["rows"])
+    with pytest.raises(SystemExit):
+        ablate_mod.main(["--dry_run", "--merge_d_left", "--overlap_softmax"])
+    assert "one schedule at a time" in capsys.readouterr().err
+
+
+def test_merge_d_left_without_d_left_waits_on_no_merge_barrier():
+    """With d_left ablated the merged kernel is the unmerged ablated one but for the two unused
+    barrier arrays: no barrier wait of the merge is left in it (it would hang)."""
+    args = _backward_args(64, False)
+
+    def waits(fn):  # barrier waits in the kernel body's jaxpr (the lowered text holds MLIR bytecode)
+        return str(jax.make_jaxpr(fn)(*args)).count("barrier_wait")
+
+    assert waits(_fused(causal=True, merge_d_left=True, ablate=("d_left",))) == waits(
+        _fused(causal=True, ablate=("d_left",))
+    )
+    assert waits(_fused(causal=True, merge_d_left=True)) > waits(_fused(causal=True))  # the count sees them
