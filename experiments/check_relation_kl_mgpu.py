@@ -80,7 +80,8 @@ API_CASES = (
 # exponentials (BlockSizes.overlap_softmax; _fwd: in the forward only; _ring3: the forward's ring a
 # slot longer, since a step's tiles are now needed at the start of the step before, the forward
 # alone fitting 3 slots at D 128; _ring3_bwd: the backward's too, D 64 only); *_merge: the backward
-# sums the two warpgroups' d_left parts before one reduce-add (BlockSizes.merge_d_left). The first two
+# sums the two warpgroups' d_left parts before one reduce-add (BlockSizes.merge_d_left; 64 x 128 and
+# 128 x 64: the second warpgroup's first steps fully masked, and a last pair of one step). The first two
 # sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
@@ -107,6 +108,8 @@ VARIANTS = (
     ),
     ("fused_64x64_overlap_ring3_bwd", 64, 64, (64,), True, {"overlap_softmax": True, "max_concurrent_steps": 3}),
     ("fused_64x64_merge", 64, 64, (64, 128), True, ({}, {"merge_d_left": True})),
+    ("fused_64x128_merge", 64, 128, (64,), True, ({}, {"merge_d_left": True})),
+    ("fused_128x64_merge", 128, 64, (64,), True, ({}, {"merge_d_left": True})),
 )
 
 

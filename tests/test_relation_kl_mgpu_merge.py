@@ -144,3 +144,14 @@ def test_merge_d_left_without_d_left_waits_on_no_merge_barrier():
         _fused(causal=True, ablate=("d_left",))
     )
     assert waits(_fused(causal=True, merge_d_left=True)) > waits(_fused(causal=True))  # the count sees them
+
+
+@pytest.mark.parametrize("name", ["fused_64x128_merge", "fused_128x64_merge"])
+def test_merge_d_left_lowers_with_unequal_blocks(name):
+    """Unequal blocks (D 64): the second warpgroup starts with fully masked steps (64 x 128), or the
+    last pair of key blocks has a single query step (128 x 64)."""
+    from experiments import check_relation_kl_mgpu as check
+
+    (variant,) = [v for v in check.VARIANTS if v[0] == name]
+    _, bwd = check.variant_kernels(variant, scale=0.125, causal=True)
+    assert "mosaic_gpu" in cuda_text(bwd, *_backward_args(64, False))
