@@ -226,7 +226,7 @@ def abstract_step(
     abstract_state = jax.eval_shape(lambda t: trainer.initial_state(t, optimizer, jax.random.PRNGKey(0)), trainable)
     replicated = sharding_lib.replicated(mesh)  # one device: every leaf is whole on it (trainer.place_state)
     state = jax.tree_util.tree_map(lambda x: sds(x, replicated), abstract_state)
-    spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
+    spec = loss_spec(kernel_impl, fused)
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     batch = {"input_ids": jax.ShapeDtypeStruct((1, batch_per_device, seq_len), jnp.int32, sharding=bsh)}
     step = trainer.jit_train_step(teacher, student, spec, lora, optimizer, schedule, state)
@@ -265,7 +265,7 @@ def build_step(
     trainable = trainer.init_trainable_sharded(frozen, mask, lora, jax.random.PRNGKey(3), mesh, jnp.float32)
     optimizer, schedule = trainer.make_optimizer(lr=2e-5, warmup_steps=4, total_steps=144)
     state = trainer.init_state(trainable, optimizer, jax.random.PRNGKey(0), mesh)
-    spec = trainer.LossSpec(kernel_impl=kernel_impl, fused=fused)
+    spec = loss_spec(kernel_impl, fused)
     bsh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
     ids = jax.device_put(
         jax.random.randint(jax.random.PRNGKey(2), (1, batch_per_device * mesh_data, seq_len), 0, shape["vocab_size"]),
@@ -406,7 +406,8 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
     s_layers = jax.jit(lambda t, f, x: qkv(student, trainer.student_params(f, t, lora), x))(trainable, frozen, ids)
 
     def rel(s, t):
-        return losses.relation_loss(s, t, relations=spec.relations, impl=spec.kernel_impl)[0]
+        blocks = dict(spec.kernel_blocks) or None
+        return losses.relation_loss(s, t, relations=spec.relations, impl=spec.kernel_impl, block_sizes=blocks)[0]
 
     relation = jax.jit(jax.value_and_grad(rel))
     grads = jax.tree_util.tree_map(jnp.ones_like, trainable)
@@ -418,6 +419,37 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
         "relation_loss_fwd_bwd": _time(relation, s_layers, t_layers, reps=reps),
         "optimizer": _time(opt, grads, opt_state, trainable, reps=reps),
     }
+
+
+def parse_kernel_impl(text: str) -> tuple[str, tuple]:
+    """ "pallas_mgpu:merge_d_left=0,block_q=64" -> ("pallas_mgpu", (("block_q", 64), ("merge_d_left",
+    False))): a relation kernel impl and BlockSizes overrides (linearard's `kernel_blocks`), for an
+    A/B of a step in one process; ValueError names a bad field or value."""
+    from pallas_kernels.blocks import BlockSizes
+
+    impl, _, rest = text.partition(":")
+    types = {f.name: f.type for f in dataclasses.fields(BlockSizes)}
+    blocks = []
+    for part in (x.strip() for x in rest.split(",") if x.strip()):
+        field, eq, value = part.partition("=")
+        if field not in types or not eq:
+            raise ValueError(f"--kernel_impl: {part!r} is not FIELD=VALUE with a BlockSizes field ({sorted(types)})")
+        if types[field] in (bool, "bool"):
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"--kernel_impl: {field} takes 0/1/true/false, got {value!r}")
+            blocks.append((field, value.lower() in ("1", "true")))
+        else:
+            try:
+                blocks.append((field, int(value)))
+            except ValueError:
+                raise ValueError(f"--kernel_impl: {field} takes an integer, got {value!r}") from None
+    return impl, tuple(sorted(blocks))
+
+
+def loss_spec(kernel_impl: str, fused: bool):
+    """The LinearARD LossSpec of a --kernel_impl (with its BlockSizes overrides, parse_kernel_impl)."""
+    impl, blocks = parse_kernel_impl(kernel_impl)
+    return trainer.LossSpec(kernel_impl=impl, kernel_blocks=blocks, fused=fused)
 
 
 def parse_variants(text: str) -> list[tuple[str, bool, str]]:
@@ -495,7 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=4096)
     p.add_argument("--batch_per_device", type=int, default=1)
     p.add_argument("--remat", default=DEFAULT_REMAT, choices=REMAT_POLICIES, help="configs/base.py's default")
-    p.add_argument("--kernel_impl", default="auto")
+    p.add_argument(
+        "--kernel_impl",
+        default="auto",
+        help="relation kernel impl[:FIELD=VALUE,...] (BlockSizes overrides, e.g. pallas_mgpu:merge_d_left=0)",
+    )
     p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--mesh_data", default="1", help="comma list of data-parallel sizes to run, e.g. 1,2")
     p.add_argument("--reps", type=int, default=5)
@@ -543,6 +579,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         variants = parse_variants(args.variants) if args.variants else None
+        parse_kernel_impl(args.kernel_impl)
     except ValueError as e:
         parser.error(str(e))
     if variants is None:

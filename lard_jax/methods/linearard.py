@@ -11,6 +11,7 @@ import jax
 from lard_jax import losses
 from lard_jax.methods import Context, register
 from lard_jax.model import collect_qkv, final_logits, stacked_qkv
+from pallas_kernels.blocks import BlockSizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,11 @@ class Config:
     lambda_logit: float = 0.0
     temperature: float = 1.0  # of the logit-KD term
     kernel_impl: str = "auto"
+    # relation kernel BlockSizes overrides as (field, value) pairs (a dict is accepted), on top of
+    # the impl's defaults, e.g. (("merge_d_left", False),) with kernel_impl "pallas_mgpu" for an A/B
+    # of a step (experiments/bench_restore_step.py --kernel_blocks). () = the defaults. With
+    # kernel_impl "auto" on a GPU, overrides keep the Triton kernel (relation_kl's rule).
+    kernel_blocks: tuple = ()
     normalize: str = "query_heads"  # losses.NORMALIZATIONS: "query_heads" (authors) | "per_relation_heads"
     fused: bool = True
 
@@ -28,6 +34,13 @@ class Config:
         if self.normalize not in losses.NORMALIZATIONS:
             raise ValueError(f"unknown normalize {self.normalize!r}; expected one of {losses.NORMALIZATIONS}")
         object.__setattr__(self, "relations", tuple(self.relations))
+        blocks = self.kernel_blocks.items() if isinstance(self.kernel_blocks, dict) else self.kernel_blocks
+        blocks = tuple(sorted((str(k), v) for k, v in blocks))
+        fields = {f.name for f in dataclasses.fields(BlockSizes)}
+        unknown = sorted(k for k, _ in blocks if k not in fields)
+        if unknown:
+            raise ValueError(f"kernel_blocks: unknown BlockSizes field(s) {unknown}; fields: {sorted(fields)}")
+        object.__setattr__(self, "kernel_blocks", blocks)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
 
@@ -67,6 +80,7 @@ def build(ctx: Context, cfg: Config):
                 relations=cfg.relations,
                 layers=cfg.layers,
                 impl=impl,
+                block_sizes=dict(cfg.kernel_blocks) or None,
                 normalize=cfg.normalize,
                 dropout_rng=drop.get("dropout_rng"),
                 return_hidden=bool(cfg.lambda_logit),
@@ -89,6 +103,7 @@ def build(ctx: Context, cfg: Config):
                 relations=cfg.relations,
                 layers=cfg.layers,
                 impl=impl,
+                block_sizes=dict(cfg.kernel_blocks) or None,
                 normalize=cfg.normalize,
                 num_query_heads=student.config.num_attention_heads,
             )
