@@ -20,6 +20,11 @@ This compiles the Mosaic kernels for sm_90a on this machine and reads the loop o
    barriers come on top), and how the logit wgmmas are waited on (`hgmma_groups`: each issued
    group and the number of instructions between its last HGMMA and its wait).
 
+What it cannot see, measured since (docs/kernel_notes.md, "Ninth session", H100): its serial model
+predicted `overlap_softmax` 10-20% faster and it was 2-7% slower; and the backward turned out bound
+by d_left's TMA reduce-adds into L2, traffic no instruction count shows. Read its numbers as what a
+loop asks of each unit, not as a forecast of time.
+
 Setup: experiments/compile_offline.py's venv, plus nvdisasm:
 
     python -m venv --system-site-packages .venv-gpu-aot
