@@ -61,6 +61,7 @@ from lard_jax import losses, trainer
 from lard_jax import sharding as sharding_lib
 from lard_jax.model import REMAT_POLICIES, LlamaConfig, LlamaForCausalLM, collect_qkv, stacked_qkv
 from lard_jax.presets import MODEL_SHAPES
+from pallas_kernels.blocks import parse_impl_spec
 
 _START = time.perf_counter()
 
@@ -421,34 +422,9 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
     }
 
 
-def parse_kernel_impl(text: str) -> tuple[str, tuple]:
-    """ "pallas_mgpu:merge_d_left=0,block_q=64" -> ("pallas_mgpu", (("block_q", 64), ("merge_d_left",
-    False))): a relation kernel impl and BlockSizes overrides (linearard's `kernel_blocks`), for an
-    A/B of a step in one process; ValueError names a bad field or value."""
-    from pallas_kernels.blocks import BlockSizes
-
-    impl, _, rest = text.partition(":")
-    types = {f.name: f.type for f in dataclasses.fields(BlockSizes)}
-    blocks = []
-    for part in (x.strip() for x in rest.split(",") if x.strip()):
-        field, eq, value = part.partition("=")
-        if field not in types or not eq:
-            raise ValueError(f"--kernel_impl: {part!r} is not FIELD=VALUE with a BlockSizes field ({sorted(types)})")
-        if types[field] in (bool, "bool"):
-            if value.lower() not in ("0", "1", "true", "false"):
-                raise ValueError(f"--kernel_impl: {field} takes 0/1/true/false, got {value!r}")
-            blocks.append((field, value.lower() in ("1", "true")))
-        else:
-            try:
-                blocks.append((field, int(value)))
-            except ValueError:
-                raise ValueError(f"--kernel_impl: {field} takes an integer, got {value!r}") from None
-    return impl, tuple(sorted(blocks))
-
-
 def loss_spec(kernel_impl: str, fused: bool):
-    """The LinearARD LossSpec of a --kernel_impl (with its BlockSizes overrides, parse_kernel_impl)."""
-    impl, blocks = parse_kernel_impl(kernel_impl)
+    """The LinearARD LossSpec of a --kernel_impl (impl[:FIELD=VALUE...], blocks.parse_impl_spec)."""
+    impl, blocks = parse_impl_spec(kernel_impl)
     return trainer.LossSpec(kernel_impl=impl, kernel_blocks=blocks, fused=fused)
 
 
@@ -530,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kernel_impl",
         default="auto",
-        help="relation kernel impl[:FIELD=VALUE,...] (BlockSizes overrides, e.g. pallas_mgpu:merge_d_left=0)",
+        help="relation kernel impl[:FIELD=VALUE...] (BlockSizes overrides, e.g. pallas_mgpu:merge_d_left=0)",
     )
     p.add_argument("--attention_impl", default="cudnn" if jax.default_backend() == "gpu" else "xla")
     p.add_argument("--mesh_data", default="1", help="comma list of data-parallel sizes to run, e.g. 1,2")
@@ -579,7 +555,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         variants = parse_variants(args.variants) if args.variants else None
-        parse_kernel_impl(args.kernel_impl)
+        parse_impl_spec(args.kernel_impl)
     except ValueError as e:
         parser.error(str(e))
     if variants is None:

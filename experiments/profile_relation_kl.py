@@ -21,7 +21,6 @@ nothing there). Prints a table and writes JSON (`--out`): ms per call, the call'
 
 import argparse
 import ctypes
-import dataclasses
 import json
 import os
 import sys
@@ -33,9 +32,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from experiments.timing import median_seconds  # noqa: E402
-from pallas_kernels import BlockSizes, self_relation_kl_multi  # noqa: E402
-
-BOOL_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSizes) if f.type in (bool, "bool"))
+from pallas_kernels import self_relation_kl_multi  # noqa: E402
+from pallas_kernels.blocks import parse_impl_spec  # noqa: E402
 
 
 class CudaProfilerRange:
@@ -87,12 +85,9 @@ def layer_inputs(B, T, heads, D, key=0, dtype=jnp.bfloat16):
 
 def parse_impl(spec):
     """ "pallas_mgpu:schedule_barrier" -> ("pallas_mgpu", {"schedule_barrier": True}): an impl and
-    the boolean BlockSizes fields set for it (None: the impl's defaults)."""
-    impl, *flags = spec.split(":")
-    unknown = [f for f in flags if f not in BOOL_FIELDS]
-    if unknown:
-        raise ValueError(f"{spec!r}: {unknown} are not boolean BlockSizes fields {BOOL_FIELDS}")
-    return impl, ({f: True for f in flags} or None)
+    its BlockSizes overrides (blocks.parse_impl_spec; None: the impl's defaults)."""
+    impl, blocks = parse_impl_spec(spec)
+    return impl, (blocks or None)
 
 
 def build(spec):
@@ -110,7 +105,8 @@ def main(argv=None):
     p.add_argument(
         "--impls",
         default="pallas_gpu,pallas_mgpu",
-        help="comma list; impl:field sets a boolean BlockSizes field, e.g. pallas_mgpu:schedule_barrier",
+        help="comma list; impl:field sets a boolean BlockSizes field, impl:field=value any field "
+        "(e.g. pallas_mgpu:schedule_barrier, pallas_mgpu:merge_d_left=0)",
     )
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=8192)

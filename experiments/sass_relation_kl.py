@@ -650,11 +650,9 @@ def main(argv=None):
     for k in kinds:
         if k not in KERNEL_NAMES:
             p.error(f"unknown kernel {k!r}; expected some of {sorted(KERNEL_NAMES)}")
-    import dataclasses
+    from pallas_kernels.blocks import BOOL_FIELDS
 
-    from pallas_kernels.blocks import BlockSizes
-
-    flags = sorted(f.name for f in dataclasses.fields(BlockSizes) if f.type in (bool, "bool"))
+    flags = sorted(BOOL_FIELDS)
     triton_fields = [f for f in a.triton.split(",") if f]
     for f in triton_fields:
         if f != "plain" and f not in flags:

@@ -99,6 +99,40 @@ class BlockSizes:
 
 
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSizes) if f.name.startswith("block_"))
+FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(BlockSizes)}
+BOOL_FIELDS = tuple(name for name, t in FIELD_TYPES.items() if t in (bool, "bool"))
+
+
+def check_fields(names, what: str = "block_sizes") -> None:
+    """ValueError, starting with `what`, naming every one of `names` that is not a BlockSizes field."""
+    unknown = sorted(set(names) - set(FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"{what}: unknown BlockSizes field(s) {unknown}; fields: {sorted(FIELD_TYPES)}")
+
+
+def parse_impl_spec(spec: str) -> tuple[str, dict]:
+    """A relation kernel impl and BlockSizes overrides as the experiments' command lines write them:
+    "pallas_mgpu:merge_d_left=0:block_q=64" -> ("pallas_mgpu", {"merge_d_left": False, "block_q": 64});
+    a boolean field named alone is set ("pallas_mgpu:schedule_barrier"). ValueError names a bad part."""
+    impl, *parts = spec.split(":")
+    bare = [part for part in parts if "=" not in part]
+    unknown = [part for part in bare if part not in BOOL_FIELDS]
+    if unknown:
+        raise ValueError(f"{spec!r}: {unknown} are not boolean BlockSizes fields {BOOL_FIELDS}")
+    out = dict.fromkeys(bare, True)
+    for field, value in (part.split("=", 1) for part in parts if "=" in part):
+        check_fields([field], repr(spec))
+        if field in BOOL_FIELDS:
+            if value.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"{spec!r}: {field} takes 0/1/true/false, got {value!r}")
+            out[field] = value.lower() in ("1", "true")
+        else:
+            try:
+                out[field] = int(value)
+            except ValueError:
+                raise ValueError(f"{spec!r}: {field} takes an integer, got {value!r}") from None
+    return impl, out
+
 
 GPU_BLOCKS = BlockSizes()
 
@@ -229,9 +263,7 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
     if block_sizes is None:
         base = default_blocks(impl, row_bytes, batch_heads)
     elif isinstance(block_sizes, dict):
-        unknown = set(block_sizes) - {f.name for f in dataclasses.fields(BlockSizes)}
-        if unknown:
-            raise ValueError(f"block_sizes: unknown fields {sorted(unknown)}")
+        check_fields(block_sizes, "block_sizes")
         base = dataclasses.replace(default_blocks(impl, row_bytes, batch_heads), **block_sizes)
         if impl == "pallas_mgpu":  # its backward runs on the forward's blocks: follow them unless given
             follow = {

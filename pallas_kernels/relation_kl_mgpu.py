@@ -842,11 +842,14 @@ def _key_block_backward(
                 plgpu.barrier_wait(bars.at[4 + wg])
                 own_ids = _load_ids(kid2.at[wg], 0)  # the tile's rows are keys
 
+            def d_left_owner(i):  # merge_d_left: the warpgroup that adds ring step i's d_left part
+                return lax.rem(i, jnp.array(2, i.dtype))
+
             def merged_d_left(i, ds_t, q0):
                 """Step i's d_left part of both warpgroups, by warpgroup i % 2 (merge_d_left). Each
                 warpgroup writes its dSᵀ tile once the previous step's owner has read both, then
                 the owner sums [dS₀ | dS₁] · [s_right₀ ; s_right₁] and reduce-adds it."""
-                owner = lax.rem(i, jnp.array(2, i.dtype))
+                owner = d_left_owner(i)
 
                 @pl.when(i > 0)
                 def _():
@@ -978,7 +981,7 @@ def _key_block_backward(
             ping_pong.after_loops()
             if with_d_left and merge_d_left:  # the last step's owner has read both s_right tiles (own.at[0] is
                 # overwritten next); without d_left (ablated) nobody arrives on ds_read
-                plgpu.barrier_wait(ds_read.at[lax.rem(ring_steps - 1, jnp.array(2, jnp.int32))])
+                plgpu.barrier_wait(ds_read.at[d_left_owner(ring_steps - 1)])
             if fused:
                 plgpu.wait_smem_to_gmem(0)  # every reduce-add of d_left done
             own.at[0][...] = acc.astype(dtype)

@@ -13,6 +13,7 @@ from experiments import bench_restore_step
 from lard_jax import trainer
 from lard_jax.methods import linearard
 from lard_jax.model import LlamaConfig, LlamaForCausalLM, init_params
+from pallas_kernels import blocks
 
 T = 64
 CFG = LlamaConfig(
@@ -61,16 +62,18 @@ def test_overrides_reach_the_kernel_and_leave_the_loss_as_it_is(fused):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
-def test_bench_restore_step_parses_kernel_impl_overrides():
-    parse = bench_restore_step.parse_kernel_impl
-    assert parse("auto") == ("auto", ())
-    assert parse("pallas_mgpu:merge_d_left=0,block_q=64") == ("pallas_mgpu", (("block_q", 64), ("merge_d_left", False)))
-    assert parse("pallas_mgpu:schedule_barrier=true") == ("pallas_mgpu", (("schedule_barrier", True),))
+def test_impl_specs_parse_to_overrides():
+    """One syntax for every experiment's kernel argument (blocks.parse_impl_spec)."""
+    parse = blocks.parse_impl_spec
+    assert parse("auto") == ("auto", {})
+    assert parse("pallas_mgpu:merge_d_left=0:block_q=64") == ("pallas_mgpu", {"merge_d_left": False, "block_q": 64})
+    assert parse("pallas_mgpu:schedule_barrier") == parse("pallas_mgpu:schedule_barrier=true")
     spec = bench_restore_step.loss_spec("pallas_mgpu:merge_d_left=1", fused=True)
     assert spec.kernel_impl == "pallas_mgpu" and spec.kernel_blocks == (("merge_d_left", True),)
     for bad, match in [
-        ("pallas_mgpu:merge=1", "not FIELD=VALUE with a BlockSizes field"),
-        ("pallas_mgpu:merge_d_left", "not FIELD=VALUE"),
+        ("pallas_mgpu:merge=1", r"unknown BlockSizes field\(s\) \['merge'\]"),
+        ("pallas_mgpu:merge", "not boolean BlockSizes fields"),
+        ("pallas_mgpu:block_q", "not boolean BlockSizes fields"),
         ("pallas_mgpu:merge_d_left=yes", "takes 0/1/true/false"),
         ("pallas_mgpu:block_q=big", "takes an integer"),
     ]:
@@ -78,3 +81,5 @@ def test_bench_restore_step_parses_kernel_impl_overrides():
             parse(bad)
     with pytest.raises(SystemExit):
         bench_restore_step.main(["--kernel_impl", "pallas_mgpu:merge=1"])
+    with pytest.raises(ValueError, match=r"block_sizes: unknown BlockSizes field\(s\) \['merge'\]"):
+        blocks.pick_blocks({"merge": True}, "xla", 64, 128)

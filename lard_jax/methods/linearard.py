@@ -11,7 +11,7 @@ import jax
 from lard_jax import losses
 from lard_jax.methods import Context, register
 from lard_jax.model import collect_qkv, final_logits, stacked_qkv
-from pallas_kernels.blocks import BlockSizes
+from pallas_kernels.blocks import check_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +24,8 @@ class Config:
     kernel_impl: str = "auto"
     # relation kernel BlockSizes overrides as (field, value) pairs (a dict is accepted), on top of
     # the impl's defaults, e.g. (("merge_d_left", False),) with kernel_impl "pallas_mgpu" for an A/B
-    # of a step (experiments/bench_restore_step.py --kernel_blocks). () = the defaults. With
-    # kernel_impl "auto" on a GPU, overrides keep the Triton kernel (relation_kl's rule).
+    # of a step (experiments/bench_restore_step.py --kernel_impl pallas_mgpu:merge_d_left=0). () = the
+    # defaults. With kernel_impl "auto" on a GPU, overrides keep the Triton kernel (relation_kl's rule).
     kernel_blocks: tuple = ()
     normalize: str = "query_heads"  # losses.NORMALIZATIONS: "query_heads" (authors) | "per_relation_heads"
     fused: bool = True
@@ -36,10 +36,7 @@ class Config:
         object.__setattr__(self, "relations", tuple(self.relations))
         blocks = self.kernel_blocks.items() if isinstance(self.kernel_blocks, dict) else self.kernel_blocks
         blocks = tuple(sorted((str(k), v) for k, v in blocks))
-        fields = {f.name for f in dataclasses.fields(BlockSizes)}
-        unknown = sorted(k for k, _ in blocks if k not in fields)
-        if unknown:
-            raise ValueError(f"kernel_blocks: unknown BlockSizes field(s) {unknown}; fields: {sorted(fields)}")
+        check_fields([k for k, _ in blocks], "kernel_blocks")
         object.__setattr__(self, "kernel_blocks", blocks)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
