@@ -110,6 +110,7 @@ VARIANTS = (
     ("fused_64x64_merge", 64, 64, (64, 128), True, ({}, {"merge_d_left": True})),
     ("fused_64x128_merge", 64, 128, (64,), True, ({}, {"merge_d_left": True})),
     ("fused_128x64_merge", 128, 64, (64,), True, ({}, {"merge_d_left": True})),
+    ("fused_128x64", 128, 64, (64,), True),
 )
 
 
