@@ -173,7 +173,7 @@ XLA_BLOCKS = BlockSizes(**{f: 512 for f in BLOCK_FIELDS})
 # lanes. Not tuned (no TPU was available); the Triton-only fields are unused.
 TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 # "pallas_mgpu": one block_q x block_k for the forward and both backward kernels (each a pair of
-# 64-row blocks, one per compute warpgroup); 64 x 64 was the fastest of the two measured on an
+# block_q-row blocks, one per compute warpgroup); 64 x 64 was the fastest of the two measured on an
 # H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json, _16k.json: 64 x 128 took 2.05x /
 # 1.47x / 1.34x its time at T 2048 / 4096 / 16384). fused_bwd: the one-kernel backward (d_left by
 # TMA reduce-add), 0.95x / 0.88x the two-kernel one's forward + backward at T 4096 32/8 heads D 128
@@ -182,9 +182,16 @@ TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 # more (bf16 D 128), where it took the forward + backward from 1.24x to 1.09x cuDNN attention's time
 # at T 16384 and from 1.07-1.11x to 1.00-1.01x at T 4096; off at D 64, where it was 1.5% slower
 # (H100, docs/raw/check_merge_*_h100_session9.json; docs/kernel_notes.md "Ninth session").
+# At D 64 (rows of 64 bytes and fewer) 128-row query blocks: one SmolLM2 layer's relation loss
+# (9/3/3 heads, B 4, T 8192) took 5.47 / 5.48 ms against 5.85 with 64 x 64, in two processes, and the
+# whole SmolLM2 step ran 97,384 against 95,303 tokens/s; exact at B 2 T 8192 9/3 heads (H200,
+# docs/raw/layer_bq128*_h200_session10.json, check_128x64_h200_session10.json; kernel_notes "Tenth
+# session"). Its forward alone is slower than 64 x 64's (0.77 against 0.71 ms there); the backward
+# gains more. 128 x 64 with merge_d_left, and 64 x 128 with or without it, were slower.
 MGPU_MIN_BLOCK = 64
 MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS}, fused_bwd=True)
 MGPU_BLOCKS_WIDE = dataclasses.replace(MGPU_BLOCKS, merge_d_left=True)
+MGPU_BLOCKS_NARROW = dataclasses.replace(MGPU_BLOCKS, block_q=128, block_q_dq=128, block_q_dk=128)
 
 
 def next_pow2(x: int) -> int:
@@ -233,7 +240,7 @@ def default_blocks(impl: str, row_bytes: int, batch_heads: int | None = None) ->
     if impl == "pallas_tpu":
         return TPU_BLOCKS
     if impl == "pallas_mgpu":
-        return MGPU_BLOCKS_WIDE if head_dim_class(row_bytes) == 128 else MGPU_BLOCKS
+        return MGPU_BLOCKS_WIDE if head_dim_class(row_bytes) == 128 else MGPU_BLOCKS_NARROW
     base = GPU_TILE_TABLE[gpu_table_key(row_bytes, batch_heads)]
     shrink = max(1, row_bytes // GPU_TUNED_ROW_BYTES)
     if shrink == 1:

@@ -116,7 +116,9 @@ def test_default_blocks_merge_at_head_dim_128_only():
 
     wide, narrow = blocks.default_blocks("pallas_mgpu", 256), blocks.default_blocks("pallas_mgpu", 128)
     assert wide.merge_d_left and wide.fused_bwd and not narrow.merge_d_left and narrow.fused_bwd
-    assert dataclasses.replace(wide, merge_d_left=False) == narrow
+    assert dataclasses.replace(wide, merge_d_left=False) == blocks.MGPU_BLOCKS
+    # D 64: 128-row query blocks for all three kernels (measured, tenth session), 64-row key blocks
+    assert narrow == dataclasses.replace(blocks.MGPU_BLOCKS, block_q=128, block_q_dq=128, block_q_dk=128)
 
 
 def test_the_ablation_script_takes_the_merged_backward(tmp_path, capsys):
