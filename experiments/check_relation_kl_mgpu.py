@@ -47,7 +47,9 @@ CASES = (
 # Through the public API, impl "pallas_mgpu" against "pallas_gpu" (the custom_vjp, padding and
 # ids included): (B, T, H, H_right, D, causal, batch kind, pallas_mgpu's block_sizes); kind
 # "padded": odd rows end 37 tokens early (a key mask); "packed": documents of 900 tokens (segment
-# ids); T 1000: a padded length
+# ids); T 1000: a padded length. The D 64 cases with a schedule pin block_q 64 (as they ran before
+# D 64's default became 128 x 64).
+BWD_128x64 = {"block_q_dq": 128, "block_q_dk": 128, "block_k_dq": 64, "block_k_dk": 64}
 API_CASES = (
     (1, 1024, 4, 2, 64, True, "plain", None),
     (2, 1000, 4, 2, 64, True, "padded", None),
@@ -55,18 +57,20 @@ API_CASES = (
     (1, 4096, 32, 8, 128, True, "plain", None),
     (2, 8192, 9, 3, 64, True, "packed", None),
     (2, 1000, 4, 2, 64, False, "padded", None),
-    (2, 2048, 4, 2, 64, True, "packed", {"block_k": 128}),
+    (2, 2048, 4, 2, 64, True, "packed", {"block_q": 64, "block_k": 128}),  # block_q: D 64's default is 128
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True}),
     (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True}),
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "schedule_barrier": True}),
-    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "schedule_barrier": True}),
-    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "schedule_barrier": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "schedule_barrier": True, "block_q": 64}),
+    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "schedule_barrier": True, "block_q": 64}),
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "overlap_softmax": True}),
-    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "overlap_softmax": True}),
-    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "overlap_softmax": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "overlap_softmax": True, "block_q": 64}),
+    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "overlap_softmax": True, "block_q": 64}),
     (2, 2048, 8, 2, 128, True, "packed", {"fused_bwd": True, "merge_d_left": True}),
-    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "merge_d_left": True}),
-    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "merge_d_left": True}),
+    (2, 1000, 4, 2, 64, True, "padded", {"fused_bwd": True, "merge_d_left": True, "block_q": 64}),
+    (2, 1000, 4, 2, 64, False, "padded", {"fused_bwd": True, "merge_d_left": True, "block_q": 64}),
+    # the forward on 64 x 128, the one-kernel backward on 128 x 64 (BlockSizes' *_dq / *_dk)
+    (2, 2048, 4, 2, 64, True, "packed", {"fused_bwd": True, "block_q": 64, "block_k": 128, **BWD_128x64}),
 )
 
 
@@ -81,7 +85,8 @@ API_CASES = (
 # slot longer, since a step's tiles are now needed at the start of the step before, the forward
 # alone fitting 3 slots at D 128; _ring3_bwd: the backward's too, D 64 only); *_merge: the backward
 # sums the two warpgroups' d_left parts before one reduce-add (BlockSizes.merge_d_left; 64 x 128 and
-# 128 x 64: the second warpgroup's first steps fully masked, and a last pair of one step). The first two
+# 128 x 64: the second warpgroup's first steps fully masked, and a last pair of one step);
+# fused_64x128_bwd128x64: each kernel on its own fastest D 64 blocks (tenth session). The first two
 # sessions' JSON also has
 # "pipelined_64x64", a backward through emit_pipeline_warp_specialized without tile skipping, since
 # removed.
@@ -111,6 +116,8 @@ VARIANTS = (
     ("fused_64x128_merge", 64, 128, (64,), True, ({}, {"merge_d_left": True})),
     ("fused_128x64_merge", 128, 64, (64,), True, ({}, {"merge_d_left": True})),
     ("fused_128x64", 128, 64, (64,), True),
+    # the forward on 64 x 128 (its fastest at D 64), the one-kernel backward on 128 x 64 (its fastest)
+    ("fused_64x128_bwd128x64", 64, 128, (64,), True, ({}, {"block_q": 128, "block_kv": 64})),
 )
 
 
@@ -122,14 +129,14 @@ def variant_kernels(variant, **kw):
     kw = dict(kw, block_q=bq, block_kv=bkv)
     fwd_kw, bwd_kw = (extra[0] if isinstance(extra[0], tuple) else (extra[0], extra[0])) if extra else ({}, {})
     bwd = relation_kl_mgpu.mosaic_backward_fused if fused else relation_kl_mgpu.mosaic_backward
-    return (
-        functools.partial(relation_kl_mgpu.mosaic_forward, **kw, **fwd_kw),
-        functools.partial(bwd, **kw, **bwd_kw),
+    return (  # a variant's own block_q / block_kv for one kernel override the shared ones
+        functools.partial(relation_kl_mgpu.mosaic_forward, **{**kw, **fwd_kw}),
+        functools.partial(bwd, **{**kw, **bwd_kw}),
     )
 
 
-# --cases: 0-6 the kernels, 7-24 the API (14-24 fused backward, 16-18 ping-pong, 19-21 overlap_softmax,
-# 22-24 merge_d_left)
+# --cases: 0-6 the kernels, 7-25 the API (14-25 fused backward, 16-18 ping-pong, 19-21 overlap_softmax,
+# 22-24 merge_d_left, 25 the backward on its own blocks)
 ALL_CASES = CASES + API_CASES
 
 

@@ -172,22 +172,27 @@ XLA_BLOCKS = BlockSizes(**{f: 512 for f in BLOCK_FIELDS})
 # TPU: one [block_q, block_k] tile per grid step; 128 fills the MXU and the
 # lanes. Not tuned (no TPU was available); the Triton-only fields are unused.
 TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
-# "pallas_mgpu": one block_q x block_k for the forward and both backward kernels (each a pair of
-# block_q-row blocks, one per compute warpgroup); 64 x 64 was the fastest of the two measured on an
-# H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json, _16k.json: 64 x 128 took 2.05x /
-# 1.47x / 1.34x its time at T 2048 / 4096 / 16384). fused_bwd: the one-kernel backward (d_left by
-# TMA reduce-add), 0.95x / 0.88x the two-kernel one's forward + backward at T 4096 32/8 heads D 128
-# and T 8192 9/3 heads D 64, exact (docs/raw/check_mgpu_fused_h200_session6.json).
+# "pallas_mgpu": block_q x block_k for the forward (each program a pair of block_q-row blocks, one
+# per compute warpgroup) and the two-kernel backward; the one-kernel backward (fused_bwd) runs on
+# block_q_dk x block_k_dk (= *_dq), which follow block_q x block_k unless set. 64 x 64 was the
+# fastest of the two measured on an H200 at head dim 128 (docs/raw/check_mgpu_h200_call2.json,
+# _16k.json: 64 x 128 took 2.05x / 1.47x / 1.34x its time at T 2048 / 4096 / 16384). fused_bwd: the
+# one-kernel backward (d_left by TMA reduce-add), 0.95x / 0.88x the two-kernel one's forward +
+# backward at T 4096 32/8 heads D 128 and T 8192 9/3 heads D 64, exact
+# (docs/raw/check_mgpu_fused_h200_session6.json).
 # merge_d_left (one reduce-add per query tile and pair of key blocks): on for rows of 128 bytes and
 # more (bf16 D 128), where it took the forward + backward from 1.24x to 1.09x cuDNN attention's time
 # at T 16384 and from 1.07-1.11x to 1.00-1.01x at T 4096; off at D 64, where it was 1.5% slower
 # (H100, docs/raw/check_merge_*_h100_session9.json; docs/kernel_notes.md "Ninth session").
-# At D 64 (rows of 64 bytes and fewer) 128-row query blocks: one SmolLM2 layer's relation loss
-# (9/3/3 heads, B 4, T 8192) took 5.47 / 5.48 ms against 5.85 with 64 x 64, in two processes, and the
-# whole SmolLM2 step ran 97,384 against 95,303 tokens/s; exact at B 2 T 8192 9/3 heads (H200,
+# At D 64 (bf16 rows of 128 bytes and fewer) 128-row query blocks: one SmolLM2 layer's relation loss
+# (9/3/3 heads, B 4, T 8192) took 5.47 / 5.48 ms against 5.85 with 64 x 64, in two processes, and
+# the whole SmolLM2 step ran 97,384 against 95,303 tokens/s; exact at B 2 T 8192 9/3 heads (H200,
 # docs/raw/layer_bq128*_h200_session10.json, check_128x64_h200_session10.json; kernel_notes "Tenth
 # session"). Its forward alone is slower than 64 x 64's (0.77 against 0.71 ms there); the backward
-# gains more. 128 x 64 with merge_d_left, and 64 x 128 with or without it, were slower.
+# gains more. 128 x 64 with merge_d_left, and 64 x 128 with or without it, were slower. The forward
+# on 64 x 128 with the backward on 128 x 64 (block_k=128, block_q_dk=block_q_dq=128,
+# block_k_dk=block_k_dq=64 over MGPU_BLOCKS) would take ~6% less from its parts' times; it has not
+# been run as a whole (check_relation_kl_mgpu's fused_64x128_bwd128x64, API case 25).
 MGPU_MIN_BLOCK = 64
 MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS}, fused_bwd=True)
 MGPU_BLOCKS_WIDE = dataclasses.replace(MGPU_BLOCKS, merge_d_left=True)
@@ -295,13 +300,16 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
     if impl == "pallas_mgpu":
         if min(blocks.all_blocks()) < MGPU_MIN_BLOCK:
             raise ValueError(f"block_sizes: pallas_mgpu needs blocks >= {MGPU_MIN_BLOCK} (wgmma tiles), got {blocks}")
-        if (blocks.block_q_dq, blocks.block_k_dq, blocks.block_q_dk, blocks.block_k_dk) != (
-            blocks.block_q,
-            blocks.block_k,
-        ) * 2:
+        bwd = (blocks.block_q_dk, blocks.block_k_dk)
+        if (blocks.block_q_dq, blocks.block_k_dq) != bwd:
             raise ValueError(
-                "block_sizes: pallas_mgpu runs all three kernels on block_q x block_k; set only those "
-                f"(or the *_dq / *_dk fields equal to them), got {blocks}"
+                "block_sizes: pallas_mgpu's backward runs on one block_q_dk x block_k_dk; set block_q_dq / "
+                f"block_k_dq equal to them (or leave all four to follow block_q x block_k), got {blocks}"
+            )
+        if not blocks.fused_bwd and bwd != (blocks.block_q, blocks.block_k):
+            raise ValueError(
+                "block_sizes: pallas_mgpu's two-kernel backward (fused_bwd=False) runs on the forward's "
+                f"block_q x block_k; set only those (or the *_dq / *_dk fields equal to them), got {blocks}"
             )
     if impl == "pallas_tpu":
         Tp = padded_length(T, blocks)

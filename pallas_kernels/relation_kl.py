@@ -214,6 +214,7 @@ def relation_kl(
             block_q=blocks.block_q,
             block_kv=blocks.block_k,
             fused_bwd=blocks.fused_bwd,
+            bwd_blocks=(blocks.block_q_dk, blocks.block_k_dk),
         )
         if reason:
             raise ValueError(f"impl 'pallas_mgpu' cannot take this call: {reason}; impl 'pallas_gpu' can")

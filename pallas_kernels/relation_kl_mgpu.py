@@ -1118,10 +1118,19 @@ def mosaic_backward_fused(
 
 
 def unsupported_reason(
-    shape, dtype, *, interpret: bool, block_q: int, block_kv: int, fused_bwd: bool = False
+    shape,
+    dtype,
+    *,
+    interpret: bool,
+    block_q: int,
+    block_kv: int,
+    fused_bwd: bool = False,
+    bwd_blocks: tuple[int, int] | None = None,
 ) -> str | None:
     """Why impl "pallas_mgpu" cannot take a relation_kl call of padded left-side `shape`
     [B, Tp, H, Dp] (None: it can) with the one-kernel backward (`fused_bwd`) or the two-kernel one.
+    block_q x block_kv: the forward's blocks; bwd_blocks: the one-kernel backward's (block_q,
+    block_kv) where they differ (BlockSizes.block_q_dk / block_k_dk; default: the forward's).
     The Triton kernel ("pallas_gpu") takes all of these."""
     if plgpu is None:
         return "this jax has no Pallas Mosaic GPU (jax.experimental.pallas.mosaic_gpu)"
@@ -1132,15 +1141,25 @@ def unsupported_reason(
     _, T, _, D = shape
     if D % MIN_BLOCK:
         return f"head dim {D} (padded) is not a multiple of {MIN_BLOCK}"
-    if block_q % MIN_BLOCK or block_kv % MIN_BLOCK:
-        return f"blocks ({block_q}, {block_kv}) must be multiples of {MIN_BLOCK}"
-    if T % (2 * block_q) or T % (2 * block_kv):
-        # the grids take blocks in pairs (two compute warpgroups); block_kv is BlockSizes.block_k
-        return f"T = {T} must be a multiple of 2 * block_q = {2 * block_q} and 2 * block_kv = {2 * block_kv}"
-    need = smem_bytes(D, block_q, block_kv, jnp.dtype(dtype).itemsize, fused_bwd=fused_bwd)
-    if need > SMEM_BYTES:
+    bwd_blocks = (block_q, block_kv) if bwd_blocks is None else tuple(bwd_blocks)
+    if bwd_blocks != (block_q, block_kv) and not fused_bwd:
         return (
-            f"head dim {D} with blocks ({block_q}, {block_kv}) needs ~{need} bytes of shared memory > {SMEM_BYTES}"
+            f"backward blocks {bwd_blocks} differ from the forward's ({block_q}, {block_kv}): "
+            "only the one-kernel backward (fused_bwd) takes its own"
+        )
+    for bq, bkv in {(block_q, block_kv), bwd_blocks}:
+        if bq % MIN_BLOCK or bkv % MIN_BLOCK:
+            return f"blocks ({bq}, {bkv}) must be multiples of {MIN_BLOCK}"
+        if T % (2 * bq) or T % (2 * bkv):
+            # the grids take blocks in pairs (two compute warpgroups); block_kv is BlockSizes.block_k
+            return f"T = {T} must be a multiple of 2 * block_q = {2 * bq} and 2 * block_kv = {2 * bkv}"
+    itemsize = jnp.dtype(dtype).itemsize
+    need = smem_bytes(D, block_q, block_kv, itemsize, fused_bwd=fused_bwd, bwd_blocks=bwd_blocks)
+    if need > SMEM_BYTES:
+        where = "" if bwd_blocks == (block_q, block_kv) else f" (backward blocks {bwd_blocks})"
+        return (
+            f"head dim {D} with blocks ({block_q}, {block_kv}){where} needs ~{need} bytes of shared memory"
+            f" > {SMEM_BYTES}"
             + (" (the one-kernel backward; BlockSizes(fused_bwd=False) needs less)" if fused_bwd else "")
         )
     return None
@@ -1149,21 +1168,36 @@ def unsupported_reason(
 SMEM_BYTES = 232448 - 4096  # Hopper's 227 KiB per block, less room for the barriers
 
 
-def smem_bytes(D: int, block_q: int, block_kv: int, itemsize: int = 2, steps: int = 2, fused_bwd: bool = False) -> int:
+def smem_bytes(
+    D: int,
+    block_q: int,
+    block_kv: int,
+    itemsize: int = 2,
+    steps: int = 2,
+    fused_bwd: bool = False,
+    bwd_blocks: tuple[int, int] | None = None,
+) -> int:
     """Shared memory of the largest of the kernels a call runs (own tiles of both warpgroups, the
     ring's tiles and rows; ids at most 2 KiB more), as allocated above; `fused_bwd`: the one-kernel
-    backward, whose d_right grid also stages each warpgroup's dSᵀ tile and float32 d_left part."""
-    fwd = 2 * 2 * block_q * D * itemsize + 2 * steps * block_kv * D * itemsize + 2 * 3 * block_q * 4
-    d_left = fwd + steps * block_kv * 4
-    d_right = 2 * 2 * block_kv * D * itemsize + 2 * steps * block_q * D * itemsize + 3 * steps * block_q * 4
+    backward, whose d_right grid also stages each warpgroup's dSᵀ tile and float32 d_left part;
+    `bwd_blocks`: the backward kernels' (block_q, block_kv), default the forward's."""
+
+    def forward_like(bq, bkv):  # the forward's grid (and the two-kernel backward's d_left grid)
+        return 2 * 2 * bq * D * itemsize + 2 * steps * bkv * D * itemsize + 2 * 3 * bq * 4
+
+    fwd = forward_like(block_q, block_kv)
+    bq, bkv = (block_q, block_kv) if bwd_blocks is None else bwd_blocks
+    d_left = forward_like(bq, bkv) + steps * bkv * 4
+    d_right = 2 * 2 * bkv * D * itemsize + 2 * steps * bq * D * itemsize + 3 * steps * bq * 4
     if fused_bwd:
-        d_right += 2 * block_kv * block_q * itemsize + 2 * block_q * D * 4
+        d_right += 2 * bkv * bq * itemsize + 2 * bq * D * 4
+        return max(fwd, d_right) + 2048
     return max(fwd, d_left, d_right) + 2048
 
 
 def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
     """relation_kl's kernel contract (pallas_kernels/relation_kl.py), on blocks cfg.blocks.block_q x
-    block_k for the backward too (`unsupported_reason` is checked first); BlockSizes.schedule_barrier
+    block_k (the two-kernel backward's too; `unsupported_reason` is checked first); BlockSizes.schedule_barrier
     and overlap_softmax for the forward and the fused backward."""
     b = cfg.blocks
     return mosaic_forward(
@@ -1184,7 +1218,8 @@ def forward(sl, sr, tl, tr, q_ids, k_ids, *, cfg):
 
 def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
     """`BlockSizes.fused_bwd`: the one-kernel backward (`mosaic_backward_fused`, with
-    BlockSizes.schedule_barrier, overlap_softmax and merge_d_left), else two kernels (without them)."""
+    BlockSizes.schedule_barrier, overlap_softmax and merge_d_left) on block_q_dk x block_k_dk, which
+    may differ from the forward's blocks; else two kernels (without them) on block_q x block_k."""
     b = cfg.blocks
     sched = (
         {"schedule_barrier": b.schedule_barrier, "overlap_softmax": b.overlap_softmax, "merge_d_left": b.merge_d_left}
@@ -1203,7 +1238,7 @@ def backward(sl, sr, tl, tr, q_ids, k_ids, lse_s, lse_t, g, *, cfg):
         k_ids,
         scale=cfg.scale,
         causal=cfg.causal,
-        block_q=b.block_q,
-        block_kv=b.block_k,
+        block_q=b.block_q_dk if b.fused_bwd else b.block_q,
+        block_kv=b.block_k_dk if b.fused_bwd else b.block_k,
         **sched,
     )
