@@ -21,8 +21,11 @@ Blocks (`pick_blocks`):
     max(64, ...), padding covers the rest);
   * every block a power of two;
   * "pallas_gpu": every block >= 16 (`tl.dot` minimum);
-  * "pallas_mgpu": every block >= 64 (wgmma tiles), one block_q x block_k for
-    all three kernels (the *_dq / *_dk fields follow them);
+  * "pallas_mgpu": every block >= 64 (wgmma tiles); the forward (and the
+    two-kernel backward) on block_q x block_k, the one-kernel backward on
+    block_q_dk x block_k_dk (= *_dq). In a dict the *_dq / *_dk fields follow
+    each other, else block_q / block_k; a BlockSizes object runs every kernel
+    on its block_q x block_k (its *_dq / *_dk must equal them);
   * "pallas_tpu": the (8, 128) vreg tiling: blocks >= 8 (sublanes) and key
     blocks, the lane axis of the logit tiles, multiples of 128 unless one
     block spans the whole padded sequence.
@@ -190,8 +193,8 @@ TPU_BLOCKS = BlockSizes(**{f: 128 for f in BLOCK_FIELDS})
 # docs/raw/layer_bq128*_h200_session10.json, check_128x64_h200_session10.json; kernel_notes "Tenth
 # session"). Its forward alone is slower than 64 x 64's (0.77 against 0.71 ms there); the backward
 # gains more. 128 x 64 with merge_d_left, and 64 x 128 with or without it, were slower. The forward
-# on 64 x 128 with the backward on 128 x 64 (block_k=128, block_q_dk=block_q_dq=128,
-# block_k_dk=block_k_dq=64 over MGPU_BLOCKS) would take ~6% less from its parts' times; it has not
+# on 64 x 128 with the backward on 128 x 64 (block_q=64, block_k=128, block_q_dk=block_q_dq=128,
+# block_k_dk=block_k_dq=64) would take ~6% less from its parts' times; it has not
 # been run as a whole (check_relation_kl_mgpu's fused_64x128_bwd128x64, API case 25).
 MGPU_MIN_BLOCK = 64
 MGPU_BLOCKS = BlockSizes(**{f: 64 for f in BLOCK_FIELDS}, fused_bwd=True)
@@ -277,18 +280,30 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
     elif isinstance(block_sizes, dict):
         check_fields(block_sizes, "block_sizes")
         base = dataclasses.replace(default_blocks(impl, row_bytes, batch_heads), **block_sizes)
-        if impl == "pallas_mgpu":  # its backward runs on the forward's blocks: follow them unless given
-            follow = {
-                "block_q_dq": "block_q",
-                "block_q_dk": "block_q",
-                "block_k_dq": "block_k",
-                "block_k_dk": "block_k",
-            }
-            base = dataclasses.replace(
-                base, **{f: getattr(base, src) for f, src in follow.items() if f not in block_sizes}
-            )
+        if impl == "pallas_mgpu":  # the backward's blocks: as given (*_dq and *_dk alike), else the forward's
+            follow = {}
+            for axis, fwd in (("q", "block_q"), ("k", "block_k")):
+                pair = (f"block_{axis}_dq", f"block_{axis}_dk")
+                given = [f for f in pair if f in block_sizes]
+                src = getattr(base, given[0]) if given else getattr(base, fwd)
+                follow.update({f: src for f in pair if f not in block_sizes})
+            base = dataclasses.replace(base, **follow)
     else:
         base = block_sizes
+        if (
+            impl == "pallas_mgpu"
+            and (base.block_q_dk, base.block_k_dk, base.block_q_dq, base.block_k_dq)
+            != (
+                base.block_q,
+                base.block_k,
+            )
+            * 2
+        ):
+            raise ValueError(
+                "block_sizes: a BlockSizes object runs pallas_mgpu's kernels on its block_q x block_k, so its "
+                "*_dq / *_dk fields must equal them; give the one-kernel backward its own blocks as dict "
+                f"overrides (block_q_dk=..., block_k_dk=...), got {base}"
+            )
     # Short sequences: no tile larger than T rounded up to a power of two.
     cap = max(MGPU_MIN_BLOCK if impl == "pallas_mgpu" else MIN_BLOCK, next_pow2(T))
     blocks = dataclasses.replace(base, **{f: min(getattr(base, f), cap) for f in BLOCK_FIELDS})

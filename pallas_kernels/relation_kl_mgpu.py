@@ -1160,7 +1160,13 @@ def unsupported_reason(
         return (
             f"head dim {D} with blocks ({block_q}, {block_kv}){where} needs ~{need} bytes of shared memory"
             f" > {SMEM_BYTES}"
-            + (" (the one-kernel backward; BlockSizes(fused_bwd=False) needs less)" if fused_bwd else "")
+            + (
+                ""
+                if not fused_bwd
+                else " (the one-kernel backward; smaller block_q_dk / block_k_dk need less)"
+                if where
+                else " (the one-kernel backward; BlockSizes(fused_bwd=False) needs less)"
+            )
         )
     return None
 

@@ -67,10 +67,17 @@ def test_pick_blocks_takes_a_backward_of_its_own_only_where_it_runs_one():
     # the two-kernel backward runs on the forward's blocks
     with pytest.raises(ValueError, match="two-kernel backward"):
         pick(dict(SPLIT, fused_bwd=False))
-    # the backward's fields follow the forward's unless set (D 64's default is 128 x 64)
+    # the backward's fields follow the forward's unless set (D 64's default is 128 x 64) ...
     assert pick(None) == blocks.MGPU_BLOCKS_NARROW
     b = pick({"block_q": 64})
     assert (b.block_q, b.block_q_dq, b.block_q_dk, b.block_k_dk) == (64, 64, 64, 64)
+    # ... and *_dq / *_dk follow each other when one of them is set
+    b = pick({"block_q_dk": 64})
+    assert (b.block_q, b.block_k, b.block_q_dq, b.block_q_dk, b.block_k_dq, b.block_k_dk) == (128, 64, 64, 64, 64, 64)
+    # a BlockSizes object is taken as it is, so a split backward there is refused, not run on field defaults
+    assert pick(blocks.MGPU_BLOCKS_NARROW) == blocks.MGPU_BLOCKS_NARROW
+    with pytest.raises(ValueError, match="as dict overrides"):
+        pick(dataclasses.replace(blocks.MGPU_BLOCKS, block_q=128))
 
 
 def test_unsupported_reason_sizes_each_kernel_on_its_own_blocks():
@@ -80,7 +87,7 @@ def test_unsupported_reason_sizes_each_kernel_on_its_own_blocks():
     assert "shared memory" in reason(shape, block_q=64, block_kv=128, fused_bwd=True)
     assert reason(shape, block_q=64, block_kv=128, fused_bwd=True, bwd_blocks=(64, 64)) is None
     too_big = reason(shape, block_q=64, block_kv=64, fused_bwd=True, bwd_blocks=(128, 128))
-    assert "backward blocks (128, 128)" in too_big and "shared memory" in too_big
+    assert "backward blocks (128, 128)" in too_big and "shared memory" in too_big and "block_q_dk" in too_big
     assert "only the one-kernel backward" in reason(shape, block_q=64, block_kv=128, bwd_blocks=(64, 64))
     # T must hold pairs of both kernels' blocks
     assert "2 * block_q = 256" in reason((1, 384, 4, 64), block_q=64, block_kv=64, fused_bwd=True, bwd_blocks=(128, 64))
