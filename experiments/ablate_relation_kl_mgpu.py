@@ -18,6 +18,8 @@ Shapes (`--cases`, B,T,H,D;...): the paper's T 16384, 32 heads, D 128 (where the
 1.22x cuDNN attention) and SmolLM2's layer as the fused loss merges it (B 4, T 8192, 15 heads,
 D 64). `--schedule_barrier` ablates the ping-pong variant instead, `--overlap_softmax` the
 overlapped one, `--merge_d_left` the backward with merged d_left (the default at D 128).
+`--blocks` sets the kernels' tiles: "64,64" (the default here and at D 128), "128,64" (D 64's default
+since the tenth session), or "FQ,FK:BQ,BK" for a forward and a backward on different blocks.
 """
 
 import argparse
@@ -60,10 +62,31 @@ def inputs(B, T, H, D, abstract):
     return (s, t), jax.random.uniform(jax.random.PRNGKey(99), (B, H, T), jnp.float32)
 
 
-def kernel(kind, ablate, D, schedule_barrier, overlap_softmax=False, merge_d_left=False):
+def parse_blocks(text):
+    """ "128,64" -> ((128, 64), (128, 64)); "64,128:128,64" -> the forward's and the backward's
+    (block_q, block_kv)."""
+    parts = text.split(":")
+    pairs = []
+    for part in parts:
+        fields = part.split(",")
+        if len(parts) > 2 or len(fields) != 2 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+            raise ValueError(f"blocks {text!r}: expected BQ,BKV or FQ,FK:BQ,BK (positive integers)")
+        pairs.append(tuple(int(f) for f in fields))
+    return pairs[0], pairs[-1]
+
+
+def kernel(kind, ablate, D, schedule_barrier, overlap_softmax=False, merge_d_left=False, blocks=(64, 64)):
     """The jitted forward ((s, t) -> KL rows and LSEs) or fused backward ((s, t, lse_s, lse_t, g)
-    -> gradients) of a self-relation, with `ablate` (merge_d_left: the backward's only)."""
-    kw = dict(scale=D**-0.5, causal=True, schedule_barrier=schedule_barrier, ablate=ablate)
+    -> gradients) of a self-relation on `blocks` (block_q, block_kv), with `ablate` (merge_d_left:
+    the backward's only)."""
+    kw = dict(
+        scale=D**-0.5,
+        causal=True,
+        schedule_barrier=schedule_barrier,
+        ablate=ablate,
+        block_q=blocks[0],
+        block_kv=blocks[1],
+    )
     if overlap_softmax:
         kw["overlap_softmax"] = True
     if merge_d_left and kind == "bwd":
@@ -83,11 +106,13 @@ def main(argv=None):
     p.add_argument("--schedule_barrier", action="store_true", help="ablate the ping-pong variant")
     p.add_argument("--overlap_softmax", action="store_true", help="ablate the overlapped variant (BlockSizes)")
     p.add_argument("--merge_d_left", action="store_true", help="the backward with merged d_left (BlockSizes)")
+    p.add_argument("--blocks", default="64,64", help="BQ,BKV for both kernels, or FQ,FK:BQ,BK (forward:backward)")
     p.add_argument("--dry_run", action="store_true", help="lower every variant for cuda (no GPU needed)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     try:
         cases = parse_cases(a.cases)
+        fwd_blocks, bwd_blocks = parse_blocks(a.blocks)
     except ValueError as e:
         p.error(str(e))
     if a.schedule_barrier + a.overlap_softmax + a.merge_d_left > 1:
@@ -99,17 +124,23 @@ def main(argv=None):
         "schedule_barrier": a.schedule_barrier,
         "overlap_softmax": a.overlap_softmax,
         "merge_d_left": a.merge_d_left,
+        "blocks": {"fwd": list(fwd_blocks), "bwd": list(bwd_blocks)},
         "rows": [],
     }
     for B, T, H, D in cases:
         (s, t), g = inputs(B, T, H, D, a.dry_run)
         # the backward's row inputs: the forward's LSEs as it is (an ablated backward's times do not
         # depend on them; its outputs are wrong anyway)
-        rows = (g, g) if a.dry_run else kernel("fwd", (), D, a.schedule_barrier, a.overlap_softmax)(s, t)[1:]
+        rows = (
+            (g, g)
+            if a.dry_run
+            else kernel("fwd", (), D, a.schedule_barrier, a.overlap_softmax, blocks=fwd_blocks)(s, t)[1:]
+        )
         for kind, variants in (("fwd", FWD_VARIANTS), ("bwd", BWD_VARIANTS)):
             base = None
             for ablate in variants:
-                fn = kernel(kind, ablate, D, a.schedule_barrier, a.overlap_softmax, a.merge_d_left)
+                own = fwd_blocks if kind == "fwd" else bwd_blocks
+                fn = kernel(kind, ablate, D, a.schedule_barrier, a.overlap_softmax, a.merge_d_left, blocks=own)
                 args = (s, t) if kind == "fwd" else (s, t, *rows, g)
                 row = {"case": dict(B=B, T=T, H=H, D=D), "kernel": kind, "ablate": list(ablate)}
                 if a.dry_run:

@@ -41,3 +41,17 @@ def test_bad_input_is_refused(capsys):
     with pytest.raises(SystemExit):
         ablate_mod.main(["--dry_run", "--cases", "1,256,2"])
     assert "B,T,H,D" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablate_mod.main(["--dry_run", "--blocks", "128"])
+    assert "FQ,FK:BQ,BK" in capsys.readouterr().err
+
+
+def test_blocks_reach_each_kernel():
+    """--blocks: D 64's default (128 x 64) and a forward and backward on different blocks."""
+    assert ablate_mod.parse_blocks("128,64") == ((128, 64), (128, 64))
+    assert ablate_mod.parse_blocks("64,128:128,64") == ((64, 128), (128, 64))
+    (s, t), g = ablate_mod.inputs(1, 256, 2, 64, abstract=True)
+    bwd = lambda blocks: cuda_text(ablate_mod.kernel("bwd", (), 64, False, blocks=blocks), s, t, g, g, g)  # noqa: E731
+    assert bwd((128, 64)) != bwd((64, 64))
+    result = ablate_mod.main(["--dry_run", "--blocks", "64,128:128,64", "--cases", "1,256,2,64"])
+    assert result["blocks"] == {"fwd": [64, 128], "bwd": [128, 64]} and all(r["lowered"] for r in result["rows"])
