@@ -750,7 +750,9 @@ def test_pallas_mgpu_impl_names_what_it_cannot_take():
     assert "shared memory" in bad(D=128, block_sizes={"block_q": 128, "block_k": 128})
     # the one-kernel backward (the default) also stages dSᵀ and d_left: 64 x 128 at D 128 does not fit
     assert "fused_bwd=False" in bad(D=128, block_sizes={"block_k": 128})
-    assert "block_q x block_k" in bad(block_sizes={"block_k_dq": 128})
+    assert "block_q_dk x block_k_dk" in bad(block_sizes={"block_k_dq": 128, "block_k_dk": 64})
+    # a backward of its own that does not fit is named as such (block_k_dk follows block_k_dq)
+    assert "smaller block_q_dk / block_k_dk" in bad(block_sizes={"block_k_dq": 128})
     assert "pallas_gpu" in bad(interpret=True)  # names the kernel that can
     b = pallas_kernels.blocks.pick_blocks(
         {"block_k": 128}, "pallas_mgpu", 4096, 256, 32
