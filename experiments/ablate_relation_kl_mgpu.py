@@ -42,13 +42,21 @@ BWD_VARIANTS = ((), ("exp",), ("teacher_logits",), ("d_left",), ("exp", "teacher
 DEFAULT_CASES = "1,16384,32,128;4,8192,15,64"
 
 
+def _positive_ints(part, n):
+    """ "4,8192" -> (4, 8192) when `part` holds n positive integers, else None."""
+    fields = part.split(",")
+    if len(fields) != n or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+        return None
+    return tuple(int(f) for f in fields)
+
+
 def parse_cases(text):
     cases = []
     for part in text.split(";"):
-        fields = part.split(",")
-        if len(fields) != 4 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
+        case = _positive_ints(part, 4)
+        if case is None:
             raise ValueError(f"case {part!r}: expected B,T,H,D (positive integers)")
-        cases.append(tuple(int(f) for f in fields))
+        cases.append(case)
     return cases
 
 
@@ -65,13 +73,9 @@ def inputs(B, T, H, D, abstract):
 def parse_blocks(text):
     """ "128,64" -> ((128, 64), (128, 64)); "64,128:128,64" -> the forward's and the backward's
     (block_q, block_kv)."""
-    parts = text.split(":")
-    pairs = []
-    for part in parts:
-        fields = part.split(",")
-        if len(parts) > 2 or len(fields) != 2 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
-            raise ValueError(f"blocks {text!r}: expected BQ,BKV or FQ,FK:BQ,BK (positive integers)")
-        pairs.append(tuple(int(f) for f in fields))
+    pairs = [_positive_ints(part, 2) for part in text.split(":")]
+    if len(pairs) > 2 or None in pairs:
+        raise ValueError(f"blocks {text!r}: expected BQ,BKV or FQ,FK:BQ,BK (positive integers)")
     return pairs[0], pairs[-1]
 
 

@@ -407,7 +407,7 @@ def _split(teacher, student, frozen, trainable, ids, spec, optimizer, reps, lora
     s_layers = jax.jit(lambda t, f, x: qkv(student, trainer.student_params(f, t, lora), x))(trainable, frozen, ids)
 
     def rel(s, t):
-        blocks = dict(spec.kernel_blocks) or None
+        blocks = dict(spec.kernel_blocks)
         return losses.relation_loss(s, t, relations=spec.relations, impl=spec.kernel_impl, block_sizes=blocks)[0]
 
     relation = jax.jit(jax.value_and_grad(rel))

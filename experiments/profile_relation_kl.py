@@ -83,15 +83,10 @@ def layer_inputs(B, T, heads, D, key=0, dtype=jnp.bfloat16):
     return pairs
 
 
-def parse_impl(spec):
-    """ "pallas_mgpu:schedule_barrier" -> ("pallas_mgpu", {"schedule_barrier": True}): an impl and
-    its BlockSizes overrides (blocks.parse_impl_spec; None: the impl's defaults)."""
-    impl, blocks = parse_impl_spec(spec)
-    return impl, (blocks or None)
-
-
 def build(spec):
-    impl, blocks = parse_impl(spec)
+    """value-and-grad of one layer's summed KL rows for an impl spec ("pallas_mgpu:merge_d_left=0":
+    the impl and its BlockSizes overrides, blocks.parse_impl_spec; none: its defaults)."""
+    impl, blocks = parse_impl_spec(spec)
 
     def loss(students, teachers):
         rows = self_relation_kl_multi(list(zip(students, teachers)), impl=impl, block_sizes=blocks)
@@ -120,7 +115,7 @@ def main(argv=None):
     if a.B < 1 or a.T < 1 or a.head_dim < 1 or not heads or min(heads) < 1:
         p.error("--B, --T, --head_dim and every --heads entry must be positive")
     try:
-        [parse_impl(s) for s in a.impls.split(",")]
+        [parse_impl_spec(s) for s in a.impls.split(",")]
     except ValueError as e:
         p.error(str(e))
     students, teachers = zip(*layer_inputs(a.B, a.T, heads, a.head_dim))

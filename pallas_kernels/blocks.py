@@ -290,20 +290,6 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
             base = dataclasses.replace(base, **follow)
     else:
         base = block_sizes
-        if (
-            impl == "pallas_mgpu"
-            and (base.block_q_dk, base.block_k_dk, base.block_q_dq, base.block_k_dq)
-            != (
-                base.block_q,
-                base.block_k,
-            )
-            * 2
-        ):
-            raise ValueError(
-                "block_sizes: a BlockSizes object runs pallas_mgpu's kernels on its block_q x block_k, so its "
-                "*_dq / *_dk fields must equal them; give the one-kernel backward its own blocks as dict "
-                f"overrides (block_q_dk=..., block_k_dk=...), got {base}"
-            )
     # Short sequences: no tile larger than T rounded up to a power of two.
     cap = max(MGPU_MIN_BLOCK if impl == "pallas_mgpu" else MIN_BLOCK, next_pow2(T))
     blocks = dataclasses.replace(base, **{f: min(getattr(base, f), cap) for f in BLOCK_FIELDS})
@@ -321,7 +307,14 @@ def pick_blocks(block_sizes, impl: str, T: int, row_bytes: int, batch_heads: int
                 "block_sizes: pallas_mgpu's backward runs on one block_q_dk x block_k_dk; set block_q_dq / "
                 f"block_k_dq equal to them (or leave all four to follow block_q x block_k), got {blocks}"
             )
-        if not blocks.fused_bwd and bwd != (blocks.block_q, blocks.block_k):
+        if bwd != (blocks.block_q, blocks.block_k) and isinstance(block_sizes, BlockSizes):
+            # an object's unset *_dk fields are the class defaults, not a choice
+            raise ValueError(
+                "block_sizes: a BlockSizes object runs pallas_mgpu's kernels on its block_q x block_k, so its "
+                "*_dq / *_dk fields must equal them; give the one-kernel backward its own blocks as dict "
+                f"overrides (block_q_dk=..., block_k_dk=...), got {blocks}"
+            )
+        if bwd != (blocks.block_q, blocks.block_k) and not blocks.fused_bwd:
             raise ValueError(
                 "block_sizes: pallas_mgpu's two-kernel backward (fused_bwd=False) runs on the forward's "
                 f"block_q x block_k; set only those (or the *_dq / *_dk fields equal to them), got {blocks}"

@@ -110,13 +110,14 @@ def _resolve_impl(
 ) -> str:
     """The impl "auto" stands for on this backend (dtype / head dim: the call's, when known; device:
     the first device unless given). A call in interpret mode or with its own block sizes (tuned for
-    the Triton kernel) keeps "pallas_gpu" rather than fail in the Mosaic GPU kernel's checks."""
+    the Triton kernel; an empty dict is no overrides) keeps "pallas_gpu" rather than fail in the
+    Mosaic GPU kernel's checks."""
     if impl != "auto":
         return impl
     backend = jax.default_backend() if device is None else device.platform
     if backend == "gpu":
         mgpu_shape = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        mgpu_shape = mgpu_shape and head_dim in _MGPU_HEAD_DIMS and not interpret and block_sizes is None
+        mgpu_shape = mgpu_shape and head_dim in _MGPU_HEAD_DIMS and not interpret and not block_sizes
         if AUTO_PICKS_MGPU and mgpu_shape and _is_hopper(device or jax.devices()[0]):
             return "pallas_mgpu"
         return "pallas_gpu"

@@ -779,6 +779,7 @@ def test_auto_picks_the_mosaic_kernel_only_on_hopper_at_head_dims_64_and_128_onc
     assert pick(D=96) == "pallas_gpu"  # padded to 128, but measured only at 128
     assert rkl._resolve_impl("auto", jnp.bfloat16, 128, h200, interpret=True) == "pallas_gpu"
     assert rkl._resolve_impl("auto", jnp.bfloat16, 128, h200, block_sizes={"block_q": 64}) == "pallas_gpu"
+    assert rkl._resolve_impl("auto", jnp.bfloat16, 128, h200, block_sizes={}) == "pallas_mgpu"  # no overrides
     assert rkl._resolve_impl("pallas_gpu", jnp.bfloat16, 128, h200) == "pallas_gpu"  # explicit stays
 
 

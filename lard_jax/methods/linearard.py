@@ -77,7 +77,7 @@ def build(ctx: Context, cfg: Config):
                 relations=cfg.relations,
                 layers=cfg.layers,
                 impl=impl,
-                block_sizes=dict(cfg.kernel_blocks) or None,
+                block_sizes=dict(cfg.kernel_blocks),
                 normalize=cfg.normalize,
                 dropout_rng=drop.get("dropout_rng"),
                 return_hidden=bool(cfg.lambda_logit),
@@ -100,7 +100,7 @@ def build(ctx: Context, cfg: Config):
                 relations=cfg.relations,
                 layers=cfg.layers,
                 impl=impl,
-                block_sizes=dict(cfg.kernel_blocks) or None,
+                block_sizes=dict(cfg.kernel_blocks),
                 normalize=cfg.normalize,
                 num_query_heads=student.config.num_attention_heads,
             )
